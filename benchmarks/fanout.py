@@ -1,0 +1,309 @@
+"""Fan-out benchmark: master event published → last follower order received.
+
+Real nats-server (from the wheel), the replicator in its own process, and in the same run
+the floor: a bare relay process that consumes the same kind of master event and publishes
+the same number of pre-encoded orders to the same stream with the same acknowledgement
+policy. Cases alternate event by event between replicator and floor so both see the same
+machine conditions.
+
+    python -m benchmarks.fanout [--followers 1,100,1000] [--events 200] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nats
+
+from engine.jetstream import ensure_buckets, ensure_streams
+from engine.runtime.natsserver import EmbeddedNats
+from schemas import codec, subjects
+from schemas.account import AccountState, SymbolSpec
+from schemas.common import Side
+from schemas.links import CopyLink, Multiplier
+from schemas.master import PositionOpened
+from schemas.streams import FOLLOWER_ORDERS_STREAM
+
+SYMBOL = "XAUUSD"
+
+
+@dataclass(slots=True)
+class Percentiles:
+    p50_us: float
+    p99_us: float
+    max_us: float
+
+
+def percentiles(samples_ns: list[int]) -> Percentiles:
+    ordered = sorted(samples_ns)
+
+    def pick(q: float) -> float:
+        index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
+        return ordered[index] / 1e3
+
+    return Percentiles(pick(0.50), pick(0.99), ordered[-1] / 1e3)
+
+
+class OrderCounter:
+    """Counts follower orders as a JetStream consumer receives them (i.e. once stored)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.target = 0
+        self.done: asyncio.Event = asyncio.Event()
+        self.done_ns = 0
+
+    def expect(self, n: int) -> None:
+        self.count = 0
+        self.target = n
+        self.done = asyncio.Event()
+
+    async def on_msg(self, msg: Any) -> None:
+        self.count += 1
+        if self.count == self.target:
+            self.done_ns = time.perf_counter_ns()
+            self.done.set()
+
+
+FOLLOWERS_PER_CONNECTOR = 100
+
+
+def connectors_for(n: int) -> int:
+    return -(-n // FOLLOWERS_PER_CONNECTOR)
+
+
+async def _seed_case(buckets: dict[str, Any], n: int, batched: bool) -> tuple[str, str, list[str]]:
+    """Links, account states and symbol specs for one master with ``n`` followers.
+
+    Batched followers name their connector in their account state (100 per connector), so
+    the replicator groups their orders; the others get one message per order.
+    """
+    tag = "b" if batched else "s"
+    master = f"bench-m{tag}{n}"
+    floor_master = f"floor-m{tag}{n}"
+    followers = [f"bench-f{tag}{n}-{i:04d}" for i in range(n)]
+    now = time.time_ns()
+
+    async def seed_follower(i: int, follower: str) -> None:
+        link = CopyLink(
+            link_id=f"bench-{tag}{n}-{i:04d}",
+            master=master,
+            follower=follower,
+            sizing=Multiplier(factor=1.0 + (i % 5) * 0.5),
+            max_lot=5.0,
+        )
+        state = AccountState(
+            account=follower,
+            ts_ns=now,
+            currency="USD",
+            balance=10_000.0,
+            equity=10_000.0,
+            free_margin=10_000.0,
+            connector=f"bench-conn-{i // FOLLOWERS_PER_CONNECTOR:03d}" if batched else "",
+        )
+        spec = SymbolSpec(
+            account=follower,
+            symbol=SYMBOL,
+            contract_size=100.0,
+            tick_size=0.01,
+            tick_value=1.0,
+            digits=2,
+            volume_min=0.01,
+            volume_max=100.0,
+            volume_step=0.01,
+        )
+        await buckets[subjects.KV_ACCOUNTS].put(follower, codec.encode(state))
+        await buckets[subjects.KV_SYMBOLS].put(
+            subjects.symbol_key(follower, SYMBOL), codec.encode(spec)
+        )
+        await buckets[subjects.KV_LINKS].put(link.link_id, codec.encode(link))
+
+    for start in range(0, n, 100):
+        await asyncio.gather(
+            *(seed_follower(i, f) for i, f in enumerate(followers[start : start + 100], start))
+        )
+    return master, floor_master, followers
+
+
+def _event(master: str, seq: int) -> bytes:
+    now = time.time_ns()
+    return codec.encode(
+        PositionOpened(
+            event_id=f"{master}-{seq}",
+            master=master,
+            symbol=SYMBOL,
+            ts_ns=now,
+            position_id=str(1_000_000 + seq),
+            side=Side.BUY if seq % 2 else Side.SELL,
+            volume=0.1,
+            price=2000.0,
+            sl=1990.0,
+            tp=2100.0,
+        )
+    )
+
+
+async def _one(nc: Any, counter: OrderCounter, master: str, seq: int, n: int) -> int:
+    payload = _event(master, seq)
+    counter.expect(n)
+    t0 = time.perf_counter_ns()
+    await nc.publish(subjects.master_events(master), payload)
+    await asyncio.wait_for(counter.done.wait(), timeout=30)
+    return counter.done_ns - t0
+
+
+async def _wait_ready(nc: Any, counter: OrderCounter, master: str, n: int) -> None:
+    """Warm-up events until the process behind ``master`` answers with all ``n`` orders."""
+    deadline = time.monotonic() + 60
+    seq = 0
+    while time.monotonic() < deadline:
+        seq += 1
+        counter.expect(n)
+        await nc.publish(subjects.master_events(master), _event(master, -seq))
+        try:
+            await asyncio.wait_for(counter.done.wait(), timeout=2)
+        except TimeoutError:
+            continue
+        await asyncio.sleep(0.2)  # let stragglers of earlier warm-ups drain
+        if counter.count == n:
+            return
+    raise RuntimeError(f"no complete fan-out for {master} within 60 s")
+
+
+async def run(
+    follower_counts: list[int], events: int, modes: list[str], partitions: int = 16
+) -> dict[str, Any]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with tempfile.TemporaryDirectory(prefix="tc-bench-") as tmp:
+        server = EmbeddedNats(store_dir=Path(tmp) / "nats")
+        await server.start()
+        procs: list[subprocess.Popen[bytes]] = []
+        nc = await nats.connect(server.url)
+        try:
+            js = nc.jetstream()
+            await ensure_streams(js, partitions)
+            buckets = await ensure_buckets(js)
+            replicator = subprocess.Popen(
+                [sys.executable, "-m", "engine.cli", "replicator", "run", "--nats-url", server.url,
+                 "--metrics-port", "-1", "--instance", "bench", "--log-level", os.environ.get("TC_BENCH_LOG", "warning"),
+                 "--partitions", str(partitions), "--batch-by-connector"],
+                env=env, stdout=subprocess.DEVNULL, stderr=None if os.environ.get("TC_BENCH_DEBUG") else subprocess.DEVNULL,
+            )  # fmt: skip
+            procs.append(replicator)
+            counter = OrderCounter()
+            await js.subscribe(
+                "tc.v1.*.*.orders", stream=FOLLOWER_ORDERS_STREAM, cb=counter.on_msg,
+                ordered_consumer=True,
+                deliver_policy=nats.js.api.DeliverPolicy.NEW,
+            )  # fmt: skip
+            cases = []
+            for mode, n in [(m, n) for m in modes for n in follower_counts]:
+                batched = mode == "batch"
+                master, floor_master, followers = await _seed_case(buckets, n, batched)
+                messages = connectors_for(n) if batched else n
+                floor = subprocess.Popen(
+                    [sys.executable, "-m", "benchmarks.floor_relay", "--nats-url", server.url,
+                     "--master", floor_master, "--followers", ",".join(followers),
+                     "--durable", f"floor-{mode}-{n}",
+                     "--batches", str(connectors_for(n) if batched else 0)],
+                    env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                )  # fmt: skip
+                procs.append(floor)
+                await _wait_ready(nc, counter, master, messages)
+                await _wait_ready(nc, counter, floor_master, messages)
+                ours: list[int] = []
+                bare: list[int] = []
+                case_events = events if n < 1000 else max(events // 2, 20)
+                for seq in range(case_events):
+                    ours.append(await _one(nc, counter, master, seq, messages))
+                    bare.append(await _one(nc, counter, floor_master, seq, messages))
+                floor.terminate()
+                p, f = percentiles(ours), percentiles(bare)
+                cases.append(
+                    {
+                        "mode": mode,
+                        "followers": n,
+                        "messages_per_event": messages,
+                        "events": case_events,
+                        "p50_us": round(p.p50_us, 1),
+                        "p99_us": round(p.p99_us, 1),
+                        "max_us": round(p.max_us, 1),
+                        "floor_p50_us": round(f.p50_us, 1),
+                        "floor_p99_us": round(f.p99_us, 1),
+                        "floor_max_us": round(f.max_us, 1),
+                        "ratio_p50": round(p.p50_us / f.p50_us, 3),
+                        "ratio_p99": round(p.p99_us / f.p99_us, 3),
+                    }
+                )
+            return {"cases": cases}
+        finally:
+            for proc in procs:
+                proc.terminate()
+            for proc in procs:
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+            await nc.close()
+            await server.stop()
+
+
+def render(result: dict[str, Any]) -> str:
+    header = (
+        f"{'mode':>9}  {'followers':>9}  {'msgs':>5}  {'events':>6}  {'p50 µs':>9}  {'p99 µs':>9}  {'max µs':>9}  "
+        f"{'floor p50':>9}  {'floor p99':>9}  {'ratio p50':>9}  {'ratio p99':>9}"
+    )
+    lines = [
+        "fan-out: master event published → last follower order stored and received",
+        header,
+        "-" * len(header),
+    ]
+    for c in result["cases"]:
+        lines.append(
+            f"{c['mode']:>9}  {c['followers']:>9}  {c['messages_per_event']:>5}  {c['events']:>6}  {c['p50_us']:>9.1f}  {c['p99_us']:>9.1f}  "
+            f"{c['max_us']:>9.1f}  {c['floor_p50_us']:>9.1f}  {c['floor_p99_us']:>9.1f}  "
+            f"{c['ratio_p50']:>9.2f}  {c['ratio_p99']:>9.2f}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--followers", default="1,100,1000")
+    parser.add_argument("--events", type=int, default=200)
+    parser.add_argument("--json", action="store_true", help="one JSON object on the last line")
+    parser.add_argument(
+        "--modes",
+        default="per-order,batch",
+        help="per-order: one message per follower order; batch: one per connector",
+    )
+    args = parser.parse_args(argv)
+    counts = [int(x) for x in args.followers.split(",") if x.strip()]
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = set(modes) - {"per-order", "batch"}
+    if unknown:
+        parser.error(f"unknown mode(s): {', '.join(sorted(unknown))}")
+    try:
+        import uvloop
+
+        result = uvloop.run(run(counts, args.events, modes))
+    except ImportError:  # pragma: no cover - Windows
+        result = asyncio.run(run(counts, args.events, modes))
+    print(render(result))
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

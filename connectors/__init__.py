@@ -1,0 +1,1 @@
+"""Terminal connectors: paper venue, bridge EA over ZeroMQ, MetaTrader5 package."""

@@ -1,0 +1,1 @@
+"""tradecopy services: replicator, CLI and runtime."""

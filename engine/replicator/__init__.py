@@ -1,0 +1,1 @@
+"""The replicator: master events in, follower orders and copy decisions out."""

@@ -1,0 +1,266 @@
+"""Lot sizing: every sizing mode, rounding to the follower's step, clamps and partial closes."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+from engine.replicator.fx import conversion_rate
+from schemas.account import AccountState, SymbolSpec
+from schemas.decisions import DecisionRule
+from schemas.links import (
+    BalanceRatio,
+    BelowMin,
+    CopyLink,
+    EquityRatio,
+    FixedLot,
+    FreeMarginRatio,
+    Multiplier,
+    RiskAmount,
+    RiskPercent,
+)
+
+#: Tolerance for float noise when counting whole steps (0.07 / 0.01 = 7.000000000000001).
+_STEP_EPSILON = 1e-9
+_EXACT_STEPS = 2.0**52
+
+
+@dataclass(slots=True)
+class SizingNote:
+    """Why a volume was skipped or changed, with the numbers the rule saw."""
+
+    rule: DecisionRule
+    message: str
+    numbers: dict[str, float | str | None] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class SizedVolume:
+    volume: float
+    """0.0 when the copy is skipped (then ``skip`` is set)."""
+    skip: SizingNote | None = None
+    reductions: list[SizingNote] = field(default_factory=list)
+
+
+@lru_cache(maxsize=256)
+def _decimals(step: float) -> int:
+    text = f"{step:.10f}".rstrip("0")
+    return len(text.split(".")[1]) if "." in text else 0
+
+
+def round_down_to_step(volume: float, step: float) -> float:
+    """The largest multiple of ``step`` not above ``volume``, free of float noise."""
+    if not (volume > 0 and step > 0) or not math.isfinite(volume):
+        return 0.0
+    steps_float = volume / step + _STEP_EPSILON
+    if steps_float >= _EXACT_STEPS:
+        # So many steps that a float cannot hold a fraction of one: already on the grid.
+        return volume
+    steps = math.floor(steps_float)
+    return round(steps * step, _decimals(step))
+
+
+def raw_volume(
+    link: CopyLink,
+    *,
+    master_volume: float,
+    sl_distance: float | None,
+    master_state: AccountState | None,
+    follower_state: AccountState,
+    spec: SymbolSpec,
+    fx_rates: Mapping[str, float],
+) -> float | SizingNote:
+    """The unrounded follower volume the link's sizing mode asks for, or why there is none."""
+    sizing = link.sizing
+    if isinstance(sizing, FixedLot):
+        return sizing.lots
+    if isinstance(sizing, Multiplier):
+        return master_volume * sizing.factor
+    if isinstance(sizing, BalanceRatio | EquityRatio | FreeMarginRatio):
+        if master_state is None:
+            return SizingNote(
+                DecisionRule.NO_ACCOUNT_STATE,
+                f"no account state for master {link.master}",
+                {"account": link.master},
+            )
+        if isinstance(sizing, BalanceRatio):
+            what, f_value, m_value = "balance", follower_state.balance, master_state.balance
+        elif isinstance(sizing, EquityRatio):
+            what, f_value, m_value = "equity", follower_state.equity, master_state.equity
+        else:
+            what, f_value, m_value = (
+                "free_margin",
+                follower_state.free_margin,
+                master_state.free_margin,
+            )
+        rate = conversion_rate(fx_rates, follower_state.currency, master_state.currency)
+        if rate is None:
+            return _no_rate(follower_state.currency, master_state.currency)
+        if not m_value > 0 or not math.isfinite(m_value):
+            return SizingNote(
+                DecisionRule.ZERO_DIVISOR,
+                f"master {what} is {m_value}, cannot size a {what} ratio",
+                {f"master_{what}": m_value},
+            )
+        return master_volume * max(f_value, 0.0) * rate / m_value * sizing.factor
+    if isinstance(sizing, RiskPercent | RiskAmount):
+        if sl_distance is None:
+            return SizingNote(
+                DecisionRule.NO_STOP_LOSS,
+                "risk sizing needs a stop loss and the master set none",
+                {},
+            )
+        if not sl_distance > 0:
+            return SizingNote(
+                DecisionRule.ZERO_DIVISOR,
+                "stop loss sits at the open price: risk per lot is zero",
+                {"sl_distance": sl_distance},
+            )
+        loss_per_lot = sl_distance / spec.tick_size * spec.tick_value
+        if isinstance(sizing, RiskPercent):
+            risk_money = max(follower_state.equity, 0.0) * sizing.percent / 100.0
+        else:
+            currency = sizing.currency or follower_state.currency
+            rate = conversion_rate(fx_rates, currency, follower_state.currency)
+            if rate is None:
+                return _no_rate(currency, follower_state.currency)
+            risk_money = sizing.amount * rate
+        return risk_money / loss_per_lot
+    raise TypeError(f"unknown sizing mode {type(sizing).__name__}")  # pragma: no cover
+
+
+def _no_rate(base: str, quote: str) -> SizingNote:
+    return SizingNote(
+        DecisionRule.NO_FX_RATE,
+        f"no exchange rate {base}/{quote} to convert between the accounts",
+        {"base": base, "quote": quote},
+    )
+
+
+def fit_to_symbol(link: CopyLink, volume: float, spec: SymbolSpec) -> SizedVolume:
+    """Round down to the step, clamp to the symbol's max and the link's cap, handle below-min."""
+    step = spec.volume_step
+    if not math.isfinite(volume) or volume < 0:
+        return SizedVolume(
+            0.0,
+            SizingNote(
+                DecisionRule.ZERO_DIVISOR, "sizing gave no finite volume", {"volume": volume}
+            ),
+        )
+    reductions: list[SizingNote] = []
+    link_caps = link.max_lot is not None and link.max_lot < spec.volume_max
+    cap = link.max_lot if link_caps else spec.volume_max
+    if volume > cap:
+        if link_caps:
+            note = SizingNote(
+                DecisionRule.MAX_LOT,
+                f"volume {volume:.4g} capped at the link's max lot {link.max_lot:g}",
+                {"volume": volume, "max_lot": link.max_lot},
+            )
+        else:
+            note = SizingNote(
+                DecisionRule.MAX_VOLUME,
+                f"volume {volume:.4g} capped at the symbol's max {spec.volume_max:g}",
+                {"volume": volume, "volume_max": spec.volume_max},
+            )
+        reductions.append(note)
+        volume_in_cap = cap
+    else:
+        volume_in_cap = volume
+    # Rounding down is monotonic, so rounding the capped volume also keeps it under the cap.
+    sized = round_down_to_step(volume_in_cap, step)
+    if sized >= spec.volume_min:
+        return SizedVolume(sized, None, reductions)
+    numbers: dict[str, float | str | None] = {
+        "volume": volume,
+        "volume_min": spec.volume_min,
+        "volume_step": step,
+    }
+    forced = _min_on_step(spec)
+    if forced > cap:
+        return SizedVolume(
+            0.0,
+            SizingNote(
+                DecisionRule.MAX_LOT,
+                f"the link's max lot {link.max_lot} is below the symbol's minimum "
+                f"{spec.volume_min:g}",
+                numbers | {"max_lot": link.max_lot},
+            ),
+        )
+    if link.below_min is BelowMin.FORCE_MIN and volume > 0:
+        reductions.append(
+            SizingNote(
+                DecisionRule.FORCED_MIN_VOLUME,
+                f"volume {volume:.4g} is below the minimum, raised to {forced:g}",
+                numbers,
+            )
+        )
+        return SizedVolume(forced, None, reductions)
+    return SizedVolume(
+        0.0,
+        SizingNote(
+            DecisionRule.BELOW_MIN_VOLUME,
+            f"volume {volume:.4g} is below the symbol's minimum {spec.volume_min:g}",
+            numbers,
+        ),
+    )
+
+
+def _min_on_step(spec: SymbolSpec) -> float:
+    """The smallest volume that is both ≥ min and on the step grid."""
+    steps = math.ceil(spec.volume_min / spec.volume_step - _STEP_EPSILON)
+    return round(steps * spec.volume_step, _decimals(spec.volume_step))
+
+
+def size_follower_volume(
+    link: CopyLink,
+    *,
+    master_volume: float,
+    sl_distance: float | None,
+    master_state: AccountState | None,
+    follower_state: AccountState,
+    spec: SymbolSpec,
+    fx_rates: Mapping[str, float],
+) -> SizedVolume:
+    """The follower's volume for a master open of ``master_volume`` lots."""
+    raw = raw_volume(
+        link,
+        master_volume=master_volume,
+        sl_distance=sl_distance,
+        master_state=master_state,
+        follower_state=follower_state,
+        spec=spec,
+        fx_rates=fx_rates,
+    )
+    if isinstance(raw, SizingNote):
+        return SizedVolume(0.0, raw)
+    return fit_to_symbol(link, raw, spec)
+
+
+def close_ratio(volume_before: float, volume_after: float) -> float:
+    """The share of the master position a partial close took, within [0, 1]."""
+    if not (volume_before > 0 and math.isfinite(volume_before)):
+        return 1.0
+    if not math.isfinite(volume_after) or volume_after < 0:
+        volume_after = 0.0  # an unreadable remainder: the position is gone
+    ratio = (volume_before - volume_after) / volume_before
+    return min(max(ratio, 0.0), 1.0)
+
+
+def partial_close_volume(held: float, ratio: float, spec: SymbolSpec) -> float:
+    """How much of a follower position of ``held`` lots to close for a master close ``ratio``.
+
+    Rounded down to the step and never more than held. When the remainder would fall below
+    the symbol's minimum, the whole position is closed instead (it could not stay open).
+    """
+    if not held > 0 or not ratio > 0:
+        return 0.0
+    if ratio >= 1.0:
+        return held
+    volume = round_down_to_step(held * ratio, spec.volume_step)
+    remainder = held - volume
+    if remainder < spec.volume_min - _STEP_EPSILON:
+        return held
+    return min(volume, held)

@@ -1,0 +1,53 @@
+"""Execution reports: what a follower's venue did with a follower order."""
+
+from __future__ import annotations
+
+import msgspec
+
+from schemas.common import AccountId, Price, Side, Trace, Volume
+
+
+class _ReportBase(msgspec.Struct, frozen=True, kw_only=True, tag_field="status"):
+    order_id: str
+    link_id: str
+    follower: AccountId
+    ts_ns: int
+    trace: Trace = Trace()
+
+
+class OrderFilled(_ReportBase, tag="filled"):
+    symbol: str
+    position_id: str
+    side: Side
+    volume: Volume
+    price: Price
+    master_price: Price = 0.0
+    slippage: float = 0.0
+    """Follower fill minus master fill, in price units, signed against the follower."""
+
+
+class OrderPartiallyFilled(_ReportBase, tag="partially_filled"):
+    symbol: str
+    position_id: str
+    side: Side
+    volume_requested: Volume
+    volume_filled: Volume
+    price: Price
+    master_price: Price = 0.0
+    slippage: float = 0.0
+
+
+class OrderRejected(_ReportBase, tag="rejected"):
+    """Definitive rejection by the venue, with its own reason."""
+
+    code: int
+    reason: str
+
+
+class OrderUnknown(_ReportBase, tag="unknown"):
+    """No definitive answer (timeout, disconnect); reconciliation settles it."""
+
+    reason: str
+
+
+ExecutionReport = OrderFilled | OrderPartiallyFilled | OrderRejected | OrderUnknown

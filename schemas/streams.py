@@ -1,0 +1,102 @@
+"""JetStream stream and KV bucket definitions: part of the contract, created idempotently."""
+
+from __future__ import annotations
+
+from nats.js.api import (
+    DiscardPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+    SubjectTransform,
+)
+
+from schemas import subjects
+
+DEFAULT_PARTITIONS = 16
+DUPLICATE_WINDOW_S = 120.0
+
+MASTER_EVENTS_STREAM = "TC_MASTER_EVENTS"
+FOLLOWER_ORDERS_STREAM = "TC_FOLLOWER_ORDERS"
+EXECUTION_REPORTS_STREAM = "TC_EXECUTION_REPORTS"
+DECISIONS_STREAM = "TC_DECISIONS"
+
+DAY_S = 86_400.0
+
+
+def master_events_stream(
+    partitions: int = DEFAULT_PARTITIONS, storage: StorageType = StorageType.FILE
+) -> StreamConfig:
+    """Master events, partitioned by master account.
+
+    The stream rewrites ``tc.v1.master.<master>.events`` to ``tc.v1.mp.<p>.<master>`` with
+    ``p = partition(N, master)``, a stable hash; one consumer per partition with one message
+    in flight keeps every master's events in order across any number of replicators.
+    """
+    return StreamConfig(
+        name=MASTER_EVENTS_STREAM,
+        subjects=[subjects.MASTER_EVENTS_IN],
+        subject_transform=SubjectTransform(
+            src=subjects.MASTER_EVENTS_IN,
+            dest=f"{subjects.MASTER_PARTITIONED}.{{{{partition({partitions},1)}}}}.{{{{wildcard(1)}}}}",
+        ),
+        retention=RetentionPolicy.LIMITS,
+        storage=storage,
+        max_age=7 * DAY_S,
+        duplicate_window=DUPLICATE_WINDOW_S,
+        discard=DiscardPolicy.OLD,
+    )
+
+
+def follower_orders_stream(storage: StorageType = StorageType.FILE) -> StreamConfig:
+    return StreamConfig(
+        name=FOLLOWER_ORDERS_STREAM,
+        subjects=[subjects.FOLLOWER_ORDERS, subjects.CONNECTOR_ORDERS],
+        retention=RetentionPolicy.LIMITS,
+        storage=storage,
+        max_age=7 * DAY_S,
+        duplicate_window=DUPLICATE_WINDOW_S,
+    )
+
+
+def execution_reports_stream(storage: StorageType = StorageType.FILE) -> StreamConfig:
+    return StreamConfig(
+        name=EXECUTION_REPORTS_STREAM,
+        subjects=[subjects.EXECUTION_REPORTS],
+        retention=RetentionPolicy.LIMITS,
+        storage=storage,
+        max_age=30 * DAY_S,
+        duplicate_window=DUPLICATE_WINDOW_S,
+    )
+
+
+def decisions_stream(storage: StorageType = StorageType.FILE) -> StreamConfig:
+    return StreamConfig(
+        name=DECISIONS_STREAM,
+        subjects=[subjects.DECISIONS],
+        retention=RetentionPolicy.LIMITS,
+        storage=storage,
+        max_age=30 * DAY_S,
+        duplicate_window=DUPLICATE_WINDOW_S,
+    )
+
+
+def all_streams(
+    partitions: int = DEFAULT_PARTITIONS, storage: StorageType = StorageType.FILE
+) -> list[StreamConfig]:
+    return [
+        master_events_stream(partitions, storage),
+        follower_orders_stream(storage),
+        execution_reports_stream(storage),
+        decisions_stream(storage),
+    ]
+
+
+#: KV buckets and how much history each keeps.
+KV_BUCKETS: dict[str, int] = {
+    subjects.KV_LINKS: 5,
+    subjects.KV_ACCOUNTS: 1,
+    subjects.KV_SYMBOLS: 1,
+    subjects.KV_FX: 1,
+    subjects.KV_CONTROL: 10,
+    subjects.KV_LINK_STATE: 1,
+}

@@ -1,0 +1,80 @@
+"""The subject map: every subject tradecopy uses, under one versioned prefix.
+
+Per-account subjects let a connector subscribe to exactly its accounts and let the master
+event stream partition by master account (see ``schemas.streams``).
+"""
+
+from __future__ import annotations
+
+PREFIX = "tc.v1"
+
+# Connectors publish master events here; the stream rewrites the subject to carry a partition.
+MASTER_EVENTS_IN = f"{PREFIX}.master.*.events"
+# Stored subject: tc.v1.mp.<partition>.<master>
+MASTER_PARTITIONED = f"{PREFIX}.mp"
+
+FOLLOWER_ORDERS = f"{PREFIX}.follower.*.orders"
+CONNECTOR_ORDERS = f"{PREFIX}.connector.*.orders"
+EXECUTION_REPORTS = f"{PREFIX}.follower.*.reports"
+DECISIONS = f"{PREFIX}.decision.*.*"
+
+# KV buckets (JetStream key-value): the replicator caches and watches all of them.
+KV_LINKS = "tc_links"
+KV_ACCOUNTS = "tc_accounts"
+KV_SYMBOLS = "tc_symbols"
+KV_FX = "tc_fx"
+KV_CONTROL = "tc_control"
+KV_LINK_STATE = "tc_link_state"
+
+
+def master_events(master: str) -> str:
+    return f"{PREFIX}.master.{master}.events"
+
+
+def master_partition_filter(partition: int) -> str:
+    return f"{MASTER_PARTITIONED}.{partition}.*"
+
+
+def follower_orders(follower: str) -> str:
+    return f"{PREFIX}.follower.{follower}.orders"
+
+
+def connector_orders(connector: str) -> str:
+    return f"{PREFIX}.connector.{connector}.orders"
+
+
+def execution_reports(follower: str) -> str:
+    return f"{PREFIX}.follower.{follower}.reports"
+
+
+def decisions(follower: str, link_id: str) -> str:
+    return f"{PREFIX}.decision.{follower}.{link_id}"
+
+
+_KEY_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
+
+
+def encode_key_token(text: str) -> str:
+    """Escape any text (e.g. the symbol ``usdjpy.``) into one KV key token: ``usdjpy=2E``."""
+    return "".join(c if c in _KEY_SAFE else "".join(f"={b:02X}" for b in c.encode()) for c in text)
+
+
+def decode_key_token(token: str) -> str:
+    out = bytearray()
+    i = 0
+    while i < len(token):
+        if token[i] == "=":
+            out.append(int(token[i + 1 : i + 3], 16))
+            i += 3
+        else:
+            out.extend(token[i].encode())
+            i += 1
+    return out.decode()
+
+
+def symbol_key(account: str, symbol: str) -> str:
+    return f"{account}.{encode_key_token(symbol)}"
+
+
+def fx_key(base: str, quote: str) -> str:
+    return f"{base}{quote}"

