@@ -193,12 +193,18 @@ async def run(
             js = nc.jetstream()
             await ensure_streams(js, partitions)
             buckets = await ensure_buckets(js)
+            debug = bool(os.environ.get("TC_BENCH_DEBUG"))
             replicator = subprocess.Popen(
-                [sys.executable, "-m", "engine.cli", "replicator", "run", "--nats-url", server.url,
-                 "--metrics-port", "-1", "--instance", "bench", "--log-level", os.environ.get("TC_BENCH_LOG", "warning"),
-                 "--partitions", str(partitions), "--batch-by-connector"],
-                env=env, stdout=subprocess.DEVNULL, stderr=None if os.environ.get("TC_BENCH_DEBUG") else subprocess.DEVNULL,
-            )  # fmt: skip
+                [
+                    *(sys.executable, "-m", "engine.cli", "replicator", "run"),
+                    *("--nats-url", server.url, "--metrics-port", "-1", "--instance", "bench"),
+                    *("--log-level", "debug" if debug else "warning"),
+                    *("--partitions", str(partitions), "--batch-by-connector"),
+                ],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=None if debug else subprocess.DEVNULL,
+            )
             procs.append(replicator)
             counter = OrderCounter()
             await js.subscribe(
@@ -258,22 +264,33 @@ async def run(
             await server.stop()
 
 
+_COLUMNS = (
+    ("mode", "mode", "{:>9}"),
+    ("followers", "followers", "{:>9}"),
+    ("msgs", "messages_per_event", "{:>5}"),
+    ("events", "events", "{:>6}"),
+    ("p50 µs", "p50_us", "{:>9.1f}"),
+    ("p99 µs", "p99_us", "{:>9.1f}"),
+    ("max µs", "max_us", "{:>9.1f}"),
+    ("floor p50", "floor_p50_us", "{:>9.1f}"),
+    ("floor p99", "floor_p99_us", "{:>9.1f}"),
+    ("ratio p50", "ratio_p50", "{:>9.2f}"),
+    ("ratio p99", "ratio_p99", "{:>9.2f}"),
+)
+
+
 def render(result: dict[str, Any]) -> str:
-    header = (
-        f"{'mode':>9}  {'followers':>9}  {'msgs':>5}  {'events':>6}  {'p50 µs':>9}  {'p99 µs':>9}  {'max µs':>9}  "
-        f"{'floor p50':>9}  {'floor p99':>9}  {'ratio p50':>9}  {'ratio p99':>9}"
+    widths = [int(fmt[3:].rstrip("}").split(".")[0].rstrip("f")) for _, _, fmt in _COLUMNS]
+    header = "  ".join(
+        f"{title:>{width}}" for (title, _, _), width in zip(_COLUMNS, widths, strict=True)
     )
     lines = [
         "fan-out: master event published → last follower order stored and received",
         header,
         "-" * len(header),
     ]
-    for c in result["cases"]:
-        lines.append(
-            f"{c['mode']:>9}  {c['followers']:>9}  {c['messages_per_event']:>5}  {c['events']:>6}  {c['p50_us']:>9.1f}  {c['p99_us']:>9.1f}  "
-            f"{c['max_us']:>9.1f}  {c['floor_p50_us']:>9.1f}  {c['floor_p99_us']:>9.1f}  "
-            f"{c['ratio_p50']:>9.2f}  {c['ratio_p99']:>9.2f}"
-        )
+    for case in result["cases"]:
+        lines.append("  ".join(fmt.format(case[key]) for _, key, fmt in _COLUMNS))
     return "\n".join(lines)
 
 

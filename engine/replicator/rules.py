@@ -228,9 +228,7 @@ class EventFacts:
             if isinstance(event, PositionOpened)
             else getattr(event, "order_id", "")
         )
-        self.master_order_id = (
-            event.order_id if isinstance(event, PendingOrderTriggered) else None
-        )
+        self.master_order_id = event.order_id if isinstance(event, PendingOrderTriggered) else None
         self.comment = _comment(event.master, self.daily_key)
 
 
