@@ -94,11 +94,18 @@ def _cmd_stop(args: argparse.Namespace) -> int:
     import time
 
     from schemas import codec, subjects
+    from schemas.common import is_account_id
     from schemas.control import EmergencyStop, StopScope
 
     scope = StopScope(args.scope)
     if scope is not StopScope.GLOBAL and not args.target:
         print(f"an emergency stop for a {scope.value} needs its id", file=sys.stderr)
+        return 2
+    if args.target and not is_account_id(args.target):
+        print(
+            f"{args.target!r} is not a valid {scope.value} id (letters, digits, _ and -)",
+            file=sys.stderr,
+        )
         return 2
     stop = EmergencyStop(
         scope=scope,
@@ -123,6 +130,43 @@ def _cmd_stop(args: argparse.Namespace) -> int:
     run_async(write())
     state = "ACTIVE" if stop.active else "cleared"
     print(f"emergency stop {stop.key}: {state}")
+    return 0
+
+
+def _cmd_links_resume(args: argparse.Namespace) -> int:
+    async def resume() -> bool:
+        import msgspec
+        import nats
+        import nats.js.errors
+
+        from engine.jetstream import ensure_buckets
+        from engine.replicator.state import link_state_decoder, link_state_encoder
+        from schemas import subjects
+
+        nc = await nats.connect(args.nats_url)
+        try:
+            kv = (await ensure_buckets(nc.jetstream()))[subjects.KV_LINK_STATE]
+            try:
+                entry = await kv.get(args.link_id)
+            except nats.js.errors.KeyNotFoundError:
+                return False
+            state = link_state_decoder.decode(entry.value or b"")
+            if not state.paused:
+                return False
+            # Reset the peak too: the drawdown is measured from the equity at resumption.
+            resumed = msgspec.structs.replace(
+                state, paused=False, paused_rule="", paused_day="", close_all_pending=False,
+                peak_equity=None,
+            )  # fmt: skip
+            await kv.update(args.link_id, link_state_encoder.encode(resumed), last=entry.revision)
+            return True
+        finally:
+            await nc.close()
+
+    if run_async(resume()):
+        print(f"link {args.link_id}: resumed")
+    else:
+        print(f"link {args.link_id}: not paused")
     return 0
 
 
@@ -206,6 +250,11 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument("--nats-url", default=DEFAULT_NATS)
     apply.add_argument("--prune", action="store_true", help="delete links not in the file")
     apply.set_defaults(func=_cmd_links_apply)
+
+    resume = links.add_parser("resume", help="resume a link paused by a protection")
+    resume.add_argument("link_id")
+    resume.add_argument("--nats-url", default=DEFAULT_NATS)
+    resume.set_defaults(func=_cmd_links_resume)
 
     stop = commands.add_parser("stop", help="emergency stop: set or clear")
     stop.add_argument("action", choices=["set", "clear"])

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import tomllib
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,9 +15,7 @@ from nats.js.kv import KeyValue
 
 from engine.errors import LinkFileError
 from schemas import codec
-from schemas.links import CopyLink
-
-_FIELDS = {f.name: f for f in msgspec.structs.fields(CopyLink)}
+from schemas.links import CopyLink, TradingHours, link_problems, trading_hours_problems
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +38,69 @@ def _split_path(message: str) -> tuple[str, str]:
     return tail.rstrip("`"), head
 
 
+def _struct_variants(tp: Any) -> list[type[msgspec.Struct]]:
+    """The Struct types a field may hold (through ``X | None`` and tagged unions)."""
+    unions = (typing.Union, types.UnionType)
+    args = typing.get_args(tp) if typing.get_origin(tp) in unions else (tp,)
+    return [a for a in args if isinstance(a, type) and issubclass(a, msgspec.Struct)]
+
+
+def _check_struct(raw: dict[str, Any], tp: type[msgspec.Struct], where: str) -> list[LinkError]:
+    """Every invalid field of ``raw`` as a ``tp``, recursing into nested tables."""
+    errors: list[LinkError] = []
+    tag_field = tp.__struct_config__.tag_field
+    fields = {f.name: f for f in msgspec.structs.fields(tp)}
+    for name in raw:
+        if name not in fields and name != tag_field:
+            errors.append(LinkError(f"{where}.{name}", "unknown field"))
+    for name, info in fields.items():
+        if name not in raw:
+            if info.required:
+                errors.append(LinkError(f"{where}.{name}", "required field is missing"))
+            continue
+        errors.extend(_check_value(raw[name], info.type, f"{where}.{name}"))
+    problems: list[tuple[str, str]] = []
+    if tp is TradingHours:
+        problems = trading_hours_problems(
+            raw.get("start"), raw.get("end"), raw.get("timezone", "Europe/Berlin")
+        )
+    elif tp is CopyLink:
+        problems = link_problems(
+            raw.get("master"),
+            raw.get("follower"),
+            raw.get("symbols_include", []),
+            raw.get("symbols_exclude", []),
+        )
+    reported = {e.where for e in errors}
+    for field, message in problems:
+        if f"{where}.{field}" not in reported:
+            errors.append(LinkError(f"{where}.{field}", message))
+    return errors
+
+
+def _check_value(value: Any, tp: Any, where: str) -> list[LinkError]:
+    variants = _struct_variants(tp)
+    if variants and isinstance(value, dict):
+        tagged = [v for v in variants if v.__struct_config__.tag_field is not None]
+        if tagged:
+            tag_field = tagged[0].__struct_config__.tag_field
+            tags = {v.__struct_config__.tag: v for v in tagged}
+            tag = value.get(tag_field)
+            if tag not in tags:
+                expected = ", ".join(sorted(str(t) for t in tags))
+                return [
+                    LinkError(f"{where}.{tag_field}", f"must be one of {expected}, got {tag!r}")
+                ]
+            return _check_struct(value, tags[tag], where)
+        return _check_struct(value, variants[0], where)
+    try:
+        msgspec.convert(value, tp)
+    except (msgspec.ValidationError, ValueError) as exc:
+        sub, message = _split_path(str(exc))
+        return [LinkError(f"{where}{sub}", message)]
+    return []
+
+
 def validate_link(raw: Any, index: int = 0) -> tuple[CopyLink | None, list[LinkError]]:
     """Check every field of one raw link table and report each invalid one, not just the first."""
     label = f"links[{index}]"
@@ -46,25 +109,12 @@ def validate_link(raw: Any, index: int = 0) -> tuple[CopyLink | None, list[LinkE
     link_id = raw.get("link_id")
     if isinstance(link_id, str):
         label = f"{label} ({link_id})"
-    errors: list[LinkError] = []
-    for name in raw:
-        if name not in _FIELDS:
-            errors.append(LinkError(f"{label}.{name}", "unknown field"))
-    for name, info in _FIELDS.items():
-        if name not in raw:
-            if info.required:
-                errors.append(LinkError(f"{label}.{name}", "required field is missing"))
-            continue
-        try:
-            msgspec.convert(raw[name], info.type)
-        except (msgspec.ValidationError, ValueError) as exc:
-            sub, message = _split_path(str(exc))
-            errors.append(LinkError(f"{label}.{name}{sub}", message))
+    errors = _check_struct(raw, CopyLink, label)
     if errors:
         return None, errors
     try:
         return msgspec.convert(raw, CopyLink), []
-    except (msgspec.ValidationError, ValueError) as exc:
+    except (msgspec.ValidationError, ValueError) as exc:  # a rule the checks above missed
         sub, message = _split_path(str(exc))
         return None, [LinkError(f"{label}{sub}", message)]
 

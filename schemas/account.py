@@ -35,7 +35,7 @@ class AccountState(msgspec.Struct, frozen=True, kw_only=True):
     free_margin: float = 0.0
     leverage: Annotated[int, msgspec.Meta(ge=1)] = 100
     open_positions: Annotated[int, msgspec.Meta(ge=0)] = 0
-    connector: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{0,64}$")] = ""
+    connector: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{0,64}(?!\n)$")] = ""
     """The connector process serving this account; with batching on, its orders travel
     together in one ``FollowerOrderBatch`` per master event."""
 

@@ -9,7 +9,8 @@ from typing import Annotated
 import msgspec
 
 #: Account ids appear as subject tokens: letters, digits, ``_`` and ``-`` only.
-ACCOUNT_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+# (?!\n) before $: a bare $ also matches before a trailing newline ("acc\n").
+ACCOUNT_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}(?!\n)$"
 AccountId = Annotated[str, msgspec.Meta(pattern=ACCOUNT_ID_PATTERN)]
 _ACCOUNT_ID_RE = re.compile(ACCOUNT_ID_PATTERN)
 

@@ -44,6 +44,7 @@ class DecisionRule(enum.StrEnum):
     EQUITY_STOP = "equity_stop"
     MAX_DRAWDOWN = "max_drawdown"
     DAILY_LOSS = "daily_loss"
+    INTERNAL_ERROR = "internal_error"
 
 
 class CopyDecision(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):

@@ -14,9 +14,12 @@ from schemas.orders import DeviationPolicy
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0.0)]
 Percent = Annotated[float, msgspec.Meta(gt=0.0, le=100.0)]
 PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
-Currency = Annotated[str, msgspec.Meta(pattern=r"^[A-Z]{3}$")]
-LINK_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
-_HHMM = re.compile(r"^([01]\d|2[0-3]):[0-5]\d$")
+Currency = Annotated[str, msgspec.Meta(pattern=r"^[A-Z]{3}(?!\n)$")]
+# (?!\n) before $: a bare $ also matches before a trailing newline ("ok\n").
+LINK_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}(?!\n)$"
+_HHMM = re.compile(r"^([01]\d|2[0-3]):[0-5]\d\Z")
+# MetaTrader magic numbers: int in MT4, ulong in MT5 (in practice far below 2**63).
+Magic = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
 
 
 class _Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -98,15 +101,32 @@ class TradingHours(_Config):
     )
 
     def __post_init__(self) -> None:
-        for name in ("start", "end"):
-            if not _HHMM.match(getattr(self, name)):
-                raise ValueError(f"`{name}` must be HH:MM (24h), got {getattr(self, name)!r}")
-        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+        problems = trading_hours_problems(self.start, self.end, self.timezone)
+        if problems:
+            raise ValueError(problems[0][1])
 
-        try:
-            ZoneInfo(self.timezone)
-        except (ZoneInfoNotFoundError, ValueError) as exc:
-            raise ValueError(f"`timezone` {self.timezone!r} is not a known time zone") from exc
+
+def trading_hours_problems(start: object, end: object, timezone: object) -> list[tuple[str, str]]:
+    """Every invalid field of a trading-hours window as ``(field, message)``."""
+    problems = []
+    for name, value in (("start", start), ("end", end)):
+        if not isinstance(value, str) or not _HHMM.match(value):
+            problems.append((name, f"`{name}` must be HH:MM (24h), got {value!r}"))
+    if not _is_time_zone(timezone):
+        problems.append(("timezone", f"`timezone` {timezone!r} is not a known time zone"))
+    return problems
+
+
+def _is_time_zone(name: object) -> bool:
+    from zoneinfo import ZoneInfo
+
+    if not isinstance(name, str) or not name:
+        return False
+    try:
+        ZoneInfo(name)
+    except Exception:  # ZoneInfoNotFoundError, ValueError, or OSError for "Europe" and
+        return False  # over-long names: all mean "not a time zone"
+    return True
 
 
 class SymbolMapping(_Config):
@@ -140,14 +160,14 @@ class CopyLink(_Config):
     symbol_mapping: SymbolMapping = SymbolMapping()
     direction: Direction = Direction.BOTH
     copy_pending: bool = True
-    magic_include: list[int] = []
-    magic_exclude: list[int] = []
+    magic_include: list[Magic] = []
+    magic_exclude: list[Magic] = []
     trading_hours: TradingHours | None = None
     reverse: bool = False
     copy_sl_tp: bool = True
     copy_sl_tp_modifications: bool = True
     copy_partial_closes: bool = True
-    magic: int = 0
+    magic: Magic = 0
     """Magic number stamped on the follower's orders."""
 
     max_open_positions: PositiveInt | None = None
@@ -168,12 +188,27 @@ class CopyLink(_Config):
     protection_action: ProtectionAction = ProtectionAction.PAUSE
 
     def __post_init__(self) -> None:
-        if self.master == self.follower:
-            raise ValueError("`follower` must differ from `master`")
-        overlap = {s.upper() for s in self.symbols_include} & {
-            s.upper() for s in self.symbols_exclude
-        }
+        problems = link_problems(
+            self.master, self.follower, self.symbols_include, self.symbols_exclude
+        )
+        if problems:
+            raise ValueError(problems[0][1])
+
+
+def link_problems(
+    master: object, follower: object, include: object, exclude: object
+) -> list[tuple[str, str]]:
+    """Cross-field problems of a link as ``(field, message)``."""
+    problems = []
+    if isinstance(master, str) and master == follower:
+        problems.append(("follower", "`follower` must differ from `master`"))
+    if isinstance(include, list) and isinstance(exclude, list):
+        overlap = {str(s).upper() for s in include} & {str(s).upper() for s in exclude}
         if overlap:
-            raise ValueError(
-                f"`symbols_exclude` repeats symbols of `symbols_include`: {sorted(overlap)}"
+            problems.append(
+                (
+                    "symbols_exclude",
+                    f"`symbols_exclude` repeats symbols of `symbols_include`: {sorted(overlap)}",
+                )
             )
+    return problems

@@ -8,7 +8,6 @@ import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import msgspec
 import structlog
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
@@ -82,7 +81,9 @@ class LiveView:
             deleted = entry.operation in (KV_DEL, KV_PURGE)
             try:
                 handler(entry.key, None if deleted else entry.value, entry.revision)
-            except (msgspec.ValidationError, msgspec.DecodeError, ValueError) as exc:
+            except Exception as exc:
+                # Whatever is wrong with one entry (bad msgpack, bad UTF-8, a failed
+                # validation), the watcher must go on: keep the old value, count, log.
                 BAD_MESSAGES.labels(f"kv_{bucket}").inc()
                 log.error("kv_entry_invalid", bucket=bucket, key=entry.key, error=str(exc))
             if ready.done() and bucket == subjects.KV_ACCOUNTS and not deleted:

@@ -263,7 +263,14 @@ def plan_event(
     facts = EventFacts(event, now_ns)
     plans = []
     for cl in links:
-        plan = plan_link(event, facts, cl, view, now_ns, trace)
+        try:
+            plan = plan_link(event, facts, cl, view, now_ns, trace)
+        except Exception as exc:
+            # A defect in one link's rules must not stop the copies of every other link.
+            plan = _skip(
+                event, cl, now_ns, DecisionRule.INTERNAL_ERROR,
+                f"the copy rules failed on this event: {exc!r}", {"error": repr(exc)},
+            )  # fmt: skip
         if plan.order is not None or plan.decisions:
             plans.append((cl, plan))
     return plans

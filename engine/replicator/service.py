@@ -18,7 +18,6 @@ import time
 from typing import Any
 
 import msgspec
-import nats
 import nats.errors
 import nats.js.errors
 import structlog
@@ -32,6 +31,7 @@ from engine.replicator.live import LiveView
 from engine.replicator.protection import has_equity_protection, track_equity
 from engine.replicator.rules import CompiledLink, CopyPlan, plan_event
 from engine.replicator.state import LinkState, link_state_encoder
+from engine.runtime.natsconn import connect
 from schemas import codec, subjects
 from schemas.account import AccountState
 from schemas.decisions import CopyDecision, DecisionOutcome, DecisionRule
@@ -61,12 +61,7 @@ class Replicator:
 
     async def start(self) -> None:
         cfg = self.config
-        self.nc = await nats.connect(
-            cfg.nats_url,
-            name=f"tradecopy-replicator-{cfg.instance}",
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=0.5,
-        )
+        self.nc = await connect(cfg.nats_url, f"tradecopy-replicator-{cfg.instance}")
         # A large pending-publish allowance: one fan-out may hold 1,000+ unacknowledged orders.
         self.js = self.nc.jetstream(publish_async_max_pending=65_536)
         storage = StorageType.MEMORY if cfg.memory_storage else StorageType.FILE
@@ -151,14 +146,20 @@ class Replicator:
                 await asyncio.sleep(0.2)
                 continue
             for msg in msgs:
-                await self.handle_master_event(msg)
+                try:
+                    await self.handle_master_event(msg)
+                except Exception as exc:
+                    # Unacknowledged: redelivered after ack_wait, dedup keeps the redo exact.
+                    metrics.PUBLISH_FAILURES.inc()
+                    log.error("master_event_failed", partition=partition, error=repr(exc))
 
     async def handle_master_event(self, msg: Any) -> None:
         t_in = time.time_ns()
         t0 = time.perf_counter()
         try:
             event: MasterEvent = codec.master_event_decoder.decode(msg.data)
-        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError) as exc:
+            # (msgspec raises UnicodeDecodeError for a msgpack string that is not UTF-8.)
             metrics.BAD_MESSAGES.labels("master_event").inc()
             log.error(
                 "master_event_invalid", subject=msg.subject, error=str(exc), size=len(msg.data)
