@@ -390,3 +390,34 @@ async def test_stop_rejects_a_target_that_is_not_an_id(
 ) -> None:
     argv = ["stop", "set", "account", target, "--nats-url", nats_server.url]
     assert await _run(argv) == 2
+
+
+# --- links resume ---------------------------------------------------------------------------
+
+
+async def test_resume_lifts_a_protection_pause_and_resets_the_peak(
+    nats_server: EmbeddedNats, js: JetStreamContext, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from engine.jetstream import ensure_buckets
+    from engine.replicator.state import LinkState, link_state_decoder, link_state_encoder
+
+    kv = (await ensure_buckets(js))[subjects.KV_LINK_STATE]
+    paused = LinkState(
+        day="2026-11-21", opened=["p1"], peak_equity=12_000.0, paused=True,
+        paused_rule="max_drawdown", paused_ns=1, close_all_pending=True,
+    )  # fmt: skip
+    await kv.put("gold-x2", link_state_encoder.encode(paused))
+
+    assert await _run(["links", "resume", "gold-x2", "--nats-url", nats_server.url]) == 0
+    assert "gold-x2: resumed" in capsys.readouterr().out
+    state = link_state_decoder.decode((await kv.get("gold-x2")).value)
+    assert not state.paused
+    assert state.paused_rule == ""
+    assert not state.close_all_pending
+    assert state.peak_equity is None
+    assert state.opened == ["p1"]  # the day's trade count is not forgiven
+
+    assert await _run(["links", "resume", "gold-x2", "--nats-url", nats_server.url]) == 0
+    assert "gold-x2: not paused" in capsys.readouterr().out
+    assert await _run(["links", "resume", "never-seen", "--nats-url", nats_server.url]) == 0
+    assert "never-seen: not paused" in capsys.readouterr().out
