@@ -1,0 +1,440 @@
+"""PaperVenue: hedging MetaTrader-5-like accounts filled at real bid/ask, pure and synchronous."""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import msgspec
+
+from connectors.paper import accounting as acc
+from connectors.paper import execution
+from connectors.paper.execution import Tags
+from connectors.paper.ledger import Ledger, reject
+from connectors.paper.matching import process_quote
+from connectors.paper.model import (
+    XAUUSD,
+    AccountBook,
+    PendingOrder,
+    Position,
+    Result,
+    Retcode,
+    SymbolConfig,
+    Transaction,
+    VenueState,
+)
+from connectors.paper.prices import Quote
+from schemas.account import AccountState, SymbolSpec, TradeMode
+from schemas.common import OrderType, Side, is_account_id
+
+#: A requote is MT5's "try again": the same client order id may be retried after one.
+_RETRYABLE = frozenset({Retcode.REQUOTE})
+_state_decoder = msgspec.msgpack.Decoder(VenueState)
+_STATE_VERSION = 1
+
+
+class UnknownAccountError(KeyError):
+    """A query named an account the venue does not hold."""
+
+
+class UnknownSymbolError(KeyError):
+    """A query named a symbol the venue does not trade."""
+
+
+class PaperVenue:
+    """A hedging account venue: market and pending orders, SL/TP, margin and stop-out.
+
+    Prices come only from :meth:`on_quote`; the venue's clock is the last quote's time (order
+    methods take ``now_ns`` to override it). Every state change comes back as master events
+    (``master`` = the account id, ids ``f"{account}-{seq}"``) that a connector can publish
+    unchanged; a rejection is a :class:`Result` value that changed nothing. A request whose
+    ``client_order_id`` was already executed on that account returns the original result again
+    with ``duplicate=True`` and changes nothing: no follower order is executed twice.
+
+    Limits, on purpose: a symbol trades only on accounts in its profit currency (no FX
+    conversion); hedged positions' margins are summed, not netted; no swaps or commissions;
+    a stop-out may leave a negative balance (no negative-balance protection).
+    """
+
+    def __init__(
+        self, symbols: Iterable[SymbolConfig] = (XAUUSD,), *, stop_out_level: float = 50.0
+    ) -> None:
+        self._ledger = Ledger(symbols, stop_out_level)
+
+    # ------------------------------------------------------------------ accounts, queries
+
+    @property
+    def clock_ns(self) -> int:
+        return self._ledger.clock_ns
+
+    @property
+    def stop_out_level(self) -> float:
+        """Margin level (equity / margin, %) below which losing positions are closed."""
+        return self._ledger.stop_out_level
+
+    @property
+    def symbols(self) -> dict[str, SymbolConfig]:
+        return dict(self._ledger.symbols)
+
+    def open_account(
+        self,
+        account_id: str,
+        currency: str = "USD",
+        balance: float = 10_000.0,
+        leverage: int = 100,
+        *,
+        money_digits: int = 2,
+    ) -> AccountState:
+        """Open an account; opening an existing one changes nothing (start-up is recovery)."""
+        if account_id not in self._ledger.accounts:
+            if not is_account_id(account_id):
+                raise ValueError(f"account id {account_id!r} is not a valid subject token")
+            if len(currency) != 3 or not math.isfinite(balance) or balance < 0 or leverage < 1:
+                raise ValueError("need a 3-letter currency, a balance >= 0 and leverage >= 1")
+            self._ledger.accounts[account_id] = AccountBook(
+                account_id=account_id,
+                currency=currency,
+                balance_minor=acc.to_minor(balance, money_digits),
+                leverage=leverage,
+                money_digits=money_digits,
+            )
+        return self.account_state(account_id)
+
+    def accounts(self) -> list[str]:
+        return list(self._ledger.accounts)
+
+    def quote(self, symbol: str) -> Quote | None:
+        return self._ledger.quotes.get(symbol)
+
+    def account_state(self, account: str, now_ns: int | None = None) -> AccountState:
+        book = self._book(account)
+        balance, equity, margin = self._ledger.figures(book)
+        digits = book.money_digits
+        return AccountState(
+            account=account,
+            ts_ns=self._ts(now_ns),
+            currency=book.currency,
+            balance=round(balance, digits),
+            equity=round(equity, digits),
+            margin=round(margin, digits),
+            free_margin=round(equity - margin, digits),
+            leverage=book.leverage,
+            open_positions=len(book.positions),
+        )
+
+    def symbol_spec(self, account: str, symbol: str, now_ns: int | None = None) -> SymbolSpec:
+        """The symbol as this account sees it: disabled unless it settles in its currency."""
+        book = self._book(account)
+        cfg = self._ledger.symbols.get(symbol)
+        if cfg is None:
+            raise UnknownSymbolError(symbol)
+        same_currency = cfg.profit_currency == book.currency
+        return SymbolSpec(
+            account=account,
+            symbol=symbol,
+            ts_ns=self._ts(now_ns),
+            contract_size=cfg.contract_size,
+            tick_size=cfg.tick_size,
+            tick_value=cfg.tick_value,
+            digits=cfg.digits,
+            volume_min=cfg.volume_min,
+            volume_max=cfg.volume_max,
+            volume_step=cfg.volume_step,
+            trade_mode=cfg.trade_mode if same_currency else TradeMode.DISABLED,
+        )
+
+    def positions(self, account: str) -> list[Position]:
+        """Open positions, oldest ticket first."""
+        return list(self._book(account).positions.values())
+
+    def pending_orders(self, account: str) -> list[PendingOrder]:
+        return list(self._book(account).pendings.values())
+
+    def position_by_master_ref(self, account: str, master_ref: str) -> Position | None:
+        positions = self._book(account).positions.values()
+        return next((p for p in positions if p.master_ref == master_ref), None)
+
+    def position_by_client_order(self, account: str, client_order_id: str) -> Position | None:
+        positions = self._book(account).positions.values()
+        return next((p for p in positions if p.client_order_id == client_order_id), None)
+
+    def pending_by_master_ref(self, account: str, master_ref: str) -> PendingOrder | None:
+        pendings = self._book(account).pendings.values()
+        return next((o for o in pendings if o.master_ref == master_ref), None)
+
+    def executed(self, account: str, client_order_id: str) -> Result | None:
+        """The remembered result of a client order id (for reconciliation), or None."""
+        return self._book(account).executed.get(client_order_id)
+
+    # ---------------------------------------------------------------------- requests
+
+    def market_order(
+        self,
+        account: str,
+        symbol: str,
+        side: Side,
+        volume: float,
+        *,
+        sl: float | None = None,
+        tp: float | None = None,
+        magic: int = 0,
+        comment: str = "",
+        client_order_id: str | None = None,
+        master_ref: str | None = None,
+        expected_price: float | None = None,
+        max_deviation: float | None = None,
+        now_ns: int | None = None,
+    ) -> Result:
+        """Open a position at the ask (buy) or the bid (sell).
+
+        A fill further than ``max_deviation`` from ``expected_price`` is refused with 10004
+        REQUOTE (MT5's answer to a deviation breach); a requote is not remembered, so the same
+        ``client_order_id`` may try again at a later price.
+        """
+        tags = Tags(
+            magic=magic, comment=comment, client_order_id=client_order_id, master_ref=master_ref
+        )
+        deviation = None
+        if expected_price is not None and max_deviation is not None:
+            deviation = (expected_price, max_deviation)
+        ts = self._ts(now_ns)
+        return self._request(
+            account,
+            client_order_id,
+            lambda book: execution.open_position(
+                self._ledger, book, symbol, side, volume, sl, tp, tags, deviation, ts
+            ),
+        )
+
+    def close_position(
+        self,
+        account: str,
+        position_id: str,
+        volume: float | None = None,
+        *,
+        client_order_id: str | None = None,
+        now_ns: int | None = None,
+    ) -> Result:
+        """Close a position at the bid (buy) or ask (sell), wholly or in part.
+
+        A partial close keeps the position id (MT5 hedging) and reports PositionReduced; a
+        remainder below the symbol's minimum is refused with 10014 INVALID_VOLUME, a volume
+        above the held one with 10038 INVALID_CLOSE_VOLUME.
+        """
+        ts = self._ts(now_ns)
+        return self._request(
+            account,
+            client_order_id,
+            lambda book: execution.close_position(self._ledger, book, position_id, volume, ts),
+        )
+
+    def close_by(
+        self,
+        account: str,
+        position_id: str,
+        opposite_id: str,
+        *,
+        client_order_id: str | None = None,
+        now_ns: int | None = None,
+    ) -> Result:
+        """MT5 close-by: both positions lose the smaller volume.
+
+        ``position_id`` is closed at ``opposite_id``'s open price (that is the whole profit),
+        the opposite at its own open price; the larger keeps the rest under its own id.
+        """
+        ts = self._ts(now_ns)
+        return self._request(
+            account,
+            client_order_id,
+            lambda book: execution.close_by(self._ledger, book, position_id, opposite_id, ts),
+        )
+
+    def modify_position(
+        self,
+        account: str,
+        position_id: str,
+        sl: float | None,
+        tp: float | None,
+        *,
+        client_order_id: str | None = None,
+        now_ns: int | None = None,
+    ) -> Result:
+        """Set both SL and TP (None or 0 removes a level); unchanged levels answer ok, 10025."""
+        ts = self._ts(now_ns)
+        return self._request(
+            account,
+            client_order_id,
+            lambda book: execution.modify_position(self._ledger, book, position_id, sl, tp, ts),
+        )
+
+    def place_pending(
+        self,
+        account: str,
+        symbol: str,
+        order_type: OrderType,
+        volume: float,
+        price: float,
+        *,
+        sl: float | None = None,
+        tp: float | None = None,
+        expiration_ns: int = 0,
+        magic: int = 0,
+        comment: str = "",
+        client_order_id: str | None = None,
+        master_ref: str | None = None,
+        now_ns: int | None = None,
+    ) -> Result:
+        """Place a limit or stop order (answer 10008 PLACED); margin is checked on trigger."""
+        tags = Tags(
+            magic=magic, comment=comment, client_order_id=client_order_id, master_ref=master_ref
+        )
+        ts = self._ts(now_ns)
+        return self._request(
+            account,
+            client_order_id,
+            lambda book: execution.place_pending(
+                self._ledger,
+                book,
+                symbol,
+                order_type,
+                volume,
+                price,
+                sl,
+                tp,
+                expiration_ns,
+                tags,
+                ts,
+            ),
+        )
+
+    def modify_pending(
+        self,
+        account: str,
+        order_id: str,
+        price: float,
+        *,
+        sl: float | None = None,
+        tp: float | None = None,
+        expiration_ns: int = 0,
+        client_order_id: str | None = None,
+        now_ns: int | None = None,
+    ) -> Result:
+        ts = self._ts(now_ns)
+        return self._request(
+            account,
+            client_order_id,
+            lambda book: execution.modify_pending(
+                self._ledger, book, order_id, price, sl, tp, expiration_ns, ts
+            ),
+        )
+
+    def cancel_pending(
+        self,
+        account: str,
+        order_id: str,
+        *,
+        client_order_id: str | None = None,
+        now_ns: int | None = None,
+    ) -> Result:
+        ts = self._ts(now_ns)
+        return self._request(
+            account,
+            client_order_id,
+            lambda book: execution.cancel_pending(self._ledger, book, order_id, ts),
+        )
+
+    def on_quote(self, quote: Quote) -> list[Transaction]:
+        """Take a new price: trigger pendings, expire pendings, hit SL/TP, then stop out.
+
+        Quotes for symbols the venue does not trade, or with impossible prices, are ignored.
+        """
+        ledger = self._ledger
+        cfg = ledger.symbols.get(quote.symbol)
+        sane = math.isfinite(quote.bid) and math.isfinite(quote.ask) and 0 < quote.bid <= quote.ask
+        if cfg is None or not sane:
+            return []
+        ledger.quotes[quote.symbol] = quote
+        ledger.clock_ns = quote.ts_ns
+        return process_quote(ledger, cfg, quote)
+
+    def _request(
+        self, account: str, client_order_id: str | None, run: Callable[[AccountBook], Result]
+    ) -> Result:
+        """Idempotency for every request: recall a known client order id, remember a new one."""
+        book = self._ledger.accounts.get(account)
+        if book is None:
+            return reject(Retcode.INVALID, f"unknown account {account!r}")
+        if client_order_id is not None:
+            known = book.executed.get(client_order_id)
+            if known is not None:
+                return msgspec.structs.replace(known, duplicate=True)
+        result = run(book)
+        if client_order_id is not None and result.retcode not in _RETRYABLE:
+            book.executed[client_order_id] = result
+        return result
+
+    def _ts(self, now_ns: int | None) -> int:
+        return self._ledger.clock_ns if now_ns is None else now_ns
+
+    def _book(self, account: str) -> AccountBook:
+        book = self._ledger.accounts.get(account)
+        if book is None:
+            raise UnknownAccountError(account)
+        return book
+
+    # ------------------------------------------------------------------- persistence
+
+    def snapshot(self) -> bytes:
+        """The whole venue as msgpack: accounts, orders, tickets, idempotency memory, quotes."""
+        ledger = self._ledger
+        state = VenueState(
+            next_ticket=ledger.next_ticket,
+            clock_ns=ledger.clock_ns,
+            stop_out_level=ledger.stop_out_level,
+            accounts=list(ledger.accounts.values()),
+            quotes=list(ledger.quotes.values()),
+        )
+        return msgspec.msgpack.encode(state)
+
+    @classmethod
+    def restore(cls, data: bytes, symbols: Iterable[SymbolConfig] = (XAUUSD,)) -> PaperVenue:
+        """The venue a :meth:`snapshot` saved, trading ``symbols`` (they are not saved)."""
+        state = _state_decoder.decode(data)
+        if state.version != _STATE_VERSION:
+            raise ValueError(f"snapshot version {state.version}, this venue reads {_STATE_VERSION}")
+        venue = cls(symbols, stop_out_level=state.stop_out_level)
+        ledger = venue._ledger
+        for book in state.accounts:
+            used = {p.symbol for p in book.positions.values()}
+            used |= {o.symbol for o in book.pendings.values()}
+            unknown = used - ledger.symbols.keys()
+            if unknown:
+                raise ValueError(
+                    f"account {book.account_id} holds {sorted(unknown)}, not configured here"
+                )
+            ledger.accounts[book.account_id] = book
+        ledger.quotes = {q.symbol: q for q in state.quotes}
+        ledger.next_ticket = state.next_ticket
+        ledger.clock_ns = state.clock_ns
+        return venue
+
+    def save(self, path: Path) -> None:
+        """Write the snapshot atomically: a crash leaves the old file or the new, never half."""
+        data = self.snapshot()
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def load(cls, path: Path, symbols: Iterable[SymbolConfig] = (XAUUSD,)) -> PaperVenue:
+        return cls.restore(path.read_bytes(), symbols)
