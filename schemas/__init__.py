@@ -33,6 +33,7 @@ from schemas.orders import (
 )
 from schemas.reports import (
     ExecutionReport,
+    OrderDone,
     OrderFilled,
     OrderPartiallyFilled,
     OrderRejected,
@@ -62,6 +63,7 @@ __all__ = [
     "FollowerPendingPlace",
     "FxRate",
     "MasterEvent",
+    "OrderDone",
     "OrderFilled",
     "OrderPartiallyFilled",
     "OrderRejected",

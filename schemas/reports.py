@@ -37,6 +37,14 @@ class OrderPartiallyFilled(_ReportBase, tag="partially_filled"):
     slippage: float = 0.0
 
 
+class OrderDone(_ReportBase, tag="done"):
+    """An order without a fill succeeded: SL/TP modified, pending placed/changed/cancelled,
+    close-all done, or nothing was left to do (``detail`` says which)."""
+
+    detail: str
+    position_ids: list[str] = []
+
+
 class OrderRejected(_ReportBase, tag="rejected"):
     """Definitive rejection by the venue, with its own reason."""
 
@@ -50,4 +58,4 @@ class OrderUnknown(_ReportBase, tag="unknown"):
     reason: str
 
 
-ExecutionReport = OrderFilled | OrderPartiallyFilled | OrderRejected | OrderUnknown
+ExecutionReport = OrderFilled | OrderPartiallyFilled | OrderDone | OrderRejected | OrderUnknown

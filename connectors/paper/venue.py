@@ -165,6 +165,15 @@ class PaperVenue:
         pendings = self._book(account).pendings.values()
         return next((o for o in pendings if o.master_ref == master_ref), None)
 
+    def rekey_master_ref(self, account: str, position_id: str, master_ref: str) -> bool:
+        """Point a position at a new master reference (MT4 renews the ticket of a remainder)."""
+        book = self._book(account)
+        position = book.positions.get(position_id)
+        if position is None:
+            return False
+        book.positions[position_id] = msgspec.structs.replace(position, master_ref=master_ref)
+        return True
+
     def executed(self, account: str, client_order_id: str) -> Result | None:
         """The remembered result of a client order id (for reconciliation), or None."""
         return self._book(account).executed.get(client_order_id)
@@ -421,15 +430,20 @@ class PaperVenue:
         ledger.clock_ns = state.clock_ns
         return venue
 
-    def save(self, path: Path) -> None:
-        """Write the snapshot atomically: a crash leaves the old file or the new, never half."""
+    def save(self, path: Path, durable: bool = True) -> None:
+        """Write the snapshot atomically: a crash leaves the old file or the new, never half.
+
+        ``durable=False`` skips the fsync: the file survives a crash of the process (what a
+        connector restart needs, at every order) but not of the machine.
+        """
         data = self.snapshot()
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
                 handle.flush()
-                os.fsync(handle.fileno())
+                if durable:
+                    os.fsync(handle.fileno())
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

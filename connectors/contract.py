@@ -1,0 +1,275 @@
+"""The connector contract: what every terminal connector does on NATS, in one place.
+
+A connector (paper venue, bridge EA, MetaTrader5 package) supplies a ``Terminal`` — the
+venue-specific half — and ``ConnectorRuntime`` does the rest, identically for all of them:
+
+1. **Master events**: every trade transaction on a master account is published to
+   ``tc.v1.master.<account>.events`` with ``Nats-Msg-Id = event_id`` and the connector's
+   timestamp in ``trace.connector_ns``.
+2. **Account state and symbol specs** go to the ``tc_accounts`` / ``tc_symbols`` KV buckets on
+   start, after every change, and at least every ``state_interval_s`` (equity moves with price).
+3. **Follower orders** are consumed from a durable consumer per connector (per-account subjects
+   plus the connector's batch subject), strictly in stream order, and executed through
+   ``Terminal.execute``, which must be idempotent by order id: a redelivered order returns the
+   original outcome and executes nothing.
+4. **Execution reports** are published to ``tc.v1.follower.<account>.reports`` with
+   ``Nats-Msg-Id = report:<order id>``; only then is the order acknowledged. Outcome policy:
+   *rejected* only on definitive evidence from the venue; a timeout or disconnect is *unknown*
+   and reconciliation settles it.
+5. **Reconciliation** runs on every (re)start: ``Terminal.reconcile`` returns master events that
+   were recorded but possibly never published (an outbox), which are published again (JetStream
+   dedup drops the ones already stored), then states and specs are republished. Orders that were
+   not acknowledged are redelivered by JetStream and settled by idempotent execution.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any, Protocol
+
+import msgspec
+import nats.errors
+import nats.js.errors
+import structlog
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from engine.jetstream import ensure_buckets, ensure_streams
+from schemas import codec, subjects
+from schemas.account import AccountState, SymbolSpec
+from schemas.master import MasterEvent
+from schemas.orders import FollowerOrder
+from schemas.reports import ExecutionReport
+from schemas.streams import FOLLOWER_ORDERS_STREAM
+
+log = structlog.get_logger("tradecopy.connector")
+
+MSG_ID = "Nats-Msg-Id"
+
+
+class Terminal(Protocol):
+    """The venue-specific half of a connector."""
+
+    def master_accounts(self) -> Sequence[str]: ...
+
+    def follower_accounts(self) -> Sequence[str]: ...
+
+    def account_state(self, account: str) -> AccountState: ...
+
+    def symbol_specs(self, account: str) -> Iterable[SymbolSpec]: ...
+
+    async def execute(self, order: FollowerOrder, received_ns: int) -> ExecutionReport:
+        """Execute once per order id; a repeated id returns the first outcome unchanged."""
+        ...
+
+    def reconcile(self) -> list[MasterEvent]:
+        """Master events that may not have been published yet (the outbox)."""
+        ...
+
+    def published(self, events: Sequence[MasterEvent]) -> None:
+        """These events are stored in JetStream: drop them from the outbox."""
+        ...
+
+
+def report_id(order_id: str) -> str:
+    return f"report:{order_id}"
+
+
+class ConnectorRuntime:
+    def __init__(
+        self,
+        nc: Any,
+        connector_id: str,
+        terminal: Terminal,
+        *,
+        partitions: int | None = None,
+        state_interval_s: float = 1.0,
+    ) -> None:
+        self.nc = nc
+        self.js = nc.jetstream(publish_async_max_pending=65_536)
+        self.connector_id = connector_id
+        self.terminal = terminal
+        self.partitions = partitions
+        self.state_interval_s = state_interval_s
+        self.buckets: dict[str, Any] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = asyncio.Event()
+        self._dirty: set[str] = set()
+        self._state_changed = asyncio.Event()
+        self.orders_executed = 0
+        # A trade and a quote-triggered SL may publish at once: one master's events must not
+        # interleave, so publication is one at a time.
+        self._publish_lock = asyncio.Lock()
+
+    @property
+    def durable(self) -> str:
+        return f"connector-{self.connector_id}"
+
+    async def start(self) -> None:
+        if self.partitions is None:
+            await ensure_streams(self.js)
+        else:
+            await ensure_streams(self.js, self.partitions)
+        self.buckets = await ensure_buckets(self.js)
+        outbox = self.terminal.reconcile()
+        if outbox:
+            log.info("reconcile_republish", connector=self.connector_id, events=len(outbox))
+            await self.publish_master_events(outbox)
+        accounts = {*self.terminal.master_accounts(), *self.terminal.follower_accounts()}
+        for account in sorted(accounts):
+            await self._publish_specs(account)
+            await self._publish_state(account)
+        if self.terminal.follower_accounts():
+            await self._ensure_order_consumer()
+            self._tasks.append(asyncio.create_task(self._consume_orders()))
+        self._tasks.append(asyncio.create_task(self._publish_states()))
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        self._state_changed.set()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    # ------------------------------------------------------------- master events
+
+    async def publish_master_events(self, events: Sequence[MasterEvent]) -> None:
+        """Publish in order and wait until all are stored; then they leave the outbox."""
+        if not events:
+            return
+        async with self._publish_lock:
+            await self._publish_master_events(events)
+
+    async def _publish_master_events(self, events: Sequence[MasterEvent]) -> None:
+        now = time.time_ns()
+        futures = []
+        for event in events:
+            stamped = msgspec.structs.replace(
+                event, trace=msgspec.structs.replace(event.trace, connector_ns=now)
+            )
+            futures.append(
+                await self.js.publish_async(
+                    subjects.master_events(event.master),
+                    codec.encode(stamped),
+                    headers={MSG_ID: event.event_id},
+                )
+            )
+        await asyncio.gather(*futures)
+        self.terminal.published(events)
+        self.mark_dirty(*{e.master for e in events})
+
+    # -------------------------------------------------------------- state & specs
+
+    def mark_dirty(self, *accounts: str) -> None:
+        """Republish these accounts' state soon (coalesced)."""
+        self._dirty.update(accounts)
+        self._state_changed.set()
+
+    async def _publish_state(self, account: str) -> None:
+        state = self.terminal.account_state(account)
+        if self.connector_id and not state.connector:
+            state = msgspec.structs.replace(state, connector=self.connector_id)
+        await self.buckets[subjects.KV_ACCOUNTS].put(account, codec.encode(state))
+
+    async def _publish_specs(self, account: str) -> None:
+        for spec in self.terminal.symbol_specs(account):
+            await self.buckets[subjects.KV_SYMBOLS].put(
+                subjects.symbol_key(account, spec.symbol), codec.encode(spec)
+            )
+
+    async def _publish_states(self) -> None:
+        accounts = {*self.terminal.master_accounts(), *self.terminal.follower_accounts()}
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._state_changed.wait(), self.state_interval_s)
+            self._state_changed.clear()
+            due = set(self._dirty) if self._dirty else set(accounts)
+            self._dirty.clear()
+            for account in sorted(due):
+                try:
+                    await self._publish_state(account)
+                except Exception as exc:  # NATS reconnecting: the next round catches up
+                    log.warning("account_state_publish_failed", account=account, error=repr(exc))
+
+    # ------------------------------------------------------------ follower orders
+
+    async def _ensure_order_consumer(self) -> None:
+        filters = [subjects.follower_orders(a) for a in sorted(self.terminal.follower_accounts())]
+        filters.append(subjects.connector_orders(self.connector_id))
+        config = ConsumerConfig(
+            durable_name=self.durable,
+            ack_policy=AckPolicy.EXPLICIT,
+            # A new connector starts from now: week-old opens must not execute on first start.
+            deliver_policy=DeliverPolicy.NEW,
+            filter_subjects=filters,
+            max_ack_pending=1,
+            ack_wait=30.0,
+        )
+        try:
+            info = await self.js.consumer_info(FOLLOWER_ORDERS_STREAM, self.durable)
+        except nats.js.errors.NotFoundError:
+            await self.js.add_consumer(FOLLOWER_ORDERS_STREAM, config)
+            return
+        if sorted(info.config.filter_subjects or []) != sorted(filters):
+            # Accounts were added or removed: keep the position, change what it reads.
+            config.deliver_policy = info.config.deliver_policy
+            await self.js.add_consumer(FOLLOWER_ORDERS_STREAM, config)
+
+    async def _consume_orders(self) -> None:
+        sub = await self.js.pull_subscribe_bind(durable=self.durable, stream=FOLLOWER_ORDERS_STREAM)
+        while not self._stopping.is_set():
+            try:
+                msgs = await sub.fetch(1, timeout=5.0)
+            except nats.errors.TimeoutError:
+                continue
+            except (nats.errors.ConnectionClosedError, asyncio.CancelledError):
+                return
+            except Exception as exc:
+                log.warning("order_fetch_failed", connector=self.connector_id, error=repr(exc))
+                await asyncio.sleep(0.2)
+                continue
+            for msg in msgs:
+                try:
+                    await self.handle_order_message(msg)
+                except Exception as exc:
+                    # Not acknowledged: redelivered, and idempotent execution settles it.
+                    log.error("order_failed", connector=self.connector_id, error=repr(exc))
+
+    async def handle_order_message(self, msg: Any) -> None:
+        received_ns = time.time_ns()
+        try:
+            if msg.subject.startswith(f"{subjects.PREFIX}.connector."):
+                orders = codec.follower_order_batch_decoder.decode(msg.data).orders
+            else:
+                orders = [codec.follower_order_decoder.decode(msg.data)]
+        except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError) as exc:
+            log.error("follower_order_invalid", subject=msg.subject, error=str(exc))
+            await msg.term()
+            return
+        mine = set(self.terminal.follower_accounts())
+        futures = []
+        for order in orders:
+            if order.follower not in mine:
+                log.warning(
+                    "order_for_unknown_account", follower=order.follower, order=order.order_id
+                )
+                continue
+            report = await self.terminal.execute(order, received_ns)
+            self.orders_executed += 1
+            trace = msgspec.structs.replace(report.trace, report_ns=time.time_ns())
+            report = msgspec.structs.replace(report, trace=trace)
+            futures.append(
+                await self.js.publish_async(
+                    subjects.execution_reports(order.follower),
+                    codec.encode(report),
+                    headers={MSG_ID: report_id(order.order_id)},
+                )
+            )
+            self.mark_dirty(order.follower)
+        if futures:
+            await asyncio.gather(*futures)
+        await msg.ack()

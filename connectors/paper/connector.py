@@ -1,0 +1,436 @@
+"""The paper connector: a PaperVenue behind the connector contract, on real prices."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import structlog
+
+from connectors.contract import ConnectorRuntime
+from connectors.paper.model import XAUUSD, Position, Result, SymbolConfig
+from connectors.paper.prices import PriceReplay, Quote
+from connectors.paper.venue import PaperVenue
+from engine.replicator.protection import within_deviation
+from engine.replicator.sizing import partial_close_volume
+from schemas import codec
+from schemas.account import AccountState, SymbolSpec
+from schemas.common import Side, Trace
+from schemas.master import MasterEvent
+from schemas.orders import (
+    DeviationPolicy,
+    FollowerClose,
+    FollowerCloseAll,
+    FollowerCloseBy,
+    FollowerModify,
+    FollowerOpen,
+    FollowerOrder,
+    FollowerPendingCancel,
+    FollowerPendingModify,
+    FollowerPendingPlace,
+)
+from schemas.reports import ExecutionReport, OrderDone, OrderFilled, OrderRejected
+
+log = structlog.get_logger("tradecopy.paper")
+
+#: Reported when a close/modify names a master position this follower never copied.
+NOTHING_TO_DO = "no copy of that master position on this account"
+RETCODE_EXPIRED = 10021  # TRADE_RETCODE_PRICE_OFF: the signal is too old to trade on
+
+
+class PaperConnectorState(msgspec.Struct, kw_only=True):
+    venue: bytes
+    outbox: list[bytes] = []
+    reports: dict[str, bytes] = {}
+    """Execution reports by order id: a redelivered order gets the same report back."""
+
+
+def master_ref(master: str, ref: str) -> str:
+    return f"{master}:{ref}"
+
+
+class PaperTerminal:
+    """The venue-specific half of the paper connector (see ``connectors.contract``)."""
+
+    def __init__(
+        self,
+        venue: PaperVenue,
+        masters: Iterable[str],
+        followers: Iterable[str],
+        state_path: Path | None = None,
+        outbox: list[MasterEvent] | None = None,
+        reports: dict[str, bytes] | None = None,
+    ) -> None:
+        self.venue = venue
+        self.masters = tuple(masters)
+        self.followers = tuple(followers)
+        self.state_path = state_path
+        self.outbox: list[MasterEvent] = outbox or []
+        self.reports: dict[str, bytes] = reports or {}
+        self.quote_seen = asyncio.Event()
+
+    # --------------------------------------------------------------- persistence
+
+    @classmethod
+    def open(
+        cls,
+        state_path: Path,
+        accounts: Sequence[tuple[str, str, float, int, str]],
+        symbols: Sequence[SymbolConfig] = (XAUUSD,),
+    ) -> PaperTerminal:
+        """Restore from ``state_path`` if it exists, else open the accounts fresh.
+
+        ``accounts`` rows: (id, currency, balance, leverage, role) with role master/follower.
+        Opening an account that exists changes nothing: start-up and recovery are one path.
+        """
+        outbox: list[MasterEvent] = []
+        reports: dict[str, bytes] = {}
+        if state_path.exists():
+            state = msgspec.msgpack.decode(state_path.read_bytes(), type=PaperConnectorState)
+            venue = PaperVenue.restore(state.venue, symbols)
+            outbox = [codec.master_event_decoder.decode(e) for e in state.outbox]
+            reports = state.reports
+        else:
+            venue = PaperVenue(symbols)
+        for account, currency, balance, leverage, _ in accounts:
+            venue.open_account(account, currency, balance, leverage)
+        masters = [a for a, *_, role in accounts if role == "master"]
+        followers = [a for a, *_, role in accounts if role == "follower"]
+        return cls(venue, masters, followers, state_path, outbox, reports)
+
+    def save(self) -> None:
+        """Persist venue, outbox and reports in one atomic write (no fsync: see PaperVenue.save)."""
+        if self.state_path is None:
+            return
+        state = PaperConnectorState(
+            venue=self.venue.snapshot(),
+            outbox=[codec.encode(e) for e in self.outbox],
+            reports=self.reports,
+        )
+        data = msgspec.msgpack.encode(state)
+        self.state_path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.state_path.parent, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+            os.replace(tmp, self.state_path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    # ------------------------------------------------------------ Terminal protocol
+
+    def master_accounts(self) -> Sequence[str]:
+        return self.masters
+
+    def follower_accounts(self) -> Sequence[str]:
+        return self.followers
+
+    def account_state(self, account: str) -> AccountState:
+        return self.venue.account_state(account, time.time_ns())
+
+    def symbol_specs(self, account: str) -> Iterable[SymbolSpec]:
+        return [self.venue.symbol_spec(account, s) for s in self.venue.symbols]
+
+    def reconcile(self) -> list[MasterEvent]:
+        return list(self.outbox)
+
+    def published(self, events: Sequence[MasterEvent]) -> None:
+        done = {e.event_id for e in events}
+        self.outbox = [e for e in self.outbox if e.event_id not in done]
+
+    # ------------------------------------------------------------------ trading
+
+    def record(self, transactions: Iterable[MasterEvent]) -> list[MasterEvent]:
+        """Queue the master accounts' transactions for publication (the outbox)."""
+        now = time.time_ns()
+        # The venue's clock may be replayed history; the terminal stamp is the wall-clock
+        # moment of the fill, so master fill → follower fill can be measured.
+        mine = [
+            msgspec.structs.replace(t, trace=msgspec.structs.replace(t.trace, terminal_ns=now))
+            for t in transactions
+            if t.master in self.masters
+        ]
+        if mine:
+            self.outbox.extend(mine)
+        return mine
+
+    def trade(self, action: Callable[[PaperVenue], Result]) -> Result:
+        """Run one trade request on the venue (the scripted or manual master trader)."""
+        result = action(self.venue)
+        self.record(result.transactions)
+        self.save()
+        return result
+
+    def on_quote(self, quote: Quote) -> list[MasterEvent]:
+        transactions = self.venue.on_quote(quote)
+        self.quote_seen.set()
+        return self.record(transactions)
+
+    # ----------------------------------------------------------- follower orders
+
+    async def execute(self, order: FollowerOrder, received_ns: int) -> ExecutionReport:
+        previous = self.reports.get(order.order_id)
+        if previous is not None:
+            return codec.execution_report_decoder.decode(previous)
+        trace = msgspec.structs.replace(order.trace, follower_connector_ns=received_ns)
+        report = await self._execute(order, trace)
+        self.reports[order.order_id] = codec.encode(report)
+        self.save()
+        return report
+
+    async def _execute(self, order: FollowerOrder, trace: Trace) -> ExecutionReport:
+        venue, account = self.venue, order.follower
+        base = {"order_id": order.order_id, "link_id": order.link_id, "follower": account}
+        if isinstance(order, FollowerOpen):
+            return await self._open(order, trace, base)
+        if isinstance(order, FollowerClose):
+            position = venue.position_by_master_ref(
+                account, master_ref(order.master, order.master_position_id)
+            )
+            if position is None:
+                return self._done(base, trace, NOTHING_TO_DO)
+            spec = venue.symbol_spec(account, position.symbol)
+            volume = partial_close_volume(position.volume, order.ratio, spec)
+            if volume <= 0:
+                return self._done(base, trace, "the ratio rounds to nothing on this position")
+            result = venue.close_position(
+                account,
+                position.position_id,
+                None if volume >= position.volume else volume,
+                client_order_id=order.order_id,
+            )
+            if result.ok and order.new_master_position_id and volume < position.volume:
+                venue.rekey_master_ref(
+                    account,
+                    position.position_id,
+                    master_ref(order.master, order.new_master_position_id),
+                )
+            return self._fill(base, trace, result, position.symbol, position.side.flipped(),
+                              order.master_price)  # fmt: skip
+        if isinstance(order, FollowerModify):
+            position = venue.position_by_master_ref(
+                account, master_ref(order.master, order.master_position_id)
+            )
+            if position is None:
+                return self._done(base, trace, NOTHING_TO_DO)
+            result = venue.modify_position(
+                account, position.position_id, order.sl, order.tp, client_order_id=order.order_id
+            )
+            return self._outcome(base, trace, result, "SL/TP modified", [position.position_id])
+        if isinstance(order, FollowerCloseBy):
+            first = venue.position_by_master_ref(
+                account, master_ref(order.master, order.master_position_id)
+            )
+            second = venue.position_by_master_ref(
+                account, master_ref(order.master, order.master_opposite_position_id)
+            )
+            if first is None or second is None:
+                return self._done(base, trace, "this account does not hold both copies")
+            result = venue.close_by(
+                account, first.position_id, second.position_id, client_order_id=order.order_id
+            )
+            ids = [first.position_id, second.position_id]
+            return self._outcome(base, trace, result, "closed by the opposite copy", ids)
+        if isinstance(order, FollowerCloseAll):
+            return self._close_all(order, trace, base)
+        if isinstance(order, FollowerPendingPlace):
+            result = venue.place_pending(
+                account, order.symbol, order.order_type, order.volume, order.price,
+                sl=order.sl, tp=order.tp, expiration_ns=order.expiration_ns, magic=order.magic,
+                comment=order.comment, client_order_id=order.order_id,
+                master_ref=master_ref(order.master, order.master_order_id),
+            )  # fmt: skip
+            return self._outcome(base, trace, result, "pending order placed", [result.order_id])
+        if isinstance(order, FollowerPendingModify | FollowerPendingCancel):
+            pending = venue.pending_by_master_ref(
+                account, master_ref(order.master, order.master_order_id)
+            )
+            if pending is None:
+                return self._done(base, trace, "no copy of that pending order on this account")
+            if isinstance(order, FollowerPendingCancel):
+                result = venue.cancel_pending(
+                    account, pending.order_id, client_order_id=order.order_id
+                )
+                return self._outcome(base, trace, result, "pending order cancelled", [])
+            result = venue.modify_pending(
+                account, pending.order_id, order.price, sl=order.sl, tp=order.tp,
+                expiration_ns=order.expiration_ns, client_order_id=order.order_id,
+            )  # fmt: skip
+            return self._outcome(base, trace, result, "pending order modified", [])
+        raise TypeError(f"unhandled follower order {type(order).__name__}")  # pragma: no cover
+
+    async def _open(
+        self, order: FollowerOpen, trace: Trace, base: dict[str, Any]
+    ) -> ExecutionReport:
+        venue, account = self.venue, order.follower
+        ref = master_ref(order.master, order.master_position_id)
+        existing = venue.position_by_master_ref(account, ref)
+        if order.master_order_id is not None:
+            # The master's pending order triggered: our copy may have triggered already, or be
+            # waiting; either way the follower ends with one position for it.
+            order_ref = master_ref(order.master, order.master_order_id)
+            existing = existing or venue.position_by_master_ref(account, order_ref)
+            pending = venue.pending_by_master_ref(account, order_ref)
+            if existing is None and pending is not None:
+                venue.cancel_pending(account, pending.order_id)
+        if existing is not None:
+            if existing.master_ref != ref:
+                venue.rekey_master_ref(account, existing.position_id, ref)
+            return self._filled_from(base, trace, existing, order.master_price)
+        if order.expires_ns and time.time_ns() > order.expires_ns:
+            return OrderRejected(
+                **base, ts_ns=time.time_ns(), trace=trace, code=RETCODE_EXPIRED,
+                reason="signal expired before execution (max signal age)",
+            )  # fmt: skip
+        if order.max_price_deviation is not None and not await self._price_ok(order):
+            return OrderRejected(
+                **base, ts_ns=time.time_ns(), trace=trace, code=10004,
+                reason=f"price moved more than {order.max_price_deviation} from the master's "
+                f"fill {order.master_price}",
+            )  # fmt: skip
+        result = venue.market_order(
+            account, order.symbol, order.side, order.volume, sl=order.sl, tp=order.tp,
+            magic=order.magic, comment=order.comment, client_order_id=order.order_id,
+            master_ref=ref,
+        )  # fmt: skip
+        return self._fill(base, trace, result, order.symbol, order.side, order.master_price)
+
+    async def _price_ok(self, order: FollowerOpen) -> bool:
+        deadline = time.monotonic() + (
+            order.deviation_wait_ms / 1000 if order.deviation_policy is DeviationPolicy.WAIT else 0
+        )
+        while True:
+            quote = self.venue.quote(order.symbol)
+            if quote is not None and within_deviation(
+                order.side, order.master_price, quote.bid, quote.ask, order.max_price_deviation
+            ):
+                return True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            self.quote_seen.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.quote_seen.wait(), remaining)
+
+    def _close_all(
+        self, order: FollowerCloseAll, trace: Trace, base: dict[str, Any]
+    ) -> ExecutionReport:
+        venue, account = self.venue, order.follower
+        prefix = f"{order.master}:"
+        closed = []
+        for position in venue.positions(account):
+            if position.master_ref and position.master_ref.startswith(prefix):
+                result = venue.close_position(
+                    account, position.position_id,
+                    client_order_id=f"{order.order_id}:{position.position_id}",
+                )  # fmt: skip
+                if result.ok:
+                    closed.append(position.position_id)
+        for pending in venue.pending_orders(account):
+            if pending.master_ref and pending.master_ref.startswith(prefix):
+                venue.cancel_pending(
+                    account, pending.order_id,
+                    client_order_id=f"{order.order_id}:{pending.order_id}",
+                )  # fmt: skip
+        return self._done(base, trace, f"closed {len(closed)} position(s): {order.reason}", closed)
+
+    # ------------------------------------------------------------------ reports
+
+    @staticmethod
+    def _done(
+        base: dict[str, Any], trace: Trace, detail: str, ids: list[str] | None = None
+    ) -> ExecutionReport:
+        return OrderDone(**base, ts_ns=time.time_ns(), trace=trace, detail=detail,
+                         position_ids=ids or [])  # fmt: skip
+
+    def _outcome(
+        self, base: dict[str, Any], trace: Trace, result: Result, detail: str, ids: list[str]
+    ) -> ExecutionReport:
+        if not result.ok:
+            return OrderRejected(**base, ts_ns=time.time_ns(), trace=trace,
+                                 code=result.retcode, reason=result.reason)  # fmt: skip
+        return self._done(base, trace, detail, ids)
+
+    def _fill(
+        self, base: dict[str, Any], trace: Trace, result: Result, symbol: str, side: Side,
+        master_price: float,
+    ) -> ExecutionReport:  # fmt: skip
+        now = time.time_ns()
+        if not result.ok:
+            return OrderRejected(**base, ts_ns=now, trace=trace, code=result.retcode,
+                                 reason=result.reason)  # fmt: skip
+        trace = msgspec.structs.replace(trace, follower_terminal_ns=now)
+        return OrderFilled(
+            **base, ts_ns=now, trace=trace, symbol=symbol, position_id=result.position_id or "",
+            side=side, volume=result.volume, price=result.price, master_price=master_price,
+            slippage=_slippage(side, result.price, master_price),
+        )  # fmt: skip
+
+    def _filled_from(
+        self, base: dict[str, Any], trace: Trace, position: Position, master_price: float
+    ) -> ExecutionReport:
+        now = time.time_ns()
+        return OrderFilled(
+            **base, ts_ns=now, trace=trace, symbol=position.symbol,
+            position_id=position.position_id, side=position.side, volume=position.volume,
+            price=position.open_price, master_price=master_price,
+            slippage=_slippage(position.side, position.open_price, master_price),
+        )  # fmt: skip
+
+
+def _slippage(side: Side, price: float, master_price: float) -> float:
+    """Positive when the follower filled worse than the master (in price units)."""
+    if master_price <= 0:
+        return 0.0
+    return round(price - master_price if side is Side.BUY else master_price - price, 10)
+
+
+class PaperConnector:
+    """A connector process: the paper terminal, its price feed and the NATS runtime."""
+
+    def __init__(
+        self, nc: Any, connector_id: str, terminal: PaperTerminal, replay: PriceReplay | None
+    ) -> None:
+        self.terminal = terminal
+        self.runtime = ConnectorRuntime(nc, connector_id, terminal)
+        self.replay = replay
+        self._feed: asyncio.Task[None] | None = None
+        self.quotes = 0
+
+    async def start(self) -> None:
+        await self.runtime.start()
+        if self.replay is not None:
+            self._feed = asyncio.create_task(self._run_feed(self.replay))
+
+    async def stop(self) -> None:
+        if self._feed is not None:
+            self._feed.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._feed
+        await self.runtime.stop()
+        self.terminal.save()
+
+    async def _run_feed(self, replay: PriceReplay) -> None:
+        async for quote in replay.quotes():
+            self.quotes += 1
+            events = self.terminal.on_quote(quote)
+            if events:
+                self.terminal.save()
+                await self.runtime.publish_master_events(events)
+
+    async def trade(self, action: Callable[[PaperVenue], Result]) -> Result:
+        """A master trade: execute on the venue, then publish what it caused."""
+        outbox_before = len(self.terminal.outbox)
+        result = self.terminal.trade(action)
+        mine = self.terminal.outbox[outbox_before:]
+        if mine:
+            await self.runtime.publish_master_events(mine)
+        return result
