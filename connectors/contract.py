@@ -35,6 +35,7 @@ import nats.errors
 import nats.js.errors
 import structlog
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from prometheus_client import Counter
 
 from engine.jetstream import ensure_buckets, ensure_streams
 from schemas import codec, subjects
@@ -47,6 +48,11 @@ from schemas.streams import FOLLOWER_ORDERS_STREAM
 log = structlog.get_logger("tradecopy.connector")
 
 MSG_ID = "Nats-Msg-Id"
+#: Orders taken per pull; executed in stream order, acknowledged after their reports.
+ORDER_BATCH = 256
+BAD_ORDERS = Counter(
+    "tradecopy_connector_bad_orders_total", "Follower orders that could not be decoded"
+)
 
 
 class Terminal(Protocol):
@@ -70,6 +76,10 @@ class Terminal(Protocol):
 
     def published(self, events: Sequence[MasterEvent]) -> None:
         """These events are stored in JetStream: drop them from the outbox."""
+        ...
+
+    def commit(self) -> None:
+        """Make the outcomes of the orders executed so far durable (before they are reported)."""
         ...
 
 
@@ -206,7 +216,7 @@ class ConnectorRuntime:
             # A new connector starts from now: week-old opens must not execute on first start.
             deliver_policy=DeliverPolicy.NEW,
             filter_subjects=filters,
-            max_ack_pending=1,
+            max_ack_pending=ORDER_BATCH,
             ack_wait=30.0,
         )
         try:
@@ -223,7 +233,7 @@ class ConnectorRuntime:
         sub = await self.js.pull_subscribe_bind(durable=self.durable, stream=FOLLOWER_ORDERS_STREAM)
         while not self._stopping.is_set():
             try:
-                msgs = await sub.fetch(1, timeout=5.0)
+                msgs = await sub.fetch(ORDER_BATCH, timeout=5.0)
             except nats.errors.TimeoutError:
                 continue
             except (nats.errors.ConnectionClosedError, asyncio.CancelledError):
@@ -232,44 +242,59 @@ class ConnectorRuntime:
                 log.warning("order_fetch_failed", connector=self.connector_id, error=repr(exc))
                 await asyncio.sleep(0.2)
                 continue
-            for msg in msgs:
-                try:
-                    await self.handle_order_message(msg)
-                except Exception as exc:
-                    # Not acknowledged: redelivered, and idempotent execution settles it.
-                    log.error("order_failed", connector=self.connector_id, error=repr(exc))
+            try:
+                await self.handle_order_messages(msgs)
+            except Exception as exc:
+                # Nothing of the batch was acknowledged: it is redelivered, in order, and
+                # idempotent execution settles what already ran.
+                log.error("orders_failed", connector=self.connector_id, error=repr(exc))
 
-    async def handle_order_message(self, msg: Any) -> None:
+    async def handle_order_messages(self, msgs: Sequence[Any]) -> None:
+        """Execute a batch in stream order, persist once, report, then acknowledge.
+
+        Reports go out only after the terminal committed its state, and messages are
+        acknowledged only after their reports are stored: a crash at any point redelivers
+        orders whose outcome is not both durable and reported.
+        """
         received_ns = time.time_ns()
-        try:
-            if msg.subject.startswith(f"{subjects.PREFIX}.connector."):
-                orders = codec.follower_order_batch_decoder.decode(msg.data).orders
-            else:
-                orders = [codec.follower_order_decoder.decode(msg.data)]
-        except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError) as exc:
-            log.error("follower_order_invalid", subject=msg.subject, error=str(exc))
-            await msg.term()
-            return
         mine = set(self.terminal.follower_accounts())
-        futures = []
-        for order in orders:
-            if order.follower not in mine:
-                log.warning(
-                    "order_for_unknown_account", follower=order.follower, order=order.order_id
-                )
+        reports: list[ExecutionReport] = []
+        for msg in msgs:
+            try:
+                if msg.subject.startswith(f"{subjects.PREFIX}.connector."):
+                    orders = codec.follower_order_batch_decoder.decode(msg.data).orders
+                else:
+                    orders = [codec.follower_order_decoder.decode(msg.data)]
+            except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError) as exc:
+                BAD_ORDERS.inc()
+                log.error("follower_order_invalid", subject=msg.subject, error=str(exc))
+                await msg.term()
                 continue
-            report = await self.terminal.execute(order, received_ns)
-            self.orders_executed += 1
-            trace = msgspec.structs.replace(report.trace, report_ns=time.time_ns())
-            report = msgspec.structs.replace(report, trace=trace)
-            futures.append(
-                await self.js.publish_async(
-                    subjects.execution_reports(order.follower),
-                    codec.encode(report),
-                    headers={MSG_ID: report_id(order.order_id)},
+            for order in orders:
+                if order.follower not in mine:
+                    log.warning(
+                        "order_for_unknown_account", follower=order.follower, order=order.order_id
+                    )
+                    continue
+                reports.append(await self.terminal.execute(order, received_ns))
+        if reports:
+            self.terminal.commit()
+            now = time.time_ns()
+            futures = []
+            for report in reports:
+                trace = msgspec.structs.replace(report.trace, report_ns=now)
+                report = msgspec.structs.replace(report, trace=trace)
+                futures.append(
+                    await self.js.publish_async(
+                        subjects.execution_reports(report.follower),
+                        codec.encode(report),
+                        headers={MSG_ID: report_id(report.order_id)},
+                    )
                 )
-            )
-            self.mark_dirty(order.follower)
-        if futures:
+                self.mark_dirty(report.follower)
             await asyncio.gather(*futures)
-        await msg.ack()
+            self.orders_executed += len(reports)
+        for msg in msgs:
+            if msg.metadata.num_delivered is not None:
+                with contextlib.suppress(nats.errors.MsgAlreadyAckdError):
+                    await msg.ack()

@@ -225,6 +225,28 @@ def _cmd_bench_fanout(args: argparse.Namespace) -> int:
     return fanout_main(forwarded)
 
 
+def _cmd_up(args: argparse.Namespace) -> int:
+    from engine.errors import TradecopyError
+    from engine.runtime.logging import configure_logging
+    from engine.up import DEFAULT_CONFIG, run_up
+
+    configure_logging(args.log_level, json=False)
+    try:
+        run_async(run_up(Path(args.config) if args.config else DEFAULT_CONFIG))
+    except TradecopyError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from engine.demo import main as demo_main
+    from engine.runtime.logging import configure_logging
+
+    configure_logging("warning", json=False)
+    return demo_main(args.seconds, args.followers, args.speed, args.json)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tradecopy", description="Event-driven copy trading on NATS JetStream."
@@ -292,6 +314,20 @@ def build_parser() -> argparse.ArgumentParser:
     nats_run.add_argument("--http-port", type=int, default=None)
     nats_run.add_argument("--store-dir")
     nats_run.set_defaults(func=_cmd_nats_run)
+
+    up = commands.add_parser("up", help="run NATS, replicator and paper accounts until Ctrl-C")
+    up.add_argument("--config", help="TOML file (default: the shipped engine/up.toml)")
+    up.add_argument("--log-level", default="warning")
+    up.set_defaults(func=_cmd_up)
+
+    demo = commands.add_parser(
+        "demo", help="copy a scripted master on real XAUUSD prices to paper followers"
+    )
+    demo.add_argument("--seconds", type=float, default=20.0, help="length of the script")
+    demo.add_argument("--followers", type=int, default=7, help="paper followers (min 1)")
+    demo.add_argument("--speed", type=float, default=60.0, help="bars per minute of replay")
+    demo.add_argument("--json", action="store_true", help="one JSON object on the last line")
+    demo.set_defaults(func=_cmd_demo)
 
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(
         dest="bench_command", required=True

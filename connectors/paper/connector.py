@@ -7,6 +7,7 @@ import contextlib
 import os
 import tempfile
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,9 @@ log = structlog.get_logger("tradecopy.paper")
 #: Reported when a close/modify names a master position this follower never copied.
 NOTHING_TO_DO = "no copy of that master position on this account"
 RETCODE_EXPIRED = 10021  # TRADE_RETCODE_PRICE_OFF: the signal is too old to trade on
+#: How long a report is kept for redeliveries: longer than the order consumer's ack wait and
+#: the order stream's duplicate window, after which no redelivery of the order can come.
+REPORT_MEMORY_S = 600.0
 
 
 class PaperConnectorState(msgspec.Struct, kw_only=True):
@@ -67,8 +71,14 @@ class PaperTerminal:
         state_path: Path | None = None,
         outbox: list[MasterEvent] | None = None,
         reports: dict[str, bytes] | None = None,
+        aliases: dict[str, list[str]] | None = None,
     ) -> None:
         self.venue = venue
+        self.aliases = aliases or {}
+        """Symbols quoted like another (a broker suffix): ``{"XAUUSD": ["XAUUSD.m"]}``."""
+        self._report_times: deque[tuple[float, str]] = deque()
+        self.follower_activity: deque[MasterEvent] = deque(maxlen=10_000)
+        """The venue's own changes on follower accounts (SL/TP hits, stop-outs)."""
         self.masters = tuple(masters)
         self.followers = tuple(followers)
         self.state_path = state_path
@@ -84,6 +94,7 @@ class PaperTerminal:
         state_path: Path,
         accounts: Sequence[tuple[str, str, float, int, str]],
         symbols: Sequence[SymbolConfig] = (XAUUSD,),
+        aliases: dict[str, list[str]] | None = None,
     ) -> PaperTerminal:
         """Restore from ``state_path`` if it exists, else open the accounts fresh.
 
@@ -103,7 +114,7 @@ class PaperTerminal:
             venue.open_account(account, currency, balance, leverage)
         masters = [a for a, *_, role in accounts if role == "master"]
         followers = [a for a, *_, role in accounts if role == "follower"]
-        return cls(venue, masters, followers, state_path, outbox, reports)
+        return cls(venue, masters, followers, state_path, outbox, reports, aliases)
 
     def save(self) -> None:
         """Persist venue, outbox and reports in one atomic write (no fsync: see PaperVenue.save)."""
@@ -171,7 +182,10 @@ class PaperTerminal:
 
     def on_quote(self, quote: Quote) -> list[MasterEvent]:
         transactions = self.venue.on_quote(quote)
+        for alias in self.aliases.get(quote.symbol, ()):
+            transactions += self.venue.on_quote(msgspec.structs.replace(quote, symbol=alias))
         self.quote_seen.set()
+        self.follower_activity.extend(t for t in transactions if t.master in self.followers)
         return self.record(transactions)
 
     # ----------------------------------------------------------- follower orders
@@ -183,8 +197,15 @@ class PaperTerminal:
         trace = msgspec.structs.replace(order.trace, follower_connector_ns=received_ns)
         report = await self._execute(order, trace)
         self.reports[order.order_id] = codec.encode(report)
-        self.save()
+        self._report_times.append((time.monotonic(), order.order_id))
         return report
+
+    def commit(self) -> None:
+        """Forget reports of long-acknowledged orders, then persist (see ConnectorRuntime)."""
+        horizon = time.monotonic() - REPORT_MEMORY_S
+        while self._report_times and self._report_times[0][0] < horizon:
+            self.reports.pop(self._report_times.popleft()[1], None)
+        self.save()
 
     async def _execute(self, order: FollowerOrder, trace: Trace) -> ExecutionReport:
         venue, account = self.venue, order.follower

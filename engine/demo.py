@@ -1,0 +1,565 @@
+"""``tradecopy demo``: a scripted master on real XAUUSD prices, copied to paper followers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import nats
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+
+from connectors.paper.connector import PaperConnector, PaperTerminal, master_ref
+from connectors.paper.model import XAUUSD, Result
+from connectors.paper.prices import PriceReplay, load_bars
+from connectors.paper.venue import PaperVenue
+from engine.jetstream import ensure_buckets, ensure_streams
+from engine.replicator.sizing import partial_close_volume
+from engine.runtime.natsserver import EmbeddedNats
+from engine.runtime.processes import spawn_replicator, stop_process
+from schemas import codec, subjects
+from schemas.common import OrderType, Side
+from schemas.decisions import CopyDecision
+from schemas.links import BalanceRatio, CopyLink, Multiplier, RiskPercent, SymbolMapping
+from schemas.master import PositionClosed, PositionClosedBy
+from schemas.orders import FollowerClose, FollowerCloseBy, FollowerOpen, FollowerOrder
+from schemas.reports import ExecutionReport, OrderDone, OrderFilled, OrderRejected
+from schemas.streams import DECISIONS_STREAM, EXECUTION_REPORTS_STREAM, FOLLOWER_ORDERS_STREAM
+
+MASTER = "demo-master"
+CONNECTOR = "demo-paper"
+SUFFIXED = "XAUUSD.m"
+#: Where the replay starts: a busy London morning in the shipped data.
+START_BAR = 420
+
+
+@dataclass(frozen=True, slots=True)
+class FollowerKind:
+    name: str
+    rule: str
+    balance: float
+    link: dict[str, Any]
+
+
+KINDS = (
+    FollowerKind("x2", "multiplier ×2", 10_000.0, {"sizing": Multiplier(factor=2.0)}),
+    FollowerKind("half", "balance ratio (5k vs 10k)", 5_000.0, {"sizing": BalanceRatio()}),
+    FollowerKind("risk1", "risk 1 % of equity per SL", 10_000.0,
+                 {"sizing": RiskPercent(percent=1.0)}),
+    FollowerKind("suffix", "symbol → XAUUSD.m", 10_000.0,
+                 {"symbol_mapping": SymbolMapping(add_suffix=".m")}),
+    FollowerKind("reverse", "reverse copy", 10_000.0, {"reverse": True}),
+    FollowerKind("limit3", "daily trade limit 3", 10_000.0, {"daily_trade_limit": 3}),
+    FollowerKind("cap", "×3, max lot 0.15", 10_000.0,
+                 {"sizing": Multiplier(factor=3.0), "max_lot": 0.15}),
+)  # fmt: skip
+
+
+def follower_id(index: int) -> str:
+    kind = KINDS[index % len(KINDS)]
+    return f"demo-{kind.name}" if index < len(KINDS) else f"demo-{kind.name}-{index}"
+
+
+@dataclass
+class Observed:
+    """Everything the demo saw on NATS."""
+
+    orders: list[FollowerOrder] = field(default_factory=list)
+    reports: dict[str, ExecutionReport] = field(default_factory=dict)
+    decisions: list[CopyDecision] = field(default_factory=list)
+    master_events: int = 0
+
+    async def on_order(self, msg: Any) -> None:
+        self.orders.append(codec.follower_order_decoder.decode(msg.data))
+
+    async def on_report(self, msg: Any) -> None:
+        report = codec.execution_report_decoder.decode(msg.data)
+        self.reports[report.order_id] = report
+
+    async def on_decision(self, msg: Any) -> None:
+        self.decisions.append(codec.decision_decoder.decode(msg.data))
+
+
+# --------------------------------------------------------------------- the trader
+
+
+class ScriptedTrader:
+    """Trades the master like a person would: every kind of action once, on live prices."""
+
+    def __init__(self, connector: PaperConnector, log: Callable[[str], None]) -> None:
+        self.connector = connector
+        self.log = log
+        self.ids: dict[str, str] = {}
+
+    @property
+    def venue(self) -> PaperVenue:
+        return self.connector.terminal.venue
+
+    def _prices(self) -> tuple[float, float]:
+        quote = self.venue.quote("XAUUSD")
+        assert quote is not None
+        return quote.bid, quote.ask
+
+    async def _do(self, label: str, action: Callable[[PaperVenue], Result], key: str = "") -> None:
+        result = await self.connector.trade(action)
+        if result.ok:
+            if key:
+                self.ids[key] = result.position_id or result.order_id or ""
+            self.log(f"master: {label}")
+        else:
+            self.log(f"master: {label} — rejected by the venue: {result.reason}")
+
+    def steps(self) -> list[Callable[[], Any]]:
+        v, m = self.venue, MASTER
+
+        async def open_a() -> None:
+            bid, ask = self._prices()
+            await self._do(
+                "buy 0.10 XAUUSD, SL −15, TP +30",
+                lambda _: v.market_order(
+                    m, "XAUUSD", Side.BUY, 0.10, sl=round(bid - 15, 2), tp=round(ask + 30, 2)
+                ),
+                "A",
+            )
+
+        async def modify_a() -> None:
+            bid, ask = self._prices()
+            await self._do(
+                "move SL/TP of the buy",
+                lambda _: v.modify_position(
+                    m, self.ids["A"], round(bid - 10, 2), round(ask + 25, 2)
+                ),
+            )
+
+        async def open_b() -> None:
+            await self._do(
+                "sell 0.05 XAUUSD, no SL",
+                lambda _: v.market_order(m, "XAUUSD", Side.SELL, 0.05),
+                "B",
+            )
+
+        async def partial_a() -> None:
+            await self._do(
+                "close 40 % of the buy", lambda _: v.close_position(m, self.ids["A"], 0.04)
+            )
+
+        async def place_limit() -> None:
+            _bid, ask = self._prices()
+            await self._do(
+                "place buy limit 0.08 at ask −3",
+                lambda _: v.place_pending(
+                    m,
+                    "XAUUSD",
+                    OrderType.BUY_LIMIT,
+                    0.08,
+                    round(ask - 3, 2),
+                    sl=round(ask - 20, 2),
+                    tp=round(ask + 20, 2),
+                ),
+                "L",
+            )
+
+        async def modify_limit() -> None:
+            _bid, ask = self._prices()
+            await self._do(
+                "move the buy limit to ask −2.5",
+                lambda _: v.modify_pending(
+                    m,
+                    self.ids["L"],
+                    round(ask - 2.5, 2),
+                    sl=round(ask - 20, 2),
+                    tp=round(ask + 20, 2),
+                ),
+            )
+
+        async def cancel_limit() -> None:
+            await self._do("cancel the buy limit", lambda _: v.cancel_pending(m, self.ids["L"]))
+
+        async def place_stop() -> None:
+            _bid, ask = self._prices()
+            await self._do(
+                "place buy stop 0.06 at ask +0.30",
+                lambda _: v.place_pending(
+                    m,
+                    "XAUUSD",
+                    OrderType.BUY_STOP,
+                    0.06,
+                    round(ask + 0.3, 2),
+                    sl=round(ask - 20, 2),
+                ),
+                "S",
+            )
+
+        async def open_c() -> None:
+            bid, _ask = self._prices()
+            await self._do(
+                "buy 0.07 XAUUSD, SL −12",
+                lambda _: v.market_order(m, "XAUUSD", Side.BUY, 0.07, sl=round(bid - 12, 2)),
+                "C",
+            )
+
+        async def open_d() -> None:
+            _bid, ask = self._prices()
+            await self._do(
+                "sell 0.07 XAUUSD, SL +12",
+                lambda _: v.market_order(m, "XAUUSD", Side.SELL, 0.07, sl=round(ask + 12, 2)),
+                "D",
+            )
+
+        async def close_by() -> None:
+            await self._do(
+                "close the buy 0.07 by the sell 0.07",
+                lambda _: v.close_by(m, self.ids["C"], self.ids["D"]),
+            )
+
+        async def close_b() -> None:
+            await self._do("close the sell 0.05", lambda _: v.close_position(m, self.ids["B"]))
+
+        async def close_all() -> None:
+            for position in v.positions(m):
+                await self._do(
+                    f"close #{position.position_id}",
+                    lambda _, p=position: v.close_position(m, p.position_id),
+                )
+            for pending in v.pending_orders(m):
+                await self._do(
+                    f"cancel pending #{pending.order_id}",
+                    lambda _, o=pending: v.cancel_pending(m, o.order_id),
+                )
+
+        return [open_a, modify_a, open_b, partial_a, place_limit, modify_limit, cancel_limit,
+                place_stop, open_c, open_d, close_by, close_b, close_all]  # fmt: skip
+
+
+# ------------------------------------------------------------------- the check
+
+
+def unexpected_positions(terminal: PaperTerminal, observed: Observed) -> list[str]:
+    """Follower positions that differ from what the links' orders and the venue say.
+
+    For each follower, replay the orders it executed (an open's volume, each close's ratio
+    through the same ``partial_close_volume`` the connector uses, close-by) and compare with the
+    positions it holds; a copy its own SL/TP closed is expected to be gone; a copy of a master
+    position that is still open must be there.
+    """
+    venue = terminal.venue
+    problems: list[str] = []
+    own_closes = {(t.master, t.position_id) for t in terminal.follower_activity
+                  if isinstance(t, PositionClosed | PositionClosedBy)}  # fmt: skip
+    master_open = {p.position_id for p in venue.positions(MASTER)}
+    for follower in terminal.followers:
+        expected: dict[str, tuple[Side, float]] = {}
+        for order in (o for o in observed.orders if o.follower == follower):
+            report = observed.reports.get(order.order_id)
+            if isinstance(order, FollowerOpen):
+                if isinstance(report, OrderFilled):
+                    ref = master_ref(order.master, order.master_position_id)
+                    expected[ref] = (report.side, report.volume)
+                    if (follower, report.position_id) in own_closes:
+                        expected.pop(ref)
+            elif isinstance(order, FollowerClose):
+                ref = master_ref(order.master, order.master_position_id)
+                if ref in expected and isinstance(report, OrderFilled | OrderDone):
+                    side, held = expected.pop(ref)
+                    spec = venue.symbol_spec(follower, order.symbol)
+                    remaining = round(held - partial_close_volume(held, order.ratio, spec), 8)
+                    if remaining > 0:
+                        new_ref = master_ref(order.master, order.new_master_position_id or
+                                             order.master_position_id)  # fmt: skip
+                        expected[new_ref] = (side, remaining)
+            elif isinstance(order, FollowerCloseBy) and isinstance(report, OrderDone):
+                pair = (order.master_position_id, order.master_opposite_position_id)
+                for master_position in pair:
+                    expected.pop(master_ref(order.master, master_position), None)
+        held = {p.master_ref or f"?{p.position_id}": p for p in venue.positions(follower)}
+        for ref, position in held.items():
+            if (follower, position.position_id) in own_closes:
+                continue
+            want = expected.get(ref)
+            if want is None:
+                # A copy of a triggered pending order appears without an open order.
+                master_id = ref.partition(":")[2]
+                if master_id in master_open and position.client_order_id is not None:
+                    continue
+                problems.append(f"{follower}: holds {ref} {position.volume} it should not")
+            elif (position.side, round(position.volume, 8)) != (want[0], round(want[1], 8)):
+                problems.append(f"{follower}: {ref} is {position.side} {position.volume}, "
+                                f"rules say {want[0]} {want[1]}")  # fmt: skip
+        for ref in expected.keys() - held.keys():
+            if ref.partition(":")[2] in master_open:
+                problems.append(f"{follower}: missing its copy of {ref}")
+    return problems
+
+
+# ----------------------------------------------------------------------- output
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def latencies(observed: Observed) -> dict[str, list[float]]:
+    hops: dict[str, list[float]] = defaultdict(list)
+    for report in observed.reports.values():
+        t = report.trace
+        if t.terminal_ns and t.follower_connector_ns:
+            hops["event_to_order"].append((t.follower_connector_ns - t.terminal_ns) / 1e3)
+            if t.connector_ns and t.replicator_in_ns and t.replicator_out_ns:
+                hops["master_connector"].append((t.connector_ns - t.terminal_ns) / 1e3)
+                hops["to_replicator"].append((t.replicator_in_ns - t.connector_ns) / 1e3)
+                hops["replicator"].append((t.replicator_out_ns - t.replicator_in_ns) / 1e3)
+                hops["to_follower_connector"].append(
+                    (t.follower_connector_ns - t.replicator_out_ns) / 1e3
+                )
+        if isinstance(report, OrderFilled) and t.terminal_ns and t.follower_terminal_ns:
+            hops["order_to_fill"].append((t.follower_terminal_ns - t.follower_connector_ns) / 1e3)
+            hops["event_to_fill"].append((t.follower_terminal_ns - t.terminal_ns) / 1e3)
+    return hops
+
+
+def follower_table(
+    terminal: PaperTerminal, observed: Observed, balances: dict[str, float]
+) -> Table:
+    table = Table(title="followers", title_justify="left")
+    for column, justify in (("follower", "left"), ("rule", "left"), ("copied", "right"),
+                            ("skipped", "right"), ("why skipped / reduced", "left"),
+                            ("P&L USD", "right"), ("slippage", "right"),
+                            ("master→fill p50", "right")):  # fmt: skip
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    fills_by: dict[str, list[OrderFilled]] = defaultdict(list)
+    opens = {o.order_id for o in observed.orders if isinstance(o, FollowerOpen)}
+    for report in observed.reports.values():
+        if isinstance(report, OrderFilled) and report.order_id in opens:
+            fills_by[report.follower].append(report)
+    reasons: dict[str, Counter[str]] = defaultdict(Counter)
+    skipped: Counter[str] = Counter()
+    for d in observed.decisions:
+        reasons[d.follower][f"{d.outcome.value}: {d.rule.value.replace('_', ' ')}"] += 1
+        if d.outcome.value == "skipped":
+            skipped[d.follower] += 1
+    for index, follower in enumerate(terminal.followers):
+        fills = fills_by[follower]
+        state = terminal.venue.account_state(follower)
+        pnl = state.equity - balances[follower]
+        slip = statistics.fmean(f.slippage for f in fills) if fills else 0.0
+        e2f = [(f.trace.follower_terminal_ns - f.trace.terminal_ns) / 1e3
+               for f in fills if f.trace.terminal_ns]  # fmt: skip
+        why = ", ".join(f"{k} ×{n}" for k, n in reasons[follower].most_common(3)) or "—"
+        table.add_row(
+            follower, KINDS[index % len(KINDS)].rule, str(len(fills)), str(skipped[follower]),
+            why, f"{pnl:+,.2f}", f"{slip:+.2f}", f"{_pct(e2f, 0.5) / 1e3:.2f} ms" if e2f else "—",
+        )  # fmt: skip
+    return table
+
+
+def latency_table(hops: dict[str, list[float]]) -> Table:
+    table = Table(title="latency per hop (µs)", title_justify="left")
+    for column in ("hop", "n", "p50", "p99", "max"):
+        table.add_column(column, justify="left" if column == "hop" else "right")
+    labels = {
+        "master_connector": "  master fill → event published (connector)",
+        "to_replicator": "  event published → replicator received it",
+        "replicator": "  replicator: rules → orders out",
+        "to_follower_connector": "  orders out → follower connector received",
+        "event_to_order": "master fill → order at follower connector",
+        "order_to_fill": "order at follower connector → follower fill",
+        "event_to_fill": "master fill → follower fill",
+    }
+    for key, label in labels.items():
+        values = hops.get(key, [])
+        table.add_row(label, str(len(values)), f"{_pct(values, 0.5):,.0f}",
+                      f"{_pct(values, 0.99):,.0f}", f"{max(values, default=0):,.0f}")  # fmt: skip
+    return table
+
+
+def live_view(terminal: PaperTerminal, observed: Observed, log_lines: list[str]) -> Group:
+    venue = terminal.venue
+    quote = venue.quote("XAUUSD")
+    head = Table.grid(padding=(0, 2))
+    price = f"XAUUSD {quote.bid:.2f} / {quote.ask:.2f}" if quote else "waiting for prices"
+    head.add_row(f"[bold]tradecopy demo[/] {price}", f"events {observed.master_events}",
+                 f"orders {len(observed.orders)}", f"reports {len(observed.reports)}")  # fmt: skip
+    positions = Table(title="positions", title_justify="left")
+    for column in ("account", "#", "side", "lots", "open", "SL", "TP", "copies"):
+        positions.add_column(column, justify="left" if column in ("account", "side") else "right")
+    for account in (MASTER, *terminal.followers):
+        for p in venue.positions(account):
+            positions.add_row(account, p.position_id, p.side.value, f"{p.volume:.2f}",
+                              f"{p.open_price:.2f}", f"{p.sl or 0:.2f}", f"{p.tp or 0:.2f}",
+                              p.master_ref or "")  # fmt: skip
+    hops = latencies(observed)
+    e2f = hops.get("event_to_fill", [])
+    tail = f"master fill → follower fill p50 {_pct(e2f, 0.5):,.0f} µs over {len(e2f)} fills"
+    return Group(head, positions, "\n".join(log_lines[-6:]), tail)
+
+
+# ------------------------------------------------------------------------- run
+
+
+async def run_demo(seconds: float, followers: int, speed: float, as_json: bool) -> dict[str, Any]:
+    console = Console(stderr=as_json)
+    log_lines: list[str] = []
+
+    def log(line: str) -> None:
+        log_lines.append(f"{time.strftime('%H:%M:%S')}  {line}")
+
+    with tempfile.TemporaryDirectory(prefix="tradecopy-demo-") as tmp:
+        root = Path(tmp)
+        server = EmbeddedNats(store_dir=root / "nats")
+        await server.start()
+        nc = await nats.connect(server.url, name="tradecopy-demo")
+        replicator = None
+        connector = None
+        try:
+            js = nc.jetstream()
+            await ensure_streams(js)
+            buckets = await ensure_buckets(js)
+            replicator = spawn_replicator(server.url, instance="demo")
+            ids = [follower_id(i) for i in range(followers)]
+            balances = {f: KINDS[i % len(KINDS)].balance for i, f in enumerate(ids)}
+            for i, follower in enumerate(ids):
+                link = msgspec.convert(
+                    {"link_id": f"link-{follower}", "master": MASTER, "follower": follower},
+                    CopyLink,
+                )
+                link = msgspec.structs.replace(link, **KINDS[i % len(KINDS)].link)
+                await buckets[subjects.KV_LINKS].put(link.link_id, codec.encode(link))
+            accounts = [(MASTER, "USD", 10_000.0, 100, "master")]
+            accounts += [(f, "USD", balances[f], 100, "follower") for f in ids]
+            suffixed = msgspec.structs.replace(XAUUSD, symbol=SUFFIXED)
+            terminal = PaperTerminal.open(
+                root / "paper.state", accounts, (XAUUSD, suffixed), {"XAUUSD": [SUFFIXED]}
+            )
+            replay = PriceReplay(load_bars(), start=START_BAR, speed=speed, stamp_wall_clock=True,
+                                 steps_per_leg=3)  # fmt: skip
+            connector = PaperConnector(nc, CONNECTOR, terminal, replay)
+            observed = Observed()
+            await js.subscribe(subjects.FOLLOWER_ORDERS, stream=FOLLOWER_ORDERS_STREAM,
+                               cb=observed.on_order, ordered_consumer=True)  # fmt: skip
+            await js.subscribe(subjects.EXECUTION_REPORTS, stream=EXECUTION_REPORTS_STREAM,
+                               cb=observed.on_report, ordered_consumer=True)  # fmt: skip
+            await js.subscribe(subjects.DECISIONS, stream=DECISIONS_STREAM,
+                               cb=observed.on_decision, ordered_consumer=True)  # fmt: skip
+
+            async def count_master(msg: Any) -> None:
+                observed.master_events += 1
+
+            await nc.subscribe(subjects.MASTER_EVENTS_IN, cb=count_master)
+            await connector.start()
+            await _wait_ready(buckets, ids, connector)
+            log(f"NATS {server.url}; replicator pid {replicator.pid}; {len(ids)} followers")
+            trader = ScriptedTrader(connector, log)
+            steps = trader.steps()
+            pause = max(seconds / (len(steps) + 1), 0.2)
+            live = None
+            if not as_json and console.is_terminal:
+                live = Live(live_view(terminal, observed, log_lines), console=console,
+                            refresh_per_second=4)  # fmt: skip
+                live.start()
+            try:
+                for step in steps:
+                    await asyncio.sleep(pause)
+                    await step()
+                    if live is not None:
+                        live.update(live_view(terminal, observed, log_lines))
+                await _settle(connector, observed, live, terminal, log_lines)
+            finally:
+                if live is not None:
+                    live.stop()
+            problems = unexpected_positions(terminal, observed)
+            hops = latencies(observed)
+            rejected = [r for r in observed.reports.values() if isinstance(r, OrderRejected)]
+            summary = {
+                "master_events": observed.master_events,
+                "orders": len(observed.orders),
+                "fills": sum(isinstance(r, OrderFilled) for r in observed.reports.values()),
+                "rejected": len(rejected),
+                "skipped": sum(d.outcome.value == "skipped" for d in observed.decisions),
+                "unexpected_positions": len(problems),
+                "latency_us": {
+                    hop: {"p50": round(_pct(v, 0.5), 1), "p99": round(_pct(v, 0.99), 1)}
+                    for hop, v in (
+                        (h, hops.get(h, []))
+                        for h in ("event_to_order", "order_to_fill", "event_to_fill")
+                    )
+                },
+            }
+            out = Console(stderr=as_json, width=max(console.width, 120))
+            out.print("\n".join(log_lines))
+            out.print(follower_table(terminal, observed, balances))
+            out.print(latency_table(hops))
+            for problem in problems:
+                out.print(f"[red]unexpected:[/] {problem}")
+            for r in rejected:
+                out.print(f"rejected by the venue: {r.follower} {r.order_id}: {r.reason}")
+            out.print(
+                f"{summary['master_events']} master events → {summary['orders']} follower orders, "
+                f"{summary['fills']} fills, {summary['skipped']} skipped, "
+                f"{summary['unexpected_positions']} unexpected positions"
+            )
+            return summary
+        finally:
+            if connector is not None:
+                await connector.stop()
+            if replicator is not None:
+                stop_process(replicator)
+            with contextlib.suppress(Exception):
+                await nc.close()
+            await server.stop()
+
+
+async def _wait_ready(
+    buckets: dict[str, Any], followers: list[str], connector: PaperConnector
+) -> None:
+    """Until prices flow and the replicator consumes (its consumers exist)."""
+    deadline = time.monotonic() + 30
+    js = connector.runtime.js
+    while time.monotonic() < deadline:
+        if connector.quotes > 0:
+            try:
+                await js.consumer_info("TC_MASTER_EVENTS", "replicator-p0")
+                return
+            except Exception:
+                pass
+        await asyncio.sleep(0.1)
+    raise RuntimeError("the replicator did not start within 30 s")
+
+
+async def _settle(
+    connector: PaperConnector, observed: Observed, live: Live | None,
+    terminal: PaperTerminal, log_lines: list[str],
+) -> None:  # fmt: skip
+    """Wait until every order has its report (or 10 s)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        await asyncio.sleep(0.25)
+        if live is not None:
+            live.update(live_view(terminal, observed, log_lines))
+        if observed.orders and all(o.order_id in observed.reports for o in observed.orders):
+            await asyncio.sleep(0.5)
+            if all(o.order_id in observed.reports for o in observed.orders):
+                return
+
+
+def main(seconds: float, followers: int, speed: float, as_json: bool) -> int:
+    from engine.cli import run_async
+
+    summary = run_async(run_demo(seconds, followers, speed, as_json))
+    if as_json:
+        sys.stdout.write(json.dumps(summary) + "\n")
+    return 0 if summary["unexpected_positions"] == 0 else 1

@@ -1,0 +1,164 @@
+"""``tradecopy up``: NATS, replicators and paper accounts on this machine, until Ctrl-C."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any
+
+import msgspec
+import structlog
+
+from engine.errors import TradecopyError
+
+log = structlog.get_logger("tradecopy.up")
+
+DEFAULT_CONFIG = Path(__file__).with_name("up.toml")
+
+
+class _Section(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+class NatsSection(_Section):
+    host: str = "127.0.0.1"
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 4222
+    http_port: Annotated[int, msgspec.Meta(ge=-1, le=65535)] = 8222
+    store_dir: str | None = None
+
+
+class ReplicatorSection(_Section):
+    instances: Annotated[int, msgspec.Meta(ge=1, le=32)] = 1
+    partitions: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 16
+    metrics_port: Annotated[int, msgspec.Meta(ge=-1, le=65535)] = 9464
+
+
+class PaperAccount(_Section):
+    id: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}(?!\n)$")]
+    role: Annotated[str, msgspec.Meta(pattern=r"^(master|follower)$")]
+    currency: str = "USD"
+    balance: Annotated[float, msgspec.Meta(gt=0)] = 10_000.0
+    leverage: Annotated[int, msgspec.Meta(ge=1)] = 100
+
+
+class PaperSection(_Section):
+    connector_id: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}(?!\n)$")] = "paper"
+    speed: Annotated[float, msgspec.Meta(ge=0)] = 60.0
+    start_bar: Annotated[int, msgspec.Meta(ge=0)] = 0
+    loop: bool = True
+    state_dir: str | None = None
+    accounts: list[PaperAccount] = []
+
+
+class UpConfig(_Section):
+    nats: NatsSection = NatsSection()
+    replicator: ReplicatorSection = ReplicatorSection()
+    paper: PaperSection = PaperSection()
+    links: list[dict[str, Any]] = []
+
+
+def load_config(path: Path) -> UpConfig:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        return msgspec.convert(data, UpConfig)
+    except (OSError, tomllib.TOMLDecodeError, msgspec.ValidationError) as exc:
+        raise TradecopyError(f"{path}: {exc}") from exc
+
+
+async def run_up(config_path: Path) -> None:
+    import nats
+
+    from connectors.paper.connector import PaperConnector, PaperTerminal
+    from connectors.paper.prices import PriceReplay, load_bars
+    from engine.errors import LinkFileError
+    from engine.jetstream import ensure_buckets, ensure_streams
+    from engine.links import apply_links, validate_link
+    from engine.runtime.natsserver import EmbeddedNats, default_state_dir
+    from engine.runtime.processes import spawn_replicator, stop_process
+    from schemas import subjects
+
+    config = load_config(config_path)
+    links, errors = [], []
+    for index, raw in enumerate(config.links):
+        link, link_errors = validate_link(raw, index)
+        errors += link_errors
+        if link is not None:
+            links.append(link)
+    if errors:
+        raise LinkFileError(str(config_path), errors)
+
+    state = default_state_dir()
+    store = Path(config.nats.store_dir) if config.nats.store_dir else state / "nats"
+    store.mkdir(parents=True, exist_ok=True)
+    http_port = None if config.nats.http_port < 0 else config.nats.http_port
+    server = EmbeddedNats(
+        store_dir=store, host=config.nats.host, port=config.nats.port, http_port=http_port
+    )
+    await server.start()
+    replicators = []
+    connector = None
+    nc = await nats.connect(server.url, name="tradecopy-up")
+    try:
+        js = nc.jetstream()
+        await ensure_streams(js, config.replicator.partitions)
+        buckets = await ensure_buckets(js)
+        result = await apply_links(buckets[subjects.KV_LINKS], links)
+        for i in range(config.replicator.instances):
+            port = config.replicator.metrics_port
+            replicators.append(
+                spawn_replicator(
+                    server.url, instance=f"up-{i + 1}",
+                    metrics_port=port + i if port > 0 else port,
+                    partitions=config.replicator.partitions, quiet=False,
+                )
+            )  # fmt: skip
+        paper = config.paper
+        if paper.accounts:
+            paper_dir = Path(paper.state_dir) if paper.state_dir else state / "paper"
+            rows = [(a.id, a.currency, a.balance, a.leverage, a.role) for a in paper.accounts]
+            terminal = PaperTerminal.open(paper_dir / f"{paper.connector_id}.state", rows)
+            replay = PriceReplay(
+                load_bars(), start=paper.start_bar, speed=paper.speed, loop=paper.loop,
+                stamp_wall_clock=True, steps_per_leg=3,
+            )  # fmt: skip
+            connector = PaperConnector(nc, paper.connector_id, terminal, replay)
+            await connector.start()
+        print(f"NATS (JetStream)   {server.url}   store {store}", flush=True)
+        if server.http_port:
+            print(f"NATS monitoring    http://{config.nats.host}:{server.http_port}/", flush=True)
+        for i, proc in enumerate(replicators):
+            port = config.replicator.metrics_port
+            where = f"http://127.0.0.1:{port + i}/metrics, /healthz" if port > 0 else "no metrics"
+            print(f"replicator up-{i + 1}    pid {proc.pid}   {where}", flush=True)
+        if connector is not None:
+            roles = ", ".join(f"{a.id} ({a.role})" for a in config.paper.accounts)
+            print(f"paper venue        {roles}", flush=True)
+        print(
+            f"links              {len(links)} ({len(result.created)} new, "
+            f"{len(result.updated)} updated)\nCtrl-C stops everything.",
+            flush=True,
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, stop.set)
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 1.0)
+            for proc in replicators:
+                if proc.poll() is not None:
+                    log.error("replicator_exited", pid=proc.pid, code=proc.returncode)
+                    stop.set()
+    finally:
+        print("stopping…", flush=True)
+        if connector is not None:
+            await connector.stop()
+        for proc in replicators:
+            stop_process(proc)
+        with contextlib.suppress(Exception):
+            await nc.close()
+        await server.stop()

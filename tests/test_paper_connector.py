@@ -1,0 +1,653 @@
+"""The paper connector end to end on a private nats-server: a master action on a PaperTerminal
+goes through a real replicator to a follower PaperTerminal, for every kind of action, and
+survives follower restarts without duplicate or missed executions."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from connectors.paper.connector import PaperConnector, PaperTerminal
+from connectors.paper.model import Result
+from connectors.paper.prices import Quote, bar_to_ticks, load_bars
+from connectors.paper.venue import PaperVenue
+from engine.jetstream import ensure_buckets, ensure_streams
+from engine.replicator.config import ReplicatorConfig
+from engine.replicator.service import Replicator
+from engine.runtime.natsserver import EmbeddedNats
+from schemas import codec, subjects
+from schemas.common import OrderType, Side
+from schemas.links import CopyLink, FixedLot, Multiplier
+from schemas.master import (
+    MasterEvent,
+    PendingOrderTriggered,
+    PositionClosed,
+)
+from schemas.orders import FollowerOpen
+from schemas.reports import ExecutionReport, OrderDone, OrderFilled
+from schemas.streams import EXECUTION_REPORTS_STREAM, FOLLOWER_ORDERS_STREAM
+
+SYMBOL = "XAUUSD"
+WAIT_S = 10.0
+BARS = load_bars()
+
+Account = tuple[str, str, float, int, str]
+M1: Account = ("m1", "USD", 10_000.0, 100, "master")
+F1: Account = ("f1", "USD", 10_000.0, 100, "follower")
+F2: Account = ("f2", "USD", 10_000.0, 100, "follower")
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+
+async def wait_until(
+    predicate: Callable[[], Any],
+    what: str,
+    timeout: float = WAIT_S,
+    details: Callable[[], object] | None = None,
+) -> None:
+    """Poll ``predicate`` (sync or async) until it holds; fail naming ``what`` on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            extra = "" if details is None else f"\n{details()}"
+            pytest.fail(f"timed out after {timeout:g}s waiting for {what}{extra}")
+        await asyncio.sleep(0.01)
+
+
+def ticks(start_bar: int = 0) -> Iterator[Quote]:
+    """The real quote path through the shipped bars from ``start_bar`` on (historical stamps)."""
+    for bar in BARS[start_bar:]:
+        yield from bar_to_ticks(bar, SYMBOL)
+
+
+def order_id(event: MasterEvent, link_id: str) -> str:
+    return f"{event.event_id}:{link_id}"
+
+
+def ref(master_position_id: str) -> str:
+    return f"m1:{master_position_id}"
+
+
+def link(link_id: str, follower: str, **fields: Any) -> CopyLink:
+    return CopyLink(link_id=link_id, master="m1", follower=follower, **fields)
+
+
+def refs(venue: PaperVenue, account: str) -> Counter[str | None]:
+    return Counter(p.master_ref for p in venue.positions(account))
+
+
+class Chain:
+    """A replicator, any number of paper connectors and the execution reports they publish.
+
+    Prices are driven by the test: ``feed`` restamps a real quote to wall-clock time (so
+    signal-age rules see live events), hands it to every running terminal and publishes the
+    master events it set off, as ``PaperConnector``'s own feed does.
+    """
+
+    def __init__(self, server: EmbeddedNats, nc: Client, js: JetStreamContext, tmp: Path):
+        self.server = server
+        self.nc = nc
+        self.js = js
+        self.tmp = tmp
+        self.replicator: Replicator | None = None
+        self.connectors: dict[str, PaperConnector] = {}
+        self.reports: list[ExecutionReport] = []
+        self.report_headers: list[dict[str, str]] = []
+        self.quote: Quote | None = None
+
+    async def start(self, links: Sequence[CopyLink]) -> None:
+        await ensure_streams(self.js)
+        buckets = await ensure_buckets(self.js)
+        for copy_link in links:
+            await buckets[subjects.KV_LINKS].put(copy_link.link_id, codec.encode(copy_link))
+        self.replicator = Replicator(
+            ReplicatorConfig(nats_url=self.server.url, metrics_port=None, instance="test")
+        )
+        await self.replicator.start()
+
+        async def on_report(msg: Any) -> None:
+            self.reports.append(codec.execution_report_decoder.decode(msg.data))
+            self.report_headers.append(dict(msg.headers or {}))
+
+        await self.js.subscribe(
+            subjects.EXECUTION_REPORTS,
+            stream=EXECUTION_REPORTS_STREAM,
+            cb=on_report,
+            ordered_consumer=True,
+        )
+
+    def state_path(self, connector_id: str) -> Path:
+        return self.tmp / f"{connector_id}.paper"
+
+    async def connect(
+        self, connector_id: str, accounts: Sequence[Account], quote: Quote | None = None
+    ) -> PaperConnector:
+        """Open (or reopen) a terminal from its state file and start its connector."""
+        terminal = PaperTerminal.open(self.state_path(connector_id), accounts)
+        quote = quote or self.quote
+        if quote is not None and terminal.venue.quote(SYMBOL) is None:
+            terminal.on_quote(quote)
+        connector = PaperConnector(self.nc, connector_id, terminal, None)
+        await connector.start()
+        self.connectors[connector_id] = connector
+        assert self.replicator is not None and self.replicator.live is not None
+        view = self.replicator.live.view
+        for account, *_ in accounts:
+            await wait_until(
+                lambda a=account: a in view.accounts and (a, SYMBOL) in view.symbols,
+                f"the replicator to see {account}'s state and {SYMBOL} spec",
+            )
+        return connector
+
+    async def disconnect(self, connector_id: str) -> PaperTerminal:
+        connector = self.connectors.pop(connector_id)
+        await connector.stop()
+        return connector.terminal
+
+    async def feed(self, quote: Quote, only: Sequence[str] | None = None) -> list[MasterEvent]:
+        """One quote to the running terminals (or ``only`` these); publish what it set off."""
+        quote = msgspec.structs.replace(quote, ts_ns=time.time_ns())
+        if only is None:
+            self.quote = quote
+        published: list[MasterEvent] = []
+        for connector_id, connector in list(self.connectors.items()):
+            if only is not None and connector_id not in only:
+                continue
+            events = connector.terminal.on_quote(quote)
+            if events:
+                connector.terminal.save()
+                await connector.runtime.publish_master_events(events)
+                published.extend(events)
+        return published
+
+    async def feed_until(
+        self, quotes: Iterator[Quote], done: Callable[[list[MasterEvent]], bool], limit: int = 2000
+    ) -> list[MasterEvent]:
+        """Feed quotes until the master events of one quote satisfy ``done``."""
+        for _ in range(limit):
+            events = await self.feed(next(quotes))
+            if done(events):
+                return events
+        pytest.fail(f"{limit} quotes did not set off the expected master event")
+
+    async def master(
+        self, connector: PaperConnector, action: Callable[[PaperVenue], Result]
+    ) -> Result:
+        result = await connector.trade(action)
+        assert result.ok, result
+        return result
+
+    def reports_for(self, oid: str) -> list[ExecutionReport]:
+        return [r for r in self.reports if r.order_id == oid]
+
+    async def report(self, oid: str, timeout: float = WAIT_S) -> ExecutionReport:
+        await wait_until(
+            lambda: self.reports_for(oid),
+            f"the execution report of {oid}",
+            timeout,
+            details=lambda: [(type(r).__name__, r.order_id) for r in self.reports],
+        )
+        return self.reports_for(oid)[0]
+
+    async def close(self) -> None:
+        for connector_id in list(self.connectors):
+            await self.disconnect(connector_id)
+        if self.replicator is not None:
+            await self.replicator.stop()
+
+
+@pytest.fixture
+async def chain(
+    nats_server: EmbeddedNats, nc: Client, js: JetStreamContext, tmp_path: Path
+) -> AsyncIterator[Chain]:
+    c = Chain(nats_server, nc, js, tmp_path)
+    try:
+        yield c
+    finally:
+        await c.close()
+
+
+def assert_hops_in_order(report: ExecutionReport) -> None:
+    t = report.trace
+    hops = [
+        ("terminal_ns", t.terminal_ns),
+        ("connector_ns", t.connector_ns),
+        ("replicator_in_ns", t.replicator_in_ns),
+        ("replicator_out_ns", t.replicator_out_ns),
+        ("follower_connector_ns", t.follower_connector_ns),
+        ("follower_terminal_ns", t.follower_terminal_ns),
+        ("report_ns", t.report_ns),
+    ]
+    assert all(stamp > 0 for _, stamp in hops), hops
+    stamps = [stamp for _, stamp in hops]
+    assert stamps == sorted(stamps), hops
+
+
+# --- 1. market opens ------------------------------------------------------------------------
+
+
+async def test_market_open_buy_and_sell_copied_with_sizing_slippage_and_trace(
+    chain: Chain,
+) -> None:
+    await chain.start([link("l1", "f1", sizing=Multiplier(factor=2.0))])
+    quotes = ticks(1)
+    q0, q1 = next(quotes), next(quotes)
+    assert (q0.bid, q0.ask) != (q1.bid, q1.ask)
+    # Master and follower on separate terminals: the follower fills at its own later price.
+    master = await chain.connect("pm", [M1], q0)
+    follower = await chain.connect("pf", [F1], q1)
+
+    buy = await chain.master(master, lambda v: v.market_order("m1", SYMBOL, Side.BUY, 0.1))
+    sell = await chain.master(master, lambda v: v.market_order("m1", SYMBOL, Side.SELL, 0.05))
+    assert (buy.price, sell.price) == (q0.ask, q0.bid)
+
+    filled_buy = await chain.report(order_id(buy.transactions[0], "l1"))
+    filled_sell = await chain.report(order_id(sell.transactions[0], "l1"))
+
+    venue = follower.terminal.venue
+    positions = {p.master_ref: p for p in venue.positions("f1")}
+    assert set(positions) == {ref(buy.position_id), ref(sell.position_id)}
+    copy_buy, copy_sell = positions[ref(buy.position_id)], positions[ref(sell.position_id)]
+    assert (copy_buy.side, copy_buy.volume, copy_buy.open_price) == (Side.BUY, 0.2, q1.ask)
+    assert (copy_sell.side, copy_sell.volume, copy_sell.open_price) == (Side.SELL, 0.1, q1.bid)
+
+    for report, position, master_price, slippage in (
+        (filled_buy, copy_buy, q0.ask, q1.ask - q0.ask),
+        (filled_sell, copy_sell, q0.bid, q0.bid - q1.bid),
+    ):
+        assert isinstance(report, OrderFilled), report
+        assert report.follower == "f1" and report.link_id == "l1"
+        assert report.position_id == position.position_id
+        assert (report.side, report.volume, report.price) == (
+            position.side,
+            position.volume,
+            position.open_price,
+        )
+        assert report.master_price == master_price
+        assert slippage != 0
+        assert report.slippage == pytest.approx(slippage, abs=1e-9)
+        assert_hops_in_order(report)
+    assert [p.volume for p in master.terminal.venue.positions("m1")] == [0.1, 0.05]
+
+
+async def test_market_open_on_one_terminal_report_carries_msg_id(chain: Chain) -> None:
+    await chain.start([link("l1", "f1", sizing=Multiplier(factor=2.0))])
+    connector = await chain.connect("paper1", [M1, F1])
+    await chain.feed(next(ticks(0)))
+    opened = await chain.master(
+        connector, lambda v: v.market_order("m1", SYMBOL, Side.BUY, 0.1)
+    )
+    oid = order_id(opened.transactions[0], "l1")
+    report = await chain.report(oid)
+    assert isinstance(report, OrderFilled)
+    assert report.slippage == 0.0 and report.price == opened.price
+    assert chain.report_headers[chain.reports.index(report)]["Nats-Msg-Id"] == f"report:{oid}"
+    [copy] = connector.terminal.venue.positions("f1")
+    assert (copy.master_ref, copy.volume, copy.client_order_id) == (
+        ref(opened.position_id),
+        0.2,
+        oid,
+    )
+    assert_hops_in_order(report)
+
+
+# --- 2. SL/TP modifications -----------------------------------------------------------------
+
+
+async def test_modify_sl_tp_copied_and_swapped_on_reverse_link(chain: Chain) -> None:
+    await chain.start([link("l1", "f1"), link("l2", "f2", reverse=True)])
+    connector = await chain.connect("paper1", [M1, F1, F2])
+    q = next(ticks(0))
+    await chain.feed(q)
+    sl, tp = round(q.bid - 20, 2), round(q.ask + 20, 2)
+    opened = await chain.master(
+        connector, lambda v: v.market_order("m1", SYMBOL, Side.BUY, 0.1, sl=sl, tp=tp)
+    )
+    await chain.report(order_id(opened.transactions[0], "l1"))
+    await chain.report(order_id(opened.transactions[0], "l2"))
+    venue = connector.terminal.venue
+    [plain] = venue.positions("f1")
+    [reverse] = venue.positions("f2")
+    assert (plain.side, plain.sl, plain.tp) == (Side.BUY, sl, tp)
+    assert (reverse.side, reverse.sl, reverse.tp) == (Side.SELL, tp, sl)
+
+    new_sl, new_tp = round(q.bid - 10, 2), round(q.ask + 30, 2)
+    modified = await chain.master(
+        connector, lambda v: v.modify_position("m1", opened.position_id, new_sl, new_tp)
+    )
+    for link_id in ("l1", "l2"):
+        report = await chain.report(order_id(modified.transactions[0], link_id))
+        assert isinstance(report, OrderDone), report
+    [plain] = venue.positions("f1")
+    [reverse] = venue.positions("f2")
+    assert (plain.sl, plain.tp) == (new_sl, new_tp)
+    assert (reverse.sl, reverse.tp) == (new_tp, new_sl)
+
+
+# --- 3. partial and full close --------------------------------------------------------------
+
+
+async def test_partial_close_rounds_down_then_close_leaves_follower_flat(chain: Chain) -> None:
+    await chain.start([link("l1", "f1", sizing=FixedLot(lots=0.33))])
+    connector = await chain.connect("paper1", [M1, F1])
+    quotes = ticks(2)
+    await chain.feed(next(quotes))
+    opened = await chain.master(
+        connector, lambda v: v.market_order("m1", SYMBOL, Side.BUY, 0.1)
+    )
+    await chain.report(order_id(opened.transactions[0], "l1"))
+    venue = connector.terminal.venue
+    assert [p.volume for p in venue.positions("f1")] == [0.33]
+
+    await chain.feed(next(quotes))
+    reduced = await chain.master(
+        connector, lambda v: v.close_position("m1", opened.position_id, 0.04)
+    )
+    report = await chain.report(order_id(reduced.transactions[0], "l1"))
+    # 40 % of 0.33 is 0.132: rounded down to the 0.01 step.
+    assert isinstance(report, OrderFilled), report
+    assert (report.side, report.volume, report.price) == (Side.SELL, 0.13, reduced.price)
+    [copy] = venue.positions("f1")
+    assert (copy.volume, copy.master_ref) == (0.2, ref(opened.position_id))
+
+    await chain.feed(next(quotes))
+    closed = await chain.master(connector, lambda v: v.close_position("m1", opened.position_id))
+    report = await chain.report(order_id(closed.transactions[0], "l1"))
+    assert isinstance(report, OrderFilled), report
+    assert report.volume == 0.2
+    assert venue.positions("f1") == [] and venue.positions("m1") == []
+
+
+# --- 4. close-by ----------------------------------------------------------------------------
+
+
+async def test_close_by_closes_the_two_copies_by_each_other(chain: Chain) -> None:
+    await chain.start([link("l1", "f1", sizing=Multiplier(factor=2.0))])
+    connector = await chain.connect("paper1", [M1, F1])
+    quotes = ticks(3)
+    await chain.feed(next(quotes))
+    buy = await chain.master(connector, lambda v: v.market_order("m1", SYMBOL, Side.BUY, 0.1))
+    await chain.feed(next(quotes))
+    sell = await chain.master(connector, lambda v: v.market_order("m1", SYMBOL, Side.SELL, 0.05))
+    for opened in (buy, sell):
+        await chain.report(order_id(opened.transactions[0], "l1"))
+    venue = connector.terminal.venue
+    copies = {p.master_ref: p for p in venue.positions("f1")}
+    copy_buy = copies[ref(buy.position_id)]
+    copy_sell = copies[ref(sell.position_id)]
+    assert (copy_buy.volume, copy_sell.volume) == (0.2, 0.1)
+    balance_before = venue.account_state("f1").balance
+
+    closed_by = await chain.master(
+        connector, lambda v: v.close_by("m1", buy.position_id, sell.position_id)
+    )
+    report = await chain.report(order_id(closed_by.transactions[0], "l1"))
+    assert isinstance(report, OrderDone), report
+    assert report.position_ids == [copy_buy.position_id, copy_sell.position_id]
+    # Both lose the smaller volume; the larger keeps the rest under its own id and reference.
+    [rest] = venue.positions("f1")
+    assert (rest.position_id, rest.master_ref, rest.volume) == (
+        copy_buy.position_id,
+        ref(buy.position_id),
+        0.1,
+    )
+    # MT5 close-by: 0.1 lot of the buy closed at the sell's open price.
+    expected = round((copy_sell.open_price - copy_buy.open_price) * 100 * 0.1, 2)
+    assert venue.account_state("f1").balance == pytest.approx(balance_before + expected)
+    [master_rest] = venue.positions("m1")
+    assert master_rest.volume == 0.05
+
+
+# --- 5. pending orders ----------------------------------------------------------------------
+
+
+async def test_pending_place_modify_cancel_copied(chain: Chain) -> None:
+    await chain.start([link("l1", "f1", sizing=Multiplier(factor=2.0))])
+    connector = await chain.connect("paper1", [M1, F1])
+    q = next(ticks(4))
+    await chain.feed(q)
+    venue = connector.terminal.venue
+    price = round(q.ask - 5, 2)
+    sl, tp = round(price - 5, 2), round(price + 10, 2)
+    placed = await chain.master(
+        connector,
+        lambda v: v.place_pending("m1", SYMBOL, OrderType.BUY_LIMIT, 0.1, price, sl=sl, tp=tp),
+    )
+    report = await chain.report(order_id(placed.transactions[0], "l1"))
+    assert isinstance(report, OrderDone), report
+    [pending] = venue.pending_orders("f1")
+    assert (pending.order_type, pending.volume, pending.price, pending.sl, pending.tp) == (
+        OrderType.BUY_LIMIT,
+        0.2,
+        price,
+        sl,
+        tp,
+    )
+    assert pending.master_ref == ref(placed.order_id)
+    assert report.position_ids == [pending.order_id]
+
+    new_price = round(price - 1, 2)
+    modified = await chain.master(
+        connector,
+        lambda v: v.modify_pending("m1", placed.order_id, new_price, sl=sl, tp=tp),
+    )
+    report = await chain.report(order_id(modified.transactions[0], "l1"))
+    assert isinstance(report, OrderDone), report
+    [moved] = venue.pending_orders("f1")
+    assert (moved.order_id, moved.price, moved.sl, moved.tp) == (
+        pending.order_id,
+        new_price,
+        sl,
+        tp,
+    )
+
+    cancelled = await chain.master(connector, lambda v: v.cancel_pending("m1", placed.order_id))
+    report = await chain.report(order_id(cancelled.transactions[0], "l1"))
+    assert isinstance(report, OrderDone), report
+    assert venue.pending_orders("f1") == [] and venue.pending_orders("m1") == []
+    assert venue.positions("f1") == []
+
+
+def _triggered(events: list[MasterEvent]) -> bool:
+    return any(isinstance(e, PendingOrderTriggered) for e in events)
+
+
+async def test_pending_trigger_follower_copy_triggered_too_one_position(chain: Chain) -> None:
+    await chain.start([link("l1", "f1", sizing=Multiplier(factor=2.0))])
+    connector = await chain.connect("paper1", [M1, F1])
+    quotes = ticks(10)
+    q = next(quotes)
+    await chain.feed(q)
+    placed = await chain.master(
+        connector,
+        lambda v: v.place_pending("m1", SYMBOL, OrderType.BUY_LIMIT, 0.1, round(q.ask - 1, 2)),
+    )
+    await chain.report(order_id(placed.transactions[0], "l1"))
+    venue = connector.terminal.venue
+    [follower_pending] = venue.pending_orders("f1")
+
+    events = await chain.feed_until(quotes, _triggered)
+    [trigger] = [e for e in events if isinstance(e, PendingOrderTriggered)]
+    report = await chain.report(order_id(trigger, "l1"))
+    assert isinstance(report, OrderFilled), report
+    # Same venue, same quote: the follower's own copy triggered; it is re-keyed, not doubled.
+    [position] = venue.positions("f1")
+    assert position.position_id == follower_pending.order_id
+    assert position.master_ref == ref(trigger.position_id)
+    assert position.volume == 0.2
+    assert report.position_id == position.position_id
+    assert venue.pending_orders("f1") == []
+
+
+async def test_pending_trigger_follower_copy_not_triggered_gets_market_open(
+    chain: Chain,
+) -> None:
+    await chain.start([link("l1", "f1", sizing=Multiplier(factor=2.0))])
+    quotes = ticks(10)
+    q = next(quotes)
+    master = await chain.connect("pm", [M1], q)
+    follower = await chain.connect("pf", [F1], q)
+    await chain.feed(q)
+    placed = await chain.master(
+        master,
+        lambda v: v.place_pending("m1", SYMBOL, OrderType.BUY_LIMIT, 0.1, round(q.ask - 1, 2)),
+    )
+    await chain.report(order_id(placed.transactions[0], "l1"))
+    venue = follower.terminal.venue
+    assert len(venue.pending_orders("f1")) == 1
+
+    # Only the master's terminal sees the trigger: the follower's copy is still waiting.
+    for _ in range(2000):
+        events = await chain.feed(next(quotes), only=["pm"])
+        if _triggered(events):
+            break
+    else:
+        pytest.fail("the master's buy limit never triggered")
+    [trigger] = [e for e in events if isinstance(e, PendingOrderTriggered)]
+    report = await chain.report(order_id(trigger, "l1"))
+    assert isinstance(report, OrderFilled), report
+    [position] = venue.positions("f1")
+    assert position.master_ref == ref(trigger.position_id)
+    assert venue.pending_orders("f1") == []
+    # Later quotes cannot trigger a second position: the waiting copy was cancelled.
+    for _ in range(8):
+        await chain.feed(next(quotes))
+    assert refs(venue, "f1") == {ref(trigger.position_id): 1}
+
+
+# --- 6. SL hit by price ---------------------------------------------------------------------
+
+
+async def test_master_sl_hit_by_price_closes_follower_copy(chain: Chain) -> None:
+    # SL/TP not copied: the follower's copy can only close because the master's did.
+    await chain.start([link("l1", "f1", sizing=Multiplier(factor=2.0), copy_sl_tp=False)])
+    connector = await chain.connect("paper1", [M1, F1])
+    quotes = ticks(20)
+    q = next(quotes)
+    await chain.feed(q)
+    sl = round(q.bid - 1, 2)
+    opened = await chain.master(
+        connector, lambda v: v.market_order("m1", SYMBOL, Side.BUY, 0.1, sl=sl)
+    )
+    await chain.report(order_id(opened.transactions[0], "l1"))
+    venue = connector.terminal.venue
+    [copy] = venue.positions("f1")
+    assert copy.sl is None
+
+    def sl_hit(events: list[MasterEvent]) -> bool:
+        return any(isinstance(e, PositionClosed) and e.reason == "sl" for e in events)
+
+    events = await chain.feed_until(quotes, sl_hit)
+    [closed] = [e for e in events if isinstance(e, PositionClosed)]
+    assert closed.position_id == opened.position_id
+    report = await chain.report(order_id(closed, "l1"))
+    assert isinstance(report, OrderFilled), report
+    assert (report.side, report.volume, report.position_id) == (
+        Side.SELL,
+        0.2,
+        copy.position_id,
+    )
+    assert venue.positions("f1") == [] and venue.positions("m1") == []
+
+
+# --- 7. / 8. restarts -----------------------------------------------------------------------
+
+
+async def follower_consumer_idle(js: JetStreamContext, connector_id: str) -> bool:
+    info = await js.consumer_info(FOLLOWER_ORDERS_STREAM, f"connector-{connector_id}")
+    return info.num_pending == 0 and info.num_ack_pending == 0
+
+
+async def stored_orders(js: JetStreamContext) -> int:
+    return (await js.stream_info(FOLLOWER_ORDERS_STREAM)).state.messages
+
+
+async def has_orders(js: JetStreamContext, count: int) -> bool:
+    return await stored_orders(js) >= count
+
+
+def unpublished(report: ExecutionReport) -> ExecutionReport:
+    """The report as the terminal stored it: before the runtime stamped ``report_ns``."""
+    return msgspec.structs.replace(report, trace=msgspec.structs.replace(report.trace, report_ns=0))
+
+
+async def stored_order(js: JetStreamContext, oid: str) -> FollowerOpen:
+    """The follower order ``oid`` as it sits in the follower-orders stream."""
+    info = await js.stream_info(FOLLOWER_ORDERS_STREAM)
+    for seq in range(info.state.first_seq, info.state.last_seq + 1):
+        msg = await js.get_msg(FOLLOWER_ORDERS_STREAM, seq)
+        order = codec.follower_order_decoder.decode(msg.data)
+        if order.order_id == oid:
+            return order
+    pytest.fail(f"order {oid} is not in the stream")
+
+
+async def test_restart_with_orders_queued_no_duplicate_no_missed_close(chain: Chain) -> None:
+    await chain.start([link("l1", "f1", sizing=Multiplier(factor=2.0))])
+    quotes = ticks(30)
+    q = next(quotes)
+    master = await chain.connect("pm", [M1], q)
+    await chain.connect("pf", [F1], q)
+    await chain.feed(q)
+
+    def market(side: Side, volume: float) -> Callable[[PaperVenue], Result]:
+        return lambda v: v.market_order("m1", SYMBOL, side, volume)
+
+    a = await chain.master(master, market(Side.BUY, 0.1))
+    a_open = order_id(a.transactions[0], "l1")
+    first = await chain.report(a_open)
+    assert isinstance(first, OrderFilled)
+
+    # The follower's connector goes down; the master goes on trading.
+    await chain.disconnect("pf")
+    orders_before = await stored_orders(chain.js)
+    b = await chain.master(master, market(Side.BUY, 0.1))
+    c = await chain.master(master, market(Side.SELL, 0.05))
+    await chain.feed(next(quotes), only=["pm"])
+    a_close = await chain.master(master, lambda v: v.close_position("m1", a.position_id))
+    b_part = await chain.master(master, lambda v: v.close_position("m1", b.position_id, 0.04))
+    c_close = await chain.master(master, lambda v: v.close_position("m1", c.position_id))
+    queued = [order_id(r.transactions[0], "l1") for r in (b, c, a_close, b_part, c_close)]
+    await wait_until(
+        lambda: has_orders(chain.js, orders_before + 5), "five follower orders queued"
+    )
+    assert not any(chain.reports_for(oid) for oid in queued)
+
+    # A new terminal from the same state file and a new connector with the same id.
+    follower = await chain.connect("pf", [F1])
+    for oid in queued:
+        await chain.report(oid)
+    await wait_until(lambda: follower_consumer_idle(chain.js, "pf"), "every order acknowledged")
+
+    venue = follower.terminal.venue
+    # Each master position copied exactly once, every close followed: only B's rest is left.
+    [rest] = venue.positions("f1")
+    assert (rest.master_ref, rest.volume) == (ref(b.position_id), 0.12)
+    filled = Counter(r.order_id for r in chain.reports if isinstance(r, OrderFilled))
+    assert filled == Counter({a_open: 1, **{oid: 1 for oid in queued}})
+
+    # Re-executing an executed order returns the stored report and changes nothing.
+    await chain.feed(next(quotes))
+    await chain.feed(next(quotes))
+    order = await stored_order(chain.js, a_open)
+    before = (venue.snapshot(), dict(follower.terminal.reports))
+    again = await follower.terminal.execute(order, time.time_ns())
+    assert again == unpublished(first)
+    assert isinstance(again, OrderFilled) and again.price == first.price
+    assert (venue.snapshot(), dict(follower.terminal.reports)) == before
