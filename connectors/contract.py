@@ -112,6 +112,7 @@ class ConnectorRuntime:
         # A trade and a quote-triggered SL may publish at once: one master's events must not
         # interleave, so publication is one at a time.
         self._publish_lock = asyncio.Lock()
+        self._order_sub: Any = None
 
     @property
     def durable(self) -> str:
@@ -144,6 +145,11 @@ class ConnectorRuntime:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        if self._order_sub is not None:
+            # A pull with a fetch in flight would make the client's drain() wait its timeout.
+            with contextlib.suppress(Exception):
+                await self._order_sub.unsubscribe()
+            self._order_sub = None
 
     # ------------------------------------------------------------- master events
 
@@ -153,6 +159,17 @@ class ConnectorRuntime:
             return
         async with self._publish_lock:
             await self._publish_master_events(events)
+
+    async def flush_outbox(self) -> None:
+        """Publish every master event the terminal has not published yet, oldest first.
+
+        Publishing the whole outbox, not just the newest trade's events, keeps a master's
+        events in order even after a publish failed: the left-behind event goes first.
+        """
+        async with self._publish_lock:
+            pending = self.terminal.reconcile()
+            if pending:
+                await self._publish_master_events(pending)
 
     async def _publish_master_events(self, events: Sequence[MasterEvent]) -> None:
         now = time.time_ns()
@@ -208,13 +225,19 @@ class ConnectorRuntime:
     # ------------------------------------------------------------ follower orders
 
     async def _ensure_order_consumer(self) -> None:
+        """Create the connector's durable consumer, or re-create it at its ack floor.
+
+        Crash-only start: orders a dead connector had taken but not acknowledged must run
+        before any newer order (a close must not overtake its open), so on every start the
+        consumer restarts just after the last contiguously acknowledged order. Orders that did
+        run before the crash come back too, and idempotent execution returns their outcome.
+        """
         filters = [subjects.follower_orders(a) for a in sorted(self.terminal.follower_accounts())]
         filters.append(subjects.connector_orders(self.connector_id))
         config = ConsumerConfig(
             durable_name=self.durable,
             ack_policy=AckPolicy.EXPLICIT,
-            # A new connector starts from now: week-old opens must not execute on first start.
-            deliver_policy=DeliverPolicy.NEW,
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
             filter_subjects=filters,
             max_ack_pending=ORDER_BATCH,
             ack_wait=30.0,
@@ -222,15 +245,23 @@ class ConnectorRuntime:
         try:
             info = await self.js.consumer_info(FOLLOWER_ORDERS_STREAM, self.durable)
         except nats.js.errors.NotFoundError:
+            # A new connector starts from now (an explicit sequence, so a re-creation knows
+            # where it began): week-old opens must not execute on first start.
+            stream = await self.js.stream_info(FOLLOWER_ORDERS_STREAM)
+            config.opt_start_seq = stream.state.last_seq + 1
             await self.js.add_consumer(FOLLOWER_ORDERS_STREAM, config)
             return
-        if sorted(info.config.filter_subjects or []) != sorted(filters):
-            # Accounts were added or removed: keep the position, change what it reads.
-            config.deliver_policy = info.config.deliver_policy
-            await self.js.add_consumer(FOLLOWER_ORDERS_STREAM, config)
+        floor = info.ack_floor.stream_seq if info.ack_floor else 0
+        config.opt_start_seq = max(floor + 1, info.config.opt_start_seq or 1)
+        await self.js.delete_consumer(FOLLOWER_ORDERS_STREAM, self.durable)
+        await self.js.add_consumer(FOLLOWER_ORDERS_STREAM, config)
+        log.info(
+            "order_consumer_resumed", connector=self.connector_id, from_seq=config.opt_start_seq
+        )
 
     async def _consume_orders(self) -> None:
         sub = await self.js.pull_subscribe_bind(durable=self.durable, stream=FOLLOWER_ORDERS_STREAM)
+        self._order_sub = sub
         while not self._stopping.is_set():
             try:
                 msgs = await sub.fetch(ORDER_BATCH, timeout=5.0)

@@ -14,6 +14,14 @@ ACCOUNT_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}(?!\n)$"
 AccountId = Annotated[str, msgspec.Meta(pattern=ACCOUNT_ID_PATTERN)]
 _ACCOUNT_ID_RE = re.compile(ACCOUNT_ID_PATTERN)
 
+#: Ids travel in subjects, headers and every derived order id: bounded so a hostile or broken
+#: producer cannot push a follower order past the server's max payload.
+Id = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+Symbol = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+Comment = Annotated[str, msgspec.Meta(max_length=256)]
+#: UTC nanoseconds; int64 leaves room for any sum the rules make (years 1970–2262).
+TimestampNs = Annotated[int, msgspec.Meta(ge=0, le=2**62)]
+
 Volume = Annotated[float, msgspec.Meta(ge=0.0)]
 Price = Annotated[float, msgspec.Meta(ge=0.0)]
 

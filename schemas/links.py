@@ -171,7 +171,7 @@ class CopyLink(_Config):
     """Magic number stamped on the follower's orders."""
 
     max_open_positions: PositiveInt | None = None
-    max_signal_age_ms: PositiveInt | None = None
+    max_signal_age_ms: Annotated[int, msgspec.Meta(gt=0, le=86_400_000)] | None = None
     max_price_deviation: PositiveFloat | None = None
     """In price units of the follower's symbol (e.g. 0.50 on XAUUSD)."""
     deviation_policy: DeviationPolicy = DeviationPolicy.SKIP

@@ -2,38 +2,51 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import msgspec
 
-from schemas.common import AccountId, OrderType, Price, Side, Trace, Volume
+from schemas.common import (
+    AccountId,
+    Comment,
+    Id,
+    OrderType,
+    Price,
+    Side,
+    Symbol,
+    TimestampNs,
+    Trace,
+    Volume,
+)
 
 
 class _MasterEventBase(
     msgspec.Struct, frozen=True, kw_only=True, tag_field="type", forbid_unknown_fields=False
 ):
-    event_id: str
+    event_id: Id
     """Unique per master event; follower order ids are derived from it."""
     master: AccountId
-    symbol: str
-    ts_ns: int
+    symbol: Symbol
+    ts_ns: TimestampNs
     """When the terminal saw the transaction (UTC ns)."""
     trace: Trace = Trace()
 
 
 class PositionOpened(_MasterEventBase, tag="position_opened"):
-    position_id: str
+    position_id: Id
     side: Side
     volume: Volume
     price: Price
     sl: float | None = None
     tp: float | None = None
     magic: int = 0
-    comment: str = ""
+    comment: Comment = ""
 
 
 class PositionModified(_MasterEventBase, tag="position_modified"):
     """The master moved SL and/or TP; ``None`` means no level."""
 
-    position_id: str
+    position_id: Id
     side: Side
     sl: float | None = None
     tp: float | None = None
@@ -43,31 +56,31 @@ class PositionModified(_MasterEventBase, tag="position_modified"):
 class PositionReduced(_MasterEventBase, tag="position_reduced"):
     """A partial close. Followers close the same *ratio* of their own position."""
 
-    position_id: str
+    position_id: Id
     side: Side
     volume_before: Volume
     volume_after: Volume
     price: Price
     magic: int = 0
-    new_position_id: str | None = None
+    new_position_id: Id | None = None
     """MT4 gives the remainder a new ticket; followers re-key their position to it."""
 
 
 class PositionClosed(_MasterEventBase, tag="position_closed"):
-    position_id: str
+    position_id: Id
     side: Side
     volume: Volume
     price: Price
     magic: int = 0
-    reason: str = "client"
+    reason: Annotated[str, msgspec.Meta(max_length=32)] = "client"
     """client, sl, tp, stop_out or expert, as the terminal reports it."""
 
 
 class PositionClosedBy(_MasterEventBase, tag="position_closed_by"):
     """The master closed a position by an opposite one (MetaTrader close-by)."""
 
-    position_id: str
-    opposite_position_id: str
+    position_id: Id
+    opposite_position_id: Id
     side: Side
     volume: Volume
     """Volume closed on each side: the smaller of the two positions."""
@@ -75,29 +88,29 @@ class PositionClosedBy(_MasterEventBase, tag="position_closed_by"):
 
 
 class PendingOrderPlaced(_MasterEventBase, tag="pending_placed"):
-    order_id: str
+    order_id: Id
     order_type: OrderType
     volume: Volume
     price: Price
     sl: float | None = None
     tp: float | None = None
-    expiration_ns: int = 0
+    expiration_ns: TimestampNs = 0
     magic: int = 0
-    comment: str = ""
+    comment: Comment = ""
 
 
 class PendingOrderModified(_MasterEventBase, tag="pending_modified"):
-    order_id: str
+    order_id: Id
     order_type: OrderType
     price: Price
     sl: float | None = None
     tp: float | None = None
-    expiration_ns: int = 0
+    expiration_ns: TimestampNs = 0
     magic: int = 0
 
 
 class PendingOrderCancelled(_MasterEventBase, tag="pending_cancelled"):
-    order_id: str
+    order_id: Id
     order_type: OrderType
     magic: int = 0
 
@@ -105,9 +118,9 @@ class PendingOrderCancelled(_MasterEventBase, tag="pending_cancelled"):
 class PendingOrderTriggered(_MasterEventBase, tag="pending_triggered"):
     """A master pending order became position ``position_id``."""
 
-    order_id: str
+    order_id: Id
     order_type: OrderType
-    position_id: str
+    position_id: Id
     side: Side
     volume: Volume
     price: Price

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,6 @@ import msgspec
 import pytest
 from nats.aio.client import Client
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from connectors.paper.connector import PaperConnector, PaperTerminal
 from connectors.paper.model import Result
@@ -290,9 +289,7 @@ async def test_market_open_on_one_terminal_report_carries_msg_id(chain: Chain) -
     await chain.start([link("l1", "f1", sizing=Multiplier(factor=2.0))])
     connector = await chain.connect("paper1", [M1, F1])
     await chain.feed(next(ticks(0)))
-    opened = await chain.master(
-        connector, lambda v: v.market_order("m1", SYMBOL, Side.BUY, 0.1)
-    )
+    opened = await chain.master(connector, lambda v: v.market_order("m1", SYMBOL, Side.BUY, 0.1))
     oid = order_id(opened.transactions[0], "l1")
     report = await chain.report(oid)
     assert isinstance(report, OrderFilled)
@@ -348,9 +345,7 @@ async def test_partial_close_rounds_down_then_close_leaves_follower_flat(chain: 
     connector = await chain.connect("paper1", [M1, F1])
     quotes = ticks(2)
     await chain.feed(next(quotes))
-    opened = await chain.master(
-        connector, lambda v: v.market_order("m1", SYMBOL, Side.BUY, 0.1)
-    )
+    opened = await chain.master(connector, lambda v: v.market_order("m1", SYMBOL, Side.BUY, 0.1))
     await chain.report(order_id(opened.transactions[0], "l1"))
     venue = connector.terminal.venue
     assert [p.volume for p in venue.positions("f1")] == [0.33]
@@ -624,9 +619,7 @@ async def test_restart_with_orders_queued_no_duplicate_no_missed_close(chain: Ch
     b_part = await chain.master(master, lambda v: v.close_position("m1", b.position_id, 0.04))
     c_close = await chain.master(master, lambda v: v.close_position("m1", c.position_id))
     queued = [order_id(r.transactions[0], "l1") for r in (b, c, a_close, b_part, c_close)]
-    await wait_until(
-        lambda: has_orders(chain.js, orders_before + 5), "five follower orders queued"
-    )
+    await wait_until(lambda: has_orders(chain.js, orders_before + 5), "five follower orders queued")
     assert not any(chain.reports_for(oid) for oid in queued)
 
     # A new terminal from the same state file and a new connector with the same id.
@@ -651,3 +644,155 @@ async def test_restart_with_orders_queued_no_duplicate_no_missed_close(chain: Ch
     assert again == unpublished(first)
     assert isinstance(again, OrderFilled) and again.price == first.price
     assert (venue.snapshot(), dict(follower.terminal.reports)) == before
+
+
+async def shorten_ack_wait(js: JetStreamContext, connector_id: str, seconds: float) -> None:
+    """Redeliver unacknowledged orders after ``seconds`` instead of the runtime's 30 s.
+
+    The runtime keeps an existing consumer whose filters match, so the test's ack wait stays.
+    """
+    durable = f"connector-{connector_id}"
+    config = (await js.consumer_info(FOLLOWER_ORDERS_STREAM, durable)).config
+    config.ack_wait = seconds
+    await js.add_consumer(FOLLOWER_ORDERS_STREAM, config)
+
+
+def block_executions(terminal: PaperTerminal) -> asyncio.Event:
+    """Make ``terminal`` take orders but never execute them (a connector dying mid-batch)."""
+    blocked = asyncio.Event()
+
+    async def never(order: Any, received_ns: int) -> ExecutionReport:
+        blocked.set()
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    terminal.execute = never  # type: ignore[method-assign]
+    return blocked
+
+
+async def crash_with_open_in_flight(chain: Chain) -> tuple[PaperConnector, Result, str]:
+    """pm/pf running; the master opens a position whose order pf takes but never executes;
+    pf is stopped and restarted from its state file. Returns (master, open result, order id)."""
+    await chain.start([link("l1", "f1", sizing=Multiplier(factor=2.0))])
+    quotes = ticks(40)
+    q = next(quotes)
+    master = await chain.connect("pm", [M1], q)
+    follower = await chain.connect("pf", [F1], q)
+    await chain.feed(q)
+    await shorten_ack_wait(chain.js, "pf", 2.0)
+    blocked = block_executions(follower.terminal)
+    opened = await chain.master(master, lambda v: v.market_order("m1", SYMBOL, Side.BUY, 0.1))
+    oid = order_id(opened.transactions[0], "l1")
+    await wait_until(blocked.is_set, "the follower connector to take the order")
+    await chain.disconnect("pf")
+    await chain.connect("pf", [F1])
+    return master, opened, oid
+
+
+async def test_restart_with_order_taken_but_not_executed_executes_it_once(chain: Chain) -> None:
+    master, opened, oid = await crash_with_open_in_flight(chain)
+    # Redelivered after the ack wait to the new connector, executed once.
+    report = await chain.report(oid)
+    assert isinstance(report, OrderFilled), report
+    venue = chain.connectors["pf"].terminal.venue
+    assert refs(venue, "f1") == {ref(opened.position_id): 1}
+    closed = await chain.master(master, lambda v: v.close_position("m1", opened.position_id))
+    assert isinstance(await chain.report(order_id(closed.transactions[0], "l1")), OrderFilled)
+    await wait_until(lambda: follower_consumer_idle(chain.js, "pf"), "every order acknowledged")
+    assert venue.positions("f1") == []
+    filled = Counter(r.order_id for r in chain.reports if isinstance(r, OrderFilled))
+    assert set(filled.values()) == {1}
+
+
+async def test_restart_close_does_not_overtake_the_redelivered_open(chain: Chain) -> None:
+    master, opened, oid = await crash_with_open_in_flight(chain)
+    # The master closes at once, while the open still waits for redelivery.
+    closed = await chain.master(master, lambda v: v.close_position("m1", opened.position_id))
+    close_oid = order_id(closed.transactions[0], "l1")
+    await chain.report(oid)
+    await chain.report(close_oid)
+    await wait_until(lambda: follower_consumer_idle(chain.js, "pf"), "every order acknowledged")
+    executed = [r.order_id for r in chain.reports]
+    venue = chain.connectors["pf"].terminal.venue
+    assert venue.positions("f1") == [], (executed, chain.reports_for(close_oid))
+    assert executed.index(oid) < executed.index(close_oid)
+
+
+async def test_executed_before_ack_then_redelivered_one_position(chain: Chain) -> None:
+    await chain.start([link("l1", "f1", sizing=Multiplier(factor=2.0))])
+    quotes = ticks(50)
+    q = next(quotes)
+    master = await chain.connect("pm", [M1], q)
+    await chain.connect("pf", [F1], q)
+    await chain.feed(q)
+    await chain.disconnect("pf")
+
+    opened = await chain.master(master, lambda v: v.market_order("m1", SYMBOL, Side.BUY, 0.1))
+    oid = order_id(opened.transactions[0], "l1")
+    await wait_until(lambda: has_orders(chain.js, 1), "the order queued")
+    order = await stored_order(chain.js, oid)
+
+    # The follower executes and persists the order, then dies before reporting and acking.
+    crashed = PaperTerminal.open(chain.state_path("pf"), [F1])
+    direct = await crashed.execute(order, time.time_ns())
+    crashed.commit()
+    assert isinstance(direct, OrderFilled)
+    assert len(crashed.venue.positions("f1")) == 1
+    del crashed
+
+    # Restart: a later price, the same order delivered; the stored outcome is reported.
+    await chain.feed(next(quotes), only=["pm"])
+    follower = await chain.connect("pf", [F1], next(quotes))
+    report = await chain.report(oid)
+    await wait_until(lambda: follower_consumer_idle(chain.js, "pf"), "the order acknowledged")
+    assert report == msgspec.structs.replace(direct, trace=report.trace)
+    assert report.trace.report_ns > 0
+    venue = follower.terminal.venue
+    [copy] = venue.positions("f1")
+    assert (copy.master_ref, copy.position_id, copy.open_price) == (
+        ref(opened.position_id),
+        direct.position_id,
+        direct.price,
+    )
+    assert len(chain.reports_for(oid)) == 1
+
+
+# --- 9. persistence -------------------------------------------------------------------------
+
+
+async def test_paper_state_survives_restart(chain: Chain) -> None:
+    await chain.start([link("l1", "f1", sizing=Multiplier(factor=2.0))])
+    connector = await chain.connect("paper1", [M1, F1])
+    quotes = ticks(60)
+    q = next(quotes)
+    await chain.feed(q)
+    a = await chain.master(connector, lambda v: v.market_order("m1", SYMBOL, Side.BUY, 0.1))
+    b = await chain.master(connector, lambda v: v.market_order("m1", SYMBOL, Side.SELL, 0.2))
+    await chain.feed(next(quotes))
+    await chain.feed(next(quotes))
+    part = await chain.master(connector, lambda v: v.close_position("m1", a.position_id, 0.05))
+    pending = await chain.master(
+        connector,
+        lambda v: v.place_pending("m1", SYMBOL, OrderType.SELL_LIMIT, 0.1, round(q.bid + 30, 2)),
+    )
+    for result in (a, b, part, pending):
+        await chain.report(order_id(result.transactions[0], "l1"))
+    # One master event recorded but not yet published: it must survive in the outbox.
+    unpublished_trade = connector.terminal.trade(
+        lambda v: v.modify_position("m1", b.position_id, None, round(q.bid - 30, 2))
+    )
+    assert unpublished_trade.ok and connector.terminal.outbox
+
+    old = await chain.disconnect("paper1")
+    reopened = PaperTerminal.open(chain.state_path("paper1"), [M1, F1])
+    for account in ("m1", "f1"):
+        assert reopened.venue.positions(account) == old.venue.positions(account)
+        assert reopened.venue.pending_orders(account) == old.venue.pending_orders(account)
+        assert reopened.venue.account_state(account, 0) == old.venue.account_state(account, 0)
+    assert reopened.venue.account_state("f1", 0).balance != 10_000.0
+    assert len(reopened.venue.positions("f1")) == 2
+    assert len(reopened.venue.pending_orders("f1")) == 1
+    assert reopened.venue.quote(SYMBOL) == old.venue.quote(SYMBOL)
+    assert reopened.reports == old.reports and len(reopened.reports) == 4
+    assert reopened.outbox == old.outbox and len(reopened.outbox) == 1
+    assert reopened.venue.snapshot() == old.venue.snapshot()

@@ -282,7 +282,6 @@ class Env:
     ) -> None:
         await wait_until(predicate, what, timeout, self.summary)
 
-
     async def stream_messages(self, stream: str) -> int:
         info = await self.js.stream_info(stream)
         return int(info.state.messages)
@@ -514,9 +513,7 @@ async def test_account_state_changes_take_effect_without_restart(env: Env) -> No
     await env.put_account(account("f1", open_positions=2))
     live = replicator.live
     assert live is not None
-    await env.wait(
-        lambda: live.view.accounts["f1"].open_positions == 2, "the account state update"
-    )
+    await env.wait(lambda: live.view.accounts["f1"].open_positions == 2, "the account state update")
     await env.publish(opened("ev-2", "m1", "p2"))
     decision = await env.decision("l1", DecisionRule.MAX_OPEN_POSITIONS)
     assert decision.master_event_id == "ev-2"
@@ -735,9 +732,11 @@ async def test_malformed_kv_values_are_counted_and_the_last_good_value_kept(env:
     accounts_before = bad_messages_metric("kv_tc_accounts")
 
     await env.buckets[subjects.KV_LINKS].put("l1", b"\x00garbage")
+    wrong_key = CopyLink(link_id="other", master="m1", follower="f1", sizing=FixedLot(5.0))
+    await env.buckets[subjects.KV_LINKS].put("l1", codec.encode(wrong_key))
     await env.buckets[subjects.KV_ACCOUNTS].put("f1", b"\x93garbage")
     await env.wait(
-        lambda: bad_messages_metric("kv_tc_links") == links_before + 1, "the bad link counted"
+        lambda: bad_messages_metric("kv_tc_links") == links_before + 2, "the bad links counted"
     )
     await env.wait(
         lambda: bad_messages_metric("kv_tc_accounts") == accounts_before + 1,
@@ -778,6 +777,100 @@ async def test_random_bytes_on_a_master_subject_never_stop_copying(
     await copying.order(f"{event_id}:l1")
     assert bad_messages_metric("master_event") == before + 1
     assert copying.replicators[0].health()["ok"] is True
+
+
+def _decodes(payload: bytes) -> bool:
+    try:
+        codec.master_event_decoder.decode(payload)
+    except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError):
+        return False
+    return True
+
+
+_VALID_EVENTS = [
+    msgspec.to_builtins(event)
+    for event in (
+        opened("tmpl-open", "m1", "tmpl-p"),
+        modified("tmpl-mod", "m1", "tmpl-p", sl=1.0, tp=1.2),
+        reduced("tmpl-red", "m1", "tmpl-p", before=1.0, after=0.5),
+        closed("tmpl-close", "m1", "tmpl-p"),
+    )
+]
+_msgpack_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**63), max_value=2**64 - 1),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12),
+    st.binary(max_size=12),
+)
+_msgpack_values = st.recursive(
+    _msgpack_scalars,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner),
+    max_leaves=6,
+)
+
+_same_type: dict[type, st.SearchStrategy[Any]] = {
+    str: st.text(max_size=16),
+    int: st.integers(min_value=-(2**63), max_value=2**64 - 1),
+    float: st.floats(allow_nan=True, allow_infinity=True),
+    bool: st.booleans(),
+    dict: st.dictionaries(st.text(max_size=8), st.integers(min_value=0, max_value=2**63)),
+}
+
+
+@st.composite
+def mutated_events(draw: st.DrawFn) -> bytes:
+    """A valid master event with a few fields replaced, dropped or added: sometimes still
+    valid (then it is copied like any event), mostly not."""
+    event = dict(draw(st.sampled_from(_VALID_EVENTS)))
+    for _ in range(draw(st.integers(min_value=1, max_value=3))):
+        key = draw(st.sampled_from([*event, "extra", "type"]))
+        how = draw(st.sampled_from(["same type", "same type", "any value", "drop"]))
+        if how == "drop":
+            event.pop(key, None)
+        elif how == "same type" and key in event and event[key] is not None:
+            event[key] = draw(_same_type[type(event[key])])
+        else:
+            event[key] = draw(_msgpack_values)
+    return msgspec.msgpack.encode(event)
+
+
+@settings(
+    max_examples=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(payload=st.one_of(mutated_events(), _msgpack_values.map(msgspec.msgpack.encode)))
+async def test_msgpack_of_any_shape_on_a_master_subject_never_stops_copying(
+    copying: Env, payload: bytes
+) -> None:
+    before = bad_messages_metric("master_event")
+    event_id = f"fuzz-{next(_fuzz_ids)}"
+    await copying.publish_raw("m1", payload)
+    await copying.publish(opened(event_id, "m1", f"pos-{event_id}"))
+    await copying.order(f"{event_id}:l1")
+    assert bad_messages_metric("master_event") == before + (0 if _decodes(payload) else 1)
+    assert copying.replicators[0].health()["ok"] is True
+
+
+async def test_an_event_that_cannot_be_fanned_out_does_not_block_its_partition(env: Env) -> None:
+    await env.follower(CopyLink(link_id="l1", master="m1", follower="f1", max_signal_age_ms=60_000))
+    await env.start(ack_wait_s=1.0)
+    poison = msgspec.structs.replace(opened("ev-poison", "m1", "p0"), ts_ns=2**64 - 1)
+    await env.publish(poison)
+    await env.publish(opened("ev-1", "m1", "p1"))
+    await wait_until(lambda: "ev-1:l1" in env.order_ids(), "the next event", timeout=4.0)
+
+
+async def test_an_event_whose_orders_exceed_max_payload_does_not_block_its_partition(
+    env: Env,
+) -> None:
+    await env.follower(CopyLink(link_id="l1", master="m1", follower="f1"))
+    await env.start(ack_wait_s=1.0)
+    await env.publish(opened("x" * 400_000, "m1", "p0"), msg_id="ev-huge")
+    await env.publish(opened("ev-1", "m1", "p1"))
+    await wait_until(lambda: "ev-1:l1" in env.order_ids(), "the next event", timeout=4.0)
 
 
 # --- 10. scale-out --------------------------------------------------------------------------

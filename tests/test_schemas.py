@@ -63,6 +63,7 @@ from schemas.orders import (
 )
 from schemas.reports import (
     ExecutionReport,
+    OrderDone,
     OrderFilled,
     OrderPartiallyFilled,
     OrderRejected,
@@ -309,6 +310,13 @@ EXECUTION_REPORTS: list[Any] = [
         price=2650.6,
         master_price=2650.35,
         slippage=0.25,
+        **REPORT,
+    ),
+    OrderDone(
+        order_id="alpari-1001:deal:9001:gold-x2",
+        ts_ns=T0 + 24,
+        detail="SL/TP modified",
+        position_ids=["88001"],
         **REPORT,
     ),
     OrderRejected(

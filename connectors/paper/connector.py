@@ -76,7 +76,11 @@ class PaperTerminal:
         self.venue = venue
         self.aliases = aliases or {}
         """Symbols quoted like another (a broker suffix): ``{"XAUUSD": ["XAUUSD.m"]}``."""
-        self._report_times: deque[tuple[float, str]] = deque()
+        # Reports restored from disk age from now: kept one full memory span after a restart.
+        loaded_at = time.monotonic()
+        self._report_times: deque[tuple[float, str]] = deque(
+            (loaded_at, order_id) for order_id in reports or {}
+        )
         self.follower_activity: deque[MasterEvent] = deque(maxlen=10_000)
         """The venue's own changes on follower accounts (SL/TP hits, stop-outs)."""
         self.masters = tuple(masters)
@@ -445,13 +449,15 @@ class PaperConnector:
             events = self.terminal.on_quote(quote)
             if events:
                 self.terminal.save()
-                await self.runtime.publish_master_events(events)
+            if self.terminal.outbox:
+                try:
+                    await self.runtime.flush_outbox()
+                except Exception as exc:  # NATS away: the outbox keeps them for the next try
+                    log.warning("master_events_publish_failed", error=repr(exc))
 
     async def trade(self, action: Callable[[PaperVenue], Result]) -> Result:
         """A master trade: execute on the venue, then publish what it caused."""
-        outbox_before = len(self.terminal.outbox)
         result = self.terminal.trade(action)
-        mine = self.terminal.outbox[outbox_before:]
-        if mine:
-            await self.runtime.publish_master_events(mine)
+        if self.terminal.outbox:
+            await self.runtime.flush_outbox()
         return result

@@ -472,7 +472,7 @@ def _plan_new_copy(
         deviation_wait_ms=link.deviation_wait_ms,
         expires_ns=(
             event.ts_ns + link.max_signal_age_ms * 1_000_000 if link.max_signal_age_ms else 0
-        ),
+        ),  # ts_ns ≤ 2**62 and the age ≤ one day by contract: always fits in int64
     )
     return plan
 

@@ -189,11 +189,18 @@ class Replicator:
                 if plan.daily_key is not None and cl.link.daily_trade_limit is not None:
                     await self._count_daily_trade(event, cl, plan, now_ns)
             await self._publish_plans(event, plans)
-        except Exception as exc:
+        except (nats.errors.Error, TimeoutError, ConnectionError) as exc:
             metrics.PUBLISH_FAILURES.inc()
             log.error("fan_out_failed", event_id=event.event_id, error=repr(exc))
-            # Not acknowledged: redelivered after ack_wait, and dedup makes the redo exact.
+            # Transient (NATS away, slow, reconnecting): redelivered, dedup makes the redo exact.
             await msg.nak(delay=0.5)
+            return
+        except Exception as exc:
+            # The same event would fail the same way forever and block its partition: take it
+            # out (it stays in the stream for inspection), count it and say why.
+            metrics.BAD_MESSAGES.labels("fan_out").inc()
+            log.error("fan_out_impossible", event_id=event.event_id, error=repr(exc))
+            await msg.term()
             return
         t3 = time.perf_counter()
         await msg.ack()

@@ -1,0 +1,483 @@
+"""The connector contract (connectors/contract.py) over a private nats-server, with the paper
+terminal as the Terminal: account state and specs in KV, master events with dedup ids and
+trace stamps, the outbox, bad and foreign follower orders, and batched orders."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+import structlog
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+
+from connectors.contract import ConnectorRuntime
+from connectors.paper.connector import PaperConnector, PaperTerminal
+from connectors.paper.prices import Quote, bar_to_ticks, load_bars
+from engine.jetstream import ensure_buckets, ensure_streams
+from schemas import codec, subjects
+from schemas.account import AccountState
+from schemas.common import Side
+from schemas.master import MasterEvent
+from schemas.orders import (
+    FollowerClose,
+    FollowerModify,
+    FollowerOpen,
+    FollowerOrder,
+    FollowerOrderBatch,
+)
+from schemas.reports import ExecutionReport, OrderDone, OrderFilled
+from schemas.streams import (
+    EXECUTION_REPORTS_STREAM,
+    FOLLOWER_ORDERS_STREAM,
+    MASTER_EVENTS_STREAM,
+)
+
+SYMBOL = "XAUUSD"
+WAIT_S = 10.0
+CONNECTOR = "c1"
+MSG_ID = "Nats-Msg-Id"
+QUOTES = bar_to_ticks(load_bars()[0], SYMBOL)
+
+Account = tuple[str, str, float, int, str]
+M1: Account = ("m1", "USD", 10_000.0, 100, "master")
+F1: Account = ("f1", "USD", 10_000.0, 100, "follower")
+F2: Account = ("f2", "USD", 10_000.0, 100, "follower")
+ACCOUNTS = [M1, F1, F2]
+
+
+async def wait_until(
+    predicate: Callable[[], Any],
+    what: str,
+    timeout: float = WAIT_S,
+    details: Callable[[], object] | None = None,
+) -> None:
+    """Poll ``predicate`` (sync or async) until it holds; fail naming ``what`` on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            extra = "" if details is None else f"\n{details()}"
+            pytest.fail(f"timed out after {timeout:g}s waiting for {what}{extra}")
+        await asyncio.sleep(0.01)
+
+
+def live(quote: Quote) -> Quote:
+    return msgspec.structs.replace(quote, ts_ns=time.time_ns())
+
+
+class Rig:
+    """A paper terminal behind a ConnectorRuntime, and the execution reports it publishes."""
+
+    def __init__(self, nc: Client, js: JetStreamContext, tmp: Path) -> None:
+        self.nc = nc
+        self.js = js
+        self.path = tmp / "paper.state"
+        self.runtimes: list[ConnectorRuntime] = []
+        self.reports: list[ExecutionReport] = []
+        self.report_ids: list[str] = []
+        self.buckets: dict[str, Any] = {}
+
+    async def setup(self) -> None:
+        await ensure_streams(self.js)
+        self.buckets = await ensure_buckets(self.js)
+
+        async def on_report(msg: Any) -> None:
+            self.reports.append(codec.execution_report_decoder.decode(msg.data))
+            self.report_ids.append((msg.headers or {}).get(MSG_ID, ""))
+
+        await self.js.subscribe(
+            subjects.EXECUTION_REPORTS,
+            stream=EXECUTION_REPORTS_STREAM,
+            cb=on_report,
+            ordered_consumer=True,
+        )
+
+    def terminal(self, accounts: Sequence[Account] = ACCOUNTS) -> PaperTerminal:
+        terminal = PaperTerminal.open(self.path, accounts)
+        if terminal.venue.quote(SYMBOL) is None:
+            terminal.on_quote(live(QUOTES[0]))
+        return terminal
+
+    async def start(self, terminal: PaperTerminal, **kwargs: Any) -> ConnectorRuntime:
+        runtime = ConnectorRuntime(self.nc, CONNECTOR, terminal, **kwargs)
+        await runtime.start()
+        self.runtimes.append(runtime)
+        return runtime
+
+    async def stop(self, runtime: ConnectorRuntime) -> None:
+        self.runtimes.remove(runtime)
+        await runtime.stop()
+
+    async def send(self, order: FollowerOrder, subject: str | None = None) -> None:
+        await self.js.publish(
+            subject or subjects.follower_orders(order.follower),
+            codec.encode(order),
+            headers={MSG_ID: order.order_id},
+        )
+
+    def reports_for(self, oid: str) -> list[ExecutionReport]:
+        return [r for r in self.reports if r.order_id == oid]
+
+    async def report(self, oid: str) -> ExecutionReport:
+        await wait_until(
+            lambda: self.reports_for(oid),
+            f"the execution report of {oid}",
+            details=lambda: [(type(r).__name__, r.order_id) for r in self.reports],
+        )
+        return self.reports_for(oid)[0]
+
+    async def account_state(self, account: str) -> AccountState:
+        entry = await self.buckets[subjects.KV_ACCOUNTS].get(account)
+        return codec.account_state_decoder.decode(entry.value)
+
+    async def consumer_idle(self) -> bool:
+        info = await self.js.consumer_info(FOLLOWER_ORDERS_STREAM, f"connector-{CONNECTOR}")
+        return info.num_pending == 0 and info.num_ack_pending == 0
+
+    async def master_events(self) -> list[Any]:
+        """Every stored master event message, in stream order."""
+        state = (await self.js.stream_info(MASTER_EVENTS_STREAM)).state
+        if state.messages == 0:
+            return []
+        return [
+            await self.js.get_msg(MASTER_EVENTS_STREAM, seq)
+            for seq in range(state.first_seq, state.last_seq + 1)
+        ]
+
+
+@pytest.fixture
+async def rig(nc: Client, js: JetStreamContext, tmp_path: Path) -> AsyncIterator[Rig]:
+    r = Rig(nc, js, tmp_path)
+    await r.setup()
+    try:
+        yield r
+    finally:
+        for runtime in list(r.runtimes):
+            await r.stop(runtime)
+
+
+_counter = iter(range(1, 1_000_000))
+
+
+def open_order(
+    follower: str, position: str, side: Side = Side.BUY, volume: float = 0.1, **fields: Any
+) -> FollowerOpen:
+    n = next(_counter)
+    return FollowerOpen(
+        order_id=f"e{n}:l-{follower}",
+        link_id=f"l-{follower}",
+        follower=follower,
+        master="m1",
+        master_event_id=f"e{n}",
+        symbol=SYMBOL,
+        ts_ns=time.time_ns(),
+        master_position_id=position,
+        side=side,
+        volume=volume,
+        master_price=QUOTES[0].ask if side is Side.BUY else QUOTES[0].bid,
+        **fields,
+    )
+
+
+def follow_up(kind: type[Any], follower: str, position: str, **fields: Any) -> Any:
+    n = next(_counter)
+    return kind(
+        order_id=f"e{n}:l-{follower}",
+        link_id=f"l-{follower}",
+        follower=follower,
+        master="m1",
+        master_event_id=f"e{n}",
+        symbol=SYMBOL,
+        ts_ns=time.time_ns(),
+        master_position_id=position,
+        **fields,
+    )
+
+
+# --- account state and symbol specs ---------------------------------------------------------
+
+
+async def test_state_and_specs_in_kv_on_start_and_state_republished_after_execution(
+    rig: Rig,
+) -> None:
+    terminal = rig.terminal()
+    # No periodic republication during the test: any new state comes from a change.
+    await rig.start(terminal, state_interval_s=3600.0)
+    for account in ("m1", "f1", "f2"):
+        state = await rig.account_state(account)
+        assert (state.account, state.connector, state.currency) == (account, CONNECTOR, "USD")
+        assert (state.balance, state.equity, state.open_positions) == (10_000.0, 10_000.0, 0)
+        entry = await rig.buckets[subjects.KV_SYMBOLS].get(subjects.symbol_key(account, SYMBOL))
+        spec = codec.symbol_spec_decoder.decode(entry.value)
+        expected = terminal.venue.symbol_spec(account, SYMBOL)
+        assert spec == msgspec.structs.replace(expected, ts_ns=spec.ts_ns)
+        assert (spec.volume_min, spec.volume_step, spec.contract_size) == (0.01, 0.01, 100.0)
+    kv_f1 = rig.buckets[subjects.KV_ACCOUNTS]
+    revision = (await kv_f1.get("f1")).revision
+
+    order = open_order("f1", "p1")
+    await rig.send(order)
+    assert isinstance(await rig.report(order.order_id), OrderFilled)
+
+    async def f1_has_one_position() -> bool:
+        return (await rig.account_state("f1")).open_positions == 1
+
+    await wait_until(f1_has_one_position, "f1's state republished with the new position")
+    state = await rig.account_state("f1")
+    assert state.connector == CONNECTOR and state.margin > 0
+    assert (await kv_f1.get("f1")).revision > revision
+    # The master's state changes too once its own trade is published.
+    result = terminal.trade(lambda v: v.market_order("m1", SYMBOL, Side.SELL, 0.1))
+    assert result.ok
+    await rig.runtimes[0].publish_master_events(list(terminal.outbox))
+
+    async def m1_has_one_position() -> bool:
+        return (await rig.account_state("m1")).open_positions == 1
+
+    await wait_until(m1_has_one_position, "m1's state republished after its trade")
+
+
+# --- master events --------------------------------------------------------------------------
+
+
+async def test_master_events_carry_event_id_as_msg_id_are_deduplicated_and_stamped(
+    rig: Rig,
+) -> None:
+    terminal = rig.terminal()
+    runtime = await rig.start(terminal)
+    opened = terminal.trade(lambda v: v.market_order("m1", SYMBOL, Side.BUY, 0.1))
+    assert opened.ok
+    [event] = terminal.outbox
+    assert event.trace.terminal_ns > 0 and event.trace.connector_ns == 0
+    before = time.time_ns()
+    await runtime.publish_master_events([event])
+    await runtime.publish_master_events([event])  # again: the stream keeps one
+    assert terminal.outbox == []
+
+    [stored] = await rig.master_events()
+    assert stored.headers[MSG_ID] == event.event_id == "m1-1"
+    assert stored.subject.startswith(f"{subjects.MASTER_PARTITIONED}.")
+    assert stored.subject.endswith(".m1")
+    decoded: MasterEvent = codec.master_event_decoder.decode(stored.data)
+    assert decoded.trace.connector_ns >= before >= decoded.trace.terminal_ns > 0
+    assert decoded == msgspec.structs.replace(event, trace=decoded.trace)
+    assert decoded.trace == msgspec.structs.replace(
+        event.trace, connector_ns=decoded.trace.connector_ns
+    )
+
+    # Another event is stored after it, under its own id.
+    closed = terminal.trade(lambda v: v.close_position("m1", opened.position_id))
+    await runtime.publish_master_events(closed.transactions)
+    first, second = await rig.master_events()
+    assert [first.headers[MSG_ID], second.headers[MSG_ID]] == ["m1-1", "m1-2"]
+
+
+async def test_outbox_published_on_start_exactly_once(rig: Rig) -> None:
+    terminal = rig.terminal()
+    opened = terminal.venue.market_order("m1", SYMBOL, Side.BUY, 0.1)
+    closed = terminal.venue.close_position("m1", opened.position_id or "")
+    recorded = terminal.record([*opened.transactions, *closed.transactions])
+    terminal.save()
+    assert [e.event_id for e in recorded] == ["m1-1", "m1-2"]
+    assert await rig.master_events() == []
+    # The state file as a crash right after publishing would leave it: outbox not yet emptied.
+    before_publish = rig.path.with_suffix(".before")
+    shutil.copy(rig.path, before_publish)
+
+    restarted = rig.terminal()
+    assert [e.event_id for e in restarted.outbox] == ["m1-1", "m1-2"]
+    runtime = await rig.start(restarted)
+    stored = await rig.master_events()
+    assert [m.headers[MSG_ID] for m in stored] == ["m1-1", "m1-2"]
+    assert [codec.master_event_decoder.decode(m.data).trace.terminal_ns for m in stored] == [
+        e.trace.terminal_ns for e in recorded
+    ]
+    assert restarted.outbox == []
+    await rig.stop(runtime)
+
+    shutil.copy(before_publish, rig.path)
+    again = rig.terminal()
+    assert len(again.outbox) == 2
+    await rig.start(again)
+    assert again.outbox == []
+    assert [m.headers[MSG_ID] for m in await rig.master_events()] == ["m1-1", "m1-2"]
+
+
+async def test_event_left_by_a_failed_publish_goes_out_before_later_events(rig: Rig) -> None:
+    terminal = rig.terminal([M1])
+    connector = PaperConnector(rig.nc, CONNECTOR, terminal, None)
+    await connector.start()
+    rig.runtimes.append(connector.runtime)
+    # The master-event stream is briefly unavailable: the open cannot be stored.
+    stream = (await rig.js.stream_info(MASTER_EVENTS_STREAM)).config
+    wanted = list(stream.subjects or [])
+    stream.subjects = ["tc.v1.master.nobody.events"]
+    await rig.js.update_stream(stream)
+    with pytest.raises(Exception):  # noqa: B017 - whichever error the client raises
+        await connector.trade(lambda v: v.market_order("m1", SYMBOL, Side.BUY, 0.1))
+    [pending] = terminal.outbox
+    assert pending.event_id == "m1-1"
+    [position] = terminal.venue.positions("m1")
+
+    stream.subjects = wanted
+    await rig.js.update_stream(stream)
+    closed = await connector.trade(lambda v: v.close_position("m1", position.position_id))
+    assert closed.ok
+    stored = [m.headers[MSG_ID] for m in await rig.master_events()]
+    assert stored == ["m1-1", "m1-2"], f"stored {stored}, still in the outbox {terminal.outbox}"
+    assert terminal.outbox == []
+
+
+# --- follower orders ------------------------------------------------------------------------
+
+
+async def test_malformed_order_terminated_logged_and_does_not_block(rig: Rig) -> None:
+    terminal = rig.terminal()
+    await rig.start(terminal)
+    terminated: list[dict[str, Any]] = []
+
+    async def on_advisory(msg: Any) -> None:
+        terminated.append(json.loads(msg.data))
+
+    await rig.nc.subscribe(
+        f"$JS.EVENT.ADVISORY.CONSUMER.MSG_TERMINATED.{FOLLOWER_ORDERS_STREAM}.connector-{CONNECTOR}",
+        cb=on_advisory,
+    )
+    valid = open_order("f1", "p1")
+    with structlog.testing.capture_logs() as logs:
+        garbage = await rig.js.publish(subjects.follower_orders("f1"), b"\xc1 not msgpack")
+        wrong_shape = await rig.js.publish(
+            subjects.follower_orders("f1"), codec.encode({"type": "open", "volume": "lots"})
+        )
+        await rig.send(valid)
+        report = await rig.report(valid.order_id)
+        await wait_until(rig.consumer_idle, "every order settled")
+        await wait_until(lambda: len(terminated) == 2, "two termination advisories")
+    assert isinstance(report, OrderFilled)
+    assert sorted(a["stream_seq"] for a in terminated) == [garbage.seq, wrong_shape.seq]
+    invalid = [e for e in logs if e["event"] == "follower_order_invalid"]
+    assert [e["subject"] for e in invalid] == [subjects.follower_orders("f1")] * 2
+    assert [e["log_level"] for e in invalid] == ["error", "error"]
+    # Terminated, not deleted: the bad messages stay in the stream for inspection.
+    assert (await rig.js.get_msg(FOLLOWER_ORDERS_STREAM, garbage.seq)).data == b"\xc1 not msgpack"
+    assert len(terminal.venue.positions("f1")) == 1
+    assert rig.reports == [report]
+
+
+async def test_order_for_an_account_not_served_is_not_executed(rig: Rig) -> None:
+    terminal = rig.terminal()
+    await rig.start(terminal)
+    # On its own subject: not even delivered. Under f1's subject: delivered, not executed.
+    foreign = open_order("f9", "p1")
+    smuggled = open_order("f9", "p2")
+    valid = open_order("f1", "p3")
+    with structlog.testing.capture_logs() as logs:
+        await rig.send(foreign)
+        await rig.send(smuggled, subject=subjects.follower_orders("f1"))
+        await rig.send(valid)
+        await rig.report(valid.order_id)
+        await wait_until(rig.consumer_idle, "every order settled")
+    assert [r.order_id for r in rig.reports] == [valid.order_id]
+    assert "f9" not in terminal.venue.accounts()
+    assert smuggled.order_id not in terminal.reports and foreign.order_id not in terminal.reports
+    warned = [e for e in logs if e["event"] == "order_for_unknown_account"]
+    assert [(e["follower"], e["order"]) for e in warned] == [("f9", smuggled.order_id)]
+    assert [p.master_ref for p in terminal.venue.positions("f1")] == ["m1:p3"]
+
+
+async def test_batched_orders_executed_in_order_each_with_its_own_report(rig: Rig) -> None:
+    terminal = rig.terminal()
+    await rig.start(terminal)
+    venue = terminal.venue
+    quote = venue.quote(SYMBOL)
+    assert quote is not None
+    # A single order first, then a batch that depends on it: one stream, one order.
+    first = open_order("f2", "p0", Side.SELL, 0.1)
+    await rig.send(first)
+    orders: list[FollowerOrder] = [
+        open_order("f1", "p1", Side.BUY, 0.1),
+        open_order("f2", "p2", Side.SELL, 0.2),
+        follow_up(
+            FollowerModify, "f1", "p1", sl=round(quote.bid - 10, 2), tp=round(quote.bid + 10, 2)
+        ),
+        follow_up(FollowerClose, "f2", "p2", ratio=0.5),
+        open_order("f9", "p9"),  # not served here: skipped, the rest goes on
+        follow_up(FollowerClose, "f1", "p1"),
+        follow_up(FollowerClose, "f2", "p0"),
+    ]
+    batch = FollowerOrderBatch(
+        batch_id=f"e-batch@{CONNECTOR}",
+        connector=CONNECTOR,
+        master="m1",
+        master_event_id="e-batch",
+        ts_ns=time.time_ns(),
+        orders=orders,
+    )
+    await rig.js.publish(
+        subjects.connector_orders(CONNECTOR), codec.encode(batch), headers={MSG_ID: batch.batch_id}
+    )
+    served = [first, *(o for o in orders if o.follower != "f9")]
+    for order in served:
+        await rig.report(order.order_id)
+    await wait_until(rig.consumer_idle, "the batch acknowledged")
+
+    assert [r.order_id for r in rig.reports] == [o.order_id for o in served]
+    assert rig.report_ids == [f"report:{o.order_id}" for o in served]
+    kinds = [type(r) for r in rig.reports]
+    assert kinds == [OrderFilled, OrderFilled, OrderFilled, OrderDone, *[OrderFilled] * 3]
+    by_id = {r.order_id: r for r in rig.reports}
+    partial = by_id[orders[3].order_id]
+    assert isinstance(partial, OrderFilled)
+    assert (partial.side, partial.volume, partial.follower) == (Side.BUY, 0.1, "f2")
+    modified = by_id[orders[2].order_id]
+    assert isinstance(modified, OrderDone) and modified.follower == "f1"
+    assert venue.positions("f1") == []
+    [rest] = venue.positions("f2")
+    assert (rest.master_ref, rest.volume, rest.side) == ("m1:p2", 0.1, Side.SELL)
+    assert all(r.trace.report_ns >= r.trace.follower_connector_ns > 0 for r in rig.reports)
+
+
+async def test_order_acknowledged_only_after_its_report_is_stored(rig: Rig) -> None:
+    terminal = rig.terminal()
+    await rig.start(terminal)
+    durable = f"connector-{CONNECTOR}"
+    consumer = (await rig.js.consumer_info(FOLLOWER_ORDERS_STREAM, durable)).config
+    consumer.ack_wait = 1.0  # redeliver in a second instead of the runtime's 30 s
+    await rig.js.add_consumer(FOLLOWER_ORDERS_STREAM, consumer)
+    # f1's reports have nowhere to go: the report stream stops taking its subject.
+    stream = (await rig.js.stream_info(EXECUTION_REPORTS_STREAM)).config
+    stream.subjects = [subjects.execution_reports("f2")]
+    await rig.js.update_stream(stream)
+
+    order = open_order("f1", "p1")
+    with structlog.testing.capture_logs() as logs:
+        await rig.send(order)
+        await wait_until(lambda: order.order_id in terminal.reports, "the order executed")
+
+        async def redelivered() -> bool:
+            info = await rig.js.consumer_info(FOLLOWER_ORDERS_STREAM, durable)
+            return info.num_redelivered > 0 or info.delivered.consumer_seq > 1
+
+        await wait_until(redelivered, "the unreported order redelivered")
+        assert not await rig.consumer_idle()
+        stream.subjects = [subjects.EXECUTION_REPORTS]
+        await rig.js.update_stream(stream)
+        report = await rig.report(order.order_id)
+        await wait_until(rig.consumer_idle, "the order acknowledged after its report")
+    assert any(e["log_level"] == "error" for e in logs)
+    # Executed once: the redelivery got the stored outcome.
+    assert isinstance(report, OrderFilled)
+    assert [p.master_ref for p in terminal.venue.positions("f1")] == ["m1:p1"]
+    assert rig.reports == [report]
