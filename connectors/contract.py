@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 import msgspec
@@ -48,7 +48,7 @@ from schemas.streams import FOLLOWER_ORDERS_STREAM
 log = structlog.get_logger("tradecopy.connector")
 
 MSG_ID = "Nats-Msg-Id"
-#: Orders taken per pull; executed in stream order, acknowledged after their reports.
+#: Orders in flight per connector; run in stream order, acknowledged after their reports.
 ORDER_BATCH = 256
 BAD_ORDERS = Counter(
     "tradecopy_connector_bad_orders_total", "Follower orders that could not be decoded"
@@ -113,6 +113,7 @@ class ConnectorRuntime:
         # interleave, so publication is one at a time.
         self._publish_lock = asyncio.Lock()
         self._order_sub: Any = None
+        self._order_queue: asyncio.Queue[Any] = asyncio.Queue()
 
     @property
     def durable(self) -> str:
@@ -133,7 +134,7 @@ class ConnectorRuntime:
             await self._publish_specs(account)
             await self._publish_state(account)
         if self.terminal.follower_accounts():
-            await self._ensure_order_consumer()
+            await self._subscribe_orders()
             self._tasks.append(asyncio.create_task(self._consume_orders()))
         self._tasks.append(asyncio.create_task(self._publish_states()))
 
@@ -146,7 +147,7 @@ class ConnectorRuntime:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         if self._order_sub is not None:
-            # A pull with a fetch in flight would make the client's drain() wait its timeout.
+            # Stop the push; what was pushed and not acknowledged is redelivered to the next start.
             with contextlib.suppress(Exception):
                 await self._order_sub.unsubscribe()
             self._order_sub = None
@@ -160,18 +161,24 @@ class ConnectorRuntime:
         async with self._publish_lock:
             await self._publish_master_events(events)
 
-    async def flush_outbox(self) -> None:
+    async def flush_outbox(self, while_in_flight: Callable[[], None] | None = None) -> None:
         """Publish every master event the terminal has not published yet, oldest first.
 
         Publishing the whole outbox, not just the newest trade's events, keeps a master's
         events in order even after a publish failed: the left-behind event goes first.
+        ``while_in_flight`` (e.g. persisting the terminal) runs once the events are on the
+        wire and before their acks are awaited, so its time does not add to the hop.
         """
         async with self._publish_lock:
             pending = self.terminal.reconcile()
             if pending:
-                await self._publish_master_events(pending)
+                await self._publish_master_events(pending, while_in_flight)
+            elif while_in_flight is not None:
+                while_in_flight()
 
-    async def _publish_master_events(self, events: Sequence[MasterEvent]) -> None:
+    async def _publish_master_events(
+        self, events: Sequence[MasterEvent], while_in_flight: Callable[[], None] | None = None
+    ) -> None:
         now = time.time_ns()
         futures = []
         for event in events:
@@ -185,6 +192,9 @@ class ConnectorRuntime:
                     headers={MSG_ID: event.event_id},
                 )
             )
+        if while_in_flight is not None:
+            await asyncio.sleep(0)  # let the client's flusher put the events on the wire
+            while_in_flight()
         await asyncio.gather(*futures)
         self.terminal.published(events)
         self.mark_dirty(*{e.master for e in events})
@@ -224,18 +234,20 @@ class ConnectorRuntime:
 
     # ------------------------------------------------------------ follower orders
 
-    async def _ensure_order_consumer(self) -> None:
+    async def _ensure_order_consumer(self, deliver_subject: str) -> None:
         """Create the connector's durable consumer, or re-create it at its ack floor.
 
         Crash-only start: orders a dead connector had taken but not acknowledged must run
         before any newer order (a close must not overtake its open), so on every start the
         consumer restarts just after the last contiguously acknowledged order. Orders that did
         run before the crash come back too, and idempotent execution returns their outcome.
+        It pushes to this process's inbox: no pull round trip between an order and its run.
         """
         filters = [subjects.follower_orders(a) for a in sorted(self.terminal.follower_accounts())]
         filters.append(subjects.connector_orders(self.connector_id))
         config = ConsumerConfig(
             durable_name=self.durable,
+            deliver_subject=deliver_subject,
             ack_policy=AckPolicy.EXPLICIT,
             deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
             filter_subjects=filters,
@@ -259,25 +271,29 @@ class ConnectorRuntime:
             "order_consumer_resumed", connector=self.connector_id, from_seq=config.opt_start_seq
         )
 
+    async def _subscribe_orders(self) -> None:
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._order_queue = queue
+
+        async def arrived(msg: Any) -> None:
+            queue.put_nowait(msg)
+
+        deliver = self.nc.new_inbox()
+        # Subscribe first: the consumer starts pushing the moment it exists.
+        self._order_sub = await self.nc.subscribe(deliver, cb=arrived, pending_msgs_limit=-1)
+        await self._ensure_order_consumer(deliver)
+
     async def _consume_orders(self) -> None:
-        sub = await self.js.pull_subscribe_bind(durable=self.durable, stream=FOLLOWER_ORDERS_STREAM)
-        self._order_sub = sub
+        queue = self._order_queue
         while not self._stopping.is_set():
+            batch = [await queue.get()]
+            while not queue.empty() and len(batch) < ORDER_BATCH:
+                batch.append(queue.get_nowait())
             try:
-                msgs = await sub.fetch(ORDER_BATCH, timeout=5.0)
-            except nats.errors.TimeoutError:
-                continue
-            except (nats.errors.ConnectionClosedError, asyncio.CancelledError):
-                return
+                await self.handle_order_messages(batch)
             except Exception as exc:
-                log.warning("order_fetch_failed", connector=self.connector_id, error=repr(exc))
-                await asyncio.sleep(0.2)
-                continue
-            try:
-                await self.handle_order_messages(msgs)
-            except Exception as exc:
-                # Nothing of the batch was acknowledged: it is redelivered, in order, and
-                # idempotent execution settles what already ran.
+                # Nothing of the batch was acknowledged: the consumer redelivers it after
+                # ack_wait, and idempotent execution settles what already ran.
                 log.error("orders_failed", connector=self.connector_id, error=repr(exc))
 
     async def handle_order_messages(self, msgs: Sequence[Any]) -> None:

@@ -247,6 +247,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return demo_main(args.seconds, args.followers, args.speed, args.json)
 
 
+def _cmd_bench_e2e(args: argparse.Namespace) -> int:
+    from benchmarks.e2e import main as e2e_main
+
+    forwarded = ["--trades", str(args.trades), "--gaps-ms", args.gaps_ms]
+    if args.json:
+        forwarded.append("--json")
+    return e2e_main(forwarded)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tradecopy", description="Event-driven copy trading on NATS JetStream."
@@ -340,6 +349,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--modes", default="per-order,batch", help="per-order and/or batch (one per connector)"
     )
     fanout.set_defaults(func=_cmd_bench_fanout)
+    e2e = bench.add_parser("e2e", help="paper master fill → paper follower fill, every hop")
+    e2e.add_argument("--trades", type=int, default=200)
+    e2e.add_argument("--gaps-ms", default="0,20", help="pauses between trades to measure")
+    e2e.add_argument("--json", action="store_true")
+    e2e.set_defaults(func=_cmd_bench_e2e)
     return parser
 
 

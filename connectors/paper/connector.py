@@ -89,6 +89,8 @@ class PaperTerminal:
         self.outbox: list[MasterEvent] = outbox or []
         self.reports: dict[str, bytes] = reports or {}
         self.quote_seen = asyncio.Event()
+        self.changed = False
+        """The venue changed (a trade, or fills/SL/TP/stop-out on a quote) since the last save."""
 
     # --------------------------------------------------------------- persistence
 
@@ -122,6 +124,7 @@ class PaperTerminal:
 
     def save(self) -> None:
         """Persist venue, outbox and reports in one atomic write (no fsync: see PaperVenue.save)."""
+        self.changed = False
         if self.state_path is None:
             return
         state = PaperConnectorState(
@@ -178,10 +181,15 @@ class PaperTerminal:
         return mine
 
     def trade(self, action: Callable[[PaperVenue], Result]) -> Result:
-        """Run one trade request on the venue (the scripted or manual master trader)."""
+        """Run one trade request on the venue (the scripted or manual master trader).
+
+        The caller persists (``save``) — the connector does it while the resulting master
+        events travel, so the save costs the hop nothing.
+        """
         result = action(self.venue)
+        if result.transactions:
+            self.changed = True
         self.record(result.transactions)
-        self.save()
         return result
 
     def on_quote(self, quote: Quote) -> list[MasterEvent]:
@@ -189,6 +197,8 @@ class PaperTerminal:
         for alias in self.aliases.get(quote.symbol, ()):
             transactions += self.venue.on_quote(msgspec.structs.replace(quote, symbol=alias))
         self.quote_seen.set()
+        if transactions:
+            self.changed = True
         self.follower_activity.extend(t for t in transactions if t.master in self.followers)
         return self.record(transactions)
 
@@ -444,20 +454,29 @@ class PaperConnector:
         self.terminal.save()
 
     async def _run_feed(self, replay: PriceReplay) -> None:
+        terminal = self.terminal
         async for quote in replay.quotes():
             self.quotes += 1
-            events = self.terminal.on_quote(quote)
-            if events:
-                self.terminal.save()
-            if self.terminal.outbox:
-                try:
-                    await self.runtime.flush_outbox()
-                except Exception as exc:  # NATS away: the outbox keeps them for the next try
-                    log.warning("master_events_publish_failed", error=repr(exc))
+            terminal.on_quote(quote)
+            if not (terminal.changed or terminal.outbox):
+                continue
+            try:
+                await self.runtime.flush_outbox(
+                    while_in_flight=terminal.save if terminal.changed else None
+                )
+            except Exception as exc:  # NATS away: the outbox keeps them for the next try
+                log.warning("master_events_publish_failed", error=repr(exc))
+                if terminal.changed:
+                    terminal.save()
 
     async def trade(self, action: Callable[[PaperVenue], Result]) -> Result:
         """A master trade: execute on the venue, then publish what it caused."""
         result = self.terminal.trade(action)
-        if self.terminal.outbox:
-            await self.runtime.flush_outbox()
+        # Persisting while the events are on the wire: a crash in that window can leave an
+        # event published whose trade the paper venue then forgets (the only such window).
+        try:
+            await self.runtime.flush_outbox(while_in_flight=self.terminal.save)
+        finally:
+            if self.terminal.changed:  # the publish failed before the save: save now
+                self.terminal.save()
         return result

@@ -1,12 +1,12 @@
 """The replicator service: consumes master events by partition, publishes follower orders.
 
 Ordering and failover (see docs/architecture.md): the master-event stream hashes each master
-to one of N partitions; each partition has one durable pull consumer with one message in
-flight (``max_ack_pending=1``). Every instance pulls from every partition, so any instance can
-take any event, yet a master's next event is not delivered before the previous one's orders
-are stored and the event acknowledged. An instance that dies mid-fan-out leaves its event
-unacknowledged; after ``ack_wait`` another instance redoes it, and JetStream's ``Nats-Msg-Id``
-dedup drops the orders that were already stored.
+to one of N partitions; each partition has one durable push consumer with one message in
+flight (``max_ack_pending=1``) delivering to a queue group that every instance joins, so any
+instance can take any event, yet a master's next event is not delivered before the previous
+one's orders are stored and the event acknowledged. An instance that dies mid-fan-out leaves
+its event unacknowledged; after ``ack_wait`` another instance redoes it, and JetStream's
+``Nats-Msg-Id`` dedup drops the orders that were already stored.
 """
 
 from __future__ import annotations
@@ -45,8 +45,16 @@ MSG_ID = "Nats-Msg-Id"
 _CAS_RETRIES = 5
 
 
+DELIVER_GROUP = "tc-replicators"
+
+
 def consumer_name(partition: int) -> str:
     return f"replicator-p{partition}"
+
+
+def deliver_subject(partition: int) -> str:
+    """Where partition ``partition``'s consumer pushes; outside every stream's subjects."""
+    return f"{subjects.PREFIX}.deliver.replicator.p{partition}"
 
 
 class Replicator:
@@ -57,6 +65,7 @@ class Replicator:
         self.live: LiveView | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
+        self._subscriptions: list[Any] = []
         self.events_processed = 0
 
     async def start(self) -> None:
@@ -71,9 +80,9 @@ class Replicator:
         self.live.on_follower_account(self._on_follower_account)
         await self.live.start()
         for partition in range(cfg.partitions):
-            await self._ensure_consumer(partition)
+            await self._subscribe(partition)
         for partition in range(cfg.partitions):
-            self._tasks.append(asyncio.create_task(self._consume(partition)))
+            await self._ensure_consumer(partition)
         self._tasks.append(asyncio.create_task(self._poll_lag()))
         tune_gc()
         log.info(
@@ -86,6 +95,9 @@ class Replicator:
 
     async def stop(self) -> None:
         self._stopping.set()
+        for sub in self._subscriptions:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -94,8 +106,8 @@ class Replicator:
         if self.live is not None:
             await self.live.stop()
         if self.nc is not None and not self.nc.is_closed:
-            # Pull subscriptions with a fetch in flight make drain() wait for its timeout;
-            # every fan-out has been acknowledged or left for redelivery, so close is safe.
+            # Every fan-out has been acknowledged or left for redelivery, so close is safe
+            # (drain() would wait for in-flight deliveries this instance will not finish).
             with contextlib.suppress(Exception):
                 await self.nc.flush(timeout=2)
             await self.nc.close()
@@ -112,8 +124,12 @@ class Replicator:
         }
 
     async def _ensure_consumer(self, partition: int) -> None:
+        """The partition's durable push consumer, shared by every instance's queue group."""
+        name = consumer_name(partition)
         config = ConsumerConfig(
-            durable_name=consumer_name(partition),
+            durable_name=name,
+            deliver_subject=deliver_subject(partition),
+            deliver_group=DELIVER_GROUP,
             filter_subject=subjects.master_partition_filter(partition),
             ack_policy=AckPolicy.EXPLICIT,
             deliver_policy=DeliverPolicy.ALL,
@@ -122,36 +138,37 @@ class Replicator:
             max_deliver=-1,
         )
         try:
-            await self.js.add_consumer(MASTER_EVENTS_STREAM, config)
-        except nats.js.errors.BadRequestError:
-            # Another instance created it first with the same config; an instance with a
-            # different ack_wait must not silently change everyone's failover time.
-            info = await self.js.consumer_info(MASTER_EVENTS_STREAM, consumer_name(partition))
-            if info.config.max_ack_pending != 1:
-                raise
-
-    async def _consume(self, partition: int) -> None:
-        sub = await self.js.pull_subscribe_bind(
-            durable=consumer_name(partition), stream=MASTER_EVENTS_STREAM
-        )
-        while not self._stopping.is_set():
+            info = await self.js.consumer_info(MASTER_EVENTS_STREAM, name)
+        except nats.js.errors.NotFoundError:
             try:
-                msgs = await sub.fetch(1, timeout=5.0)
-            except nats.errors.TimeoutError:
-                continue
-            except (nats.errors.ConnectionClosedError, nats.errors.DrainTimeoutError):
-                return
-            except Exception as exc:  # a reconnect in progress; keep pulling
-                log.warning("fetch_failed", partition=partition, error=repr(exc))
-                await asyncio.sleep(0.2)
-                continue
-            for msg in msgs:
-                try:
-                    await self.handle_master_event(msg)
-                except Exception as exc:
-                    # Unacknowledged: redelivered after ack_wait, dedup keeps the redo exact.
-                    metrics.PUBLISH_FAILURES.inc()
-                    log.error("master_event_failed", partition=partition, error=repr(exc))
+                await self.js.add_consumer(MASTER_EVENTS_STREAM, config)
+            except nats.js.errors.BadRequestError:
+                # Another instance created it first; the same config, nothing to do.
+                await self.js.consumer_info(MASTER_EVENTS_STREAM, name)
+            return
+        if info.config.deliver_subject != config.deliver_subject:
+            # A pull consumer of an older layout: replace it where its acknowledgements end.
+            floor = info.ack_floor.stream_seq if info.ack_floor else 0
+            config.deliver_policy = DeliverPolicy.BY_START_SEQUENCE
+            config.opt_start_seq = floor + 1
+            await self.js.delete_consumer(MASTER_EVENTS_STREAM, name)
+            await self.js.add_consumer(MASTER_EVENTS_STREAM, config)
+
+    async def _subscribe(self, partition: int) -> None:
+        # One callback task per subscription: a partition's events run one after another,
+        # and with max_ack_pending=1 the server sends the next only after the ack.
+        sub = await self.nc.subscribe(
+            deliver_subject(partition), queue=DELIVER_GROUP, cb=self._on_master_message
+        )
+        self._subscriptions.append(sub)
+
+    async def _on_master_message(self, msg: Any) -> None:
+        try:
+            await self.handle_master_event(msg)
+        except Exception as exc:
+            # Unacknowledged: redelivered after ack_wait, dedup keeps the redo exact.
+            metrics.PUBLISH_FAILURES.inc()
+            log.error("master_event_failed", subject=msg.subject, error=repr(exc))
 
     async def handle_master_event(self, msg: Any) -> None:
         t_in = time.time_ns()
