@@ -1,6 +1,6 @@
 """The NATS floor: a bare relay that turns each master event into N pre-encoded orders.
 
-It consumes exactly like the replicator (durable pull consumer, one event in flight) and
+It consumes exactly like the replicator (durable push consumer, one event in flight) and
 publishes exactly like it (async JetStream publishes with ``Nats-Msg-Id``, all acks awaited
 before the event is acknowledged) but applies no rules and encodes nothing: the difference
 between the two is the cost of tradecopy itself.
@@ -13,9 +13,9 @@ import asyncio
 import contextlib
 import signal
 import time
+from typing import Any
 
 import nats
-import nats.errors
 from nats.js.api import AckPolicy, ConsumerConfig
 
 from schemas import codec, subjects
@@ -78,36 +78,38 @@ async def relay(
         targets = batch_payloads(master, followers, batches)
     else:
         targets = [(subjects.follower_orders(f), order_payload(f, master)) for f in followers]
+    publish = js.publish_async
+
+    async def relay_one(msg: Any) -> None:
+        seq = msg.metadata.sequence.stream
+        futures = [
+            await publish(subject, payload, headers={"Nats-Msg-Id": f"{seq}:{i}"})
+            for i, (subject, payload) in enumerate(targets)
+        ]
+        await asyncio.gather(*futures)
+        await msg.ack()
+
+    # Consumed exactly like the replicator consumes a partition: a durable push consumer,
+    # one event in flight, acknowledged after every order is stored.
+    deliver = nc.new_inbox()
+    await nc.subscribe(deliver, cb=relay_one)
     await js.add_consumer(
         MASTER_EVENTS_STREAM,
         ConsumerConfig(
             durable_name=durable,
+            deliver_subject=deliver,
             filter_subject=f"{subjects.MASTER_PARTITIONED}.*.{master}",
             ack_policy=AckPolicy.EXPLICIT,
             max_ack_pending=1,
             ack_wait=5.0,
         ),
     )
-    sub = await js.pull_subscribe_bind(durable=durable, stream=MASTER_EVENTS_STREAM)
     print("ready", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    publish = js.publish_async
-    while not stop.is_set():
-        try:
-            msgs = await sub.fetch(1, timeout=1.0)
-        except nats.errors.TimeoutError:
-            continue
-        for msg in msgs:
-            seq = msg.metadata.sequence.stream
-            futures = [
-                await publish(subject, payload, headers={"Nats-Msg-Id": f"{seq}:{i}"})
-                for i, (subject, payload) in enumerate(targets)
-            ]
-            await asyncio.gather(*futures)
-            await msg.ack()
+    await stop.wait()
     with contextlib.suppress(Exception):
         await nc.close()
 

@@ -115,7 +115,7 @@ def test_fixed_lot_ignores_master_volume() -> None:
     sized = size(make_link(sizing=FixedLot(lots=0.25)), master_volume=7.0)
     assert sized.volume == 0.25
     assert sized.skip is None
-    assert sized.reductions == []
+    assert sized.reductions == ()
 
 
 def test_multiplier_scales_master_volume() -> None:
@@ -387,7 +387,7 @@ def test_max_lot_above_symbol_max_falls_back_to_symbol_max() -> None:
 def test_volume_under_all_caps_has_no_reduction() -> None:
     sized = size(make_link(max_lot=5.0), master_volume=1.0)
     assert sized.volume == 1.0
-    assert sized.reductions == []
+    assert sized.reductions == ()
 
 
 def test_below_min_skips_by_default() -> None:

@@ -78,6 +78,7 @@ class CompiledLink:
     __slots__ = (
         "decision_subject",
         "exclude",
+        "has_equity_protection",
         "has_static_filters",
         "include",
         "link",
@@ -108,7 +109,8 @@ class CompiledLink:
         )
         # Only protections pause a link and only the daily limit counts trades: links with
         # neither never need their state entry on the hot path.
-        self.uses_link_state = link.daily_trade_limit is not None or has_equity_protection(link)
+        self.has_equity_protection = has_equity_protection(link)
+        self.uses_link_state = link.daily_trade_limit is not None or self.has_equity_protection
 
     def follower_symbol(self, master_symbol: str) -> str:
         mapped = self.symbol_cache.get(master_symbol)
@@ -347,7 +349,7 @@ def _plan_new_copy(
             f"no account state for follower {link.follower}",
             {"account": link.follower},
         )
-    if has_equity_protection(link):
+    if cl.has_equity_protection:
         breach = check_equity(link, follower_state, state, today)
         if breach is not None:
             return _skip(event, cl, now_ns, breach.rule, breach.message, breach.numbers)

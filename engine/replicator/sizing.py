@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -41,7 +41,7 @@ class SizedVolume:
     volume: float
     """0.0 when the copy is skipped (then ``skip`` is set)."""
     skip: SizingNote | None = None
-    reductions: list[SizingNote] = field(default_factory=list)
+    reductions: Sequence[SizingNote] = ()
 
 
 @lru_cache(maxsize=256)
@@ -149,7 +149,7 @@ def fit_to_symbol(link: CopyLink, volume: float, spec: SymbolSpec) -> SizedVolum
                 DecisionRule.ZERO_DIVISOR, "sizing gave no finite volume", {"volume": volume}
             ),
         )
-    reductions: list[SizingNote] = []
+    reductions: list[SizingNote] = []  # usually stays empty: no allocation is shared
     link_caps = link.max_lot is not None and link.max_lot < spec.volume_max
     cap = link.max_lot if link_caps else spec.volume_max
     if volume > cap:
@@ -170,9 +170,14 @@ def fit_to_symbol(link: CopyLink, volume: float, spec: SymbolSpec) -> SizedVolum
     else:
         volume_in_cap = volume
     # Rounding down is monotonic, so rounding the capped volume also keeps it under the cap.
-    sized = round_down_to_step(volume_in_cap, step)
+    # (Inline round_down_to_step: volume_in_cap is finite and ≤ the symbol's max here.)
+    sized = (
+        round(math.floor(volume_in_cap / step + _STEP_EPSILON) * step, _decimals(step))
+        if volume_in_cap > 0
+        else 0.0
+    )
     if sized >= spec.volume_min:
-        return SizedVolume(sized, None, reductions)
+        return SizedVolume(sized, None, reductions or ())
     numbers: dict[str, float | str | None] = {
         "volume": volume,
         "volume_min": spec.volume_min,
