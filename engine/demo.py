@@ -338,7 +338,7 @@ def follower_table(
     table = Table(title="followers", title_justify="left")
     for column, justify in (("follower", "left"), ("rule", "left"), ("copied", "right"),
                             ("skipped", "right"), ("why skipped / reduced", "left"),
-                            ("P&L USD", "right"), ("slippage", "right"),
+                            ("P&L USD", "right"), ("avg slippage", "right"),
                             ("master→fill p50", "right")):  # fmt: skip
         table.add_column(column, justify=justify)  # type: ignore[arg-type]
     fills_by: dict[str, list[OrderFilled]] = defaultdict(list)
@@ -356,13 +356,15 @@ def follower_table(
         fills = fills_by[follower]
         state = terminal.venue.account_state(follower)
         pnl = state.equity - balances[follower]
-        slip = statistics.fmean(f.slippage for f in fills) if fills else 0.0
+        # In points (0.01 on XAUUSD); positive means the follower filled worse than the master.
+        slip = statistics.fmean(f.slippage for f in fills) / XAUUSD.tick_size if fills else 0.0
         e2f = [(f.trace.follower_terminal_ns - f.trace.terminal_ns) / 1e3
                for f in fills if f.trace.terminal_ns]  # fmt: skip
         why = ", ".join(f"{k} ×{n}" for k, n in reasons[follower].most_common(3)) or "—"
+        latency = f"{_pct(e2f, 0.5) / 1e3:.2f} ms" if e2f else "—"
         table.add_row(
             follower, KINDS[index % len(KINDS)].rule, str(len(fills)), str(skipped[follower]),
-            why, f"{pnl:+,.2f}", f"{slip:+.2f}", f"{_pct(e2f, 0.5) / 1e3:.2f} ms" if e2f else "—",
+            why, f"{pnl:+,.2f}", f"{slip:+.1f} pts", latency,
         )  # fmt: skip
     return table
 
@@ -387,6 +389,10 @@ def latency_table(hops: dict[str, list[float]]) -> Table:
     return table
 
 
+def _level(price: float | None) -> str:
+    return f"{price:.2f}" if price else "—"
+
+
 def live_view(terminal: PaperTerminal, observed: Observed, log_lines: list[str]) -> Group:
     venue = terminal.venue
     quote = venue.quote("XAUUSD")
@@ -395,12 +401,12 @@ def live_view(terminal: PaperTerminal, observed: Observed, log_lines: list[str])
     head.add_row(f"[bold]tradecopy demo[/] {price}", f"events {observed.master_events}",
                  f"orders {len(observed.orders)}", f"reports {len(observed.reports)}")  # fmt: skip
     positions = Table(title="positions", title_justify="left")
-    for column in ("account", "#", "side", "lots", "open", "SL", "TP", "copies"):
+    for column in ("account", "#", "side", "lots", "open", "SL", "TP", "copy of"):
         positions.add_column(column, justify="left" if column in ("account", "side") else "right")
     for account in (MASTER, *terminal.followers):
         for p in venue.positions(account):
             positions.add_row(account, p.position_id, p.side.value, f"{p.volume:.2f}",
-                              f"{p.open_price:.2f}", f"{p.sl or 0:.2f}", f"{p.tp or 0:.2f}",
+                              f"{p.open_price:.2f}", _level(p.sl), _level(p.tp),
                               p.master_ref or "")  # fmt: skip
     hops = latencies(observed)
     e2f = hops.get("event_to_fill", [])
@@ -468,15 +474,20 @@ async def run_demo(seconds: float, followers: int, speed: float, as_json: bool) 
             pause = max(seconds / (len(steps) + 1), 0.2)
             live = None
             if not as_json and console.is_terminal:
+                # Manual refresh only: rich's refresh thread renders under the GIL and would
+                # stall the event loop (and the latency being shown) several times a second.
                 live = Live(live_view(terminal, observed, log_lines), console=console,
-                            refresh_per_second=4)  # fmt: skip
+                            auto_refresh=False)  # fmt: skip
                 live.start()
             try:
                 for step in steps:
                     await asyncio.sleep(pause)
                     await step()
                     if live is not None:
-                        live.update(live_view(terminal, observed, log_lines))
+                        # Draw only once this step's copies are done: a render holds the event
+                        # loop for milliseconds and would sit in the copy path it measures.
+                        await _quiesce(observed)
+                        live.update(live_view(terminal, observed, log_lines), refresh=True)
                 await _settle(connector, observed, live, terminal, log_lines)
             finally:
                 if live is not None:
@@ -540,6 +551,16 @@ async def _wait_ready(
     raise RuntimeError("the replicator did not start within 30 s")
 
 
+async def _quiesce(observed: Observed, timeout: float = 1.0) -> None:
+    """Until every order seen so far has its report (or ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    await asyncio.sleep(0.05)  # the step's orders are still on their way
+    while time.monotonic() < deadline:
+        if all(o.order_id in observed.reports for o in observed.orders):
+            return
+        await asyncio.sleep(0.01)
+
+
 async def _settle(
     connector: PaperConnector, observed: Observed, live: Live | None,
     terminal: PaperTerminal, log_lines: list[str],
@@ -549,7 +570,7 @@ async def _settle(
     while time.monotonic() < deadline:
         await asyncio.sleep(0.25)
         if live is not None:
-            live.update(live_view(terminal, observed, log_lines))
+            live.update(live_view(terminal, observed, log_lines), refresh=True)
         if observed.orders and all(o.order_id in observed.reports for o in observed.orders):
             await asyncio.sleep(0.5)
             if all(o.order_id in observed.reports for o in observed.orders):
