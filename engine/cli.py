@@ -256,6 +256,40 @@ def _cmd_bench_e2e(args: argparse.Namespace) -> int:
     return e2e_main(forwarded)
 
 
+def _cmd_quotes_publish(args: argparse.Namespace) -> int:
+    async def publish() -> int:
+        import time
+
+        import msgspec
+        import nats
+
+        from connectors.paper.prices import PriceReplay, load_bars
+        from schemas import codec, subjects
+
+        nc = await nats.connect(args.nats_url, name="tradecopy-quotes")
+        replay = PriceReplay(load_bars(), start=args.start_bar, speed=args.speed, loop=True,
+                             stamp_wall_clock=True, steps_per_leg=3)  # fmt: skip
+        sent = 0
+        print(f"publishing XAUUSD quotes on {subjects.quotes('XAUUSD')}; Ctrl-C stops", flush=True)
+        try:
+            async for quote in replay.quotes():
+                quote = msgspec.structs.replace(quote, ts_ns=time.time_ns())
+                await nc.publish(subjects.quotes(quote.symbol), codec.encode(quote))
+                sent += 1
+                if args.count and sent >= args.count:
+                    break
+        finally:
+            await nc.flush()
+            await nc.close()
+        print(f"{sent} quotes published")
+        return 0
+
+    try:
+        return int(run_async(publish()))
+    except KeyboardInterrupt:
+        return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tradecopy", description="Event-driven copy trading on NATS JetStream."
@@ -323,6 +357,18 @@ def build_parser() -> argparse.ArgumentParser:
     nats_run.add_argument("--http-port", type=int, default=None)
     nats_run.add_argument("--store-dir")
     nats_run.set_defaults(func=_cmd_nats_run)
+
+    quotes = commands.add_parser("quotes", help="price sources").add_subparsers(
+        dest="quotes_command", required=True
+    )
+    publish = quotes.add_parser(
+        "publish", help="publish the shipped real XAUUSD bars as live quotes on NATS"
+    )
+    publish.add_argument("--nats-url", default=DEFAULT_NATS)
+    publish.add_argument("--speed", type=float, default=60.0, help="bars per minute")
+    publish.add_argument("--start-bar", type=int, default=0)
+    publish.add_argument("--count", type=int, default=0, help="stop after this many (0: never)")
+    publish.set_defaults(func=_cmd_quotes_publish)
 
     up = commands.add_parser("up", help="run NATS, replicator and paper accounts until Ctrl-C")
     up.add_argument("--config", help="TOML file (default: the shipped engine/up.toml)")

@@ -49,6 +49,9 @@ class PaperSection(_Section):
     speed: Annotated[float, msgspec.Meta(ge=0)] = 60.0
     start_bar: Annotated[int, msgspec.Meta(ge=0)] = 0
     loop: bool = True
+    prices: Annotated[str, msgspec.Meta(pattern=r"^(replay|nats)$")] = "replay"
+    """replay: the shipped real XAUUSD bars; nats: quotes a live source publishes on
+    tc.v1.quotes.<symbol> (e.g. ``tradecopy quotes publish``)."""
     state_dir: str | None = None
     accounts: list[PaperAccount] = []
 
@@ -71,7 +74,7 @@ def load_config(path: Path) -> UpConfig:
 async def run_up(config_path: Path) -> None:
     import nats
 
-    from connectors.paper.connector import PaperConnector, PaperTerminal
+    from connectors.paper.connector import NatsQuotes, PaperConnector, PaperTerminal
     from connectors.paper.prices import PriceReplay, load_bars
     from engine.errors import LinkFileError
     from engine.jetstream import ensure_buckets, ensure_streams
@@ -120,11 +123,15 @@ async def run_up(config_path: Path) -> None:
             paper_dir = Path(paper.state_dir) if paper.state_dir else state / "paper"
             rows = [(a.id, a.currency, a.balance, a.leverage, a.role) for a in paper.accounts]
             terminal = PaperTerminal.open(paper_dir / f"{paper.connector_id}.state", rows)
-            replay = PriceReplay(
-                load_bars(), start=paper.start_bar, speed=paper.speed, loop=paper.loop,
-                stamp_wall_clock=True, steps_per_leg=3,
-            )  # fmt: skip
-            connector = PaperConnector(nc, paper.connector_id, terminal, replay)
+            feed: PriceReplay | NatsQuotes
+            if paper.prices == "nats":
+                feed = NatsQuotes(nc, list(terminal.venue.symbols))
+            else:
+                feed = PriceReplay(
+                    load_bars(), start=paper.start_bar, speed=paper.speed, loop=paper.loop,
+                    stamp_wall_clock=True, steps_per_leg=3,
+                )  # fmt: skip
+            connector = PaperConnector(nc, paper.connector_id, terminal, feed)
             await connector.start()
         print(f"NATS (JetStream)   {server.url}   store {store}", flush=True)
         if server.http_port:
@@ -135,7 +142,7 @@ async def run_up(config_path: Path) -> None:
             print(f"replicator up-{i + 1}    pid {proc.pid}   {where}", flush=True)
         if connector is not None:
             roles = ", ".join(f"{a.id} ({a.role})" for a in config.paper.accounts)
-            print(f"paper venue        {roles}", flush=True)
+            print(f"paper venue        {roles}; prices: {config.paper.prices}", flush=True)
         print(
             f"links              {len(links)} ({len(result.created)} new, "
             f"{len(result.updated)} updated)\nCtrl-C stops everything.",

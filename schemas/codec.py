@@ -10,6 +10,7 @@ from schemas.account import AccountState, FxRate, SymbolSpec
 from schemas.control import EmergencyStop
 from schemas.decisions import CopyDecision
 from schemas.links import CopyLink
+from schemas.market import Quote
 from schemas.master import MasterEvent
 from schemas.orders import FollowerOrder, FollowerOrderBatch
 from schemas.reports import ExecutionReport
@@ -27,3 +28,4 @@ symbol_spec_decoder = msgspec.msgpack.Decoder(SymbolSpec)
 fx_rate_decoder = msgspec.msgpack.Decoder(FxRate)
 emergency_stop_decoder = msgspec.msgpack.Decoder(EmergencyStop)
 copy_link_decoder = msgspec.msgpack.Decoder(CopyLink)
+quote_decoder = msgspec.msgpack.Decoder(Quote)

@@ -13,6 +13,7 @@ from schemas.account import AccountState, FxRate, SymbolSpec
 from schemas.control import EmergencyStop
 from schemas.decisions import CopyDecision
 from schemas.links import CopyLink
+from schemas.market import Quote
 from schemas.master import MasterEvent
 from schemas.orders import FollowerOrder, FollowerOrderBatch
 from schemas.reports import ExecutionReport
@@ -29,6 +30,7 @@ MESSAGES: dict[str, Any] = {
     "account_state": AccountState,
     "symbol_spec": SymbolSpec,
     "fx_rate": FxRate,
+    "quote": Quote,
     "emergency_stop": EmergencyStop,
     "copy_link": CopyLink,
 }

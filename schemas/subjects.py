@@ -17,6 +17,7 @@ FOLLOWER_ORDERS = f"{PREFIX}.follower.*.orders"
 CONNECTOR_ORDERS = f"{PREFIX}.connector.*.orders"
 EXECUTION_REPORTS = f"{PREFIX}.follower.*.reports"
 DECISIONS = f"{PREFIX}.decision.*.*"
+QUOTES = f"{PREFIX}.quotes.>"
 
 # KV buckets (JetStream key-value): the replicator caches and watches all of them.
 KV_LINKS = "tc_links"
@@ -49,6 +50,11 @@ def execution_reports(follower: str) -> str:
 
 def decisions(follower: str, link_id: str) -> str:
     return f"{PREFIX}.decision.{follower}.{link_id}"
+
+
+def quotes(symbol: str) -> str:
+    """A symbol's quotes (core NATS, not stored: only the latest price matters)."""
+    return f"{PREFIX}.quotes.{encode_key_token(symbol)}"
 
 
 _KEY_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")

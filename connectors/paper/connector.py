@@ -8,7 +8,7 @@ import os
 import tempfile
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from connectors.paper.prices import PriceReplay, Quote
 from connectors.paper.venue import PaperVenue
 from engine.replicator.protection import within_deviation
 from engine.replicator.sizing import partial_close_volume
-from schemas import codec
+from schemas import codec, subjects
 from schemas.account import AccountState, SymbolSpec
 from schemas.common import Side, Trace
 from schemas.master import MasterEvent
@@ -428,11 +428,53 @@ def _slippage(side: Side, price: float, master_price: float) -> float:
     return round(price - master_price if side is Side.BUY else master_price - price, 10)
 
 
+class NatsQuotes:
+    """Quotes a live source publishes on ``tc.v1.quotes.<symbol>`` (core NATS, latest wins)."""
+
+    def __init__(self, nc: Any, symbols: Sequence[str]) -> None:
+        self.nc = nc
+        self.symbols = symbols
+        self.bad = 0
+        self._queue: asyncio.Queue[Quote] = asyncio.Queue(maxsize=10_000)
+        self._subs: list[Any] = []
+
+    async def start(self) -> None:
+        """Listen now (quotes are not stored: one sent before this is gone)."""
+        for symbol in self.symbols:
+            self._subs.append(await self.nc.subscribe(subjects.quotes(symbol), cb=self._arrived))
+        await self.nc.flush()
+
+    async def stop(self) -> None:
+        for sub in self._subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        self._subs.clear()
+
+    async def _arrived(self, msg: Any) -> None:
+        try:
+            quote = codec.quote_decoder.decode(msg.data)
+        except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError) as exc:
+            self.bad += 1
+            log.warning("quote_invalid", subject=msg.subject, error=str(exc))
+            return
+        if self._queue.full():  # a slow venue keeps the newest prices, not the oldest
+            self._queue.get_nowait()
+        self._queue.put_nowait(quote)
+
+    async def quotes(self) -> AsyncIterator[Quote]:
+        while True:
+            yield await self._queue.get()
+
+
 class PaperConnector:
     """A connector process: the paper terminal, its price feed and the NATS runtime."""
 
     def __init__(
-        self, nc: Any, connector_id: str, terminal: PaperTerminal, replay: PriceReplay | None
+        self,
+        nc: Any,
+        connector_id: str,
+        terminal: PaperTerminal,
+        replay: PriceReplay | NatsQuotes | None,
     ) -> None:
         self.terminal = terminal
         self.runtime = ConnectorRuntime(nc, connector_id, terminal)
@@ -442,10 +484,14 @@ class PaperConnector:
 
     async def start(self) -> None:
         await self.runtime.start()
+        if isinstance(self.replay, NatsQuotes):
+            await self.replay.start()
         if self.replay is not None:
             self._feed = asyncio.create_task(self._run_feed(self.replay))
 
     async def stop(self) -> None:
+        if isinstance(self.replay, NatsQuotes):
+            await self.replay.stop()
         if self._feed is not None:
             self._feed.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -453,7 +499,7 @@ class PaperConnector:
         await self.runtime.stop()
         self.terminal.save()
 
-    async def _run_feed(self, replay: PriceReplay) -> None:
+    async def _run_feed(self, replay: PriceReplay | NatsQuotes) -> None:
         terminal = self.terminal
         async for quote in replay.quotes():
             self.quotes += 1

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import msgspec
 
+from schemas.market import Quote
+
 #: The bars shipped with the package (see ``data/README.md`` for provenance).
 DEFAULT_BARS_PATH = Path(__file__).parent / "data" / "XAUUSD-M1-2026-02-16_27.csv"
 
@@ -52,15 +54,6 @@ class Bar(msgspec.Struct, frozen=True, kw_only=True):
     close: float
     spread_points: int
     tick_volume: int
-
-
-class Quote(msgspec.Struct, frozen=True, kw_only=True):
-    """One bid/ask price of a symbol at ``ts_ns`` (UTC ns): all the venue ever sees of a market."""
-
-    symbol: str
-    bid: float
-    ask: float
-    ts_ns: int
 
 
 def load_bars(path: Path | None = None) -> list[Bar]:
