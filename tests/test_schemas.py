@@ -36,6 +36,7 @@ from schemas.links import (
     SymbolMapping,
     TradingHours,
 )
+from schemas.market import Quote
 from schemas.master import (
     MasterEvent,
     PendingOrderCancelled,
@@ -399,6 +400,7 @@ OTHERS: list[Any] = [
         trade_mode=TradeMode.LONG_ONLY,
     ),
     FxRate(base="EUR", quote="USD", rate=1.0842, ts_ns=T0 + 33),
+    Quote(symbol="XAUUSD", bid=5010.5, ask=5010.69, ts_ns=T0 + 36),
     EmergencyStop(
         scope=StopScope.ACCOUNT,
         target="icm-2002",
@@ -428,6 +430,7 @@ DECODERS: dict[str, msgspec.msgpack.Decoder[Any]] = {
     "account_state": codec.account_state_decoder,
     "symbol_spec": codec.symbol_spec_decoder,
     "fx_rate": codec.fx_rate_decoder,
+    "quote": codec.quote_decoder,
     "emergency_stop": codec.emergency_stop_decoder,
     "copy_link": codec.copy_link_decoder,
 }
