@@ -10,6 +10,7 @@ import msgspec
 
 from schemas import WIRE_VERSION
 from schemas.account import AccountState, FxRate, SymbolSpec
+from schemas.bridge import ConnectorFrame, TerminalFrame
 from schemas.control import EmergencyStop
 from schemas.decisions import CopyDecision
 from schemas.links import CopyLink
@@ -33,6 +34,8 @@ MESSAGES: dict[str, Any] = {
     "quote": Quote,
     "emergency_stop": EmergencyStop,
     "copy_link": CopyLink,
+    "bridge_terminal_frame": TerminalFrame,
+    "bridge_connector_frame": ConnectorFrame,
 }
 
 
