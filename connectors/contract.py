@@ -62,7 +62,9 @@ class Terminal(Protocol):
 
     def follower_accounts(self) -> Sequence[str]: ...
 
-    def account_state(self, account: str) -> AccountState: ...
+    def account_state(self, account: str) -> AccountState | None:
+        """None while the terminal has not told us (then nothing is published for it)."""
+        ...
 
     def symbol_specs(self, account: str) -> Iterable[SymbolSpec]: ...
 
@@ -206,8 +208,15 @@ class ConnectorRuntime:
         self._dirty.update(accounts)
         self._state_changed.set()
 
+    async def refresh_account(self, account: str) -> None:
+        """Publish an account's symbol specs and state now (a terminal (re)connected)."""
+        await self._publish_specs(account)
+        await self._publish_state(account)
+
     async def _publish_state(self, account: str) -> None:
         state = self.terminal.account_state(account)
+        if state is None:
+            return
         if self.connector_id and not state.connector:
             state = msgspec.structs.replace(state, connector=self.connector_id)
         await self.buckets[subjects.KV_ACCOUNTS].put(account, codec.encode(state))
@@ -295,6 +304,16 @@ class ConnectorRuntime:
                 # Nothing of the batch was acknowledged: the consumer redelivers it after
                 # ack_wait, and idempotent execution settles what already ran.
                 log.error("orders_failed", connector=self.connector_id, error=repr(exc))
+
+    async def publish_report(self, report: ExecutionReport, msg_id: str) -> None:
+        """A report outside the order flow, e.g. an unknown outcome settled later."""
+        trace = msgspec.structs.replace(report.trace, report_ns=time.time_ns())
+        await self.js.publish(
+            subjects.execution_reports(report.follower),
+            codec.encode(msgspec.structs.replace(report, trace=trace)),
+            headers={MSG_ID: msg_id},
+        )
+        self.mark_dirty(report.follower)
 
     async def handle_order_messages(self, msgs: Sequence[Any]) -> None:
         """Execute a batch in stream order, persist once, report, then acknowledge.

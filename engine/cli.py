@@ -290,6 +290,15 @@ def _cmd_quotes_publish(args: argparse.Namespace) -> int:
         return 0
 
 
+def _cmd_bench_bridge(args: argparse.Namespace) -> int:
+    from benchmarks.bridge import main as bridge_main
+
+    forwarded = ["--trades", str(args.trades), "--gap-ms", str(args.gap_ms)]
+    if args.json:
+        forwarded.append("--json")
+    return bridge_main(forwarded)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tradecopy", description="Event-driven copy trading on NATS JetStream."
@@ -400,6 +409,13 @@ def build_parser() -> argparse.ArgumentParser:
     e2e.add_argument("--gaps-ms", default="0,20", help="pauses between trades to measure")
     e2e.add_argument("--json", action="store_true")
     e2e.set_defaults(func=_cmd_bench_e2e)
+    bridge = bench.add_parser(
+        "bridge", help="paper terminal → bridge connectors → paper terminal, lost/duplicates"
+    )
+    bridge.add_argument("--trades", type=int, default=200)
+    bridge.add_argument("--gap-ms", type=float, default=0.0)
+    bridge.add_argument("--json", action="store_true")
+    bridge.set_defaults(func=_cmd_bench_bridge)
     return parser
 
 

@@ -9,6 +9,8 @@ reliably with their string functions, and msgspec reads it at C speed. Rules:
   snapshot); a repeated ``seq`` is a duplicate and is ignored.
 - **Session.** A terminal opens with ``hello`` (account, token, a fresh random ``session``);
   the connector answers ``welcome`` or ``denied``. A new ``session`` resets both counters.
+  A connector that has no session for a terminal (it restarted) answers any other frame with
+  ``error`` reason ``"no session: say hello"``; the terminal then opens a new session.
 - **Commands.** Each ``cmd`` has a correlation id ``corr`` (the follower order id) and gets
   exactly one ``result`` with the same ``corr`` — also when it arrives twice: the terminal
   answers a repeated ``corr`` with the first result and does not trade again.
@@ -30,6 +32,8 @@ import msgspec
 from schemas.common import Comment, Id, OrderType, Side, Symbol
 
 PROTOCOL_VERSION = 1
+#: ``error`` reason for a frame outside any session: the terminal answers with a new ``hello``.
+NO_SESSION = "no session: say hello"
 Seq = Annotated[int, msgspec.Meta(ge=1)]
 Ticket = Annotated[str, msgspec.Meta(min_length=1, max_length=32)]
 

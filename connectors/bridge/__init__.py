@@ -1,0 +1,1 @@
+"""The bridge: MetaTrader terminals (bridge EA) and the paper terminal over ZeroMQ."""

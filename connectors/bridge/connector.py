@@ -1,0 +1,641 @@
+"""The bridge connector: one process, one ROUTER socket, many MetaTrader terminals.
+
+It is the ``Terminal`` of the connector contract for every account whose EA connects here:
+terminal events become master events, commands go out correlated by follower order id, and
+each terminal's positions and orders are mirrored so that snapshots (on every connect and on a
+sequence gap or a heartbeat hash mismatch) recover what a disconnection lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import os
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import structlog
+import zmq
+import zmq.asyncio
+from prometheus_client import Counter, Gauge, Histogram
+
+from connectors.bridge.config import BridgeConfig, BridgeTerminalConfig
+from connectors.bridge.hashing import state_hash
+from connectors.bridge.parsing import master_event, missed_events
+from connectors.contract import ConnectorRuntime
+from engine.replicator.sizing import partial_close_volume
+from schemas import codec
+from schemas.account import AccountState, SymbolSpec, TradeMode
+from schemas.bridge import (
+    NO_SESSION,
+    AccountUpdate,
+    BridgeAccount,
+    BridgeOrder,
+    BridgePosition,
+    BridgeSymbol,
+    Command,
+    CommandOp,
+    CommandResult,
+    Denied,
+    Heartbeat,
+    Hello,
+    ProtocolError,
+    Snapshot,
+    SnapshotRequest,
+    TradeEvent,
+    Welcome,
+    frame_encoder,
+    terminal_frame_decoder,
+)
+from schemas.master import MasterEvent
+from schemas.orders import (
+    FollowerClose,
+    FollowerCloseAll,
+    FollowerCloseBy,
+    FollowerModify,
+    FollowerOpen,
+    FollowerOrder,
+    FollowerPendingCancel,
+    FollowerPendingModify,
+    FollowerPendingPlace,
+)
+from schemas.reports import ExecutionReport, OrderDone, OrderFilled, OrderRejected, OrderUnknown
+
+log = structlog.get_logger("tradecopy.bridge")
+
+CONNECTED = Gauge("tradecopy_bridge_terminal_connected", "1 while the terminal is in session",
+                  ["account"])  # fmt: skip
+FRAMES = Counter("tradecopy_bridge_frames_total", "Frames by direction and type",
+                 ["direction", "type"])  # fmt: skip
+BAD_FRAMES = Counter("tradecopy_bridge_bad_frames_total", "Frames refused", ["reason"])
+COMMAND_LATENCY = Histogram(
+    "tradecopy_bridge_command_seconds", "Command sent → result received", ["account"],
+    buckets=(1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1, 1.0, 5.0),
+)  # fmt: skip
+SEQUENCE_GAPS = Counter("tradecopy_bridge_sequence_gaps_total", "Frames lost", ["account"])
+
+
+class TerminalNotConnected(Exception):
+    """No session with the terminal: the order stays unacknowledged and comes back."""
+
+
+@dataclass
+class TerminalSession:
+    config: BridgeTerminalConfig
+    identity: bytes = b""
+    session: str = ""
+    seq_in: int = 0
+    seq_out: int = 0
+    connected: bool = False
+    last_seen: float = 0.0
+    account: BridgeAccount | None = None
+    open_positions: int = 0
+    symbols: dict[str, BridgeSymbol] = field(default_factory=dict)
+    results: dict[str, asyncio.Future[CommandResult]] = field(default_factory=dict)
+    snapshots: dict[str, asyncio.Future[Snapshot]] = field(default_factory=dict)
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class BridgeState(msgspec.Struct, kw_only=True):
+    """What survives a connector restart (written atomically)."""
+
+    positions: dict[str, list[BridgePosition]] = {}
+    orders: dict[str, list[BridgeOrder]] = {}
+    copies: dict[str, dict[str, str]] = {}
+    """Follower account → master reference → the follower's ticket."""
+    outbox: list[bytes] = []
+    reports: dict[str, bytes] = {}
+
+
+def _comment(master_ref: str) -> str:
+    return f"tc:{master_ref}"[:31]
+
+
+class BridgeConnector:
+    def __init__(self, config: BridgeConfig, state_path: Path | None = None) -> None:
+        self.config = config
+        self.state_path = state_path
+        self.sessions = {t.account: TerminalSession(t) for t in config.terminals}
+        self.by_identity: dict[bytes, TerminalSession] = {}
+        state = BridgeState()
+        if state_path is not None and state_path.exists():
+            state = msgspec.msgpack.decode(state_path.read_bytes(), type=BridgeState)
+        self.positions = {a: {p.ticket: p for p in ps} for a, ps in state.positions.items()}
+        self.orders = {a: {o.ticket: o for o in os_} for a, os_ in state.orders.items()}
+        self.copies = state.copies
+        self.outbox: list[MasterEvent] = [
+            codec.master_event_decoder.decode(e) for e in state.outbox
+        ]
+        self.reports = state.reports
+        self.runtime: ConnectorRuntime | None = None
+        self._ctx = zmq.asyncio.Context.instance()
+        self._router: Any = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self.endpoint = config.endpoint
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self, nc: Any) -> None:
+        self._router = self._ctx.socket(zmq.ROUTER)
+        self._router.setsockopt(zmq.LINGER, 0)
+        self._router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting EA takes its identity back
+        if self.endpoint.endswith(":0"):
+            port = self._router.bind_to_random_port(self.endpoint.rsplit(":", 1)[0])
+            self.endpoint = f"{self.endpoint.rsplit(':', 1)[0]}:{port}"
+        else:
+            self._router.bind(self.endpoint)
+        self.runtime = ConnectorRuntime(nc, self.config.connector_id, self)
+        await self.runtime.start()
+        self._tasks.append(asyncio.create_task(self._receive()))
+        self._tasks.append(asyncio.create_task(self._heartbeats()))
+        log.info("bridge_listening", endpoint=self.endpoint, terminals=len(self.sessions))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self.runtime is not None:
+            await self.runtime.stop()
+        self.save()
+        if self._router is not None:
+            self._router.close(0)
+
+    def health(self) -> dict[str, object]:
+        return {
+            "ok": self.runtime is not None,
+            "terminals": {a: {"connected": s.connected, "session": s.session,
+                              "seq_in": s.seq_in} for a, s in self.sessions.items()},
+        }  # fmt: skip
+
+    # ----------------------------------------------------------------- persistence
+
+    def save(self) -> None:
+        if self.state_path is None:
+            return
+        state = BridgeState(
+            positions={a: list(p.values()) for a, p in self.positions.items()},
+            orders={a: list(o.values()) for a, o in self.orders.items()},
+            copies=self.copies,
+            outbox=[codec.encode(e) for e in self.outbox],
+            reports=self.reports,
+        )
+        self.state_path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.state_path.parent, suffix=".tmp")
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(msgspec.msgpack.encode(state))
+        os.replace(tmp, self.state_path)
+
+    # --------------------------------------------------------------- Terminal protocol
+
+    def master_accounts(self) -> list[str]:
+        return [a for a, s in self.sessions.items() if s.config.role == "master"]
+
+    def follower_accounts(self) -> list[str]:
+        return [a for a, s in self.sessions.items() if s.config.role == "follower"]
+
+    def account_state(self, account: str) -> AccountState | None:
+        session = self.sessions[account]
+        if session.account is None:
+            return None
+        a = session.account
+        return AccountState(account=account, ts_ns=time.time_ns(), currency=a.currency,
+                            balance=a.balance, equity=a.equity, margin=a.margin,
+                            free_margin=a.free_margin, leverage=max(a.leverage, 1),
+                            open_positions=session.open_positions)  # fmt: skip
+
+    def symbol_specs(self, account: str) -> list[SymbolSpec]:
+        specs = []
+        for s in self.sessions[account].symbols.values():
+            try:
+                mode = TradeMode(s.trade_mode)
+            except ValueError:
+                mode = TradeMode.DISABLED
+            specs.append(SymbolSpec(account=account, symbol=s.symbol, contract_size=s.contract_size,
+                tick_size=s.tick_size, tick_value=s.tick_value, digits=s.digits,
+                volume_min=s.volume_min, volume_max=s.volume_max, volume_step=s.volume_step,
+                trade_mode=mode))  # fmt: skip
+        return specs
+
+    def reconcile(self) -> list[MasterEvent]:
+        return list(self.outbox)
+
+    def published(self, events: list[MasterEvent]) -> None:
+        done = {e.event_id for e in events}
+        self.outbox = [e for e in self.outbox if e.event_id not in done]
+
+    def commit(self) -> None:
+        self.save()
+
+    # --------------------------------------------------------------- frames in
+
+    async def _receive(self) -> None:
+        while True:
+            try:
+                parts = await self._router.recv_multipart()
+            except (asyncio.CancelledError, zmq.ContextTerminated):
+                return
+            if len(parts) < 2:
+                BAD_FRAMES.labels("no_identity").inc()
+                continue
+            identity, payload = parts[0], parts[-1]
+            try:
+                await self._handle(identity, payload)
+            except Exception as exc:  # one terminal's bad frame must never stop the others
+                BAD_FRAMES.labels("handler_error").inc()
+                log.error("bridge_frame_failed", error=repr(exc))
+
+    async def _handle(self, identity: bytes, payload: bytes) -> None:
+        try:
+            frame = terminal_frame_decoder.decode(payload)
+        except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError) as exc:
+            BAD_FRAMES.labels("malformed").inc()
+            log.warning("bridge_frame_malformed", identity=identity[:64], error=str(exc))
+            session = self.by_identity.get(identity)
+            if session is not None:
+                await self._send(session, ProtocolError, reason=f"malformed frame: {exc}")
+            return
+        FRAMES.labels("in", type(frame).__name__).inc()
+        if isinstance(frame, Hello):
+            await self._hello(identity, frame)
+            return
+        session = self.by_identity.get(identity)
+        if session is None or not session.connected:
+            # E.g. this connector restarted under a live terminal: the terminal must open a
+            # new session (hello → welcome → snapshot), and the snapshot recovers the rest.
+            BAD_FRAMES.labels("no_session").inc()
+            await self._raw_send(identity, ProtocolError(seq=1, reason=NO_SESSION))
+            return
+        session.last_seen = time.monotonic()
+        if frame.seq <= session.seq_in:
+            BAD_FRAMES.labels("duplicate").inc()
+            return
+        if frame.seq != session.seq_in + 1:
+            SEQUENCE_GAPS.labels(session.config.account).inc(frame.seq - session.seq_in - 1)
+            log.warning("bridge_sequence_gap", account=session.config.account,
+                        expected=session.seq_in + 1, got=frame.seq)  # fmt: skip
+            self._request_snapshot(session)
+        session.seq_in = frame.seq
+        if isinstance(frame, TradeEvent):
+            await self._trade_event(session, frame)
+        elif isinstance(frame, Snapshot):
+            await self._snapshot(session, frame)
+        elif isinstance(frame, CommandResult):
+            waiter = session.results.pop(frame.corr, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(frame)
+        elif isinstance(frame, AccountUpdate):
+            session.account, session.open_positions = frame.account, frame.positions
+            self._state_changed(session)
+        elif isinstance(frame, Heartbeat):
+            account = session.config.account
+            mine = state_hash(self.positions.get(account, {}).values(),
+                              self.orders.get(account, {}).values())  # fmt: skip
+            if frame.state_hash and frame.state_hash != mine:
+                log.warning("bridge_state_hash_mismatch", account=account)
+                self._request_snapshot(session)
+        elif isinstance(frame, ProtocolError):
+            log.warning("bridge_terminal_error", account=session.config.account,
+                        reason=frame.reason, ref_seq=frame.ref_seq)  # fmt: skip
+
+    async def _hello(self, identity: bytes, hello: Hello) -> None:
+        session = self.sessions.get(hello.account)
+        if session is None or not hmac.compare_digest(
+            hello.token.encode(), session.config.token.encode()
+        ):
+            BAD_FRAMES.labels("denied").inc()
+            log.warning("bridge_denied", account=hello.account[:64])
+            await self._raw_send(identity, Denied(seq=1, reason="unknown account or wrong token"))
+            return
+        if session.identity and session.identity != identity:
+            self.by_identity.pop(session.identity, None)
+        session.identity, session.session = identity, hello.session
+        session.seq_in, session.seq_out = hello.seq, 0
+        session.connected, session.last_seen = True, time.monotonic()
+        session.ready.clear()
+        self.by_identity[identity] = session
+        CONNECTED.labels(hello.account).set(1)
+        await self._send(session, Welcome, heartbeat_ms=self.config.heartbeat_ms)
+        log.info("bridge_session", account=hello.account, platform=hello.platform,
+                 session=hello.session)  # fmt: skip
+
+    async def _trade_event(self, session: TerminalSession, frame: TradeEvent) -> None:
+        account = session.config.account
+        self._mirror_event(account, frame)
+        if session.config.role != "master":
+            return
+        try:
+            event = master_event(account, session.session, frame)
+        except (ValueError, msgspec.ValidationError) as exc:
+            BAD_FRAMES.labels("bad_event").inc()
+            await self._send(session, ProtocolError, reason=str(exc), ref_seq=frame.seq)
+            return
+        self.outbox.append(event)
+        assert self.runtime is not None
+        await self.runtime.flush_outbox(while_in_flight=self.save)
+
+    def _mirror_event(self, account: str, frame: TradeEvent) -> None:
+        """Keep the mirror in step with events, so the heartbeat hash can check it."""
+        positions = self.positions.setdefault(account, {})
+        orders = self.orders.setdefault(account, {})
+        kind = frame.kind.value
+        if kind == "opened" and frame.side is not None:
+            positions[frame.ticket] = BridgePosition(ticket=frame.ticket, symbol=frame.symbol,
+                side=frame.side, volume=frame.volume, price=frame.price, sl=frame.sl,
+                tp=frame.tp, magic=frame.magic, comment=frame.comment)  # fmt: skip
+        elif kind == "modified" and frame.ticket in positions:
+            positions[frame.ticket] = msgspec.structs.replace(positions[frame.ticket],
+                                                              sl=frame.sl, tp=frame.tp)  # fmt: skip
+        elif kind == "reduced" and frame.ticket in positions:
+            remainder = msgspec.structs.replace(positions.pop(frame.ticket),
+                                                volume=frame.volume_after)  # fmt: skip
+            ticket = frame.new_ticket or frame.ticket
+            positions[ticket] = msgspec.structs.replace(remainder, ticket=ticket)
+        elif kind == "closed":
+            positions.pop(frame.ticket, None)
+        elif kind == "closed_by":
+            for ticket in (frame.ticket, frame.opposite_ticket):
+                old = positions.pop(ticket, None)
+                if old is not None and old.volume - frame.volume > 1e-9:
+                    positions[ticket] = msgspec.structs.replace(
+                        old, volume=old.volume - frame.volume
+                    )
+        elif kind in ("pending_placed", "pending_modified") and frame.order_type is not None:
+            orders[frame.ticket] = BridgeOrder(ticket=frame.ticket, symbol=frame.symbol,
+                order_type=frame.order_type, volume=frame.volume, price=frame.price,
+                sl=frame.sl, tp=frame.tp, expiration=frame.expiration, magic=frame.magic,
+                comment=frame.comment)  # fmt: skip
+        elif kind == "pending_cancelled":
+            orders.pop(frame.ticket, None)
+        elif kind == "pending_triggered":
+            order = orders.pop(frame.ticket, None)
+            if order is not None:
+                ticket = frame.position_ticket or frame.ticket
+                positions[ticket] = BridgePosition(ticket=ticket, symbol=frame.symbol,
+                    side=order.order_type.side, volume=frame.volume or order.volume,
+                    price=frame.price, sl=frame.sl, tp=frame.tp, magic=frame.magic,
+                    comment=order.comment)  # fmt: skip
+
+    async def _snapshot(self, session: TerminalSession, snapshot: Snapshot) -> None:
+        account = session.config.account
+        session.account = snapshot.account
+        session.open_positions = len(snapshot.positions)
+        session.symbols = {s.symbol: s for s in snapshot.symbols}
+        before_p = list(self.positions.get(account, {}).values())
+        before_o = list(self.orders.get(account, {}).values())
+        self.positions[account] = {p.ticket: p for p in snapshot.positions}
+        self.orders[account] = {o.ticket: o for o in snapshot.orders}
+        if session.config.role == "master":
+            missed = missed_events(account, before_p, before_o, snapshot.positions,
+                                   snapshot.orders, time.time_ns())  # fmt: skip
+            if missed:
+                log.info("bridge_recovered_events", account=account, events=len(missed))
+                self.outbox.extend(missed)
+        else:
+            self._rebuild_copies(account, snapshot.positions)
+        waiter = session.snapshots.pop(snapshot.corr, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(snapshot)
+        session.ready.set()
+        self.save()
+        assert self.runtime is not None
+        if self.outbox:
+            await self.runtime.flush_outbox()
+        # Specs can only be known once the terminal said which symbols it trades.
+        await self.runtime.refresh_account(account)
+
+    def _rebuild_copies(self, account: str, positions: list[BridgePosition]) -> None:
+        """Master reference → ticket, from the comments on the follower's positions."""
+        copies = self.copies.setdefault(account, {})
+        alive = {p.ticket for p in positions}
+        for ref, ticket in list(copies.items()):
+            if ticket not in alive and not ref.startswith("order:"):
+                copies.pop(ref)
+        for p in positions:
+            if p.comment.startswith("tc:"):
+                copies.setdefault(p.comment[3:], p.ticket)
+
+    def _state_changed(self, session: TerminalSession) -> None:
+        if self.runtime is not None:
+            self.runtime.mark_dirty(session.config.account)
+
+    # --------------------------------------------------------------- frames out
+
+    async def _raw_send(self, identity: bytes, frame: Any) -> None:
+        FRAMES.labels("out", type(frame).__name__).inc()
+        await self._router.send_multipart([identity, frame_encoder.encode(frame)])
+
+    async def _send(self, session: TerminalSession, frame_type: Any, **fields: Any) -> None:
+        session.seq_out += 1
+        frame = frame_type(seq=session.seq_out, ts=time.time_ns(), **fields)
+        await self._raw_send(session.identity, frame)
+
+    def _request_snapshot(self, session: TerminalSession) -> None:
+        corr = uuid.uuid4().hex
+        session.snapshots[corr] = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().create_task(self._send(session, SnapshotRequest, corr=corr))
+
+    async def _heartbeats(self) -> None:
+        interval = self.config.heartbeat_ms / 1000
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            for session in self.sessions.values():
+                if not session.connected:
+                    continue
+                if now - session.last_seen > self.config.terminal_silence_s:
+                    session.connected = False
+                    CONNECTED.labels(session.config.account).set(0)
+                    log.warning("bridge_terminal_silent", account=session.config.account)
+                    for waiter in session.results.values():
+                        if not waiter.done():
+                            waiter.set_exception(TerminalNotConnected("terminal went silent"))
+                    continue
+                await self._send(session, Heartbeat)
+
+    # --------------------------------------------------------------- commands
+
+    async def execute(self, order: FollowerOrder, received_ns: int) -> ExecutionReport:
+        previous = self.reports.get(order.order_id)
+        if previous is not None:
+            return codec.execution_report_decoder.decode(previous)
+        session = self.sessions[order.follower]
+        if not session.connected:
+            raise TerminalNotConnected(order.follower)
+        await asyncio.wait_for(session.ready.wait(), self.config.command_timeout_s)
+        trace = msgspec.structs.replace(order.trace, follower_connector_ns=received_ns)
+        report = await self._execute(session, order, trace)
+        if not isinstance(report, OrderUnknown):
+            self.reports[order.order_id] = codec.encode(report)
+        return report
+
+    async def _execute(
+        self, session: TerminalSession, order: FollowerOrder, trace: Any
+    ) -> ExecutionReport:
+        account = order.follower
+        copies = self.copies.setdefault(account, {})
+        base = {"order_id": order.order_id, "link_id": order.link_id, "follower": account,
+                "trace": trace}  # fmt: skip
+        ref = f"{order.master}:{getattr(order, 'master_position_id', '')}"
+
+        def done(detail: str, ids: list[str] | None = None) -> ExecutionReport:
+            return OrderDone(**base, ts_ns=time.time_ns(), detail=detail, position_ids=ids or [])
+
+        if isinstance(order, FollowerOpen):
+            if ref in copies:
+                return done("already copied", [copies[ref]])
+            if order.expires_ns and time.time_ns() > order.expires_ns:
+                return OrderRejected(**base, ts_ns=time.time_ns(), code=10021,
+                                     reason="signal expired before execution")  # fmt: skip
+            spec = session.symbols.get(order.symbol)
+            deviation = 0
+            if order.max_price_deviation is not None and spec is not None:
+                deviation = int(order.max_price_deviation / spec.tick_size)
+            result = await self._command(session, order.order_id, CommandOp.OPEN,
+                symbol=order.symbol, side=order.side, volume=order.volume, sl=order.sl,
+                tp=order.tp, deviation_points=deviation, magic=order.magic,
+                comment=_comment(ref))  # fmt: skip
+            if result is None:
+                return OrderUnknown(**base, ts_ns=time.time_ns(), reason="no result in time")
+            if result.ok:
+                copies[ref] = result.ticket
+                filled_trace = msgspec.structs.replace(
+                    trace, follower_terminal_ns=result.time or time.time_ns()
+                )
+                return OrderFilled(**{**base, "trace": filled_trace}, ts_ns=time.time_ns(),
+                    symbol=order.symbol, position_id=result.ticket, side=order.side,
+                    volume=result.volume, price=result.price, master_price=order.master_price,
+                    slippage=_slippage(order.side.value, result.price,
+                                       order.master_price))  # fmt: skip
+            return OrderRejected(**base, ts_ns=time.time_ns(), code=result.retcode,
+                                 reason=result.reason)  # fmt: skip
+        if isinstance(order, FollowerClose | FollowerModify):
+            ticket = copies.get(ref)
+            position = self.positions.get(account, {}).get(ticket or "")
+            if ticket is None:
+                return done("no copy of that master position on this account")
+            if isinstance(order, FollowerModify):
+                result = await self._command(session, order.order_id, CommandOp.MODIFY,
+                    symbol=order.symbol, ticket=ticket, sl=order.sl, tp=order.tp)  # fmt: skip
+                return self._outcome(base, result, "SL/TP modified", [ticket])
+            volume = 0.0
+            spec = session.symbols.get(order.symbol)
+            if position is not None and spec is not None and order.ratio < 1.0:
+                volume = partial_close_volume(position.volume, order.ratio,
+                                              self._spec(account, spec))  # fmt: skip
+            result = await self._command(session, order.order_id, CommandOp.CLOSE,
+                symbol=order.symbol, ticket=ticket, volume=volume)  # fmt: skip
+            if result is not None and result.ok:
+                if volume and position is not None and volume < position.volume:
+                    new_ref = f"{order.master}:{order.new_master_position_id}" \
+                        if order.new_master_position_id else ref  # fmt: skip
+                    copies.pop(ref, None)
+                    copies[new_ref] = result.ticket or ticket  # MT4 renews the ticket
+                else:
+                    copies.pop(ref, None)
+            if result is not None and result.ok and position is not None:
+                filled_trace = msgspec.structs.replace(
+                    trace, follower_terminal_ns=result.time or time.time_ns()
+                )
+                side = position.side.flipped()  # closing a buy is a sell deal
+                return OrderFilled(**{**base, "trace": filled_trace}, ts_ns=time.time_ns(),
+                    symbol=order.symbol, position_id=ticket, side=side,
+                    volume=result.volume or position.volume, price=result.price,
+                    master_price=order.master_price,
+                    slippage=_slippage(side.value, result.price, order.master_price))  # fmt: skip
+            return self._outcome(base, result, "closed", [ticket])
+        if isinstance(order, FollowerCloseBy):
+            first = copies.get(ref)
+            second = copies.get(f"{order.master}:{order.master_opposite_position_id}")
+            if first is None or second is None:
+                return done("this account does not hold both copies")
+            result = await self._command(session, order.order_id, CommandOp.CLOSE_BY,
+                symbol=order.symbol, ticket=first, opposite_ticket=second)  # fmt: skip
+            return self._outcome(base, result, "closed by the opposite copy", [first, second])
+        if isinstance(order, FollowerCloseAll):
+            closed = []
+            for master_ref, ticket in list(copies.items()):
+                if master_ref.startswith(f"{order.master}:"):
+                    result = await self._command(session, f"{order.order_id}:{ticket}",
+                        CommandOp.CLOSE, symbol="*", ticket=ticket)  # fmt: skip
+                    if result is not None and result.ok:
+                        closed.append(ticket)
+                        copies.pop(master_ref, None)
+            return done(f"closed {len(closed)} position(s): {order.reason}", closed)
+        order_ref = f"order:{order.master}:{order.master_order_id}"  # type: ignore[union-attr]
+        if isinstance(order, FollowerPendingPlace):
+            result = await self._command(session, order.order_id, CommandOp.PENDING_PLACE,
+                symbol=order.symbol, order_type=order.order_type, volume=order.volume,
+                price=order.price, sl=order.sl, tp=order.tp, expiration=order.expiration_ns,
+                magic=order.magic,
+                comment=_comment(f"{order.master}:{order.master_order_id}"))  # fmt: skip
+            if result is not None and result.ok:
+                copies[order_ref] = result.ticket
+            return self._outcome(base, result, "pending order placed", [])
+        ticket = copies.get(order_ref)
+        if ticket is None:
+            return done("no copy of that pending order on this account")
+        if isinstance(order, FollowerPendingModify):
+            result = await self._command(session, order.order_id, CommandOp.PENDING_MODIFY,
+                symbol=order.symbol, ticket=ticket, price=order.price, sl=order.sl,
+                tp=order.tp, expiration=order.expiration_ns)  # fmt: skip
+            return self._outcome(base, result, "pending order modified", [])
+        assert isinstance(order, FollowerPendingCancel)
+        result = await self._command(session, order.order_id, CommandOp.PENDING_CANCEL,
+                                     symbol=order.symbol, ticket=ticket)  # fmt: skip
+        if result is not None and result.ok:
+            copies.pop(order_ref, None)
+        return self._outcome(base, result, "pending order cancelled", [])
+
+    @staticmethod
+    def _spec(account: str, s: BridgeSymbol) -> SymbolSpec:
+        return SymbolSpec(account=account, symbol=s.symbol, contract_size=s.contract_size,
+                          tick_size=s.tick_size, tick_value=s.tick_value, digits=s.digits,
+                          volume_min=s.volume_min, volume_max=s.volume_max,
+                          volume_step=s.volume_step)  # fmt: skip
+
+    @staticmethod
+    def _outcome(
+        base: dict[str, Any], result: CommandResult | None, detail: str, ids: list[str]
+    ) -> ExecutionReport:
+        now = time.time_ns()
+        if result is None:
+            return OrderUnknown(**base, ts_ns=now, reason="no result in time")
+        if not result.ok:
+            return OrderRejected(**base, ts_ns=now, code=result.retcode, reason=result.reason)
+        return OrderDone(**base, ts_ns=now, detail=detail, position_ids=ids)
+
+    async def _command(
+        self, session: TerminalSession, corr: str, op: CommandOp, **fields: Any
+    ) -> CommandResult | None:
+        """Send one command and wait for its single result; None when none came in time.
+
+        None is *unknown*, never rejected: the terminal may have traded. Sending the same
+        ``corr`` again later returns the terminal's first result (settles it).
+        """
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[CommandResult] = loop.create_future()
+        session.results[corr] = waiter
+        started = time.perf_counter()
+        await self._send(session, Command, corr=corr, op=op, **fields)
+        try:
+            result = await asyncio.wait_for(waiter, self.config.command_timeout_s)
+        except (TimeoutError, TerminalNotConnected):
+            session.results.pop(corr, None)
+            log.warning("bridge_command_unknown", account=session.config.account, corr=corr)
+            return None
+        COMMAND_LATENCY.labels(session.config.account).observe(time.perf_counter() - started)
+        return result
+
+
+def _slippage(side: str, price: float, master_price: float) -> float:
+    if master_price <= 0 or price <= 0:
+        return 0.0
+    return round(price - master_price if side == "buy" else master_price - price, 10)

@@ -1,0 +1,1 @@
+"""Bridge protocol conformance suite: what every terminal-side implementation must do."""
