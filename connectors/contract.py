@@ -50,6 +50,9 @@ log = structlog.get_logger("tradecopy.connector")
 MSG_ID = "Nats-Msg-Id"
 #: Orders in flight per connector; run in stream order, acknowledged after their reports.
 ORDER_BATCH = 256
+#: After a failed batch: first wait before resuming at the ack floor, doubling up to the max.
+RETRY_BACKOFF_S = 0.25
+RETRY_BACKOFF_MAX_S = 5.0
 BAD_ORDERS = Counter(
     "tradecopy_connector_bad_orders_total", "Follower orders that could not be decoded"
 )
@@ -122,10 +125,7 @@ class ConnectorRuntime:
         return f"connector-{self.connector_id}"
 
     async def start(self) -> None:
-        if self.partitions is None:
-            await ensure_streams(self.js)
-        else:
-            await ensure_streams(self.js, self.partitions)
+        await ensure_streams(self.js, self.partitions)
         self.buckets = await ensure_buckets(self.js)
         outbox = self.terminal.reconcile()
         if outbox:
@@ -293,17 +293,30 @@ class ConnectorRuntime:
         await self._ensure_order_consumer(deliver)
 
     async def _consume_orders(self) -> None:
-        queue = self._order_queue
+        backoff = RETRY_BACKOFF_S
         while not self._stopping.is_set():
+            queue = self._order_queue
             batch = [await queue.get()]
             while not queue.empty() and len(batch) < ORDER_BATCH:
                 batch.append(queue.get_nowait())
             try:
                 await self.handle_order_messages(batch)
+                backoff = RETRY_BACKOFF_S
             except Exception as exc:
-                # Nothing of the batch was acknowledged: the consumer redelivers it after
-                # ack_wait, and idempotent execution settles what already ran.
-                log.error("orders_failed", connector=self.connector_id, error=repr(exc))
+                # Later orders must not run before these (a close before its open), so do
+                # what a restart does: drop what is queued here and resume at the ack floor;
+                # idempotent execution settles whatever of the batch already ran.
+                log.error("orders_failed", connector=self.connector_id, error=repr(exc),
+                          retry_in_s=backoff)  # fmt: skip
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, RETRY_BACKOFF_MAX_S)
+                await self._resubscribe_orders()
+
+    async def _resubscribe_orders(self) -> None:
+        if self._order_sub is not None:
+            with contextlib.suppress(Exception):
+                await self._order_sub.unsubscribe()
+        await self._subscribe_orders()
 
     async def publish_report(self, report: ExecutionReport, msg_id: str) -> None:
         """A report outside the order flow, e.g. an unknown outcome settled later."""

@@ -12,14 +12,18 @@ from schemas.streams import DEFAULT_PARTITIONS, KV_BUCKETS, all_streams
 
 async def ensure_streams(
     js: JetStreamContext,
-    partitions: int = DEFAULT_PARTITIONS,
+    partitions: int | None = DEFAULT_PARTITIONS,
     storage: StorageType = StorageType.FILE,
 ) -> None:
-    for config in all_streams(partitions, storage):
+    """Create missing streams. ``partitions=None``: whatever the master-event stream already
+    has is fine (connectors); a number must match an existing stream (the replicator)."""
+    for config in all_streams(partitions or DEFAULT_PARTITIONS, storage):
         try:
             info = await js.stream_info(config.name)
         except nats.js.errors.NotFoundError:
             await js.add_stream(config)
+            continue
+        if partitions is None:
             continue
         existing = info.config.subject_transform
         wanted = config.subject_transform

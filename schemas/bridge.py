@@ -7,10 +7,13 @@ reliably with their string functions, and msgspec reads it at C speed. Rules:
 - **Sequence.** Every frame carries ``seq``, a counter per sender and session that starts at 1
   and grows by exactly 1. A receiver that sees a gap knows frames were lost (it asks for a
   snapshot); a repeated ``seq`` is a duplicate and is ignored.
-- **Session.** A terminal opens with ``hello`` (account, token, a fresh random ``session``);
+- **Session.** A terminal connects with ZeroMQ identity ``<account>.<session>.<n>`` (fresh
+  per connection, so no one can take over its connection) and opens with ``hello`` (account, token,
+  the random ``session``);
   the connector answers ``welcome`` or ``denied``. A new ``session`` resets both counters.
   A connector that has no session for a terminal (it restarted) answers any other frame with
-  ``error`` reason ``"no session: say hello"``; the terminal then opens a new session.
+  ``error`` reason ``"no session: say hello"``, whatever its ``seq`` (it is outside any
+  session's numbering); the terminal then opens a new session.
 - **Commands.** Each ``cmd`` has a correlation id ``corr`` (the follower order id) and gets
   exactly one ``result`` with the same ``corr`` — also when it arrives twice: the terminal
   answers a repeated ``corr`` with the first result and does not trade again.

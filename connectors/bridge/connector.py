@@ -111,6 +111,8 @@ class BridgeState(msgspec.Struct, kw_only=True):
     """Follower account → master reference → the follower's ticket."""
     outbox: list[bytes] = []
     reports: dict[str, bytes] = {}
+    unsettled: dict[str, bytes] = {}
+    """Orders whose outcome is unknown (no result in time), kept until settled."""
 
 
 def _comment(master_ref: str) -> str:
@@ -133,6 +135,10 @@ class BridgeConnector:
             codec.master_event_decoder.decode(e) for e in state.outbox
         ]
         self.reports = state.reports
+        self.unsettled: dict[str, FollowerOrder] = {
+            order_id: codec.follower_order_decoder.decode(data)
+            for order_id, data in state.unsettled.items()
+        }
         self.runtime: ConnectorRuntime | None = None
         self._ctx = zmq.asyncio.Context.instance()
         self._router: Any = None
@@ -144,7 +150,8 @@ class BridgeConnector:
     async def start(self, nc: Any) -> None:
         self._router = self._ctx.socket(zmq.ROUTER)
         self._router.setsockopt(zmq.LINGER, 0)
-        self._router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting EA takes its identity back
+        # No ROUTER_HANDOVER: terminals use a fresh identity per session, so nobody can take
+        # over a live terminal's connection by presenting its identity.
         if self.endpoint.endswith(":0"):
             port = self._router.bind_to_random_port(self.endpoint.rsplit(":", 1)[0])
             self.endpoint = f"{self.endpoint.rsplit(':', 1)[0]}:{port}"
@@ -186,6 +193,7 @@ class BridgeConnector:
             copies=self.copies,
             outbox=[codec.encode(e) for e in self.outbox],
             reports=self.reports,
+            unsettled={k: codec.encode(v) for k, v in self.unsettled.items()},
         )
         self.state_path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.state_path.parent, suffix=".tmp")
@@ -410,6 +418,8 @@ class BridgeConnector:
             await self.runtime.flush_outbox()
         # Specs can only be known once the terminal said which symbols it trades.
         await self.runtime.refresh_account(account)
+        if self.unsettled and session.config.role == "follower":
+            asyncio.get_running_loop().create_task(self.settle(account))
 
     def _rebuild_copies(self, account: str, positions: list[BridgePosition]) -> None:
         """Master reference → ticket, from the comments on the follower's positions."""
@@ -452,6 +462,7 @@ class BridgeConnector:
                     continue
                 if now - session.last_seen > self.config.terminal_silence_s:
                     session.connected = False
+                    session.ready.clear()
                     CONNECTED.labels(session.config.account).set(0)
                     log.warning("bridge_terminal_silent", account=session.config.account)
                     for waiter in session.results.values():
@@ -459,6 +470,8 @@ class BridgeConnector:
                             waiter.set_exception(TerminalNotConnected("terminal went silent"))
                     continue
                 await self._send(session, Heartbeat)
+                if self.unsettled and session.config.role == "follower":
+                    await self.settle(session.config.account)
 
     # --------------------------------------------------------------- commands
 
@@ -467,14 +480,43 @@ class BridgeConnector:
         if previous is not None:
             return codec.execution_report_decoder.decode(previous)
         session = self.sessions[order.follower]
+        try:
+            # A terminal reconnecting right now is worth a short wait; a longer absence hands
+            # the order back (unacknowledged) and the runtime retries it, in order.
+            await asyncio.wait_for(session.ready.wait(), self.config.command_timeout_s)
+        except TimeoutError as exc:
+            raise TerminalNotConnected(order.follower) from exc
         if not session.connected:
             raise TerminalNotConnected(order.follower)
-        await asyncio.wait_for(session.ready.wait(), self.config.command_timeout_s)
         trace = msgspec.structs.replace(order.trace, follower_connector_ns=received_ns)
         report = await self._execute(session, order, trace)
-        if not isinstance(report, OrderUnknown):
+        if isinstance(report, OrderUnknown):
+            self.unsettled[order.order_id] = order
+        else:
             self.reports[order.order_id] = codec.encode(report)
         return report
+
+    async def settle(self, account: str) -> int:
+        """Ask again for every unknown outcome of this account: the same ``corr`` makes the
+        terminal answer with its first result, so nothing trades twice. Returns how many
+        settled; each gets a follow-up report (``report:<order id>:settled``)."""
+        session = self.sessions[account]
+        settled = 0
+        for order_id, order in list(self.unsettled.items()):
+            if order.follower != account or not session.connected:
+                continue
+            report = await self._execute(session, order, order.trace)
+            if isinstance(report, OrderUnknown):
+                continue
+            self.unsettled.pop(order_id, None)
+            self.reports[order_id] = codec.encode(report)
+            self.save()
+            assert self.runtime is not None
+            await self.runtime.publish_report(report, f"report:{order_id}:settled")
+            log.info("bridge_outcome_settled", account=account, order=order_id,
+                     status=report.__struct_config__.tag)  # fmt: skip
+            settled += 1
+        return settled
 
     async def _execute(
         self, session: TerminalSession, order: FollowerOrder, trace: Any
@@ -490,7 +532,15 @@ class BridgeConnector:
 
         if isinstance(order, FollowerOpen):
             if ref in copies:
-                return done("already copied", [copies[ref]])
+                # Executed before (an unknown outcome, a redelivery): report the copy it made.
+                position = self.positions.get(account, {}).get(copies[ref])
+                if position is None:
+                    return done("already copied", [copies[ref]])
+                return OrderFilled(**base, ts_ns=time.time_ns(), symbol=position.symbol,
+                    position_id=position.ticket, side=position.side, volume=position.volume,
+                    price=position.price, master_price=order.master_price,
+                    slippage=_slippage(position.side.value, position.price,
+                                       order.master_price))  # fmt: skip
             if order.expires_ns and time.time_ns() > order.expires_ns:
                 return OrderRejected(**base, ts_ns=time.time_ns(), code=10021,
                                      reason="signal expired before execution")  # fmt: skip

@@ -159,6 +159,7 @@ class PaperBridgeTerminal:
         self._drop_results = set(drop_results)
 
         self._sock: zmq.asyncio.Socket | None = None
+        self._connects = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._outbox: deque[bytes] = deque()
         self._outbox_ready = asyncio.Event()
@@ -202,7 +203,11 @@ class PaperBridgeTerminal:
             raise RuntimeError("the terminal is already started")
         context = self._context or zmq.asyncio.Context.instance()
         sock = context.socket(zmq.DEALER)
-        sock.setsockopt(zmq.IDENTITY, self.account.encode())
+        # Per-session identity: a peer that knows only the account id cannot take over this
+        # connection; the connector binds identity to account at an authenticated hello.
+        self._connects += 1
+        identity = f"{self.account}.{self.session}.{self._connects}"
+        sock.setsockopt(zmq.IDENTITY, identity.encode()[:255])
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(self.endpoint)
         self._sock = sock
@@ -357,6 +362,13 @@ class PaperBridgeTerminal:
         self._send(ProtocolError, reason=reason[:_REASON_MAX], ref_seq=ref_seq)
 
     def _on_frame(self, frame: Any) -> None:
+        if isinstance(frame, ProtocolError) and frame.reason == NO_SESSION:
+            # Outside any session, so outside its numbering: a restarted connector's frames
+            # start again at 1. Open a new session whatever the seq says.
+            self.errors_received.append(frame)
+            if self._closing is None:
+                self._closing = asyncio.get_running_loop().create_task(self._rehello())
+            return
         if frame.seq <= self._peer_seq:
             self.duplicates += 1
             log.info("bridge_duplicate_seq", account=self.account, seq=frame.seq)
@@ -374,10 +386,6 @@ class PaperBridgeTerminal:
         elif isinstance(frame, ProtocolError):
             self.errors_received.append(frame)
             log.warning("bridge_peer_error", account=self.account, reason=frame.reason)
-            if frame.reason == NO_SESSION and self._closing is None:
-                # The connector restarted under us: open a new session; its snapshot lets the
-                # connector recover whatever it missed.
-                self._closing = asyncio.get_running_loop().create_task(self._rehello())
         elif isinstance(frame, Denied):
             # Mid-session: the connector revoked the account; stop answering.
             log.warning("bridge_denied_in_session", account=self.account, reason=frame.reason)

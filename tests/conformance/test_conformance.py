@@ -90,7 +90,11 @@ async def test_hello_carries_version_account_token_session_and_seq_starts_at_1(r
     assert (hello.version, hello.account, hello.token) == (PROTOCOL_VERSION, ACCOUNT, TOKEN)
     assert hello.platform == rig.impl.platform
     assert hello.session
-    assert rig.peer.identity == ACCOUNT.encode()
+    # A fresh identity per connection (<account>.<session>.<n>): nobody who merely knows the
+    # account id can take over the terminal's connection.
+    account, session, connection = rig.peer.identity.decode().split(".")
+    assert (account, session) == (ACCOUNT, hello.session)
+    assert int(connection) >= 1
     assert (hello.seq, snapshot.seq, snapshot.corr) == (1, 2, "")
 
     again, _ = await rig.welcome(terminal.reconnect(new_session=True))

@@ -1,0 +1,635 @@
+"""Follower orders on a MetaTrader 5 terminal: requests, outcomes, and the evidence that settles.
+
+Synchronous: the connector runs it on its one terminal thread. Every order first looks for
+what the terminal already holds (a copy with the order's comment, a deal with its marker), so
+an order that ran before — before a restart, or before a lost answer — is never run twice.
+Outcome policy: *rejected* only on the terminal's definitive retcode; no answer (``None``, a
+timeout or connection retcode) is settled from that evidence, or else reported *unknown*.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import msgspec
+import structlog
+
+from connectors.mt5 import protocol as mt5
+from connectors.mt5.comments import copy_comment, is_copy, master_prefixes, order_marker
+from connectors.mt5.config import Mt5Config
+from connectors.mt5.errors import TerminalNotReady
+from connectors.mt5.parsing import (
+    MARKET_TYPE_CODES,
+    PENDING_TYPE_CODES,
+    POSITION_SIDES,
+    Deal,
+    filling_type,
+    level,
+    parse_deal,
+    server_seconds,
+)
+from engine.replicator.protection import within_deviation
+from engine.replicator.sizing import partial_close_volume
+from schemas.account import SymbolSpec
+from schemas.common import Side, Trace
+from schemas.orders import (
+    DeviationPolicy,
+    FollowerClose,
+    FollowerCloseAll,
+    FollowerCloseBy,
+    FollowerModify,
+    FollowerOpen,
+    FollowerOrder,
+    FollowerPendingCancel,
+    FollowerPendingModify,
+    FollowerPendingPlace,
+)
+from schemas.reports import (
+    ExecutionReport,
+    OrderDone,
+    OrderFilled,
+    OrderPartiallyFilled,
+    OrderRejected,
+    OrderUnknown,
+)
+
+log = structlog.get_logger("tradecopy.mt5")
+
+#: Reported when a close/modify names a master position this follower never copied.
+NOTHING_TO_DO = "no copy of that master position on this account"
+NO_PENDING_COPY = "no copy of that pending order on this account"
+RETCODE_EXPIRED = mt5.TRADE_RETCODE_PRICE_OFF  # the signal is too old to trade on
+MARKER_HISTORY_S = 7 * 86_400
+"""How far back the deal history is searched for the markers of orders that ran."""
+_DEVIATION_POLL_S = 0.01
+
+Base = dict[str, Any]
+Evidence = Callable[[], ExecutionReport | None]
+
+
+class CopyMemory:
+    """What the terminal's own comments say about this connector's copies.
+
+    Rebuilt from ``positions_get``/``orders_get`` and the deal history on every start, so a
+    restart needs no state file to know which follower position copies which master trade.
+    """
+
+    def __init__(self) -> None:
+        self.positions: dict[str, str] = {}
+        """Copy comment → follower position ticket."""
+        self.pendings: dict[str, str] = {}
+        """Copy comment → follower pending order ticket."""
+        self.aliases: dict[str, str] = {}
+        """Copy comment of a renewed master ticket (MT4 partial close) → the position's own."""
+        self.markers: dict[str, list[Deal]] = {}
+        """Comment → the deals that carried it: closing markers, and the opening deals of
+        copies (a copy's comment stays on its opening deal after the position is gone)."""
+
+    def rebuild(self, positions: Iterable[Any], orders: Iterable[Any]) -> None:
+        # Whole-dict assignment: the poll thread and the order thread never see half a map.
+        self.positions = {p.comment: str(p.ticket) for p in positions if is_copy(p.comment)}
+        self.pendings = {o.comment: str(o.ticket) for o in orders if is_copy(o.comment)}
+
+    def remember_deals(self, deals: Iterable[Deal]) -> None:
+        for deal in deals:
+            known = self.markers.setdefault(deal.comment, [])
+            if all(d.ticket != deal.ticket for d in known):
+                known.append(deal)
+
+    def comment_for(self, master: str, ref: str) -> str:
+        comment = copy_comment(master, ref)
+        return self.aliases.get(comment, comment)
+
+
+class Mt5Execution:
+    """Runs follower orders through ``order_send`` (see the module docstring)."""
+
+    def __init__(self, api: Any, config: Mt5Config, memory: CopyMemory) -> None:
+        self.api = api
+        self.config = config
+        self.memory = memory
+        self.offset_s = config.server_utc_offset_s
+
+    def run(self, order: FollowerOrder, trace: Trace) -> ExecutionReport:
+        base: Base = {"order_id": order.order_id, "link_id": order.link_id,
+                      "follower": order.follower}  # fmt: skip
+        if isinstance(order, FollowerOpen):
+            return self._open(order, trace, base)
+        if isinstance(order, FollowerClose):
+            return self._close(order, trace, base)
+        if isinstance(order, FollowerModify):
+            return self._modify(order, trace, base)
+        if isinstance(order, FollowerCloseBy):
+            return self._close_by(order, trace, base)
+        if isinstance(order, FollowerCloseAll):
+            return self._close_all(order, trace, base)
+        if isinstance(order, FollowerPendingPlace):
+            return self._pending_place(order, trace, base)
+        if isinstance(order, FollowerPendingModify):
+            return self._pending_modify(order, trace, base)
+        if isinstance(order, FollowerPendingCancel):
+            return self._pending_cancel(order, trace, base)
+        raise TypeError(f"unhandled follower order {type(order).__name__}")  # pragma: no cover
+
+    def evidence(self, order: FollowerOrder, trace: Trace) -> ExecutionReport | None:
+        """The outcome of an order whose answer was lost, from what the terminal holds now."""
+        base: Base = {"order_id": order.order_id, "link_id": order.link_id,
+                      "follower": order.follower}  # fmt: skip
+        if isinstance(order, FollowerOpen):
+            comment = self.memory.comment_for(order.master, order.master_position_id)
+            found = self._find(self._positions(), comment)
+            if found is not None:
+                return self._filled_from(base, trace, found, order)
+            opened = [d for d in self._marker_deals(comment) if d.entry == mt5.DEAL_ENTRY_IN]
+            return (
+                self._filled_from_deals(base, trace, opened, order.master_price) if opened else None
+            )
+        if isinstance(order, FollowerClose | FollowerCloseBy):
+            deals = self._marker_deals(order_marker(order.order_id))
+            if not deals:
+                return None
+            if isinstance(order, FollowerCloseBy):
+                ids = sorted({d.position_id for d in deals})
+                return self._done(base, trace, "closed by the opposite copy", ids)
+            return self._filled_from_deals(base, trace, deals, order.master_price)
+        if isinstance(order, FollowerPendingPlace):
+            comment = self.memory.comment_for(order.master, order.master_order_id)
+            found = self._find(self._orders(), comment) or self._find(self._positions(), comment)
+            return None if found is None else self._done(
+                base, trace, "pending order placed", [str(found.ticket)])  # fmt: skip
+        if isinstance(order, FollowerModify):
+            comment = self.memory.comment_for(order.master, order.master_position_id)
+            found = self._find(self._positions(), comment)
+            if found is not None and (level(found.sl), level(found.tp)) == (order.sl, order.tp):
+                return self._done(base, trace, "SL/TP modified", [str(found.ticket)])
+            return None
+        if isinstance(order, FollowerPendingModify | FollowerPendingCancel):
+            comment = self.memory.comment_for(order.master, order.master_order_id)
+            found = self._find(self._orders(), comment)
+            if isinstance(order, FollowerPendingCancel):
+                return None if found else self._done(base, trace, "pending order cancelled", [])
+            if found is not None and _pending_matches(found, order, self.offset_s):
+                return self._done(base, trace, "pending order modified", [])
+            return None
+        return None  # a close-all is settled by running it again: it closes what is left
+
+    # ------------------------------------------------------------------ positions
+
+    def _open(self, order: FollowerOpen, trace: Trace, base: Base) -> ExecutionReport:
+        memory = self.memory
+        comment = memory.comment_for(order.master, order.master_position_id)
+        positions = self._positions()
+        existing = self._find(positions, comment)
+        if order.master_order_id is not None and existing is None:
+            # The master's pending order triggered: our copy may have triggered already (it
+            # carries the order's comment), or still wait; either way one position results.
+            order_comment = memory.comment_for(order.master, order.master_order_id)
+            existing = self._find(positions, order_comment)
+            pending = self._find(self._orders(), order_comment) if existing is None else None
+            if pending is not None:
+                removed = self._send(
+                    {"action": mt5.TRADE_ACTION_REMOVE, "order": int(pending.ticket)}
+                )
+                if removed is None or removed.retcode not in mt5.SUCCESS_RETCODES:
+                    existing = self._find(self._positions(), order_comment)
+        if existing is not None:
+            return self._filled_from(base, trace, existing, order)
+        comments = [comment]
+        if order.master_order_id is not None:
+            comments.append(memory.comment_for(order.master, order.master_order_id))
+        opened_before = self._opening_deals(*comments)
+        if opened_before:  # the copy ran and is closed already (its SL, a manual close)
+            return self._filled_from_deals(base, trace, opened_before, order.master_price)
+        if order.expires_ns and time.time_ns() > order.expires_ns:
+            return OrderRejected(
+                **base, ts_ns=time.time_ns(), trace=trace, code=RETCODE_EXPIRED,
+                reason="signal expired before execution (max signal age)",
+            )  # fmt: skip
+        info = self._symbol(order.symbol)
+        if info is None:
+            return self._symbol_missing(base, trace, order.symbol)
+        tick = self._tick_within_deviation(order)
+        if tick is None:
+            return OrderRejected(
+                **base, ts_ns=time.time_ns(), trace=trace, code=mt5.TRADE_RETCODE_REQUOTE,
+                reason=f"price moved more than {order.max_price_deviation} from the master's "
+                f"fill {order.master_price}",
+            )  # fmt: skip
+        deviation = self.config.deviation_points
+        if order.max_price_deviation is not None and info.point:
+            deviation = max(0, round(order.max_price_deviation / info.point))
+        request = {
+            "action": mt5.TRADE_ACTION_DEAL, "symbol": order.symbol,
+            "volume": float(order.volume), "type": MARKET_TYPE_CODES[order.side],
+            "price": float(tick.ask if order.side is Side.BUY else tick.bid),
+            "sl": float(order.sl or 0.0), "tp": float(order.tp or 0.0),
+            "deviation": int(deviation), "magic": int(order.magic or self.config.magic),
+            "comment": comment, "type_time": mt5.ORDER_TIME_GTC,
+            "type_filling": filling_type(info),
+        }  # fmt: skip
+        result = self._send(request)
+
+        def filled(result: Any) -> ExecutionReport:
+            ticket = str(int(result.order))
+            memory.positions[comment] = ticket
+            price = self._fill_price(result)
+            memory.remember_deals([Deal(
+                ticket=int(result.deal), order=ticket, position_id=ticket, symbol=order.symbol,
+                side=order.side, entry=mt5.DEAL_ENTRY_IN, reason=mt5.DEAL_REASON_EXPERT,
+                volume=float(result.volume or order.volume), price=price,
+                magic=int(request["magic"]), comment=comment, time_ns=time.time_ns(),
+            )])  # fmt: skip
+            now = time.time_ns()
+            fill_trace = _terminal_stamped(trace, now)
+            if result.retcode == mt5.TRADE_RETCODE_DONE_PARTIAL:
+                return OrderPartiallyFilled(
+                    **base, ts_ns=now, trace=fill_trace, symbol=order.symbol, position_id=ticket,
+                    side=order.side, volume_requested=order.volume,
+                    volume_filled=float(result.volume), price=price,
+                    master_price=order.master_price,
+                    slippage=_slippage(order.side, price, order.master_price),
+                )  # fmt: skip
+            return OrderFilled(
+                **base, ts_ns=now, trace=fill_trace, symbol=order.symbol, position_id=ticket,
+                side=order.side, volume=float(result.volume or order.volume), price=price,
+                master_price=order.master_price,
+                slippage=_slippage(order.side, price, order.master_price),
+            )  # fmt: skip
+
+        return self._decide(base, trace, result, filled, lambda: self.evidence(order, trace))
+
+    def _close(self, order: FollowerClose, trace: Trace, base: Base) -> ExecutionReport:
+        marker = order_marker(order.order_id)
+        done_before = self.memory.markers.get(marker)
+        if done_before:
+            return self._filled_from_deals(base, trace, done_before, order.master_price)
+        comment = self.memory.comment_for(order.master, order.master_position_id)
+        position = self._find(self._positions(), comment)
+        if position is None:
+            return self._done(base, trace, NOTHING_TO_DO)
+        info = self._symbol(position.symbol)
+        if info is None:
+            return self._symbol_missing(base, trace, position.symbol)
+        held = float(position.volume)
+        volume = partial_close_volume(held, order.ratio, _volume_spec(info))
+        if volume <= 0:
+            return self._done(base, trace, "the ratio rounds to nothing on this position")
+        side = POSITION_SIDES[int(position.type)]
+        result = self._send(self._closing_request(position, info, volume, marker))
+
+        def filled(result: Any) -> ExecutionReport:
+            price = self._fill_price(result)
+            self.memory.remember_deals([self._own_deal(result, position, side, volume, price,
+                                                       marker)])  # fmt: skip
+            if order.new_master_position_id and volume < held:
+                renewed = copy_comment(order.master, order.new_master_position_id)
+                self.memory.aliases[renewed] = position.comment
+            now = time.time_ns()
+            closing = side.flipped()
+            return OrderFilled(
+                **base, ts_ns=now, trace=_terminal_stamped(trace, now), symbol=position.symbol,
+                position_id=str(position.ticket), side=closing,
+                volume=float(result.volume or volume), price=price,
+                master_price=order.master_price,
+                slippage=_slippage(closing, price, order.master_price),
+            )  # fmt: skip
+
+        return self._decide(base, trace, result, filled, lambda: self.evidence(order, trace))
+
+    def _modify(self, order: FollowerModify, trace: Trace, base: Base) -> ExecutionReport:
+        comment = self.memory.comment_for(order.master, order.master_position_id)
+        position = self._find(self._positions(), comment)
+        if position is None:
+            return self._done(base, trace, NOTHING_TO_DO)
+        ticket = str(position.ticket)
+        result = self._send({
+            "action": mt5.TRADE_ACTION_SLTP, "position": int(position.ticket),
+            "symbol": position.symbol, "sl": float(order.sl or 0.0),
+            "tp": float(order.tp or 0.0), "magic": int(position.magic),
+        })  # fmt: skip
+        return self._decide(
+            base, trace, result,
+            lambda _: self._done(base, trace, "SL/TP modified", [ticket]),
+            lambda: self.evidence(order, trace),
+        )  # fmt: skip
+
+    def _close_by(self, order: FollowerCloseBy, trace: Trace, base: Base) -> ExecutionReport:
+        marker = order_marker(order.order_id)
+        done_before = self.memory.markers.get(marker)
+        if done_before:
+            ids = sorted({d.position_id for d in done_before})
+            return self._done(base, trace, "closed by the opposite copy", ids)
+        positions = self._positions()
+        first = self._find(
+            positions, self.memory.comment_for(order.master, order.master_position_id)
+        )
+        second = self._find(positions, self.memory.comment_for(
+            order.master, order.master_opposite_position_id))  # fmt: skip
+        if first is None or second is None:
+            return self._done(base, trace, "this account does not hold both copies")
+        ids = [str(first.ticket), str(second.ticket)]
+        result = self._send({
+            "action": mt5.TRADE_ACTION_CLOSE_BY, "symbol": first.symbol,
+            "position": int(first.ticket), "position_by": int(second.ticket),
+            "magic": int(first.magic), "comment": marker,
+        })  # fmt: skip
+        return self._decide(
+            base, trace, result,
+            lambda _: self._done(base, trace, "closed by the opposite copy", ids),
+            lambda: self.evidence(order, trace),
+        )  # fmt: skip
+
+    def _close_all(self, order: FollowerCloseAll, trace: Trace, base: Base) -> ExecutionReport:
+        prefixes = master_prefixes(order.master)
+        closed: list[str] = []
+        unanswered: list[str] = []
+        for position in self._positions():
+            if not position.comment.startswith(prefixes):
+                continue
+            ticket = str(position.ticket)
+            marker = order_marker(f"{order.order_id}:{ticket}")
+            info = self._symbol(position.symbol)
+            if info is None:
+                continue
+            result = self._send(
+                self._closing_request(position, info, float(position.volume), marker)
+            )
+            if result is not None and result.retcode in mt5.SUCCESS_RETCODES:
+                closed.append(ticket)
+            elif result is None or result.retcode in mt5.UNCERTAIN_RETCODES:
+                unanswered.append(ticket)
+        for pending in self._orders():
+            if pending.comment.startswith(prefixes):
+                self._send({"action": mt5.TRADE_ACTION_REMOVE, "order": int(pending.ticket)})
+        if unanswered:
+            return OrderUnknown(
+                **base, ts_ns=time.time_ns(), trace=trace,
+                reason=f"no answer closing position(s) {', '.join(unanswered)}; "
+                f"closed {len(closed)}: {order.reason}",
+            )  # fmt: skip
+        return self._done(base, trace, f"closed {len(closed)} position(s): {order.reason}", closed)
+
+    # ---------------------------------------------------------------- pending orders
+
+    def _pending_place(
+        self, order: FollowerPendingPlace, trace: Trace, base: Base
+    ) -> ExecutionReport:
+        comment = self.memory.comment_for(order.master, order.master_order_id)
+        existing = self._find(self._orders(), comment) or self._find(self._positions(), comment)
+        if existing is not None:
+            return self._done(base, trace, "pending order placed", [str(existing.ticket)])
+        triggered = self._opening_deals(comment)
+        if triggered:  # placed, triggered and closed already
+            return self._done(base, trace, "pending order placed", [triggered[0].position_id])
+        info = self._symbol(order.symbol)
+        if info is None:
+            return self._symbol_missing(base, trace, order.symbol)
+        request = {
+            "action": mt5.TRADE_ACTION_PENDING, "symbol": order.symbol,
+            "volume": float(order.volume), "type": PENDING_TYPE_CODES[order.order_type],
+            "price": float(order.price), "sl": float(order.sl or 0.0),
+            "tp": float(order.tp or 0.0), "magic": int(order.magic or self.config.magic),
+            "comment": comment, "type_filling": filling_type(info),
+            **self._expiration(order.expiration_ns),
+        }  # fmt: skip
+        result = self._send(request)
+
+        def placed(result: Any) -> ExecutionReport:
+            ticket = str(int(result.order))
+            self.memory.pendings[comment] = ticket
+            return self._done(base, trace, "pending order placed", [ticket])
+
+        return self._decide(base, trace, result, placed, lambda: self.evidence(order, trace))
+
+    def _pending_modify(
+        self, order: FollowerPendingModify, trace: Trace, base: Base
+    ) -> ExecutionReport:
+        comment = self.memory.comment_for(order.master, order.master_order_id)
+        pending = self._find(self._orders(), comment)
+        if pending is None:
+            return self._done(base, trace, NO_PENDING_COPY)
+        result = self._send({
+            "action": mt5.TRADE_ACTION_MODIFY, "order": int(pending.ticket),
+            "symbol": pending.symbol, "price": float(order.price),
+            "sl": float(order.sl or 0.0), "tp": float(order.tp or 0.0),
+            **self._expiration(order.expiration_ns),
+        })  # fmt: skip
+        return self._decide(
+            base, trace, result,
+            lambda _: self._done(base, trace, "pending order modified", []),
+            lambda: self.evidence(order, trace),
+        )  # fmt: skip
+
+    def _pending_cancel(
+        self, order: FollowerPendingCancel, trace: Trace, base: Base
+    ) -> ExecutionReport:
+        comment = self.memory.comment_for(order.master, order.master_order_id)
+        pending = self._find(self._orders(), comment)
+        if pending is None:
+            return self._done(base, trace, NO_PENDING_COPY)
+        result = self._send({"action": mt5.TRADE_ACTION_REMOVE, "order": int(pending.ticket)})
+        return self._decide(
+            base, trace, result,
+            lambda _: self._done(base, trace, "pending order cancelled", []),
+            lambda: self.evidence(order, trace),
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------- terminal
+
+    def _send(self, request: dict[str, Any]) -> Any:
+        result = self.api.order_send(request)
+        if result is None:
+            log.warning(
+                "mt5_order_send_no_answer",
+                error=self.api.last_error(),
+                action=request.get("action"),
+                comment=request.get("comment", ""),
+            )
+        return result
+
+    def _decide(
+        self, base: Base, trace: Trace, result: Any, success: Callable[[Any], ExecutionReport],
+        evidence: Evidence,
+    ) -> ExecutionReport:  # fmt: skip
+        """The outcome policy: rejected only on a definitive retcode, else look, else unknown."""
+        if result is not None and result.retcode in mt5.SUCCESS_RETCODES:
+            return success(result)
+        if result is not None and result.retcode not in mt5.UNCERTAIN_RETCODES:
+            return OrderRejected(
+                **base, ts_ns=time.time_ns(), trace=trace, code=int(result.retcode),
+                reason=result.comment or f"retcode {result.retcode}",
+            )  # fmt: skip
+        found = evidence()
+        if found is not None:
+            return found
+        why = (
+            f"order_send returned nothing (last_error {self.api.last_error()})"
+            if result is None
+            else f"retcode {result.retcode} {result.comment}"
+        )
+        return OrderUnknown(**base, ts_ns=time.time_ns(), trace=trace,
+                            reason=f"no definitive answer from the terminal: {why}")  # fmt: skip
+
+    def _positions(self) -> Sequence[Any]:
+        positions = self.api.positions_get()
+        if positions is None:
+            raise TerminalNotReady(f"positions_get failed: {self.api.last_error()}")
+        return positions
+
+    def _orders(self) -> Sequence[Any]:
+        orders = self.api.orders_get()
+        if orders is None:
+            raise TerminalNotReady(f"orders_get failed: {self.api.last_error()}")
+        return orders
+
+    @staticmethod
+    def _find(records: Iterable[Any], comment: str) -> Any:
+        return next((r for r in records if r.comment == comment), None)
+
+    def _symbol(self, symbol: str) -> Any:
+        info = self.api.symbol_info(symbol)
+        if info is not None and not info.visible:
+            self.api.symbol_select(symbol, True)  # ticks come only for Market Watch symbols
+        return info
+
+    def _tick_within_deviation(self, order: FollowerOpen) -> Any:
+        """The current tick if it is close enough to the master's fill (waiting if asked)."""
+        wait = order.deviation_policy is DeviationPolicy.WAIT
+        deadline = time.monotonic() + (order.deviation_wait_ms / 1000 if wait else 0)
+        while True:
+            tick = self.api.symbol_info_tick(order.symbol)
+            if tick is None:
+                raise TerminalNotReady(f"no price for {order.symbol}: {self.api.last_error()}")
+            if order.max_price_deviation is None or within_deviation(
+                order.side, order.master_price, tick.bid, tick.ask, order.max_price_deviation
+            ):
+                return tick
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(_DEVIATION_POLL_S)
+
+    def _closing_request(
+        self, position: Any, info: Any, volume: float, marker: str
+    ) -> dict[str, Any]:
+        side = POSITION_SIDES[int(position.type)]
+        tick = self.api.symbol_info_tick(position.symbol)
+        if tick is None:
+            raise TerminalNotReady(f"no price for {position.symbol}: {self.api.last_error()}")
+        return {
+            "action": mt5.TRADE_ACTION_DEAL, "symbol": position.symbol,
+            "position": int(position.ticket), "volume": float(volume),
+            "type": MARKET_TYPE_CODES[side.flipped()],
+            "price": float(tick.bid if side is Side.BUY else tick.ask),
+            "deviation": int(self.config.deviation_points), "magic": int(position.magic),
+            "comment": marker, "type_time": mt5.ORDER_TIME_GTC,
+            "type_filling": filling_type(info),
+        }  # fmt: skip
+
+    def _expiration(self, expiration_ns: int) -> dict[str, int]:
+        if not expiration_ns:
+            return {"type_time": mt5.ORDER_TIME_GTC}
+        return {"type_time": mt5.ORDER_TIME_SPECIFIED,
+                "expiration": server_seconds(expiration_ns, self.offset_s)}  # fmt: skip
+
+    def _fill_price(self, result: Any) -> float:
+        """The fill price; some brokers answer 0 under market execution: read the deal."""
+        if result.price:
+            return float(result.price)
+        deals = self.api.history_deals_get(ticket=int(result.order)) or ()
+        return float(deals[-1].price) if deals else 0.0
+
+    def _marker_deals(self, marker: str) -> list[Deal]:
+        known = self.memory.markers.get(marker)
+        if known:
+            return known
+        now = server_seconds(time.time_ns(), self.offset_s)
+        records = self.api.history_deals_get(now - MARKER_HISTORY_S, now + 86_400) or ()
+        parsed = [parse_deal(r, self.offset_s) for r in records if r.comment == marker]
+        deals = [d for d in parsed if d is not None]
+        self.memory.remember_deals(deals)
+        return deals
+
+    def _opening_deals(self, *comments: str) -> list[Deal]:
+        """Opening deals of copies this connector made (from memory and the history read at
+        start): a copy's comment stays on its opening deal after the position is gone."""
+        known = self.memory.markers
+        return [d for c in comments for d in known.get(c, ()) if d.entry == mt5.DEAL_ENTRY_IN]
+
+    def _own_deal(
+        self, result: Any, position: Any, side: Side, volume: float, price: float, marker: str
+    ) -> Deal:
+        return Deal(
+            ticket=int(result.deal), order=str(int(result.order)),
+            position_id=str(position.ticket), symbol=position.symbol, side=side.flipped(),
+            entry=mt5.DEAL_ENTRY_OUT, reason=mt5.DEAL_REASON_EXPERT,
+            volume=float(result.volume or volume), price=price, magic=int(position.magic),
+            comment=marker, time_ns=time.time_ns(),
+        )  # fmt: skip
+
+    # -------------------------------------------------------------------- reports
+
+    @staticmethod
+    def _done(base: Base, trace: Trace, detail: str, ids: list[str] | None = None) -> OrderDone:
+        return OrderDone(**base, ts_ns=time.time_ns(), trace=trace, detail=detail,
+                         position_ids=ids or [])  # fmt: skip
+
+    def _symbol_missing(self, base: Base, trace: Trace, symbol: str) -> OrderRejected:
+        code, message = self.api.last_error()
+        return OrderRejected(**base, ts_ns=time.time_ns(), trace=trace, code=int(code),
+                             reason=f"symbol {symbol} is not available: {message}")  # fmt: skip
+
+    @staticmethod
+    def _filled_from(base: Base, trace: Trace, position: Any, order: FollowerOpen) -> OrderFilled:
+        side = POSITION_SIDES[int(position.type)]
+        price = float(position.price_open)
+        return OrderFilled(
+            **base, ts_ns=time.time_ns(), trace=trace, symbol=position.symbol,
+            position_id=str(position.ticket), side=side, volume=float(position.volume),
+            price=price, master_price=order.master_price,
+            slippage=_slippage(side, price, order.master_price),
+        )  # fmt: skip
+
+    @staticmethod
+    def _filled_from_deals(
+        base: Base, trace: Trace, deals: list[Deal], master_price: float
+    ) -> OrderFilled:
+        volume = sum(d.volume for d in deals)
+        price = sum(d.price * d.volume for d in deals) / volume if volume else deals[-1].price
+        side = deals[-1].side
+        return OrderFilled(
+            **base, ts_ns=time.time_ns(), trace=trace, symbol=deals[-1].symbol,
+            position_id=deals[-1].position_id, side=side, volume=volume, price=price,
+            master_price=master_price, slippage=_slippage(side, price, master_price),
+        )  # fmt: skip
+
+
+def _volume_spec(info: Any) -> SymbolSpec:
+    """Enough of a spec to size a close: only the volume limits matter there."""
+    return SymbolSpec(
+        account="-", symbol=info.name, contract_size=float(info.trade_contract_size or 1.0),
+        tick_size=float(info.trade_tick_size or 1.0), tick_value=1.0, digits=int(info.digits),
+        volume_min=float(info.volume_min), volume_max=float(info.volume_max),
+        volume_step=float(info.volume_step),
+    )  # fmt: skip
+
+
+def _pending_matches(record: Any, order: FollowerPendingModify, offset_s: int) -> bool:
+    expiration = server_seconds(order.expiration_ns, offset_s) if order.expiration_ns else 0
+    return (float(record.price_open), level(record.sl), level(record.tp)) == (
+        order.price,
+        order.sl,
+        order.tp,
+    ) and int(record.time_expiration or 0) == expiration
+
+
+def _terminal_stamped(trace: Trace, now: int) -> Trace:
+    return msgspec.structs.replace(trace, follower_terminal_ns=now)
+
+
+def _slippage(side: Side, price: float, master_price: float) -> float:
+    """Positive when the follower filled worse than the master (in price units)."""
+    if master_price <= 0:
+        return 0.0
+    return round(price - master_price if side is Side.BUY else master_price - price, 10)
