@@ -299,6 +299,35 @@ def _cmd_bench_bridge(args: argparse.Namespace) -> int:
     return bridge_main(forwarded)
 
 
+def _cmd_bridge_run(args: argparse.Namespace) -> int:
+    from connectors.service import run_bridge
+    from engine.errors import TradecopyError
+    from engine.runtime.logging import configure_logging
+
+    configure_logging(args.log_level, json=not args.console_logs)
+    try:
+        run_async(run_bridge(Path(args.config), args.nats_url, args.metrics_port,
+                             Path(args.state) if args.state else None))  # fmt: skip
+    except TradecopyError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    return 0
+
+
+def _cmd_mt5_run(args: argparse.Namespace) -> int:
+    from connectors.service import run_mt5
+    from engine.errors import TradecopyError
+    from engine.runtime.logging import configure_logging
+
+    configure_logging(args.log_level, json=not args.console_logs)
+    try:
+        run_async(run_mt5(Path(args.config), args.nats_url, args.metrics_port))
+    except TradecopyError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tradecopy", description="Event-driven copy trading on NATS JetStream."
@@ -366,6 +395,23 @@ def build_parser() -> argparse.ArgumentParser:
     nats_run.add_argument("--http-port", type=int, default=None)
     nats_run.add_argument("--store-dir")
     nats_run.set_defaults(func=_cmd_nats_run)
+
+    for name, helptext, func in (
+        ("bridge", "bridge-EA connector: one ZeroMQ ROUTER for many terminals", _cmd_bridge_run),
+        ("mt5", "MetaTrader5-package connector (Windows)", _cmd_mt5_run),
+    ):
+        group = commands.add_parser(name, help=helptext).add_subparsers(
+            dest=f"{name}_command", required=True
+        )
+        runner = group.add_parser("run", help=f"run the {name} connector until Ctrl-C")
+        runner.add_argument("--config", required=True, help="TOML file")
+        runner.add_argument("--nats-url", default=DEFAULT_NATS)
+        runner.add_argument("--metrics-port", type=int, default=9465, help="-1 disables")
+        runner.add_argument("--log-level", default="info")
+        runner.add_argument("--console-logs", action="store_true")
+        if name == "bridge":
+            runner.add_argument("--state", help="state file (mirror, copies, outbox)")
+        runner.set_defaults(func=func)
 
     quotes = commands.add_parser("quotes", help="price sources").add_subparsers(
         dest="quotes_command", required=True
