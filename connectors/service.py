@@ -67,10 +67,13 @@ async def serve(
         await done.wait()
     finally:
         if ops is not None:
-            await ops.stop()
-        await stop()
-        with contextlib.suppress(Exception):
-            await nc.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(ops.stop(), 5)
+        try:
+            await asyncio.wait_for(stop(), 20)
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(nc.close(), 5)
 
 
 async def run_bridge(config_path: Path, nats_url: str, metrics_port: int | None,
@@ -84,8 +87,14 @@ async def run_bridge(config_path: Path, nats_url: str, metrics_port: int | None,
     except (OSError, tomllib.TOMLDecodeError, msgspec.ValidationError) as exc:
         raise TradecopyError(f"{config_path}: {exc}") from exc
     bridge = BridgeConnector(config, state_path)
-    await serve(f"bridge-{config.connector_id}", nats_url, metrics_port, bridge.start,
-                bridge.stop, bridge.health)  # fmt: skip
+    try:
+        await serve(f"bridge-{config.connector_id}", nats_url, metrics_port, bridge.start,
+                    bridge.stop, bridge.health)  # fmt: skip
+    finally:
+        import zmq.asyncio
+
+        # Nothing may keep the process alive after a stop: drop whatever is still queued.
+        zmq.asyncio.Context.instance().destroy(linger=0)
 
 
 async def run_mt5(config_path: Path, nats_url: str, metrics_port: int | None) -> None:

@@ -830,7 +830,7 @@ def mutated_events(draw: st.DrawFn) -> bytes:
         if how == "drop":
             event.pop(key, None)
         elif how == "same type" and key in event and event[key] is not None:
-            event[key] = draw(_same_type[type(event[key])])
+            event[key] = draw(_same_type.get(type(event[key]), _msgpack_values))
         else:
             event[key] = draw(_msgpack_values)
     return msgspec.msgpack.encode(event)

@@ -164,16 +164,20 @@ class BridgeConnector:
         log.info("bridge_listening", endpoint=self.endpoint, terminals=len(self.sessions))
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        if self.runtime is not None:
-            await self.runtime.stop()
-        self.save()
-        if self._router is not None:
-            self._router.close(0)
+        try:
+            for task in self._tasks:
+                task.cancel()
+            for task in self._tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await asyncio.wait_for(task, 5)
+            if self.runtime is not None:
+                await asyncio.wait_for(self.runtime.stop(), 10)
+            self.save()
+        finally:
+            # Always: an open socket would block the ZeroMQ context (and the process) at exit.
+            if self._router is not None:
+                self._router.close(0)
+                self._router = None
 
     def health(self) -> dict[str, object]:
         return {

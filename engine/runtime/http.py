@@ -42,7 +42,9 @@ class OpsServer:
         app.router.add_get("/healthz", self._healthz)
         # No access log: scrapers and probes hit this every few seconds and would
         # drown the trading logs; no signal handling: the owning process does that.
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        # /metrics and /healthz requests are tiny: a stop need not wait a minute (aiohttp's
+        # default) for idle keep-alive connections of a scraper.
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
         await runner.setup()
         try:
             await web.TCPSite(runner, self._host, self._port).start()
