@@ -156,12 +156,24 @@ class BridgeConnector:
             port = self._router.bind_to_random_port(self.endpoint.rsplit(":", 1)[0])
             self.endpoint = f"{self.endpoint.rsplit(':', 1)[0]}:{port}"
         else:
-            self._router.bind(self.endpoint)
+            await self._bind(self.endpoint)
         self.runtime = ConnectorRuntime(nc, self.config.connector_id, self)
         await self.runtime.start()
         self._tasks.append(asyncio.create_task(self._receive()))
         self._tasks.append(asyncio.create_task(self._heartbeats()))
         log.info("bridge_listening", endpoint=self.endpoint, terminals=len(self.sessions))
+
+    async def _bind(self, endpoint: str, attempts: int = 50) -> None:
+        """Bind, retrying briefly: a connector restarted onto its own endpoint may find the
+        previous listener still being released (ZeroMQ closes it asynchronously)."""
+        for attempt in range(attempts):
+            try:
+                self._router.bind(endpoint)
+                return
+            except zmq.ZMQError as exc:
+                if exc.errno != zmq.EADDRINUSE or attempt == attempts - 1:
+                    raise
+                await asyncio.sleep(0.1)
 
     async def stop(self) -> None:
         try:
