@@ -47,3 +47,24 @@ async def ensure_buckets(
                 KeyValueConfig(bucket=name, history=history, storage=storage)
             )
     return buckets
+
+
+async def live_keys(js: JetStreamContext, kv: KeyValue, bucket: str) -> list[str]:
+    """Every key with a live value, read from the bucket's stream state.
+
+    nats-py's ``KeyValue.keys()`` builds its list from a watcher and can return before the
+    first entry arrives; listing the stream's subjects is deterministic. Deleted or purged
+    keys still have a subject (their marker), so each is checked with a get.
+    """
+    prefix = f"$KV.{bucket}."
+    info = await js.stream_info(f"KV_{bucket}", subjects_filter=f"{prefix}>")
+    keys = []
+    for subject in sorted(info.state.subjects or {}):
+        key = subject[len(prefix) :]
+        try:
+            entry = await kv.get(key)
+        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+            continue
+        if entry.value is not None:
+            keys.append(key)
+    return keys

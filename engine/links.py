@@ -14,7 +14,8 @@ import nats.js.errors
 from nats.js.kv import KeyValue
 
 from engine.errors import LinkFileError
-from schemas import codec
+from engine.jetstream import live_keys
+from schemas import codec, subjects
 from schemas.links import CopyLink, TradingHours, link_problems, trading_hours_problems
 
 
@@ -181,10 +182,8 @@ async def apply_links(kv: KeyValue, links: list[CopyLink], prune: bool = False) 
         await kv.put(link.link_id, payload)
         (updated if current is not None else created).append(link.link_id)
     if prune:
-        try:
-            existing = await kv.keys()
-        except nats.js.errors.NoKeysError:
-            existing = []
+        # (kv._js: the JetStream context the bucket was opened with)
+        existing = await live_keys(kv._js, kv, subjects.KV_LINKS)
         for key in existing:
             if key not in wanted:
                 await kv.delete(key)

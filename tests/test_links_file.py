@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any, get_args
 
 import msgspec
-import nats.js.errors
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -16,7 +15,7 @@ from nats.js import JetStreamContext
 
 from engine.cli import main
 from engine.errors import LinkFileError
-from engine.jetstream import ensure_buckets
+from engine.jetstream import ensure_buckets, live_keys
 from engine.links import LinkError, apply_links, load_links, validate_link
 from schemas import codec, subjects
 from schemas.links import CopyLink, Sizing, SymbolMapping, TradingHours
@@ -517,10 +516,7 @@ def test_validate_link_returns_a_link_or_errors_and_never_raises(raw: Any, index
 
 async def _stored(js: JetStreamContext) -> dict[str, CopyLink]:
     kv = await js.key_value(subjects.KV_LINKS)
-    try:
-        keys = await kv.keys()
-    except nats.js.errors.NoKeysError:
-        return {}
+    keys = await live_keys(js, kv, subjects.KV_LINKS)
     return {key: codec.copy_link_decoder.decode((await kv.get(key)).value) for key in keys}
 
 
