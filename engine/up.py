@@ -63,6 +63,14 @@ class UpConfig(_Section):
     links: list[dict[str, Any]] = []
 
 
+def _port_taken(host: str, port: int) -> bool:
+    import socket
+
+    with socket.socket() as probe:
+        probe.settimeout(0.5)
+        return probe.connect_ex((host, port)) == 0
+
+
 def load_config(path: Path) -> UpConfig:
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -93,6 +101,11 @@ async def run_up(config_path: Path) -> None:
     if errors:
         raise LinkFileError(str(config_path), errors)
 
+    if config.nats.port and _port_taken(config.nats.host, config.nats.port):
+        raise TradecopyError(
+            f"port {config.nats.port} on {config.nats.host} is already in use (another NATS?). "
+            f"Stop it, or run with --config FILE whose [nats] port is free (0 picks one)."
+        )
     state = default_state_dir()
     store = Path(config.nats.store_dir) if config.nats.store_dir else state / "nats"
     store.mkdir(parents=True, exist_ok=True)
