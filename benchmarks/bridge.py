@@ -31,7 +31,7 @@ from connectors.paper.prices import bar_to_ticks, load_bars
 from connectors.paper.venue import PaperVenue
 from engine.jetstream import ensure_buckets, ensure_streams
 from engine.runtime.natsserver import EmbeddedNats
-from engine.runtime.processes import spawn_replicator, stop_process
+from engine.runtime.processes import spawn_replicator, stop_process, wait_for_replicator
 from schemas import codec, subjects
 from schemas.common import Side
 from schemas.links import CopyLink
@@ -112,7 +112,7 @@ async def run(trades: int, gap_ms: float) -> dict[str, Any]:
                                cb=on_report, ordered_consumer=True)  # fmt: skip
             await js.subscribe(subjects.FOLLOWER_ORDERS, stream=FOLLOWER_ORDERS_STREAM,
                                cb=on_order, ordered_consumer=True)  # fmt: skip
-            await _until(lambda: _replicator_ready(js), 30)
+            await wait_for_replicator(js)
             for i in range(trades):
                 quote = msgspec.structs.replace(quotes[(i + 1) % len(quotes)], ts_ns=time.time_ns())
                 await term_m.on_quote(quote)
@@ -149,22 +149,6 @@ async def run(trades: int, gap_ms: float) -> dict[str, Any]:
                 stop_process(replicator)
             await nc.close()
             await server.stop()
-
-
-async def _replicator_ready(js: Any) -> bool:
-    try:
-        await js.consumer_info("TC_MASTER_EVENTS", "replicator-p0")
-        return True
-    except Exception:
-        return False
-
-
-async def _until(check: Any, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            raise RuntimeError("the replicator did not start")
-        await asyncio.sleep(0.1)
 
 
 async def _until_async(check: Any, timeout: float) -> None:

@@ -25,7 +25,7 @@ from connectors.paper.connector import PaperConnector, PaperTerminal
 from connectors.paper.prices import bar_to_ticks, load_bars
 from engine.jetstream import ensure_buckets, ensure_streams
 from engine.runtime.natsserver import EmbeddedNats
-from engine.runtime.processes import spawn_replicator, stop_process
+from engine.runtime.processes import spawn_replicator, stop_process, wait_for_replicator
 from schemas import codec, subjects
 from schemas.common import Side
 from schemas.links import CopyLink
@@ -79,7 +79,7 @@ async def run(trades: int, gap_ms: float) -> dict[str, Any]:
 
             await js.subscribe(subjects.EXECUTION_REPORTS, stream=EXECUTION_REPORTS_STREAM,
                                cb=on_report, ordered_consumer=True)  # fmt: skip
-            await _wait_for_replicator(js)
+            await wait_for_replicator(js)
             for i in range(trades + 10):  # the first 10 warm up
                 quote = msgspec.structs.replace(quotes[i % len(quotes)], ts_ns=time.time_ns())
                 master_t.on_quote(quote)
@@ -115,17 +115,6 @@ async def run(trades: int, gap_ms: float) -> dict[str, Any]:
             for nc in (nc_master, nc_follower):
                 await nc.close()
             await server.stop()
-
-
-async def _wait_for_replicator(js: Any) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            await js.consumer_info("TC_MASTER_EVENTS", "replicator-p0")
-            return
-        except Exception:
-            await asyncio.sleep(0.1)
-    raise RuntimeError("replicator did not start")
 
 
 def main(argv: list[str] | None = None) -> int:

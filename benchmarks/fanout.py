@@ -27,6 +27,7 @@ import nats
 
 from engine.jetstream import ensure_buckets, ensure_streams
 from engine.runtime.natsserver import EmbeddedNats
+from engine.runtime.processes import spawn_replicator
 from schemas import codec, subjects
 from schemas.account import AccountState, SymbolSpec
 from schemas.common import Side
@@ -194,17 +195,10 @@ async def run(
             await ensure_streams(js, partitions)
             buckets = await ensure_buckets(js)
             debug = bool(os.environ.get("TC_BENCH_DEBUG"))
-            replicator = subprocess.Popen(
-                [
-                    *(sys.executable, "-m", "engine.cli", "replicator", "run"),
-                    *("--nats-url", server.url, "--metrics-port", "-1", "--instance", "bench"),
-                    *("--log-level", "debug" if debug else "warning"),
-                    *("--partitions", str(partitions), "--batch-by-connector"),
-                ],
-                env=env,
-                stdout=subprocess.DEVNULL,
-                stderr=None if debug else subprocess.DEVNULL,
-            )
+            replicator = spawn_replicator(
+                server.url, instance="bench", partitions=partitions, batch_by_connector=True,
+                log_level="debug" if debug else "warning", quiet=not debug,
+            )  # fmt: skip
             procs.append(replicator)
             counter = OrderCounter()
             await js.subscribe(

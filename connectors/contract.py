@@ -40,6 +40,7 @@ from prometheus_client import Counter
 from engine.jetstream import ensure_buckets, ensure_streams
 from schemas import codec, subjects
 from schemas.account import AccountState, SymbolSpec
+from schemas.common import Side
 from schemas.master import MasterEvent
 from schemas.orders import FollowerOrder
 from schemas.reports import ExecutionReport
@@ -86,6 +87,14 @@ class Terminal(Protocol):
     def commit(self) -> None:
         """Make the outcomes of the orders executed so far durable (before they are reported)."""
         ...
+
+
+def slippage(side: Side, price: float, master_price: float) -> float:
+    """How much worse than the master's fill the follower filled, in price units: positive
+    is worse for the follower. 0 when either price is unknown."""
+    if master_price <= 0 or price <= 0:
+        return 0.0
+    return round(price - master_price if side is Side.BUY else master_price - price, 10)
 
 
 def report_id(order_id: str) -> str:

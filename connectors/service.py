@@ -15,17 +15,10 @@ import msgspec
 import structlog
 
 from engine.errors import TradecopyError
+from engine.runtime.files import load_toml
 from engine.runtime.natsconn import connect
 
 log = structlog.get_logger("tradecopy.connector")
-
-
-def load_toml(path: Path, tp: Any) -> Any:
-    """A config file as ``tp``; every problem becomes one clear error naming the file."""
-    try:
-        return msgspec.convert(tomllib.loads(path.read_text(encoding="utf-8")), tp)
-    except (OSError, tomllib.TOMLDecodeError, msgspec.ValidationError) as exc:
-        raise TradecopyError(f"{path}: {exc}") from exc
 
 
 def with_tokens_from_env(data: dict[str, Any]) -> dict[str, Any]:

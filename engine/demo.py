@@ -28,7 +28,7 @@ from connectors.paper.venue import PaperVenue
 from engine.jetstream import ensure_buckets, ensure_streams
 from engine.replicator.sizing import partial_close_volume
 from engine.runtime.natsserver import EmbeddedNats
-from engine.runtime.processes import spawn_replicator, stop_process
+from engine.runtime.processes import spawn_replicator, stop_process, wait_for_replicator
 from schemas import codec, subjects
 from schemas.common import OrderType, Side
 from schemas.decisions import CopyDecision
@@ -539,16 +539,11 @@ async def _wait_ready(
 ) -> None:
     """Until prices flow and the replicator consumes (its consumers exist)."""
     deadline = time.monotonic() + 30
-    js = connector.runtime.js
-    while time.monotonic() < deadline:
-        if connector.quotes > 0:
-            try:
-                await js.consumer_info("TC_MASTER_EVENTS", "replicator-p0")
-                return
-            except Exception:
-                pass
+    while connector.quotes == 0:
+        if time.monotonic() > deadline:
+            raise RuntimeError("no prices within 30 s")
         await asyncio.sleep(0.1)
-    raise RuntimeError("the replicator did not start within 30 s")
+    await wait_for_replicator(connector.runtime.js)
 
 
 async def _quiesce(observed: Observed, timeout: float = 1.0) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-import tomllib
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -13,6 +12,7 @@ import msgspec
 import structlog
 
 from engine.errors import TradecopyError
+from engine.runtime.files import load_toml
 
 log = structlog.get_logger("tradecopy.up")
 
@@ -72,11 +72,7 @@ def _port_taken(host: str, port: int) -> bool:
 
 
 def load_config(path: Path) -> UpConfig:
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-        return msgspec.convert(data, UpConfig)
-    except (OSError, tomllib.TOMLDecodeError, msgspec.ValidationError) as exc:
-        raise TradecopyError(f"{path}: {exc}") from exc
+    return load_toml(path, UpConfig)
 
 
 async def run_up(config_path: Path) -> None:

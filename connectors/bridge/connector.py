@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import os
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -28,8 +26,9 @@ from prometheus_client import Counter, Gauge, Histogram
 from connectors.bridge.config import BridgeConfig, BridgeTerminalConfig
 from connectors.bridge.hashing import state_hash
 from connectors.bridge.parsing import master_event, missed_events
-from connectors.contract import ConnectorRuntime
+from connectors.contract import ConnectorRuntime, slippage
 from engine.replicator.sizing import partial_close_volume
+from engine.runtime.files import write_atomically
 from schemas import codec
 from schemas.account import AccountState, SymbolSpec, TradeMode
 from schemas.bridge import (
@@ -211,11 +210,7 @@ class BridgeConnector:
             reports=self.reports,
             unsettled={k: codec.encode(v) for k, v in self.unsettled.items()},
         )
-        self.state_path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.state_path.parent, suffix=".tmp")
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(msgspec.msgpack.encode(state))
-        os.replace(tmp, self.state_path)
+        write_atomically(self.state_path, msgspec.msgpack.encode(state))
 
     # --------------------------------------------------------------- Terminal protocol
 
@@ -555,7 +550,7 @@ class BridgeConnector:
                 return OrderFilled(**base, ts_ns=time.time_ns(), symbol=position.symbol,
                     position_id=position.ticket, side=position.side, volume=position.volume,
                     price=position.price, master_price=order.master_price,
-                    slippage=_slippage(position.side.value, position.price,
+                    slippage=slippage(position.side, position.price,
                                        order.master_price))  # fmt: skip
             if order.expires_ns and time.time_ns() > order.expires_ns:
                 return OrderRejected(**base, ts_ns=time.time_ns(), code=10021,
@@ -578,7 +573,7 @@ class BridgeConnector:
                 return OrderFilled(**{**base, "trace": filled_trace}, ts_ns=time.time_ns(),
                     symbol=order.symbol, position_id=result.ticket, side=order.side,
                     volume=result.volume, price=result.price, master_price=order.master_price,
-                    slippage=_slippage(order.side.value, result.price,
+                    slippage=slippage(order.side, result.price,
                                        order.master_price))  # fmt: skip
             return OrderRejected(**base, ts_ns=time.time_ns(), code=result.retcode,
                                  reason=result.reason)  # fmt: skip
@@ -615,7 +610,7 @@ class BridgeConnector:
                     symbol=order.symbol, position_id=ticket, side=side,
                     volume=result.volume or position.volume, price=result.price,
                     master_price=order.master_price,
-                    slippage=_slippage(side.value, result.price, order.master_price))  # fmt: skip
+                    slippage=slippage(side, result.price, order.master_price))  # fmt: skip
             return self._outcome(base, result, "closed", [ticket])
         if isinstance(order, FollowerCloseBy):
             first = copies.get(ref)
@@ -699,9 +694,3 @@ class BridgeConnector:
             return None
         COMMAND_LATENCY.labels(session.config.account).observe(time.perf_counter() - started)
         return result
-
-
-def _slippage(side: str, price: float, master_price: float) -> float:
-    if master_price <= 0 or price <= 0:
-        return 0.0
-    return round(price - master_price if side == "buy" else master_price - price, 10)

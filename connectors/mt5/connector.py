@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import tempfile
 import time
 from collections import deque
 from collections.abc import Iterable, Sequence
@@ -43,6 +41,7 @@ from connectors.mt5.errors import (
 )
 from connectors.mt5.execution import MARKER_HISTORY_S, CopyMemory, Mt5Execution
 from connectors.mt5.parsing import account_state, parse_deal, server_seconds, symbol_spec
+from engine.runtime.files import write_atomically
 from schemas import codec
 from schemas.account import AccountState, SymbolSpec
 from schemas.master import MasterEvent
@@ -405,16 +404,7 @@ class Mt5Terminal:
             outbox=[codec.encode(e) for e in self.outbox], reports=self.reports,
             aliases=self.memory.aliases,
         )  # fmt: skip
-        data = msgspec.msgpack.encode(state)
-        self.state_path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.state_path.parent, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-            os.replace(tmp, self.state_path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomically(self.state_path, msgspec.msgpack.encode(state))
 
     def close(self) -> None:
         self.save()

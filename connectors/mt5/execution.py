@@ -16,6 +16,7 @@ from typing import Any
 import msgspec
 import structlog
 
+from connectors.contract import slippage
 from connectors.mt5 import protocol as mt5
 from connectors.mt5.comments import copy_comment, is_copy, master_prefixes, order_marker
 from connectors.mt5.config import Mt5Config
@@ -249,13 +250,13 @@ class Mt5Execution:
                     side=order.side, volume_requested=order.volume,
                     volume_filled=float(result.volume), price=price,
                     master_price=order.master_price,
-                    slippage=_slippage(order.side, price, order.master_price),
+                    slippage=slippage(order.side, price, order.master_price),
                 )  # fmt: skip
             return OrderFilled(
                 **base, ts_ns=now, trace=fill_trace, symbol=order.symbol, position_id=ticket,
                 side=order.side, volume=float(result.volume or order.volume), price=price,
                 master_price=order.master_price,
-                slippage=_slippage(order.side, price, order.master_price),
+                slippage=slippage(order.side, price, order.master_price),
             )  # fmt: skip
 
         return self._decide(base, trace, result, filled, lambda: self.evidence(order, trace))
@@ -293,7 +294,7 @@ class Mt5Execution:
                 position_id=str(position.ticket), side=closing,
                 volume=float(result.volume or volume), price=price,
                 master_price=order.master_price,
-                slippage=_slippage(closing, price, order.master_price),
+                slippage=slippage(closing, price, order.master_price),
             )  # fmt: skip
 
         return self._decide(base, trace, result, filled, lambda: self.evidence(order, trace))
@@ -588,7 +589,7 @@ class Mt5Execution:
             **base, ts_ns=time.time_ns(), trace=trace, symbol=position.symbol,
             position_id=str(position.ticket), side=side, volume=float(position.volume),
             price=price, master_price=order.master_price,
-            slippage=_slippage(side, price, order.master_price),
+            slippage=slippage(side, price, order.master_price),
         )  # fmt: skip
 
     @staticmethod
@@ -601,7 +602,7 @@ class Mt5Execution:
         return OrderFilled(
             **base, ts_ns=time.time_ns(), trace=trace, symbol=deals[-1].symbol,
             position_id=deals[-1].position_id, side=side, volume=volume, price=price,
-            master_price=master_price, slippage=_slippage(side, price, master_price),
+            master_price=master_price, slippage=slippage(side, price, master_price),
         )  # fmt: skip
 
 
@@ -626,10 +627,3 @@ def _pending_matches(record: Any, order: FollowerPendingModify, offset_s: int) -
 
 def _terminal_stamped(trace: Trace, now: int) -> Trace:
     return msgspec.structs.replace(trace, follower_terminal_ns=now)
-
-
-def _slippage(side: Side, price: float, master_price: float) -> float:
-    """Positive when the follower filled worse than the master (in price units)."""
-    if master_price <= 0:
-        return 0.0
-    return round(price - master_price if side is Side.BUY else master_price - price, 10)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import tempfile
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -15,12 +13,13 @@ from typing import Any
 import msgspec
 import structlog
 
-from connectors.contract import ConnectorRuntime
+from connectors.contract import ConnectorRuntime, slippage
 from connectors.paper.model import XAUUSD, Position, Result, SymbolConfig
 from connectors.paper.prices import PriceReplay, Quote
 from connectors.paper.venue import PaperVenue
 from engine.replicator.protection import within_deviation
 from engine.replicator.sizing import partial_close_volume
+from engine.runtime.files import write_atomically
 from schemas import codec, subjects
 from schemas.account import AccountState, SymbolSpec
 from schemas.common import Side, Trace
@@ -132,16 +131,7 @@ class PaperTerminal:
             outbox=[codec.encode(e) for e in self.outbox],
             reports=self.reports,
         )
-        data = msgspec.msgpack.encode(state)
-        self.state_path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.state_path.parent, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-            os.replace(tmp, self.state_path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomically(self.state_path, msgspec.msgpack.encode(state))
 
     # ------------------------------------------------------------ Terminal protocol
 
@@ -406,7 +396,7 @@ class PaperTerminal:
         return OrderFilled(
             **base, ts_ns=now, trace=trace, symbol=symbol, position_id=result.position_id or "",
             side=side, volume=result.volume, price=result.price, master_price=master_price,
-            slippage=_slippage(side, result.price, master_price),
+            slippage=slippage(side, result.price, master_price),
         )  # fmt: skip
 
     def _filled_from(
@@ -417,15 +407,8 @@ class PaperTerminal:
             **base, ts_ns=now, trace=trace, symbol=position.symbol,
             position_id=position.position_id, side=position.side, volume=position.volume,
             price=position.open_price, master_price=master_price,
-            slippage=_slippage(position.side, position.open_price, master_price),
+            slippage=slippage(position.side, position.open_price, master_price),
         )  # fmt: skip
-
-
-def _slippage(side: Side, price: float, master_price: float) -> float:
-    """Positive when the follower filled worse than the master (in price units)."""
-    if master_price <= 0:
-        return 0.0
-    return round(price - master_price if side is Side.BUY else master_price - price, 10)
 
 
 class NatsQuotes:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -27,6 +25,7 @@ from connectors.paper.model import (
     VenueState,
 )
 from connectors.paper.prices import Quote
+from engine.runtime.files import write_atomically
 from schemas.account import AccountState, SymbolSpec, TradeMode
 from schemas.common import OrderType, Side, is_account_id
 
@@ -436,18 +435,7 @@ class PaperVenue:
         ``durable=False`` skips the fsync: the file survives a crash of the process (what a
         connector restart needs, at every order) but not of the machine.
         """
-        data = self.snapshot()
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                if durable:
-                    os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomically(path, self.snapshot(), durable=durable)
 
     @classmethod
     def load(cls, path: Path, symbols: Iterable[SymbolConfig] = (XAUUSD,)) -> PaperVenue:

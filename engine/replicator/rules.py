@@ -12,7 +12,7 @@ from engine.replicator.calendar import trading_day, within_trading_hours
 from engine.replicator.protection import check_equity, has_equity_protection
 from engine.replicator.sizing import SizingNote, close_ratio, size_follower_volume
 from engine.replicator.state import LinkState
-from engine.replicator.symbols import map_symbol
+from engine.replicator.symbols import map_symbol, symbol_allowed
 from schemas import subjects
 from schemas.account import AccountState, SymbolSpec, TradeMode
 from schemas.common import OrderType, Side, Trace
@@ -124,11 +124,14 @@ class CompiledLink:
         if not self.has_static_filters:
             return None
         if self.include or self.exclude:
-            name = symbol.upper()
-            if self.include and name not in self.include:
-                return DecisionRule.SYMBOL_NOT_INCLUDED, f"{symbol} is not in the include list"
-            if name in self.exclude:
-                return DecisionRule.SYMBOL_EXCLUDED, f"{symbol} is in the exclude list"
+            allowed, rule = symbol_allowed(self.include, self.exclude, symbol)
+            if not allowed:
+                listed = (
+                    "not in the include"
+                    if rule == DecisionRule.SYMBOL_NOT_INCLUDED
+                    else "in the exclude"
+                )
+                return DecisionRule(rule), f"{symbol} is {listed} list"
         direction = self.link.direction
         if direction is not Direction.BOTH and (
             (direction is Direction.BUY_ONLY and side is not Side.BUY)
@@ -371,15 +374,7 @@ def _plan_new_copy(
     if link.daily_trade_limit is not None:
         opened = state.opened_today(today)
         if daily_key not in opened and len(opened) >= link.daily_trade_limit:
-            return _skip(
-                event,
-                cl,
-                now_ns,
-                DecisionRule.DAILY_TRADE_LIMIT,
-                f"{len(opened)} trades copied today ({today}, Europe/Berlin), "
-                f"the limit is {link.daily_trade_limit}",
-                {"trades_today": len(opened), "limit": link.daily_trade_limit, "day": today},
-            )
+            return daily_limit_skip(event, cl, now_ns, len(opened), today)
     symbol = cl.follower_symbol(event.symbol)
     spec = view.symbols.get((link.follower, symbol))
     if spec is None:
@@ -477,6 +472,22 @@ def _plan_new_copy(
         ),  # ts_ns ≤ 2**62 and the age ≤ one day by contract: always fits in int64
     )
     return plan
+
+
+def daily_limit_skip(
+    event: MasterEvent, cl: CompiledLink, now_ns: int, trades_today: int, today: str
+) -> CopyPlan:
+    """The daily trade limit's skip: from the cached count here, from the fresh count when
+    the service's compare-and-set finds the limit already reached."""
+    limit = cl.link.daily_trade_limit
+    return _skip(
+        event,
+        cl,
+        now_ns,
+        DecisionRule.DAILY_TRADE_LIMIT,
+        f"{trades_today} trades copied today ({today}, Europe/Berlin), the limit is {limit}",
+        {"trades_today": trades_today, "limit": limit, "day": today},
+    )
 
 
 def _comment(master: str, ref: str) -> str:

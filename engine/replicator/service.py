@@ -29,12 +29,12 @@ from engine.replicator.calendar import trading_day
 from engine.replicator.config import ReplicatorConfig
 from engine.replicator.live import LiveView
 from engine.replicator.protection import has_equity_protection, track_equity
-from engine.replicator.rules import CompiledLink, CopyPlan, plan_event
+from engine.replicator.rules import CompiledLink, CopyPlan, daily_limit_skip, plan_event
 from engine.replicator.state import LinkState, link_state_encoder
 from engine.runtime.natsconn import connect
 from schemas import codec, subjects
 from schemas.account import AccountState
-from schemas.decisions import CopyDecision, DecisionOutcome, DecisionRule
+from schemas.decisions import CopyDecision, DecisionOutcome
 from schemas.master import MasterEvent
 from schemas.orders import FollowerCloseAll, FollowerOrder, FollowerOrderBatch
 from schemas.streams import MASTER_EVENTS_STREAM
@@ -319,21 +319,7 @@ class Replicator:
         except _LimitReached as full:
             plan.order = None
             plan.daily_key = None
-            plan.decisions = [
-                CopyDecision(
-                    decision_id=f"{event.event_id}:{cl.link_id}:{DecisionRule.DAILY_TRADE_LIMIT}",
-                    link_id=cl.link_id,
-                    master=event.master,
-                    follower=cl.link.follower,
-                    outcome=DecisionOutcome.SKIPPED,
-                    rule=DecisionRule.DAILY_TRADE_LIMIT,
-                    message=f"{full.count} trades copied today ({today}, Europe/Berlin), "
-                    f"the limit is {limit}",
-                    ts_ns=now_ns,
-                    master_event_id=event.event_id,
-                    numbers={"trades_today": full.count, "limit": limit, "day": today},
-                )
-            ]
+            plan.decisions = daily_limit_skip(event, cl, now_ns, full.count, today).decisions
 
     async def _update_link_state(self, link_id: str, change: Any) -> LinkState:
         """Compare-and-set loop on one link's state entry."""

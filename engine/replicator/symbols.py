@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from schemas.decisions import DecisionRule
 from schemas.links import SymbolMapping
 
 
@@ -24,11 +25,11 @@ def map_symbol(mapping: SymbolMapping, master_symbol: str) -> str:
 
 def symbol_allowed(
     include: frozenset[str], exclude: frozenset[str], master_symbol: str
-) -> tuple[bool, str]:
-    """``(allowed, rule)``; include/exclude hold upper-cased names."""
+) -> tuple[bool, DecisionRule | str]:
+    """``(allowed, rule)``, rule empty when allowed; include/exclude hold upper-cased names."""
     name = master_symbol.upper()
     if include and name not in include:
-        return False, "symbol_not_included"
+        return False, DecisionRule.SYMBOL_NOT_INCLUDED
     if name in exclude:
-        return False, "symbol_excluded"
+        return False, DecisionRule.SYMBOL_EXCLUDED
     return True, ""

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
+import time
+from typing import Any
 
 
 def spawn_replicator(
@@ -15,6 +18,7 @@ def spawn_replicator(
     partitions: int | None = None,
     log_level: str = "warning",
     quiet: bool = True,
+    batch_by_connector: bool = False,
 ) -> subprocess.Popen[bytes]:
     """Start ``tradecopy replicator run`` with this interpreter (works without PATH)."""
     args = [sys.executable, "-m", "engine.cli", "replicator", "run", "--nats-url", nats_url,
@@ -22,12 +26,30 @@ def spawn_replicator(
             "--log-level", log_level]  # fmt: skip
     if partitions is not None:
         args += ["--partitions", str(partitions)]
+    if batch_by_connector:
+        args.append("--batch-by-connector")
     return subprocess.Popen(
         args,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL if quiet else None,
     )
+
+
+async def wait_for_replicator(js: Any, timeout: float = 30.0) -> None:
+    """Until a replicator consumes: its partition consumers exist once it has started."""
+    from engine.replicator.service import consumer_name
+    from schemas.streams import MASTER_EVENTS_STREAM
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            await js.consumer_info(MASTER_EVENTS_STREAM, consumer_name(0))
+            return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no replicator consuming within {timeout:g} s") from None
+            await asyncio.sleep(0.1)
 
 
 def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
