@@ -29,7 +29,7 @@ from connectors.bridge.connector import BridgeConnector
 from connectors.bridge.paper_terminal import PaperBridgeTerminal
 from connectors.paper.prices import bar_to_ticks, load_bars
 from connectors.paper.venue import PaperVenue
-from engine.jetstream import ensure_buckets, ensure_streams
+from engine.runtime.jetstream import ensure_buckets, ensure_streams
 from engine.runtime.natsserver import EmbeddedNats
 from engine.runtime.processes import spawn_replicator, stop_process, wait_for_replicator
 from schemas import codec, subjects

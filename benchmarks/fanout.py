@@ -25,7 +25,7 @@ from typing import Any
 
 import nats
 
-from engine.jetstream import ensure_buckets, ensure_streams
+from engine.runtime.jetstream import ensure_buckets, ensure_streams
 from engine.runtime.natsserver import EmbeddedNats
 from engine.runtime.processes import spawn_replicator
 from schemas import codec, subjects

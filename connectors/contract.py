@@ -37,7 +37,7 @@ import structlog
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from prometheus_client import Counter
 
-from engine.jetstream import ensure_buckets, ensure_streams
+from engine.runtime.jetstream import ensure_buckets, ensure_streams
 from schemas import codec, subjects
 from schemas.account import AccountState, SymbolSpec
 from schemas.common import Side

@@ -14,7 +14,7 @@ from typing import Any
 import msgspec
 import structlog
 
-from engine.errors import TradecopyError
+from engine.core.errors import TradecopyError
 from engine.runtime.files import load_toml
 from engine.runtime.natsconn import connect
 

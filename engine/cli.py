@@ -39,8 +39,8 @@ def _cmd_schema_export(args: argparse.Namespace) -> int:
 
 
 def _load_links_or_report(path: str) -> list[Any] | None:
-    from engine.errors import LinkFileError
-    from engine.links import load_links
+    from engine.core.errors import LinkFileError
+    from engine.runtime.links import load_links
 
     try:
         return load_links(Path(path))
@@ -67,8 +67,8 @@ def _cmd_links_apply(args: argparse.Namespace) -> int:
     async def apply() -> None:
         import nats
 
-        from engine.jetstream import ensure_buckets
-        from engine.links import apply_links
+        from engine.runtime.jetstream import ensure_buckets
+        from engine.runtime.links import apply_links
         from schemas import subjects
 
         nc = await nats.connect(args.nats_url)
@@ -118,7 +118,7 @@ def _cmd_stop(args: argparse.Namespace) -> int:
     async def write() -> None:
         import nats
 
-        from engine.jetstream import ensure_buckets
+        from engine.runtime.jetstream import ensure_buckets
 
         nc = await nats.connect(args.nats_url)
         try:
@@ -139,8 +139,8 @@ def _cmd_links_resume(args: argparse.Namespace) -> int:
         import nats
         import nats.js.errors
 
-        from engine.jetstream import ensure_buckets
         from engine.replicator.state import link_state_decoder, link_state_encoder
+        from engine.runtime.jetstream import ensure_buckets
         from schemas import subjects
 
         nc = await nats.connect(args.nats_url)
@@ -226,7 +226,7 @@ def _cmd_bench_fanout(args: argparse.Namespace) -> int:
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
-    from engine.errors import TradecopyError
+    from engine.core.errors import TradecopyError
     from engine.runtime.logging import configure_logging
     from engine.up import DEFAULT_CONFIG, run_up
 
@@ -301,7 +301,7 @@ def _cmd_bench_bridge(args: argparse.Namespace) -> int:
 
 def _cmd_bridge_run(args: argparse.Namespace) -> int:
     from connectors.service import run_bridge
-    from engine.errors import TradecopyError
+    from engine.core.errors import TradecopyError
     from engine.runtime.logging import configure_logging
 
     configure_logging(args.log_level, json=not args.console_logs)
@@ -316,7 +316,7 @@ def _cmd_bridge_run(args: argparse.Namespace) -> int:
 
 def _cmd_mt5_run(args: argparse.Namespace) -> int:
     from connectors.service import run_mt5
-    from engine.errors import TradecopyError
+    from engine.core.errors import TradecopyError
     from engine.runtime.logging import configure_logging
 
     configure_logging(args.log_level, json=not args.console_logs)

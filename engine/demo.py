@@ -25,8 +25,8 @@ from connectors.paper.connector import PaperConnector, PaperTerminal, master_ref
 from connectors.paper.model import XAUUSD, Result
 from connectors.paper.prices import PriceReplay, load_bars
 from connectors.paper.venue import PaperVenue
-from engine.jetstream import ensure_buckets, ensure_streams
-from engine.replicator.sizing import partial_close_volume
+from engine.core.volume import partial_close_volume
+from engine.runtime.jetstream import ensure_buckets, ensure_streams
 from engine.runtime.natsserver import EmbeddedNats
 from engine.runtime.processes import spawn_replicator, stop_process, wait_for_replicator
 from schemas import codec, subjects

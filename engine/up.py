@@ -11,7 +11,7 @@ from typing import Annotated, Any
 import msgspec
 import structlog
 
-from engine.errors import TradecopyError
+from engine.core.errors import TradecopyError
 from engine.runtime.files import load_toml
 
 log = structlog.get_logger("tradecopy.up")
@@ -80,9 +80,9 @@ async def run_up(config_path: Path) -> None:
 
     from connectors.paper.connector import NatsQuotes, PaperConnector, PaperTerminal
     from connectors.paper.prices import PriceReplay, load_bars
-    from engine.errors import LinkFileError
-    from engine.jetstream import ensure_buckets, ensure_streams
-    from engine.links import apply_links, validate_link
+    from engine.core.errors import LinkFileError
+    from engine.runtime.jetstream import ensure_buckets, ensure_streams
+    from engine.runtime.links import apply_links, validate_link
     from engine.runtime.natsserver import EmbeddedNats, default_state_dir
     from engine.runtime.processes import spawn_replicator, stop_process
     from schemas import subjects

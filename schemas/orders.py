@@ -60,7 +60,7 @@ class FollowerClose(_FollowerOrderBase, tag="close"):
     """Close ``ratio`` of the follower's position that copies ``master_position_id``.
 
     The connector sizes the close from the volume it actually holds (see
-    ``engine.replicator.sizing.partial_close_volume``), so it never closes more than it holds.
+    ``engine.core.volume.partial_close_volume``), so it never closes more than it holds.
     """
 
     master_position_id: str

@@ -21,13 +21,15 @@ from connectors.bridge.connector import BridgeConnector
 from connectors.bridge.paper_terminal import BridgeDenied, PaperBridgeTerminal
 from connectors.paper.prices import Quote, bar_to_ticks, load_bars
 from connectors.paper.venue import PaperVenue
-from engine.jetstream import ensure_buckets, ensure_streams
+from engine.core.comments import copy_comment
 from engine.replicator.config import ReplicatorConfig
 from engine.replicator.service import Replicator
+from engine.runtime.jetstream import ensure_buckets, ensure_streams
 from schemas import codec, subjects
 from schemas.common import Side
 from schemas.links import CopyLink
 from schemas.master import PositionOpened
+from schemas.orders import FollowerClose, FollowerOpen
 from schemas.reports import ExecutionReport, OrderFilled, OrderUnknown
 from schemas.streams import EXECUTION_REPORTS_STREAM, MASTER_EVENTS_STREAM
 
@@ -255,3 +257,45 @@ async def test_an_unknown_outcome_is_settled_without_trading_twice(rig: Rig) -> 
     await asyncio.sleep(0.6)  # further settle rounds must not trade again
     assert len(rig.venue_f.positions("bf")) == 1
     assert rig.filled()[corr] == 1
+
+
+async def test_long_ids_keep_their_copies_apart_through_a_lost_state_file(rig: Rig) -> None:
+    """Two master refs share their first 31 characters and the master id is 64 long: each
+    copy gets its own comment, and after the state file is lost the copies are rebuilt from
+    the terminal's comments through the same codec, so a close hits exactly its own copy."""
+    assert rig.followers is not None and rig.term_f is not None
+    master = "m" * 64
+    first, second = "4" * 31 + "1", "4" * 31 + "2"
+    sent = 0
+
+    async def send(order: Any) -> None:
+        nonlocal sent
+        await rig.js.publish(subjects.follower_orders("bf"), codec.encode(order),
+                             headers={"Nats-Msg-Id": order.order_id})  # fmt: skip
+        sent += 1
+        await until(lambda: len({r.order_id for r in rig.reports}) >= sent, order.order_id)
+
+    common = {"link_id": "long", "follower": "bf", "master": master, "symbol": "XAUUSD",
+              "ts_ns": time.time_ns()}  # fmt: skip
+    for ref, side, volume in ((first, Side.BUY, 0.1), (second, Side.SELL, 0.2)):
+        await send(FollowerOpen(**common, order_id=f"open-{ref}", master_event_id=f"e-{ref}",
+                                master_position_id=ref, side=side, volume=volume))  # fmt: skip
+    assert len(rig.venue_f.positions("bf")) == 2
+    comments = {p.comment for p in rig.venue_f.positions("bf")}
+    assert comments == {copy_comment(master, first), copy_comment(master, second)}
+
+    await rig.followers.stop()
+    (rig.root / "follower.state").unlink()
+    rig.followers = rig.bridge("follower", rig.follower_port)
+    await rig.followers.start(rig.nc)
+    await until(lambda: rig.followers is not None and rig.followers.sessions["bf"].ready.is_set(),
+                "the snapshot after the restart", timeout=20)  # fmt: skip
+
+    # A redelivered open of the second trade is recognised, not traded again.
+    await send(FollowerOpen(**common, order_id=f"again-{second}", master_event_id="e-again",
+                            master_position_id=second, side=Side.SELL, volume=0.2))  # fmt: skip
+    assert len(rig.venue_f.positions("bf")) == 2
+    await send(FollowerClose(**common, order_id=f"close-{first}", master_event_id="e-close",
+                             master_position_id=first))  # fmt: skip
+    [left] = rig.venue_f.positions("bf")
+    assert (left.side, left.volume, left.comment) == (Side.SELL, 0.2, copy_comment(master, second))

@@ -7,7 +7,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from engine.replicator.calendar import trading_day, within_trading_hours
+from engine.core.calendar import trading_day, within_trading_hours
 from schemas.links import TradingHours
 
 WEEKDAYS = [1, 2, 3, 4, 5]

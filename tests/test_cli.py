@@ -14,8 +14,8 @@ import pytest
 from nats.js import JetStreamContext
 
 from engine.cli import main
-from engine.errors import LinkFileError
-from engine.links import load_links
+from engine.core.errors import LinkFileError
+from engine.runtime.links import load_links
 from engine.runtime.natsserver import EmbeddedNats
 from schemas import codec, subjects
 from schemas.control import EmergencyStop, StopScope
@@ -398,8 +398,8 @@ async def test_stop_rejects_a_target_that_is_not_an_id(
 async def test_resume_lifts_a_protection_pause_and_resets_the_peak(
     nats_server: EmbeddedNats, js: JetStreamContext, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from engine.jetstream import ensure_buckets
     from engine.replicator.state import LinkState, link_state_decoder, link_state_encoder
+    from engine.runtime.jetstream import ensure_buckets
 
     kv = (await ensure_buckets(js))[subjects.KV_LINK_STATE]
     paused = LinkState(

@@ -4,11 +4,10 @@ trace stamps, the outbox, bad and foreign follower orders, and batched orders.""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import shutil
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +15,14 @@ import msgspec
 import nats.js.errors
 import pytest
 import structlog
+from conftest import wait_until
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
 from connectors.contract import ConnectorRuntime
 from connectors.paper.connector import PaperConnector, PaperTerminal
 from connectors.paper.prices import Quote, bar_to_ticks, load_bars
-from engine.jetstream import ensure_buckets, ensure_streams
+from engine.runtime.jetstream import ensure_buckets, ensure_streams
 from schemas import codec, subjects
 from schemas.account import AccountState
 from schemas.common import Side
@@ -42,7 +42,6 @@ from schemas.streams import (
 )
 
 SYMBOL = "XAUUSD"
-WAIT_S = 10.0
 CONNECTOR = "c1"
 MSG_ID = "Nats-Msg-Id"
 QUOTES = bar_to_ticks(load_bars()[0], SYMBOL)
@@ -52,26 +51,6 @@ M1: Account = ("m1", "USD", 10_000.0, 100, "master")
 F1: Account = ("f1", "USD", 10_000.0, 100, "follower")
 F2: Account = ("f2", "USD", 10_000.0, 100, "follower")
 ACCOUNTS = [M1, F1, F2]
-
-
-async def wait_until(
-    predicate: Callable[[], Any],
-    what: str,
-    timeout: float = WAIT_S,
-    details: Callable[[], object] | None = None,
-) -> None:
-    """Poll ``predicate`` (sync or async) until it holds; fail naming ``what`` on timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            extra = "" if details is None else f"\n{details()}"
-            pytest.fail(f"timed out after {timeout:g}s waiting for {what}{extra}")
-        await asyncio.sleep(0.01)
 
 
 def live(quote: Quote) -> Quote:

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from nats.js.api import DeliverPolicy
 
-from engine.jetstream import ensure_buckets, ensure_streams
+from engine.runtime.jetstream import ensure_buckets, ensure_streams
 from schemas import codec, subjects
 from schemas.account import AccountState, SymbolSpec
 from schemas.common import Side

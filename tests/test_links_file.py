@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 from nats.js import JetStreamContext
 
 from engine.cli import main
-from engine.errors import LinkFileError
-from engine.jetstream import ensure_buckets, live_keys
-from engine.links import LinkError, apply_links, load_links, validate_link
+from engine.core.errors import LinkFileError
+from engine.runtime.jetstream import ensure_buckets, live_keys
+from engine.runtime.links import LinkError, apply_links, load_links, validate_link
 from schemas import codec, subjects
 from schemas.links import CopyLink, Sizing, SymbolMapping, TradingHours
 

@@ -12,18 +12,18 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
+from conftest import WAIT_S, wait_until
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
 from connectors.contract import ConnectorRuntime
 from connectors.mt5 import protocol as mt5
-from connectors.mt5.comments import copy_comment, order_marker
+from engine.core.comments import copy_comment, order_marker
 from connectors.mt5.config import Mt5Config
 from connectors.mt5.connector import Mt5Connector, Mt5Terminal
 from connectors.mt5.errors import TerminalConnectError, TerminalNotReady, TerminalUnavailable
@@ -66,7 +66,6 @@ SYMBOL = "XAUUSD"
 BID, ASK = 2000.00, 2000.30
 MASTER, FOLLOWER = "m1", "f1"
 MASTER_LOGIN, FOLLOWER_LOGIN = 5_001, 7_002
-WAIT_S = 10.0
 
 
 class RecordingApi(PaperMt5Api):
@@ -179,14 +178,6 @@ async def run(terminal: Mt5Terminal, order: FollowerOrder) -> ExecutionReport:
 
 def positions(api: PaperMt5Api) -> list[Any]:
     return list(api.positions_get())
-
-
-async def wait_until(predicate: Callable[[], Any], what: str) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 # --- follower orders ------------------------------------------------------------------------

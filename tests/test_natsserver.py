@@ -13,7 +13,7 @@ import pytest
 from nats.js import JetStreamContext
 from nats.js.api import StorageType
 
-from engine.errors import NatsServerNotFound, NatsServerStartError
+from engine.core.errors import NatsServerNotFound, NatsServerStartError
 from engine.runtime.natsserver import EmbeddedNats, default_state_dir, find_nats_server
 
 

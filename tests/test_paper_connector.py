@@ -13,6 +13,7 @@ from typing import Any
 
 import msgspec
 import pytest
+from conftest import WAIT_S, wait_until
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
@@ -20,9 +21,9 @@ from connectors.paper.connector import PaperConnector, PaperTerminal
 from connectors.paper.model import Result
 from connectors.paper.prices import Quote, bar_to_ticks, load_bars
 from connectors.paper.venue import PaperVenue
-from engine.jetstream import ensure_buckets, ensure_streams
 from engine.replicator.config import ReplicatorConfig
 from engine.replicator.service import Replicator
+from engine.runtime.jetstream import ensure_buckets, ensure_streams
 from engine.runtime.natsserver import EmbeddedNats
 from schemas import codec, subjects
 from schemas.common import OrderType, Side
@@ -37,7 +38,6 @@ from schemas.reports import ExecutionReport, OrderDone, OrderFilled
 from schemas.streams import EXECUTION_REPORTS_STREAM, FOLLOWER_ORDERS_STREAM
 
 SYMBOL = "XAUUSD"
-WAIT_S = 10.0
 BARS = load_bars()
 
 Account = tuple[str, str, float, int, str]
@@ -47,26 +47,6 @@ F2: Account = ("f2", "USD", 10_000.0, 100, "follower")
 
 
 # --- helpers --------------------------------------------------------------------------------
-
-
-async def wait_until(
-    predicate: Callable[[], Any],
-    what: str,
-    timeout: float = WAIT_S,
-    details: Callable[[], object] | None = None,
-) -> None:
-    """Poll ``predicate`` (sync or async) until it holds; fail naming ``what`` on timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            extra = "" if details is None else f"\n{details()}"
-            pytest.fail(f"timed out after {timeout:g}s waiting for {what}{extra}")
-        await asyncio.sleep(0.01)
 
 
 def ticks(start_bar: int = 0) -> Iterator[Quote]:
@@ -646,7 +626,7 @@ async def test_restart_with_orders_queued_no_duplicate_no_missed_close(chain: Ch
     assert (venue.snapshot(), dict(follower.terminal.reports)) == before
 
 
-async def shorten_ack_wait(js: JetStreamContext, connector_id: str, seconds: float) -> None:
+async def shorten_ackwait_until(js: JetStreamContext, connector_id: str, seconds: float) -> None:
     """Redeliver unacknowledged orders after ``seconds`` instead of the runtime's 30 s.
 
     The runtime keeps an existing consumer whose filters match, so the test's ack wait stays.
@@ -679,7 +659,7 @@ async def crash_with_open_in_flight(chain: Chain) -> tuple[PaperConnector, Resul
     master = await chain.connect("pm", [M1], q)
     follower = await chain.connect("pf", [F1], q)
     await chain.feed(q)
-    await shorten_ack_wait(chain.js, "pf", 2.0)
+    await shorten_ackwait_until(chain.js, "pf", 2.0)
     blocked = block_executions(follower.terminal)
     opened = await chain.master(master, lambda v: v.market_order("m1", SYMBOL, Side.BUY, 0.1))
     oid = order_id(opened.transactions[0], "l1")

@@ -9,19 +9,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from conftest import wait_until
+
 from connectors.paper.connector import NatsQuotes, PaperConnector, PaperTerminal
-from engine.jetstream import ensure_buckets, ensure_streams
+from engine.runtime.jetstream import ensure_buckets, ensure_streams
 from schemas import codec, subjects
 from schemas.common import Side
 from schemas.market import Quote
-
-
-async def _wait(predicate: Any, what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 async def test_quotes_on_nats_price_the_venue_and_trigger_its_stops(
@@ -38,7 +32,7 @@ async def test_quotes_on_nats_price_the_venue_and_trigger_its_stops(
             subjects.quotes("XAUUSD"),
             codec.encode(Quote(symbol="XAUUSD", bid=5000.0, ask=5000.2, ts_ns=now)),
         )
-        await _wait(lambda: terminal.venue.quote("XAUUSD") is not None, "the first quote")
+        await wait_until(lambda: terminal.venue.quote("XAUUSD") is not None, "the first quote")
         assert terminal.venue.quote("XAUUSD").ask == 5000.2
         opened = await connector.trade(
             lambda v: v.market_order("m1", "XAUUSD", Side.BUY, 0.1, sl=4990.0)
@@ -51,7 +45,7 @@ async def test_quotes_on_nats_price_the_venue_and_trigger_its_stops(
             subjects.quotes("XAUUSD"),
             codec.encode(Quote(symbol="XAUUSD", bid=4989.5, ask=4989.7, ts_ns=now + 1)),
         )
-        await _wait(lambda: not terminal.venue.positions("m1"), "the stop loss to close it")
+        await wait_until(lambda: not terminal.venue.positions("m1"), "the stop loss to close it")
         assert connector.replay is not None and connector.replay.bad == 1
         stored = await js.stream_info("TC_MASTER_EVENTS")
         assert stored.state.messages == 2  # the open and the SL close, both published
@@ -80,7 +74,7 @@ def test_quotes_publish_command_sends_real_bars(nats_server: Any) -> None:
         out, _ = await proc.communicate()
         assert proc.returncode == 0
         assert b"40 quotes published" in out
-        await _wait(lambda: len(received) == 40, "40 quotes")
+        await wait_until(lambda: len(received) == 40, "40 quotes")
         await client.close()
 
     asyncio.run(listen())

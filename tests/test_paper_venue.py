@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from connectors.paper.model import XAUUSD, Result, Retcode, SymbolConfig
 from connectors.paper.prices import Quote, bar_to_ticks, load_bars
 from connectors.paper.venue import PaperVenue, UnknownAccountError, UnknownSymbolError
-from engine.replicator.sizing import partial_close_volume
+from engine.core.volume import partial_close_volume
 from schemas.account import TradeMode
 from schemas.codec import encode, master_event_decoder
 from schemas.common import OrderType, Side

@@ -7,14 +7,9 @@ from datetime import UTC, datetime
 import msgspec
 import pytest
 
-from engine.replicator.calendar import trading_day
-from engine.replicator.protection import (
-    check_equity,
-    has_equity_protection,
-    price_deviation,
-    track_equity,
-    within_deviation,
-)
+from engine.core.calendar import trading_day
+from engine.core.prices import price_deviation, within_deviation
+from engine.replicator.protection import check_equity, has_equity_protection, track_equity
 from engine.replicator.state import LinkState
 from schemas.account import AccountState
 from schemas.common import Side

@@ -11,14 +11,15 @@ from typing import Any
 
 import msgspec
 import pytest
+from conftest import WAIT_S, wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 
-from engine.jetstream import ensure_buckets, ensure_streams
 from engine.replicator.config import ReplicatorConfig
 from engine.replicator.service import Replicator, consumer_name
 from engine.replicator.state import link_state_decoder
+from engine.runtime.jetstream import ensure_buckets, ensure_streams
 from schemas import codec, subjects
 from schemas.account import AccountState, SymbolSpec
 from schemas.common import Side
@@ -49,31 +50,10 @@ from schemas.orders import (
 from schemas.streams import DECISIONS_STREAM, FOLLOWER_ORDERS_STREAM, MASTER_EVENTS_STREAM
 
 PARTITIONS = 4
-WAIT_S = 10.0
 SYMBOL = "EURUSD"
 
 
 # --- helpers --------------------------------------------------------------------------------
-
-
-async def wait_until(
-    predicate: Callable[[], bool] | Callable[[], Awaitable[bool]],
-    what: str,
-    timeout: float = WAIT_S,
-    details: Callable[[], str] | None = None,
-) -> None:
-    """Poll ``predicate`` until it holds; fail with ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            extra = "" if details is None else f"\n{details()}"
-            pytest.fail(f"timed out after {timeout:g}s waiting for {what}{extra}")
-        await asyncio.sleep(0.02)
 
 
 def metric(name: str, **labels: str) -> float:

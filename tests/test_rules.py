@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.replicator.calendar import trading_day
+from engine.core.calendar import trading_day
 from engine.replicator.rules import CompiledLink, CopyPlan, MarketView, plan_copy, plan_event
 from engine.replicator.state import LinkState
 from schemas.account import AccountState, SymbolSpec, TradeMode

@@ -8,14 +8,12 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from engine.core.volume import close_ratio, partial_close_volume, round_down_to_step
 from engine.replicator.sizing import (
     SizedVolume,
     SizingNote,
-    close_ratio,
     fit_to_symbol,
-    partial_close_volume,
     raw_volume,
-    round_down_to_step,
     size_follower_volume,
 )
 from schemas.account import AccountState, SymbolSpec

@@ -27,7 +27,8 @@ from connectors.bridge.config import BridgeConfig, BridgeTerminalConfig
 from connectors.bridge.hashing import state_hash
 from connectors.bridge.parsing import master_event, missed_events
 from connectors.contract import ConnectorRuntime, slippage
-from engine.replicator.sizing import partial_close_volume
+from engine.core.comments import copy_comment, is_copy, is_copy_of
+from engine.core.volume import partial_close_volume
 from engine.runtime.files import write_atomically
 from schemas import codec
 from schemas.account import AccountState, SymbolSpec, TradeMode
@@ -107,15 +108,24 @@ class BridgeState(msgspec.Struct, kw_only=True):
     positions: dict[str, list[BridgePosition]] = {}
     orders: dict[str, list[BridgeOrder]] = {}
     copies: dict[str, dict[str, str]] = {}
-    """Follower account → master reference → the follower's ticket."""
+    """Follower account → copy comment (``engine.core.comments``) → the position's ticket."""
+    pending_copies: dict[str, dict[str, str]] = {}
+    """Follower account → copy comment → the ticket of the pending order that copies it."""
     outbox: list[bytes] = []
     reports: dict[str, bytes] = {}
     unsettled: dict[str, bytes] = {}
     """Orders whose outcome is unknown (no result in time), kept until settled."""
 
 
-def _comment(master_ref: str) -> str:
-    return f"tc:{master_ref}"[:31]
+def _upgrade_copies(state: BridgeState) -> None:
+    """Keys of state files written before the comment codec (``master:ref``, ``order:…``)."""
+    for account, copies in state.copies.items():
+        for key in [k for k in copies if not is_copy(k)]:
+            ticket = copies.pop(key)
+            pending = key.startswith("order:")
+            master, _, ref = key.removeprefix("order:").partition(":")
+            target = state.pending_copies.setdefault(account, {}) if pending else copies
+            target.setdefault(copy_comment(master, ref), ticket)
 
 
 class BridgeConnector:
@@ -129,7 +139,9 @@ class BridgeConnector:
             state = msgspec.msgpack.decode(state_path.read_bytes(), type=BridgeState)
         self.positions = {a: {p.ticket: p for p in ps} for a, ps in state.positions.items()}
         self.orders = {a: {o.ticket: o for o in os_} for a, os_ in state.orders.items()}
+        _upgrade_copies(state)
         self.copies = state.copies
+        self.pending_copies = state.pending_copies
         self.outbox: list[MasterEvent] = [
             codec.master_event_decoder.decode(e) for e in state.outbox
         ]
@@ -206,6 +218,7 @@ class BridgeConnector:
             positions={a: list(p.values()) for a, p in self.positions.items()},
             orders={a: list(o.values()) for a, o in self.orders.items()},
             copies=self.copies,
+            pending_copies=self.pending_copies,
             outbox=[codec.encode(e) for e in self.outbox],
             reports=self.reports,
             unsettled={k: codec.encode(v) for k, v in self.unsettled.items()},
@@ -418,7 +431,7 @@ class BridgeConnector:
                 log.info("bridge_recovered_events", account=account, events=len(missed))
                 self.outbox.extend(missed)
         else:
-            self._rebuild_copies(account, snapshot.positions)
+            self._rebuild_copies(account, snapshot.positions, snapshot.orders)
         waiter = session.snapshots.pop(snapshot.corr, None)
         if waiter is not None and not waiter.done():
             waiter.set_result(snapshot)
@@ -432,16 +445,21 @@ class BridgeConnector:
         if self.unsettled and session.config.role == "follower":
             asyncio.get_running_loop().create_task(self.settle(account))
 
-    def _rebuild_copies(self, account: str, positions: list[BridgePosition]) -> None:
-        """Master reference → ticket, from the comments on the follower's positions."""
-        copies = self.copies.setdefault(account, {})
-        alive = {p.ticket for p in positions}
-        for ref, ticket in list(copies.items()):
-            if ticket not in alive and not ref.startswith("order:"):
-                copies.pop(ref)
-        for p in positions:
-            if p.comment.startswith("tc:"):
-                copies.setdefault(p.comment[3:], p.ticket)
+    def _rebuild_copies(
+        self, account: str, positions: list[BridgePosition], orders: list[BridgeOrder]
+    ) -> None:
+        """Copy comment → ticket, from the comments the terminal holds (crash-only: a lost state
+        file is rebuilt the same way). Known entries win: an MT4 partial close renews a ticket
+        whose comment the broker may have rewritten."""
+        for held, known in ((positions, self.copies), (orders, self.pending_copies)):
+            copies = known.setdefault(account, {})
+            alive = {item.ticket for item in held}
+            for comment, ticket in list(copies.items()):
+                if ticket not in alive:
+                    copies.pop(comment)
+            for item in held:
+                if is_copy(item.comment):
+                    copies.setdefault(item.comment, item.ticket)
 
     def _state_changed(self, session: TerminalSession) -> None:
         if self.runtime is not None:
@@ -536,7 +554,7 @@ class BridgeConnector:
         copies = self.copies.setdefault(account, {})
         base = {"order_id": order.order_id, "link_id": order.link_id, "follower": account,
                 "trace": trace}  # fmt: skip
-        ref = f"{order.master}:{getattr(order, 'master_position_id', '')}"
+        ref = copy_comment(order.master, getattr(order, "master_position_id", ""))
 
         def done(detail: str, ids: list[str] | None = None) -> ExecutionReport:
             return OrderDone(**base, ts_ns=time.time_ns(), detail=detail, position_ids=ids or [])
@@ -562,7 +580,7 @@ class BridgeConnector:
             result = await self._command(session, order.order_id, CommandOp.OPEN,
                 symbol=order.symbol, side=order.side, volume=order.volume, sl=order.sl,
                 tp=order.tp, deviation_points=deviation, magic=order.magic,
-                comment=_comment(ref))  # fmt: skip
+                comment=ref)  # fmt: skip
             if result is None:
                 return OrderUnknown(**base, ts_ns=time.time_ns(), reason="no result in time")
             if result.ok:
@@ -595,7 +613,7 @@ class BridgeConnector:
                 symbol=order.symbol, ticket=ticket, volume=volume)  # fmt: skip
             if result is not None and result.ok:
                 if volume and position is not None and volume < position.volume:
-                    new_ref = f"{order.master}:{order.new_master_position_id}" \
+                    new_ref = copy_comment(order.master, order.new_master_position_id) \
                         if order.new_master_position_id else ref  # fmt: skip
                     copies.pop(ref, None)
                     copies[new_ref] = result.ticket or ticket  # MT4 renews the ticket
@@ -614,7 +632,7 @@ class BridgeConnector:
             return self._outcome(base, result, "closed", [ticket])
         if isinstance(order, FollowerCloseBy):
             first = copies.get(ref)
-            second = copies.get(f"{order.master}:{order.master_opposite_position_id}")
+            second = copies.get(copy_comment(order.master, order.master_opposite_position_id))
             if first is None or second is None:
                 return done("this account does not hold both copies")
             result = await self._command(session, order.order_id, CommandOp.CLOSE_BY,
@@ -622,25 +640,26 @@ class BridgeConnector:
             return self._outcome(base, result, "closed by the opposite copy", [first, second])
         if isinstance(order, FollowerCloseAll):
             closed = []
-            for master_ref, ticket in list(copies.items()):
-                if master_ref.startswith(f"{order.master}:"):
+            for comment, ticket in list(copies.items()):
+                if is_copy_of(comment, order.master):
                     result = await self._command(session, f"{order.order_id}:{ticket}",
                         CommandOp.CLOSE, symbol="*", ticket=ticket)  # fmt: skip
                     if result is not None and result.ok:
                         closed.append(ticket)
-                        copies.pop(master_ref, None)
+                        copies.pop(comment, None)
             return done(f"closed {len(closed)} position(s): {order.reason}", closed)
-        order_ref = f"order:{order.master}:{order.master_order_id}"  # type: ignore[union-attr]
+        pendings = self.pending_copies.setdefault(account, {})
+        order_ref = copy_comment(order.master, order.master_order_id)  # type: ignore[union-attr]
         if isinstance(order, FollowerPendingPlace):
             result = await self._command(session, order.order_id, CommandOp.PENDING_PLACE,
                 symbol=order.symbol, order_type=order.order_type, volume=order.volume,
                 price=order.price, sl=order.sl, tp=order.tp, expiration=order.expiration_ns,
                 magic=order.magic,
-                comment=_comment(f"{order.master}:{order.master_order_id}"))  # fmt: skip
+                comment=order_ref)  # fmt: skip
             if result is not None and result.ok:
-                copies[order_ref] = result.ticket
+                pendings[order_ref] = result.ticket
             return self._outcome(base, result, "pending order placed", [])
-        ticket = copies.get(order_ref)
+        ticket = pendings.get(order_ref)
         if ticket is None:
             return done("no copy of that pending order on this account")
         if isinstance(order, FollowerPendingModify):
@@ -652,7 +671,7 @@ class BridgeConnector:
         result = await self._command(session, order.order_id, CommandOp.PENDING_CANCEL,
                                      symbol=order.symbol, ticket=ticket)  # fmt: skip
         if result is not None and result.ok:
-            copies.pop(order_ref, None)
+            pendings.pop(order_ref, None)
         return self._outcome(base, result, "pending order cancelled", [])
 
     @staticmethod

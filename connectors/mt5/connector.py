@@ -30,7 +30,7 @@ import structlog
 
 from connectors.contract import ConnectorRuntime
 from connectors.mt5 import protocol as mt5
-from connectors.mt5.comments import COPY_PREFIX, MARKER_PREFIX
+from engine.core.comments import COPY_PREFIX, MARKER_PREFIX
 from connectors.mt5.config import Mt5Config
 from connectors.mt5.diff import Snapshot, diff_snapshots, take_snapshot
 from connectors.mt5.errors import (

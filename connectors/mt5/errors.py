@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from engine.errors import TradecopyError
+from engine.core.errors import TradecopyError
 
 #: What to install for a live terminal; the MetaTrader5 package ships Windows wheels only.
 INSTALL_HINT = (

@@ -18,7 +18,7 @@ import structlog
 
 from connectors.contract import slippage
 from connectors.mt5 import protocol as mt5
-from connectors.mt5.comments import copy_comment, is_copy, master_prefixes, order_marker
+from engine.core.comments import copy_comment, is_copy, master_prefixes, order_marker
 from connectors.mt5.config import Mt5Config
 from connectors.mt5.errors import TerminalNotReady
 from connectors.mt5.parsing import (
@@ -31,8 +31,8 @@ from connectors.mt5.parsing import (
     parse_deal,
     server_seconds,
 )
-from engine.replicator.protection import within_deviation
-from engine.replicator.sizing import partial_close_volume
+from engine.core.prices import within_deviation
+from engine.core.volume import partial_close_volume
 from schemas.account import SymbolSpec
 from schemas.common import Side, Trace
 from schemas.orders import (

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+from engine.core import comments
+
 # ENUM_ORDER_TYPE
 ORDER_TYPE_BUY = 0
 ORDER_TYPE_SELL = 1
@@ -107,7 +109,7 @@ SUCCESS_RETCODES = frozenset(
 RES_E_INVALID_PARAMS = -2
 
 #: MetaTrader keeps 31 characters of an order comment; a longer one fails the request.
-COMMENT_MAX = 31
+COMMENT_MAX = comments.COMMENT_MAX
 
 
 class Mt5Api(Protocol):

@@ -4,26 +4,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from functools import lru_cache
 
 from connectors.paper.model import AccountBook, Position, SymbolConfig
 from connectors.paper.prices import Quote
+from engine.core.volume import decimals
 from schemas.common import OrderType, Side
 
 #: Volumes are on the step when within this many steps of a whole number (0.07 / 0.01 noise).
 _STEP_TOLERANCE = 1e-6
 
 
-@lru_cache(maxsize=64)
-def _decimals(step: float) -> int:
-    text = f"{step:.10f}".rstrip("0")
-    return len(text.split(".")[1]) if "." in text else 0
-
-
 def normalize_volume(volume: float, cfg: SymbolConfig) -> float:
     """``volume`` snapped to the nearest step, without float noise (call after validating)."""
     step = cfg.volume_step
-    return round(round(volume / step) * step, _decimals(step))
+    return round(round(volume / step) * step, decimals(step))
 
 
 def volume_error(volume: float, cfg: SymbolConfig) -> str | None:

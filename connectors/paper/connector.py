@@ -17,8 +17,8 @@ from connectors.contract import ConnectorRuntime, slippage
 from connectors.paper.model import XAUUSD, Position, Result, SymbolConfig
 from connectors.paper.prices import PriceReplay, Quote
 from connectors.paper.venue import PaperVenue
-from engine.replicator.protection import within_deviation
-from engine.replicator.sizing import partial_close_volume
+from engine.core.prices import within_deviation
+from engine.core.volume import partial_close_volume
 from engine.runtime.files import write_atomically
 from schemas import codec, subjects
 from schemas.account import AccountState, SymbolSpec

@@ -6,10 +6,9 @@ from dataclasses import dataclass
 
 import msgspec
 
-from engine.replicator.calendar import trading_day
+from engine.core.calendar import trading_day
 from engine.replicator.state import LinkState
 from schemas.account import AccountState
-from schemas.common import Side
 from schemas.decisions import DecisionRule
 from schemas.links import CopyLink
 
@@ -96,17 +95,3 @@ def track_equity(
             new.paused_day = today if trigger.rule is DecisionRule.DAILY_LOSS else ""
             new.close_all_pending = link.protection_action.value == "close_all"
     return new, trigger
-
-
-def price_deviation(side: Side, master_price: float, bid: float, ask: float) -> float:
-    """How much worse than the master's fill the follower would fill now (≥ 0 is worse)."""
-    return ask - master_price if side is Side.BUY else master_price - bid
-
-
-def within_deviation(
-    side: Side, master_price: float, bid: float, ask: float, max_deviation: float | None
-) -> bool:
-    """The max-price-deviation rule, applied by connectors at execution time."""
-    if max_deviation is None or master_price <= 0:
-        return True
-    return price_deviation(side, master_price, bid, ask) <= max_deviation + 1e-12

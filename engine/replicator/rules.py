@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.replicator.calendar import trading_day, within_trading_hours
+from engine.core.comments import copy_comment
+from engine.core.calendar import trading_day, within_trading_hours
+from engine.core.volume import close_ratio
 from engine.replicator.protection import check_equity, has_equity_protection
-from engine.replicator.sizing import SizingNote, close_ratio, size_follower_volume
+from engine.replicator.sizing import SizingNote, size_follower_volume
 from engine.replicator.state import LinkState
 from engine.replicator.symbols import map_symbol, symbol_allowed
 from schemas import subjects
@@ -234,7 +236,7 @@ class EventFacts:
             else getattr(event, "order_id", "")
         )
         self.master_order_id = event.order_id if isinstance(event, PendingOrderTriggered) else None
-        self.comment = _comment(event.master, self.daily_key)
+        self.comment = copy_comment(event.master, self.daily_key)
 
 
 def plan_copy(
@@ -489,10 +491,6 @@ def daily_limit_skip(
         {"trades_today": trades_today, "limit": limit, "day": today},
     )
 
-
-def _comment(master: str, ref: str) -> str:
-    # MetaTrader keeps 31 characters of a comment; the master reference must survive.
-    return f"tc:{master}:{ref}"[:31]
 
 
 def _note_plan(

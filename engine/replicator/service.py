@@ -23,14 +23,14 @@ import nats.js.errors
 import structlog
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType
 
-from engine.jetstream import ensure_buckets, ensure_streams
+from engine.core.calendar import trading_day
 from engine.replicator import metrics
-from engine.replicator.calendar import trading_day
 from engine.replicator.config import ReplicatorConfig
 from engine.replicator.live import LiveView
 from engine.replicator.protection import has_equity_protection, track_equity
 from engine.replicator.rules import CompiledLink, CopyPlan, daily_limit_skip, plan_event
 from engine.replicator.state import LinkState, link_state_encoder
+from engine.runtime.jetstream import ensure_buckets, ensure_streams
 from engine.runtime.natsconn import connect
 from schemas import codec, subjects
 from schemas.account import AccountState

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
 
+from engine.core.volume import STEP_EPSILON, decimals, min_on_step
 from engine.replicator.fx import conversion_rate
 from schemas.account import AccountState, SymbolSpec
 from schemas.decisions import DecisionRule
@@ -21,10 +21,6 @@ from schemas.links import (
     RiskAmount,
     RiskPercent,
 )
-
-#: Tolerance for float noise when counting whole steps (0.07 / 0.01 = 7.000000000000001).
-_STEP_EPSILON = 1e-9
-_EXACT_STEPS = 2.0**52
 
 
 @dataclass(slots=True)
@@ -42,24 +38,6 @@ class SizedVolume:
     """0.0 when the copy is skipped (then ``skip`` is set)."""
     skip: SizingNote | None = None
     reductions: Sequence[SizingNote] = ()
-
-
-@lru_cache(maxsize=256)
-def _decimals(step: float) -> int:
-    text = f"{step:.10f}".rstrip("0")
-    return len(text.split(".")[1]) if "." in text else 0
-
-
-def round_down_to_step(volume: float, step: float) -> float:
-    """The largest multiple of ``step`` not above ``volume``, free of float noise."""
-    if not (volume > 0 and step > 0) or not math.isfinite(volume):
-        return 0.0
-    steps_float = volume / step + _STEP_EPSILON
-    if steps_float >= _EXACT_STEPS:
-        # So many steps that a float cannot hold a fraction of one: already on the grid.
-        return volume
-    steps = math.floor(steps_float)
-    return round(steps * step, _decimals(step))
 
 
 def raw_volume(
@@ -172,7 +150,7 @@ def fit_to_symbol(link: CopyLink, volume: float, spec: SymbolSpec) -> SizedVolum
     # Rounding down is monotonic, so rounding the capped volume also keeps it under the cap.
     # (Inline round_down_to_step: volume_in_cap is finite and ≤ the symbol's max here.)
     sized = (
-        round(math.floor(volume_in_cap / step + _STEP_EPSILON) * step, _decimals(step))
+        round(math.floor(volume_in_cap / step + STEP_EPSILON) * step, decimals(step))
         if volume_in_cap > 0
         else 0.0
     )
@@ -183,7 +161,7 @@ def fit_to_symbol(link: CopyLink, volume: float, spec: SymbolSpec) -> SizedVolum
         "volume_min": spec.volume_min,
         "volume_step": step,
     }
-    forced = _min_on_step(spec)
+    forced = min_on_step(spec)
     if forced > cap:
         return SizedVolume(
             0.0,
@@ -213,12 +191,6 @@ def fit_to_symbol(link: CopyLink, volume: float, spec: SymbolSpec) -> SizedVolum
     )
 
 
-def _min_on_step(spec: SymbolSpec) -> float:
-    """The smallest volume that is both ≥ min and on the step grid."""
-    steps = math.ceil(spec.volume_min / spec.volume_step - _STEP_EPSILON)
-    return round(steps * spec.volume_step, _decimals(spec.volume_step))
-
-
 def size_follower_volume(
     link: CopyLink,
     *,
@@ -242,30 +214,3 @@ def size_follower_volume(
     if isinstance(raw, SizingNote):
         return SizedVolume(0.0, raw)
     return fit_to_symbol(link, raw, spec)
-
-
-def close_ratio(volume_before: float, volume_after: float) -> float:
-    """The share of the master position a partial close took, within [0, 1]."""
-    if not (volume_before > 0 and math.isfinite(volume_before)):
-        return 1.0
-    if not math.isfinite(volume_after) or volume_after < 0:
-        volume_after = 0.0  # an unreadable remainder: the position is gone
-    ratio = (volume_before - volume_after) / volume_before
-    return min(max(ratio, 0.0), 1.0)
-
-
-def partial_close_volume(held: float, ratio: float, spec: SymbolSpec) -> float:
-    """How much of a follower position of ``held`` lots to close for a master close ``ratio``.
-
-    Rounded down to the step and never more than held. When the remainder would fall below
-    the symbol's minimum, the whole position is closed instead (it could not stay open).
-    """
-    if not held > 0 or not ratio > 0:
-        return 0.0
-    if ratio >= 1.0:
-        return held
-    volume = round_down_to_step(held * ratio, spec.volume_step)
-    remainder = held - volume
-    if remainder < spec.volume_min - _STEP_EPSILON:
-        return held
-    return min(volume, held)

@@ -10,7 +10,7 @@ from typing import Any
 
 import msgspec
 
-from engine.errors import TradecopyError
+from engine.core.errors import TradecopyError
 
 
 def write_atomically(path: Path, data: bytes, *, durable: bool = False) -> None:

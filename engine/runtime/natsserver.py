@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 import nats
 import nats.errors
 
-from engine.errors import NatsServerNotFound, NatsServerStartError
+from engine.core.errors import NatsServerNotFound, NatsServerStartError
 
 __all__ = ["EmbeddedNats", "default_state_dir", "find_nats_server", "free_port"]
 

@@ -13,8 +13,8 @@ import msgspec
 import nats.js.errors
 from nats.js.kv import KeyValue
 
-from engine.errors import LinkFileError
-from engine.jetstream import live_keys
+from engine.core.errors import LinkFileError
+from engine.runtime.jetstream import live_keys
 from schemas import codec, subjects
 from schemas.links import CopyLink, TradingHours, link_problems, trading_hours_problems
 
