@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-import nats
 
 from benchmarks.fanout import percentiles
 from connectors.bridge.config import BridgeConfig, BridgeTerminalConfig
@@ -29,9 +28,8 @@ from connectors.bridge.connector import BridgeConnector
 from connectors.bridge.paper_terminal import PaperBridgeTerminal
 from connectors.paper.prices import bar_to_ticks, load_bars
 from connectors.paper.venue import PaperVenue
-from engine.runtime.jetstream import ensure_buckets, ensure_streams
-from engine.runtime.natsserver import EmbeddedNats
-from engine.runtime.processes import spawn_replicator, stop_process, wait_for_replicator
+from engine.runtime.eventloop import run_async
+from engine.runtime.stack import LocalStack
 from schemas import codec, subjects
 from schemas.common import Side
 from schemas.links import CopyLink
@@ -52,18 +50,12 @@ TOKEN_F = "bench-follower-token-001"
 async def run(trades: int, gap_ms: float) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="tc-bridge-") as tmp:
         root = Path(tmp)
-        server = EmbeddedNats(store_dir=root / "nats")
-        await server.start()
-        nc = await nats.connect(server.url, name="bridge-bench")
-        replicator = None
+        stack = await LocalStack(root / "nats", name="bridge-bench").start()
         parts: list[Any] = []
         try:
-            js = nc.jetstream()
-            await ensure_streams(js)
-            buckets = await ensure_buckets(js)
-            link = CopyLink(link_id="bridge", master="bm", follower="bf")
-            await buckets[subjects.KV_LINKS].put(link.link_id, codec.encode(link))
-            replicator = spawn_replicator(server.url, instance="bridge")
+            nc, js = stack.nc, stack.js
+            await stack.apply_links([CopyLink(link_id="bridge", master="bm", follower="bf")])
+            stack.spawn_replicators(instance="bridge")
             masters = BridgeConnector(BridgeConfig(
                 connector_id="bridge-masters", endpoint="tcp://127.0.0.1:0",
                 terminals=[BridgeTerminalConfig(account="bm", token=TOKEN_M, role="master")]),
@@ -72,7 +64,7 @@ async def run(trades: int, gap_ms: float) -> dict[str, Any]:
                 connector_id="bridge-followers", endpoint="tcp://127.0.0.1:0",
                 terminals=[BridgeTerminalConfig(account="bf", token=TOKEN_F, role="follower")]),
                 root / "followers.state")  # fmt: skip
-            nc_f = await nats.connect(server.url, name="bridge-bench-f")
+            nc_f = await stack.connect("bridge-bench-f")
             await masters.start(nc)
             await followers.start(nc_f)
             parts += [masters, followers]
@@ -112,7 +104,7 @@ async def run(trades: int, gap_ms: float) -> dict[str, Any]:
                                cb=on_report, ordered_consumer=True)  # fmt: skip
             await js.subscribe(subjects.FOLLOWER_ORDERS, stream=FOLLOWER_ORDERS_STREAM,
                                cb=on_order, ordered_consumer=True)  # fmt: skip
-            await wait_for_replicator(js)
+            await stack.wait_for_replicator()
             for i in range(trades):
                 quote = msgspec.structs.replace(quotes[(i + 1) % len(quotes)], ts_ns=time.time_ns())
                 await term_m.on_quote(quote)
@@ -145,10 +137,7 @@ async def run(trades: int, gap_ms: float) -> dict[str, Any]:
         finally:
             for part in reversed(parts):
                 await part.stop()
-            if replicator is not None:
-                stop_process(replicator)
-            await nc.close()
-            await server.stop()
+            await stack.stop()
 
 
 async def _until_async(check: Any, timeout: float) -> None:
@@ -163,8 +152,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gap-ms", type=float, default=0.0)
     parser.add_argument("--json", action="store_true", help="one JSON object on the last line")
     args = parser.parse_args(argv)
-    from engine.cli import run_async
-
     result = run_async(run(args.trades, args.gap_ms))
     print("bridge: paper master terminal → bridge → NATS → replicator → bridge → paper follower")
     for key, value in result.items():

@@ -18,14 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-import nats
 
 from benchmarks.fanout import percentiles
 from connectors.paper.connector import PaperConnector, PaperTerminal
 from connectors.paper.prices import bar_to_ticks, load_bars
-from engine.runtime.jetstream import ensure_buckets, ensure_streams
-from engine.runtime.natsserver import EmbeddedNats
-from engine.runtime.processes import spawn_replicator, stop_process, wait_for_replicator
+from engine.runtime.eventloop import run_async
+from engine.runtime.stack import LocalStack
 from schemas import codec, subjects
 from schemas.common import Side
 from schemas.links import CopyLink
@@ -45,19 +43,14 @@ HOPS = (
 async def run(trades: int, gap_ms: float) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="tc-e2e-") as tmp:
         root = Path(tmp)
-        server = EmbeddedNats(store_dir=root / "nats")
-        await server.start()
-        nc_master = await nats.connect(server.url, name="e2e-master")
-        nc_follower = await nats.connect(server.url, name="e2e-follower")
-        replicator = None
+        stack = await LocalStack(root / "nats", name="e2e").start()
         connectors: list[PaperConnector] = []
         try:
+            nc_master = await stack.connect("e2e-master")
+            nc_follower = await stack.connect("e2e-follower")
             js = nc_master.jetstream()
-            await ensure_streams(js)
-            buckets = await ensure_buckets(js)
-            link = CopyLink(link_id="e2e", master="e2e-m", follower="e2e-f")
-            await buckets[subjects.KV_LINKS].put(link.link_id, codec.encode(link))
-            replicator = spawn_replicator(server.url, instance="e2e")
+            await stack.apply_links([CopyLink(link_id="e2e", master="e2e-m", follower="e2e-f")])
+            stack.spawn_replicators(instance="e2e")
             master_t = PaperTerminal.open(root / "m.state", [("e2e-m", "USD", 1e5, 100, "master")])
             follower_t = PaperTerminal.open(
                 root / "f.state", [("e2e-f", "USD", 1e5, 100, "follower")]
@@ -79,7 +72,7 @@ async def run(trades: int, gap_ms: float) -> dict[str, Any]:
 
             await js.subscribe(subjects.EXECUTION_REPORTS, stream=EXECUTION_REPORTS_STREAM,
                                cb=on_report, ordered_consumer=True)  # fmt: skip
-            await wait_for_replicator(js)
+            await stack.wait_for_replicator()
             for i in range(trades + 10):  # the first 10 warm up
                 quote = msgspec.structs.replace(quotes[i % len(quotes)], ts_ns=time.time_ns())
                 master_t.on_quote(quote)
@@ -110,11 +103,7 @@ async def run(trades: int, gap_ms: float) -> dict[str, Any]:
         finally:
             for connector in connectors:
                 await connector.stop()
-            if replicator is not None:
-                stop_process(replicator)
-            for nc in (nc_master, nc_follower):
-                await nc.close()
-            await server.stop()
+            await stack.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,8 +117,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", action="store_true", help="one JSON object on the last line")
     args = parser.parse_args(argv)
-    from engine.cli import run_async
-
     cases = []
     for gap in (float(g) for g in args.gaps_ms.split(",") if g.strip()):
         result = run_async(run(args.trades, gap))

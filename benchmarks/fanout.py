@@ -25,9 +25,8 @@ from typing import Any
 
 import nats
 
-from engine.runtime.jetstream import ensure_buckets, ensure_streams
-from engine.runtime.natsserver import EmbeddedNats
-from engine.runtime.processes import spawn_replicator
+from engine.runtime.eventloop import run_async
+from engine.runtime.stack import LocalStack
 from schemas import codec, subjects
 from schemas.account import AccountState, SymbolSpec
 from schemas.common import Side
@@ -186,20 +185,15 @@ async def run(
 ) -> dict[str, Any]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with tempfile.TemporaryDirectory(prefix="tc-bench-") as tmp:
-        server = EmbeddedNats(store_dir=Path(tmp) / "nats")
-        await server.start()
+        stack = await LocalStack(Path(tmp) / "nats", partitions=partitions, name="bench").start()
         procs: list[subprocess.Popen[bytes]] = []
-        nc = await nats.connect(server.url)
         try:
-            js = nc.jetstream()
-            await ensure_streams(js, partitions)
-            buckets = await ensure_buckets(js)
+            nc, js, buckets = stack.nc, stack.js, stack.buckets
             debug = bool(os.environ.get("TC_BENCH_DEBUG"))
-            replicator = spawn_replicator(
-                server.url, instance="bench", partitions=partitions, batch_by_connector=True,
+            stack.spawn_replicators(
+                instance="bench", batch_by_connector=True,
                 log_level="debug" if debug else "warning", quiet=not debug,
             )  # fmt: skip
-            procs.append(replicator)
             counter = OrderCounter()
             await js.subscribe(
                 "tc.v1.*.*.orders", stream=FOLLOWER_ORDERS_STREAM, cb=counter.on_msg,
@@ -212,7 +206,7 @@ async def run(
                 master, floor_master, followers = await _seed_case(buckets, n, batched)
                 messages = connectors_for(n) if batched else n
                 floor = subprocess.Popen(
-                    [sys.executable, "-m", "benchmarks.floor_relay", "--nats-url", server.url,
+                    [sys.executable, "-m", "benchmarks.floor_relay", "--nats-url", stack.url,
                      "--master", floor_master, "--followers", ",".join(followers),
                      "--durable", f"floor-{mode}-{n}",
                      "--batches", str(connectors_for(n) if batched else 0)],
@@ -254,8 +248,7 @@ async def run(
                     proc.wait(timeout=10)
                 except subprocess.TimeoutExpired:
                     proc.kill()
-            await nc.close()
-            await server.stop()
+            await stack.stop()
 
 
 _COLUMNS = (
@@ -304,12 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(modes) - {"per-order", "batch"}
     if unknown:
         parser.error(f"unknown mode(s): {', '.join(sorted(unknown))}")
-    try:
-        import uvloop
-
-        result = uvloop.run(run(counts, args.events, modes))
-    except ImportError:  # pragma: no cover - Windows
-        result = asyncio.run(run(counts, args.events, modes))
+    result = run_async(run(counts, args.events, modes))
     print(render(result))
     if args.json:
         print(json.dumps(result))

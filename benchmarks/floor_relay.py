@@ -18,6 +18,7 @@ from typing import Any
 import nats
 from nats.js.api import AckPolicy, ConsumerConfig
 
+from engine.runtime.eventloop import run_async
 from schemas import codec, subjects
 from schemas.common import Side
 from schemas.orders import FollowerOpen, FollowerOrderBatch
@@ -122,13 +123,8 @@ def main() -> None:
     parser.add_argument("--durable", default="floor-relay")
     parser.add_argument("--batches", type=int, default=0, help="connector batches (0: none)")
     args = parser.parse_args()
-    try:
-        import uvloop
-
-        runner = uvloop.run
-    except ImportError:  # pragma: no cover - Windows
-        runner = asyncio.run
-    runner(relay(args.nats_url, args.master, args.followers.split(","), args.durable, args.batches))
+    run_async(relay(args.nats_url, args.master, args.followers.split(","), args.durable,
+                    args.batches))  # fmt: skip
 
 
 if __name__ == "__main__":

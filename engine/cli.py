@@ -5,20 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from engine.runtime.eventloop import run_async
+
 DEFAULT_NATS = "nats://127.0.0.1:4222"
-
-
-def run_async(coro: Coroutine[Any, Any, Any]) -> Any:
-    """Run on uvloop where it exists (not on Windows)."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    return uvloop.run(coro)
 
 
 def _cmd_schema_export(args: argparse.Namespace) -> int:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import statistics
 import sys
@@ -16,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-import nats
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
@@ -26,9 +24,8 @@ from connectors.paper.model import XAUUSD, Result
 from connectors.paper.prices import PriceReplay, load_bars
 from connectors.paper.venue import PaperVenue
 from engine.core.volume import partial_close_volume
-from engine.runtime.jetstream import ensure_buckets, ensure_streams
-from engine.runtime.natsserver import EmbeddedNats
-from engine.runtime.processes import spawn_replicator, stop_process, wait_for_replicator
+from engine.runtime.eventloop import run_async
+from engine.runtime.stack import LocalStack
 from schemas import codec, subjects
 from schemas.common import OrderType, Side
 from schemas.decisions import CopyDecision
@@ -426,25 +423,21 @@ async def run_demo(seconds: float, followers: int, speed: float, as_json: bool) 
 
     with tempfile.TemporaryDirectory(prefix="tradecopy-demo-") as tmp:
         root = Path(tmp)
-        server = EmbeddedNats(store_dir=root / "nats")
-        await server.start()
-        nc = await nats.connect(server.url, name="tradecopy-demo")
-        replicator = None
+        stack = await LocalStack(root / "nats", name="tradecopy-demo").start()
         connector = None
         try:
-            js = nc.jetstream()
-            await ensure_streams(js)
-            buckets = await ensure_buckets(js)
-            replicator = spawn_replicator(server.url, instance="demo")
+            nc, js = stack.nc, stack.js
+            [replicator] = stack.spawn_replicators(instance="demo")
             ids = [follower_id(i) for i in range(followers)]
             balances = {f: KINDS[i % len(KINDS)].balance for i, f in enumerate(ids)}
+            links = []
             for i, follower in enumerate(ids):
                 link = msgspec.convert(
                     {"link_id": f"link-{follower}", "master": MASTER, "follower": follower},
                     CopyLink,
                 )
-                link = msgspec.structs.replace(link, **KINDS[i % len(KINDS)].link)
-                await buckets[subjects.KV_LINKS].put(link.link_id, codec.encode(link))
+                links.append(msgspec.structs.replace(link, **KINDS[i % len(KINDS)].link))
+            await stack.apply_links(links)
             accounts = [(MASTER, "USD", 10_000.0, 100, "master")]
             accounts += [(f, "USD", balances[f], 100, "follower") for f in ids]
             suffixed = msgspec.structs.replace(XAUUSD, symbol=SUFFIXED)
@@ -467,8 +460,8 @@ async def run_demo(seconds: float, followers: int, speed: float, as_json: bool) 
 
             await nc.subscribe(subjects.MASTER_EVENTS_IN, cb=count_master)
             await connector.start()
-            await _wait_ready(buckets, ids, connector)
-            log(f"NATS {server.url}; replicator pid {replicator.pid}; {len(ids)} followers")
+            await _wait_ready(stack, connector)
+            log(f"NATS {stack.url}; replicator pid {replicator.pid}; {len(ids)} followers")
             trader = ScriptedTrader(connector, log)
             steps = trader.steps()
             pause = max(seconds / (len(steps) + 1), 0.2)
@@ -527,23 +520,17 @@ async def run_demo(seconds: float, followers: int, speed: float, as_json: bool) 
         finally:
             if connector is not None:
                 await connector.stop()
-            if replicator is not None:
-                stop_process(replicator)
-            with contextlib.suppress(Exception):
-                await nc.close()
-            await server.stop()
+            await stack.stop()
 
 
-async def _wait_ready(
-    buckets: dict[str, Any], followers: list[str], connector: PaperConnector
-) -> None:
+async def _wait_ready(stack: LocalStack, connector: PaperConnector) -> None:
     """Until prices flow and the replicator consumes (its consumers exist)."""
     deadline = time.monotonic() + 30
     while connector.quotes == 0:
         if time.monotonic() > deadline:
             raise RuntimeError("no prices within 30 s")
         await asyncio.sleep(0.1)
-    await wait_for_replicator(connector.runtime.js)
+    await stack.wait_for_replicator()
 
 
 async def _quiesce(observed: Observed, timeout: float = 1.0) -> None:
@@ -573,8 +560,6 @@ async def _settle(
 
 
 def main(seconds: float, followers: int, speed: float, as_json: bool) -> int:
-    from engine.cli import run_async
-
     summary = run_async(run_demo(seconds, followers, speed, as_json))
     if as_json:
         sys.stdout.write(json.dumps(summary) + "\n")

@@ -76,16 +76,12 @@ def load_config(path: Path) -> UpConfig:
 
 
 async def run_up(config_path: Path) -> None:
-    import nats
-
     from connectors.paper.connector import NatsQuotes, PaperConnector, PaperTerminal
     from connectors.paper.prices import PriceReplay, load_bars
     from engine.core.errors import LinkFileError
-    from engine.runtime.jetstream import ensure_buckets, ensure_streams
-    from engine.runtime.links import apply_links, validate_link
-    from engine.runtime.natsserver import EmbeddedNats, default_state_dir
-    from engine.runtime.processes import spawn_replicator, stop_process
-    from schemas import subjects
+    from engine.runtime.links import validate_link
+    from engine.runtime.natsserver import default_state_dir
+    from engine.runtime.stack import LocalStack
 
     config = load_config(config_path)
     links, errors = [], []
@@ -105,28 +101,19 @@ async def run_up(config_path: Path) -> None:
     state = default_state_dir()
     store = Path(config.nats.store_dir) if config.nats.store_dir else state / "nats"
     store.mkdir(parents=True, exist_ok=True)
-    http_port = None if config.nats.http_port < 0 else config.nats.http_port
-    server = EmbeddedNats(
-        store_dir=store, host=config.nats.host, port=config.nats.port, http_port=http_port
-    )
-    await server.start()
-    replicators = []
+    stack = LocalStack(
+        store, host=config.nats.host, port=config.nats.port,
+        http_port=None if config.nats.http_port < 0 else config.nats.http_port,
+        partitions=config.replicator.partitions, name="tradecopy-up",
+    )  # fmt: skip
+    await stack.start()
     connector = None
-    nc = await nats.connect(server.url, name="tradecopy-up")
     try:
-        js = nc.jetstream()
-        await ensure_streams(js, config.replicator.partitions)
-        buckets = await ensure_buckets(js)
-        result = await apply_links(buckets[subjects.KV_LINKS], links)
-        for i in range(config.replicator.instances):
-            port = config.replicator.metrics_port
-            replicators.append(
-                spawn_replicator(
-                    server.url, instance=f"up-{i + 1}",
-                    metrics_port=port + i if port > 0 else port,
-                    partitions=config.replicator.partitions, quiet=False,
-                )
-            )  # fmt: skip
+        result = await stack.apply_links(links)
+        metrics_port = config.replicator.metrics_port
+        replicators = stack.spawn_replicators(
+            config.replicator.instances, instance="up", metrics_port=metrics_port, quiet=False
+        )
         paper = config.paper
         if paper.accounts:
             paper_dir = Path(paper.state_dir) if paper.state_dir else state / "paper"
@@ -134,20 +121,21 @@ async def run_up(config_path: Path) -> None:
             terminal = PaperTerminal.open(paper_dir / f"{paper.connector_id}.state", rows)
             feed: PriceReplay | NatsQuotes
             if paper.prices == "nats":
-                feed = NatsQuotes(nc, list(terminal.venue.symbols))
+                feed = NatsQuotes(stack.nc, list(terminal.venue.symbols))
             else:
                 feed = PriceReplay(
                     load_bars(), start=paper.start_bar, speed=paper.speed, loop=paper.loop,
                     stamp_wall_clock=True, steps_per_leg=3,
                 )  # fmt: skip
-            connector = PaperConnector(nc, paper.connector_id, terminal, feed)
+            connector = PaperConnector(stack.nc, paper.connector_id, terminal, feed)
             await connector.start()
-        print(f"NATS (JetStream)   {server.url}   store {store}", flush=True)
-        if server.http_port:
-            print(f"NATS monitoring    http://{config.nats.host}:{server.http_port}/", flush=True)
+        print(f"NATS (JetStream)   {stack.url}   store {store}", flush=True)
+        if stack.server.http_port:
+            print(f"NATS monitoring    http://{config.nats.host}:{stack.server.http_port}/",
+                  flush=True)  # fmt: skip
         for i, proc in enumerate(replicators):
-            port = config.replicator.metrics_port
-            where = f"http://127.0.0.1:{port + i}/metrics, /healthz" if port > 0 else "no metrics"
+            where = (f"http://127.0.0.1:{metrics_port + i}/metrics, /healthz"
+                     if metrics_port > 0 else "no metrics")  # fmt: skip
             print(f"replicator up-{i + 1}    pid {proc.pid}   {where}", flush=True)
         if connector is not None:
             roles = ", ".join(f"{a.id} ({a.role})" for a in config.paper.accounts)
@@ -165,16 +153,11 @@ async def run_up(config_path: Path) -> None:
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 1.0)
-            for proc in replicators:
-                if proc.poll() is not None:
-                    log.error("replicator_exited", pid=proc.pid, code=proc.returncode)
-                    stop.set()
+            for proc in stack.exited_replicators():
+                log.error("replicator_exited", pid=proc.pid, code=proc.returncode)
+                stop.set()
     finally:
         print("stopping…", flush=True)
         if connector is not None:
             await connector.stop()
-        for proc in replicators:
-            stop_process(proc)
-        with contextlib.suppress(Exception):
-            await nc.close()
-        await server.stop()
+        await stack.stop()

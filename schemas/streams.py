@@ -23,6 +23,13 @@ DECISIONS_STREAM = "TC_DECISIONS"
 DAY_S = 86_400.0
 
 
+def replicator_consumer(partition: int) -> str:
+    """The durable consumer replicators share on ``partition`` of the master-event stream.
+
+    Part of the contract so that operators, tools and the local stack can watch it."""
+    return f"replicator-p{partition}"
+
+
 def master_events_stream(
     partitions: int = DEFAULT_PARTITIONS, storage: StorageType = StorageType.FILE
 ) -> StreamConfig:

@@ -23,7 +23,6 @@ from nats.js import JetStreamContext
 
 from connectors.contract import ConnectorRuntime
 from connectors.mt5 import protocol as mt5
-from engine.core.comments import copy_comment, order_marker
 from connectors.mt5.config import Mt5Config
 from connectors.mt5.connector import Mt5Connector, Mt5Terminal
 from connectors.mt5.errors import TerminalConnectError, TerminalNotReady, TerminalUnavailable
@@ -31,6 +30,7 @@ from connectors.mt5.paper import PaperMt5Api, PaperMt5Server
 from connectors.mt5.parsing import symbol_spec
 from connectors.paper.model import XAUUSD
 from connectors.paper.venue import PaperVenue
+from engine.core.comments import copy_comment, order_marker
 from schemas import codec, subjects
 from schemas.account import TradeMode
 from schemas.common import OrderType, Side

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 
 from engine.replicator.config import ReplicatorConfig
-from engine.replicator.service import Replicator, consumer_name
+from engine.replicator.service import Replicator
 from engine.replicator.state import link_state_decoder
 from engine.runtime.jetstream import ensure_buckets, ensure_streams
 from schemas import codec, subjects
@@ -47,7 +47,12 @@ from schemas.orders import (
     FollowerOpen,
     FollowerOrderBatch,
 )
-from schemas.streams import DECISIONS_STREAM, FOLLOWER_ORDERS_STREAM, MASTER_EVENTS_STREAM
+from schemas.streams import (
+    DECISIONS_STREAM,
+    FOLLOWER_ORDERS_STREAM,
+    MASTER_EVENTS_STREAM,
+    replicator_consumer,
+)
 
 PARTITIONS = 4
 SYMBOL = "EURUSD"
@@ -271,7 +276,9 @@ class Env:
 
         async def all_done() -> bool:
             for partition in range(PARTITIONS):
-                info = await self.js.consumer_info(MASTER_EVENTS_STREAM, consumer_name(partition))
+                info = await self.js.consumer_info(
+                    MASTER_EVENTS_STREAM, replicator_consumer(partition)
+                )
                 if info.num_pending or info.num_ack_pending:
                     return False
             return True

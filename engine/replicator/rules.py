@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.core.comments import copy_comment
 from engine.core.calendar import trading_day, within_trading_hours
+from engine.core.comments import copy_comment
 from engine.core.volume import close_ratio
 from engine.replicator.protection import check_equity, has_equity_protection
 from engine.replicator.sizing import SizingNote, size_follower_volume
@@ -490,7 +490,6 @@ def daily_limit_skip(
         f"{trades_today} trades copied today ({today}, Europe/Berlin), the limit is {limit}",
         {"trades_today": trades_today, "limit": limit, "day": today},
     )
-
 
 
 def _note_plan(

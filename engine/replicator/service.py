@@ -37,7 +37,7 @@ from schemas.account import AccountState
 from schemas.decisions import CopyDecision, DecisionOutcome
 from schemas.master import MasterEvent
 from schemas.orders import FollowerCloseAll, FollowerOrder, FollowerOrderBatch
-from schemas.streams import MASTER_EVENTS_STREAM
+from schemas.streams import MASTER_EVENTS_STREAM, replicator_consumer
 
 log = structlog.get_logger("tradecopy.replicator")
 
@@ -46,10 +46,6 @@ _CAS_RETRIES = 5
 
 
 DELIVER_GROUP = "tc-replicators"
-
-
-def consumer_name(partition: int) -> str:
-    return f"replicator-p{partition}"
 
 
 def deliver_subject(partition: int) -> str:
@@ -125,7 +121,7 @@ class Replicator:
 
     async def _ensure_consumer(self, partition: int) -> None:
         """The partition's durable push consumer, shared by every instance's queue group."""
-        name = consumer_name(partition)
+        name = replicator_consumer(partition)
         config = ConsumerConfig(
             durable_name=name,
             deliver_subject=deliver_subject(partition),
@@ -433,7 +429,7 @@ class Replicator:
             for partition in range(self.config.partitions):
                 try:
                     info = await self.js.consumer_info(
-                        MASTER_EVENTS_STREAM, consumer_name(partition)
+                        MASTER_EVENTS_STREAM, replicator_consumer(partition)
                     )
                 except Exception:
                     continue

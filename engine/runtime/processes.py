@@ -9,6 +9,8 @@ import sys
 import time
 from typing import Any
 
+from schemas.streams import MASTER_EVENTS_STREAM, replicator_consumer
+
 
 def spawn_replicator(
     nats_url: str,
@@ -38,13 +40,10 @@ def spawn_replicator(
 
 async def wait_for_replicator(js: Any, timeout: float = 30.0) -> None:
     """Until a replicator consumes: its partition consumers exist once it has started."""
-    from engine.replicator.service import consumer_name
-    from schemas.streams import MASTER_EVENTS_STREAM
-
     deadline = time.monotonic() + timeout
     while True:
         try:
-            await js.consumer_info(MASTER_EVENTS_STREAM, consumer_name(0))
+            await js.consumer_info(MASTER_EVENTS_STREAM, replicator_consumer(0))
             return
         except Exception:
             if time.monotonic() > deadline:

@@ -1,0 +1,53 @@
+"""Every benchmark runs end to end at tiny sizes and reports what it promises (so none can rot).
+
+Nothing here judges speed: the numbers are measured by ``tradecopy bench``, not by tests.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+
+def bench(*args: str) -> dict[str, Any]:
+    done = subprocess.run(
+        [sys.executable, "-m", "engine.cli", "bench", *args, "--json"],
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("mode", ["per-order", "batch"])
+def test_fanout_measures_each_size_against_the_raw_nats_floor(mode: str) -> None:
+    result = bench("fanout", "--events", "3", "--followers", "1,5", "--modes", mode)
+    cases = result["cases"]
+    assert [(c["mode"], c["followers"], c["events"]) for c in cases] == [
+        (mode, 1, 3),
+        (mode, 5, 3),
+    ]
+    for case in cases:
+        assert 0 < case["p50_us"] <= case["p99_us"] <= case["max_us"]
+        assert 0 < case["floor_p50_us"] <= case["floor_p99_us"]
+        assert case["ratio_p50"] == pytest.approx(case["p50_us"] / case["floor_p50_us"], rel=0.01)
+    assert cases[1]["messages_per_event"] == (5 if mode == "per-order" else 1)
+
+
+def test_e2e_fills_every_trade_and_times_every_hop() -> None:
+    result = bench("e2e", "--trades", "6", "--gaps-ms", "0")
+    [case] = result["cases"]
+    assert case["fills"] == 6
+    whole = case["hops"]["master fill → follower fill"]
+    assert 0 < whole["p50_us"] <= whole["p99_us"]
+    assert len(case["hops"]) == 6
+
+
+def test_bridge_loses_and_repeats_nothing() -> None:
+    result = bench("bridge", "--trades", "6")
+    assert (result["orders"], result["fills"], result["lost"], result["duplicates"]) == (6, 6, 0, 0)
+    assert 0 < result["p50_us"] <= result["p99_us"]
+    assert len(result["hops_p50_us"]) == 5
