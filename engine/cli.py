@@ -128,31 +128,16 @@ def _cmd_stop(args: argparse.Namespace) -> int:
 
 def _cmd_links_resume(args: argparse.Namespace) -> int:
     async def resume() -> bool:
-        import msgspec
         import nats
-        import nats.js.errors
 
-        from engine.replicator.state import link_state_decoder, link_state_encoder
+        from engine.replicator.control import resume_link
         from engine.runtime.jetstream import ensure_buckets
         from schemas import subjects
 
         nc = await nats.connect(args.nats_url)
         try:
-            kv = (await ensure_buckets(nc.jetstream()))[subjects.KV_LINK_STATE]
-            try:
-                entry = await kv.get(args.link_id)
-            except nats.js.errors.KeyNotFoundError:
-                return False
-            state = link_state_decoder.decode(entry.value or b"")
-            if not state.paused:
-                return False
-            # Reset the peak too: the drawdown is measured from the equity at resumption.
-            resumed = msgspec.structs.replace(
-                state, paused=False, paused_rule="", paused_day="", close_all_pending=False,
-                peak_equity=None,
-            )  # fmt: skip
-            await kv.update(args.link_id, link_state_encoder.encode(resumed), last=entry.revision)
-            return True
+            buckets = await ensure_buckets(nc.jetstream())
+            return await resume_link(buckets[subjects.KV_LINK_STATE], args.link_id)
         finally:
             await nc.close()
 

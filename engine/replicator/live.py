@@ -11,8 +11,8 @@ from typing import Any
 import structlog
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
+from engine.replicator.facts import CompiledLink, MarketView
 from engine.replicator.metrics import BAD_MESSAGES
-from engine.replicator.rules import CompiledLink, MarketView
 from engine.replicator.state import LinkState, link_state_decoder
 from schemas import codec, subjects
 from schemas.account import AccountState

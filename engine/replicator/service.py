@@ -26,9 +26,10 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType
 from engine.core.calendar import trading_day
 from engine.replicator import metrics
 from engine.replicator.config import ReplicatorConfig
+from engine.replicator.facts import CompiledLink
 from engine.replicator.live import LiveView
 from engine.replicator.protection import has_equity_protection, track_equity
-from engine.replicator.rules import CompiledLink, CopyPlan, daily_limit_skip, plan_event
+from engine.replicator.rules import CopyPlan, daily_limit_reached, plan_event
 from engine.replicator.state import LinkState, link_state_encoder
 from engine.runtime.jetstream import ensure_buckets, ensure_streams
 from engine.runtime.natsconn import connect
@@ -198,9 +199,7 @@ class Replicator:
         t2 = time.perf_counter()
         metrics.STAGE_RULES.observe(t2 - t1)
         try:
-            for cl, plan in plans:
-                if plan.daily_key is not None and cl.link.daily_trade_limit is not None:
-                    await self._count_daily_trade(event, cl, plan, now_ns)
+            await self._count_daily_trades(event, plans, now_ns)
             await self._publish_plans(event, plans)
         except (nats.errors.Error, TimeoutError, ConnectionError) as exc:
             metrics.PUBLISH_FAILURES.inc()
@@ -285,6 +284,23 @@ class Replicator:
                 )
         del acks
 
+    async def _count_daily_trades(
+        self, event: MasterEvent, plans: list[tuple[CompiledLink, CopyPlan]], now_ns: int
+    ) -> None:
+        """Count every new copy toward its link's daily limit: all links at once, so a fan-out
+        waits one KV round trip however many of its links have a limit."""
+        counted = [
+            self._count_daily_trade(event, cl, plan, now_ns)
+            for cl, plan in plans
+            if plan.daily_key is not None and cl.link.daily_trade_limit is not None
+        ]
+        if not counted:
+            return
+        # Let every count finish before raising, so none is left running after a redelivery.
+        for result in await asyncio.gather(*counted, return_exceptions=True):
+            if isinstance(result, BaseException):
+                raise result
+
     async def _count_daily_trade(
         self, event: MasterEvent, cl: CompiledLink, plan: CopyPlan, now_ns: int
     ) -> None:
@@ -315,7 +331,7 @@ class Replicator:
         except _LimitReached as full:
             plan.order = None
             plan.daily_key = None
-            plan.decisions = daily_limit_skip(event, cl, now_ns, full.count, today).decisions
+            plan.decisions = daily_limit_reached(event, cl, now_ns, full.count, today).decisions
 
     async def _update_link_state(self, link_id: str, change: Any) -> LinkState:
         """Compare-and-set loop on one link's state entry."""
