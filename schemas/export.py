@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -39,19 +40,89 @@ MESSAGES: dict[str, Any] = {
 }
 
 
-def render_schemas() -> dict[str, str]:
-    """File name → JSON text, deterministic (sorted keys, trailing newline)."""
-    out: dict[str, str] = {}
-    for stem, tp in MESSAGES.items():
-        schema = msgspec.json.schema(tp)
-        schema = {
-            "$schema": "https://json-schema.org/draft/2020-12/schema",
-            "$id": f"tradecopy/v{WIRE_VERSION}/{stem}.json",
-            "title": stem,
-            **schema,
-        }
-        out[f"{stem}.json"] = json.dumps(schema, indent=2, sort_keys=True) + "\n"
+# Keywords whose value is a map of name → subschema, a list of subschemas, or one subschema.
+# Everything else (default, enum, const, examples, required, ...) is data or a plain value,
+# left as it is even where it holds a key called "description".
+_SCHEMA_MAPS = frozenset(
+    {"$defs", "definitions", "properties", "patternProperties", "dependentSchemas"}
+)
+_SCHEMA_LISTS = frozenset({"allOf", "anyOf", "oneOf", "prefixItems"})
+_SCHEMA_VALUES = frozenset(
+    {
+        "additionalProperties",
+        "contains",
+        "else",
+        "if",
+        "items",
+        "not",
+        "propertyNames",
+        "then",
+        "unevaluatedItems",
+        "unevaluatedProperties",
+    }
+)
+
+
+def clean_description(text: str) -> str:
+    """``text`` with common indentation, blank edge lines and trailing spaces removed.
+
+    Descriptions come from docstrings, whose indentation depends on where they were rendered:
+    msgspec before 0.23 and Python up to 3.12 keep it, msgspec 0.23 and Python 3.13 (at compile
+    time) strip it, each with its own rules for blank and whitespace-only lines. Cleaning every
+    description the same way makes the exported files independent of both.
+    """
+    return "\n".join(line.rstrip() for line in inspect.cleandoc(text).split("\n"))
+
+
+def _null_last(options: list[Any]) -> list[Any]:
+    # msgspec before 0.22 lists None where the union declares it, later ones always last; the
+    # order of anyOf carries no meaning, so the later rule is applied to every rendering.
+    def is_null(option: Any) -> bool:
+        return isinstance(option, dict) and option.get("type") == "null"
+
+    return [o for o in options if not is_null(o)] + [o for o in options if is_null(o)]
+
+
+def normalize_schema(schema: Any) -> Any:
+    """A copy of a JSON Schema that renders the same whatever msgspec or Python produced it.
+
+    Every ``description`` goes through `clean_description` and every ``anyOf`` lists its
+    ``null`` option last. Only subschemas are visited: values that are data (``default``,
+    ``enum``, ``examples``, ...) and property names are kept as they are.
+    """
+    if not isinstance(schema, dict):
+        return schema
+    out: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key == "description" and isinstance(value, str):
+            out[key] = clean_description(value)
+        elif key in _SCHEMA_MAPS and isinstance(value, dict):
+            out[key] = {name: normalize_schema(sub) for name, sub in value.items()}
+        elif key in _SCHEMA_LISTS and isinstance(value, list):
+            subs = [normalize_schema(sub) for sub in value]
+            out[key] = _null_last(subs) if key == "anyOf" else subs
+        elif key in _SCHEMA_VALUES:
+            out[key] = normalize_schema(value)
+        else:
+            out[key] = value
     return out
+
+
+def render_schema(stem: str, tp: Any) -> str:
+    """The JSON text exported for one message type: sorted keys, trailing newline."""
+    schema = normalize_schema(msgspec.json.schema(tp))
+    schema = {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": f"tradecopy/v{WIRE_VERSION}/{stem}.json",
+        "title": stem,
+        **schema,
+    }
+    return json.dumps(schema, indent=2, sort_keys=True) + "\n"
+
+
+def render_schemas() -> dict[str, str]:
+    """File name → JSON text, deterministic across msgspec and Python versions."""
+    return {f"{stem}.json": render_schema(stem, tp) for stem, tp in MESSAGES.items()}
 
 
 def export_schemas(directory: Path = JSON_DIR) -> list[Path]:

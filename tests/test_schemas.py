@@ -6,6 +6,7 @@ import contextlib
 import json
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any, get_args
 
@@ -14,13 +15,21 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.links import load_links
+from engine.runtime.links import load_links
 from schemas import codec, subjects
 from schemas.account import AccountState, FxRate, SymbolSpec, TradeMode
 from schemas.common import OrderType, Side, Trace
 from schemas.control import EmergencyStop, StopScope
 from schemas.decisions import CopyDecision, DecisionOutcome, DecisionRule
-from schemas.export import JSON_DIR, MESSAGES, export_schemas, render_schemas, stale_schemas
+from schemas.export import (
+    JSON_DIR,
+    MESSAGES,
+    export_schemas,
+    normalize_schema,
+    render_schema,
+    render_schemas,
+    stale_schemas,
+)
 from schemas.links import (
     BalanceRatio,
     CopyLink,
@@ -542,6 +551,115 @@ def test_tagged_unions_in_the_schema_use_their_tag_field() -> None:
         assert schema["discriminator"]["propertyName"] == tag_field
         tags = {cls.__struct_config__.tag for cls in get_args(union)}
         assert set(schema["discriminator"]["mapping"]) == tags
+
+
+def test_indented_and_dedented_descriptions_normalise_to_the_same_text() -> None:
+    # Docstring descriptions as msgspec < 0.23 renders them under Python <= 3.12: the source
+    # indentation kept after the first line, blank edge lines and whitespace-only lines kept.
+    indented = {
+        "description": "A batch.\n\n    Sent as one message.\n        Nested line.\n    ",
+        "$defs": {
+            "Fill": {
+                "description": "A fill.\n    \n    The price is in the symbol's units.\n",
+                "properties": {"price": {"type": "number", "description": "  Price.  "}},
+            },
+            "Order": {"anyOf": [{"description": "\n    One.\n    Two.\n    "}]},
+        },
+        "items": {"description": "An item.\n\n    Of the batch."},
+    }
+    # The same docstrings as msgspec 0.23 or Python 3.13 renders them: already dedented.
+    dedented = {
+        "description": "A batch.\n\nSent as one message.\n    Nested line.",
+        "$defs": {
+            "Fill": {
+                "description": "A fill.\n\nThe price is in the symbol's units.",
+                "properties": {"price": {"type": "number", "description": "Price."}},
+            },
+            "Order": {"anyOf": [{"description": "One.\nTwo."}]},
+        },
+        "items": {"description": "An item.\n\nOf the batch."},
+    }
+    assert indented != dedented
+    assert normalize_schema(indented) == normalize_schema(dedented) == dedented
+    assert normalize_schema(normalize_schema(indented)) == dedented
+
+
+def test_normalisation_leaves_data_and_property_names_alone() -> None:
+    schema = {
+        "properties": {
+            "description": {"type": "string", "description": "  The note.  "},
+            "default": {"type": "object", "description": "\n    Nested.\n"},
+        },
+        "required": ["description"],
+        "default": {"description": "  kept as is  "},
+        "examples": [{"description": "  kept  "}],
+        "enum": ["  kept  "],
+    }
+    assert normalize_schema(schema) == {
+        "properties": {
+            "description": {"type": "string", "description": "The note."},
+            "default": {"type": "object", "description": "Nested."},
+        },
+        "required": ["description"],
+        "default": {"description": "  kept as is  "},
+        "examples": [{"description": "  kept  "}],
+        "enum": ["  kept  "],
+    }
+
+
+def test_null_is_the_last_option_of_any_of_whatever_msgspec_rendered_it() -> None:
+    # msgspec before 0.22 lists None where the union declares it, later versions always last.
+    ref = {"$ref": "#/$defs/TradingHours"}
+    tagged = {"anyOf": [{"$ref": "#/$defs/A"}, {"$ref": "#/$defs/B"}], "discriminator": {}}
+    old = {"anyOf": [{"type": "null"}, ref], "items": {"anyOf": [{"type": "null"}, tagged]}}
+    new = {"anyOf": [ref, {"type": "null"}], "items": {"anyOf": [tagged, {"type": "null"}]}}
+    assert normalize_schema(old) == normalize_schema(new) == new
+    # The other options keep their order: for a tagged union it is the declaration order.
+    mixed = {"anyOf": [{"type": "integer"}, {"type": "null"}, {"type": "string"}, tagged]}
+    assert normalize_schema(mixed)["anyOf"] == [
+        {"type": "integer"},
+        {"type": "string"},
+        tagged,
+        {"type": "null"},
+    ]
+
+
+def _fill_with_indented_docstring() -> type[msgspec.Struct]:
+    class Fill(msgspec.Struct, frozen=True):
+        """A fill of a follower order.
+
+        The price is in the symbol's price units;
+            this line is indented further on purpose.
+        """
+
+        price: float
+
+    return Fill
+
+
+def _fill_with_dedented_docstring() -> type[msgspec.Struct]:
+    class Fill(msgspec.Struct, frozen=True):
+        # What Python 3.13 stores for the docstring above.
+        __doc__ = (
+            "A fill of a follower order.\n\nThe price is in the symbol's price units;\n"
+            "    this line is indented further on purpose.\n"
+        )
+
+        price: float
+
+    return Fill
+
+
+def test_an_indented_docstring_renders_like_a_dedented_one() -> None:
+    indented, dedented = _fill_with_indented_docstring(), _fill_with_dedented_docstring()
+    if sys.version_info < (3, 13):
+        # Python 3.13 dedents docstrings when it compiles them; before it they really differ.
+        assert indented.__doc__ != dedented.__doc__
+    assert render_schema("fill", indented) == render_schema("fill", dedented)
+    assert json.loads(render_schema("fill", indented))["$defs"]["Fill"]["description"] == (
+        "A fill of a follower order.\n\nThe price is in the symbol's price units;\n"
+        "    this line is indented further on purpose."
+    )
 
 
 # --------------------------------------------------------------------------------------------
