@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 
 import msgspec
 
+from schemas import codec
 from schemas.bridge import BridgeOrder, BridgePosition, EventKind, TradeEvent
 from schemas.common import Trace
 from schemas.master import (
@@ -21,11 +23,21 @@ from schemas.master import (
     PositionReduced,
 )
 
+#: The contract's longest id (``schemas.common.Id``).
+_ID_MAX = 128
+
 
 def event_id(account: str, session: str, seq: int) -> str:
     """One id per terminal frame: distinct events never collide (two modifies in the same
-    millisecond), and a frame re-sent within its session keeps its id (JetStream dedups it)."""
-    return f"{account}:{session}:{seq}"
+    millisecond), and a frame re-sent within its session keeps its id (JetStream dedups it).
+
+    A session long enough to push the id past the contract's limit is replaced by a digest
+    of itself (``~`` marks it; sessions never hold ``:``), so the id stays valid and stable."""
+    plain = f"{account}:{session}:{seq}"
+    if len(plain) <= _ID_MAX:
+        return plain
+    digest = hashlib.blake2b(session.encode(), digest_size=12).hexdigest()
+    return f"{account}:~{digest}:{seq}"
 
 
 def _level(price: float | None) -> float | None:
@@ -34,7 +46,18 @@ def _level(price: float | None) -> float | None:
 
 
 def master_event(account: str, session: str, frame: TradeEvent) -> MasterEvent:
-    """Normalise one terminal transaction; ``ValueError`` names what is missing."""
+    """Normalise one terminal transaction; ``ValueError`` names what is missing or invalid.
+
+    The event is checked against the contract here, where the terminal can be told, rather
+    than by the replicator after it was published."""
+    event = _master_event(account, session, frame)
+    try:
+        return codec.master_event_decoder.decode(codec.encode(event))
+    except msgspec.ValidationError as exc:
+        raise ValueError(f"a {frame.kind.value} event breaks the contract: {exc}") from None
+
+
+def _master_event(account: str, session: str, frame: TradeEvent) -> MasterEvent:
     frame = msgspec.structs.replace(frame, sl=_level(frame.sl), tp=_level(frame.tp))
     common = {
         "event_id": event_id(account, session, frame.seq),
@@ -121,11 +144,11 @@ def missed_events(
                 order_id=ticket, order_type=order.order_type, volume=order.volume,
                 price=order.price, sl=order.sl, tp=order.tp, expiration_ns=order.expiration,
                 magic=order.magic))  # fmt: skip
-        elif (order.price, order.sl, order.tp) != (old_o[ticket].price, old_o[ticket].sl,
-                                                  old_o[ticket].tp):  # fmt: skip
+        elif _pending_terms(order) != _pending_terms(old_o[ticket]):
             events.append(PendingOrderModified(**ids("pending_modified", ticket),
                 symbol=order.symbol, order_id=ticket, order_type=order.order_type,
-                price=order.price, sl=order.sl, tp=order.tp, magic=order.magic))  # fmt: skip
+                price=order.price, sl=order.sl, tp=order.tp, expiration_ns=order.expiration,
+                magic=order.magic))  # fmt: skip
     for ticket, position in new_p.items():
         old = old_p.get(ticket)
         if old is None:
@@ -161,3 +184,8 @@ def missed_events(
                 symbol=order.symbol, order_id=ticket, order_type=order.order_type,
                 magic=order.magic))  # fmt: skip
     return events
+
+
+def _pending_terms(order: BridgeOrder) -> tuple[float, float | None, float | None, int]:
+    """What a modification of a pending order can change."""
+    return order.price, order.sl, order.tp, order.expiration

@@ -141,7 +141,9 @@ class LiveView:
             self.view.fx_rates.pop(key, None)
             return
         rate = codec.fx_rate_decoder.decode(value)
-        self.view.fx_rates[rate.base + rate.quote] = rate.rate
+        if key != subjects.fx_key(rate.base, rate.quote):
+            raise ValueError(f"fx rate under key {key!r} is for {rate.base}/{rate.quote}")
+        self.view.fx_rates[key] = rate.rate
 
     def _apply_stop(self, key: str, value: bytes | None, revision: int) -> None:
         if value is None:
