@@ -286,6 +286,18 @@ def test_risk_sizing_with_stop_at_open_price_skips_with_zero_divisor() -> None:
     assert sized.skip.rule is DecisionRule.ZERO_DIVISOR
 
 
+@pytest.mark.parametrize("sl_distance", [5e-324, 1e-320, 1e308])
+def test_a_stop_whose_risk_per_lot_underflows_or_overflows_skips_instead_of_failing(
+    sl_distance: float,
+) -> None:
+    sized = size(make_link(sizing=RiskPercent(percent=1.0)), sl_distance=sl_distance,
+                 symbol=XAUUSD)  # fmt: skip
+    assert sized.volume == 0.0 or sized.skip is None
+    if sl_distance < 1:
+        assert sized.skip is not None
+        assert sized.skip.rule is DecisionRule.ZERO_DIVISOR
+
+
 def test_risk_amount_in_follower_currency() -> None:
     # 50 USD / (5.00 / 0.01 * 1.0) = 0.1 lots.
     sized = size(make_link(sizing=RiskAmount(amount=50.0)), sl_distance=5.0, symbol=XAUUSD)

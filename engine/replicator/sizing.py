@@ -97,6 +97,13 @@ def raw_volume(
                 {"sl_distance": sl_distance},
             )
         loss_per_lot = sl_distance / spec.tick_size * spec.tick_value
+        if not (loss_per_lot > 0 and math.isfinite(loss_per_lot)):
+            # A stop a few ulps from the open underflows to 0 (or a huge one overflows).
+            return SizingNote(
+                DecisionRule.ZERO_DIVISOR,
+                f"risk per lot is {loss_per_lot:g}: the stop loss cannot size a risk",
+                {"sl_distance": sl_distance, "loss_per_lot": loss_per_lot},
+            )
         if isinstance(sizing, RiskPercent):
             risk_money = max(follower_state.equity, 0.0) * sizing.percent / 100.0
         else:
