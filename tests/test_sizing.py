@@ -286,16 +286,19 @@ def test_risk_sizing_with_stop_at_open_price_skips_with_zero_divisor() -> None:
     assert sized.skip.rule is DecisionRule.ZERO_DIVISOR
 
 
-@pytest.mark.parametrize("sl_distance", [5e-324, 1e-320, 1e308])
+@pytest.mark.parametrize(
+    ("sl_distance", "tick_size", "tick_value"),
+    [(5e-324, 1.0, 0.5), (5e-324, 10.0, 1.0), (1e308, 1e-5, 1e10)],
+)
 def test_a_stop_whose_risk_per_lot_underflows_or_overflows_skips_instead_of_failing(
-    sl_distance: float,
+    sl_distance: float, tick_size: float, tick_value: float
 ) -> None:
+    symbol = spec(tick_size=tick_size, tick_value=tick_value)
     sized = size(make_link(sizing=RiskPercent(percent=1.0)), sl_distance=sl_distance,
-                 symbol=XAUUSD)  # fmt: skip
-    assert sized.volume == 0.0 or sized.skip is None
-    if sl_distance < 1:
-        assert sized.skip is not None
-        assert sized.skip.rule is DecisionRule.ZERO_DIVISOR
+                 symbol=symbol)  # fmt: skip
+    assert sized.volume == 0.0
+    assert sized.skip is not None
+    assert sized.skip.rule is DecisionRule.ZERO_DIVISOR
 
 
 def test_risk_amount_in_follower_currency() -> None:
