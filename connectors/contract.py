@@ -11,15 +11,18 @@ venue-specific half — and ``ConnectorRuntime`` does the rest, identically for 
 3. **Follower orders** are consumed from a durable consumer per connector (per-account subjects
    plus the connector's batch subject), strictly in stream order, and executed through
    ``Terminal.execute``, which must be idempotent by order id: a redelivered order returns the
-   original outcome and executes nothing.
+   original outcome and executes nothing. At receipt the runtime gives each order its report
+   builder (``connectors.reports.OrderReports``): the trace stamped with
+   ``follower_connector_ns``, and the one decision whether an open arrived after its
+   ``expires_ns`` (max signal age). A terminal builds every report through it.
 4. **Execution reports** are published to ``tc.v1.follower.<account>.reports`` with
    ``Nats-Msg-Id = report:<order id>``; only then is the order acknowledged. Outcome policy:
    *rejected* only on definitive evidence from the venue; a timeout or disconnect is *unknown*
    and reconciliation settles it.
-5. **Reconciliation** runs on every (re)start: ``Terminal.reconcile`` returns master events that
-   were recorded but possibly never published (an outbox), which are published again (JetStream
-   dedup drops the ones already stored), then states and specs are republished. Orders that were
-   not acknowledged are redelivered by JetStream and settled by idempotent execution.
+5. **Reconciliation** runs on every (re)start: ``Terminal.unpublished_events`` returns master
+   events that were recorded but possibly never published (an outbox), which are published again
+   (JetStream dedup drops the ones already stored), then states and specs are republished. Orders
+   that were not acknowledged are redelivered by JetStream and settled by idempotent execution.
 """
 
 from __future__ import annotations
@@ -37,12 +40,12 @@ import structlog
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from prometheus_client import Counter
 
+from connectors.reports import OrderReports
 from engine.runtime.jetstream import ensure_buckets, ensure_streams
 from schemas import codec, subjects
 from schemas.account import AccountState, SymbolSpec
-from schemas.common import Side
 from schemas.master import MasterEvent
-from schemas.orders import FollowerOrder
+from schemas.orders import FollowerOpen, FollowerOrder
 from schemas.reports import ExecutionReport
 from schemas.streams import FOLLOWER_ORDERS_STREAM
 
@@ -72,11 +75,19 @@ class Terminal(Protocol):
 
     def symbol_specs(self, account: str) -> Iterable[SymbolSpec]: ...
 
-    async def execute(self, order: FollowerOrder, received_ns: int) -> ExecutionReport:
-        """Execute once per order id; a repeated id returns the first outcome unchanged."""
+    async def execute(self, order: FollowerOrder, reports: OrderReports) -> ExecutionReport:
+        """Execute once per order id; a repeated id returns the first outcome unchanged.
+
+        ``reports`` (made by the runtime at receipt) builds the outcome. The checks run in this
+        order: first the evidence that the order, or its copy, ran before (a stored report, the
+        copy of the master position, its opening deal) and then its outcome is reported again;
+        only then, if ``reports.signal_expired``, ``reports.expired()`` without trading. A
+        redelivered open that filled before its signal expired must report that fill, never
+        "expired".
+        """
         ...
 
-    def reconcile(self) -> list[MasterEvent]:
+    def unpublished_events(self) -> list[MasterEvent]:
         """Master events that may not have been published yet (the outbox)."""
         ...
 
@@ -89,16 +100,16 @@ class Terminal(Protocol):
         ...
 
 
-def slippage(side: Side, price: float, master_price: float) -> float:
-    """How much worse than the master's fill the follower filled, in price units: positive
-    is worse for the follower. 0 when either price is unknown."""
-    if master_price <= 0 or price <= 0:
-        return 0.0
-    return round(price - master_price if side is Side.BUY else master_price - price, 10)
-
-
 def report_id(order_id: str) -> str:
     return f"report:{order_id}"
+
+
+def reports_at_receipt(order: FollowerOrder, received_ns: int) -> OrderReports:
+    """The order's report builder as it arrives: the hop's stamp, and whether its signal
+    expired, judged once by the time of receipt (not when the terminal gets to it)."""
+    trace = msgspec.structs.replace(order.trace, follower_connector_ns=received_ns)
+    expires_ns = order.expires_ns if isinstance(order, FollowerOpen) else 0
+    return OrderReports(order, trace, signal_expired=0 < expires_ns < received_ns)
 
 
 class ConnectorRuntime:
@@ -136,7 +147,7 @@ class ConnectorRuntime:
     async def start(self) -> None:
         await ensure_streams(self.js, self.partitions)
         self.buckets = await ensure_buckets(self.js)
-        outbox = self.terminal.reconcile()
+        outbox = self.terminal.unpublished_events()
         if outbox:
             log.info("reconcile_republish", connector=self.connector_id, events=len(outbox))
             await self.publish_master_events(outbox)
@@ -181,7 +192,7 @@ class ConnectorRuntime:
         wire and before their acks are awaited, so its time does not add to the hop.
         """
         async with self._publish_lock:
-            pending = self.terminal.reconcile()
+            pending = self.terminal.unpublished_events()
             if pending:
                 await self._publish_master_events(pending, while_in_flight)
             elif while_in_flight is not None:
@@ -342,11 +353,12 @@ class ConnectorRuntime:
 
         Reports go out only after the terminal committed its state, and messages are
         acknowledged only after their reports are stored: a crash at any point redelivers
-        orders whose outcome is not both durable and reported.
+        orders whose outcome is not both durable and reported. Each order's signal age is
+        judged here, by the time the batch arrived (``reports_at_receipt``).
         """
         received_ns = time.time_ns()
         mine = set(self.terminal.follower_accounts())
-        reports: list[ExecutionReport] = []
+        outcomes: list[ExecutionReport] = []
         for msg in msgs:
             try:
                 if msg.subject.startswith(f"{subjects.PREFIX}.connector."):
@@ -364,12 +376,13 @@ class ConnectorRuntime:
                         "order_for_unknown_account", follower=order.follower, order=order.order_id
                     )
                     continue
-                reports.append(await self.terminal.execute(order, received_ns))
-        if reports:
+                reports = reports_at_receipt(order, received_ns)
+                outcomes.append(await self.terminal.execute(order, reports))
+        if outcomes:
             self.terminal.commit()
             now = time.time_ns()
             futures = []
-            for report in reports:
+            for report in outcomes:
                 trace = msgspec.structs.replace(report.trace, report_ns=now)
                 report = msgspec.structs.replace(report, trace=trace)
                 futures.append(
@@ -381,7 +394,7 @@ class ConnectorRuntime:
                 )
                 self.mark_dirty(report.follower)
             await asyncio.gather(*futures)
-            self.orders_executed += len(reports)
+            self.orders_executed += len(outcomes)
         for msg in msgs:
             if msg.metadata.num_delivered is not None:
                 with contextlib.suppress(nats.errors.MsgAlreadyAckdError):

@@ -236,28 +236,19 @@ def _cmd_bench_e2e(args: argparse.Namespace) -> int:
 
 def _cmd_quotes_publish(args: argparse.Namespace) -> int:
     async def publish() -> int:
-        import time
-
-        import msgspec
         import nats
 
         from connectors.paper.prices import PriceReplay, load_bars
-        from schemas import codec, subjects
+        from connectors.paper.quotes import publish_quotes
+        from schemas import subjects
 
         nc = await nats.connect(args.nats_url, name="tradecopy-quotes")
         replay = PriceReplay(load_bars(), start=args.start_bar, speed=args.speed, loop=True,
                              stamp_wall_clock=True, steps_per_leg=3)  # fmt: skip
-        sent = 0
         print(f"publishing XAUUSD quotes on {subjects.quotes('XAUUSD')}; Ctrl-C stops", flush=True)
         try:
-            async for quote in replay.quotes():
-                quote = msgspec.structs.replace(quote, ts_ns=time.time_ns())
-                await nc.publish(subjects.quotes(quote.symbol), codec.encode(quote))
-                sent += 1
-                if args.count and sent >= args.count:
-                    break
+            sent = await publish_quotes(nc, replay, args.count)
         finally:
-            await nc.flush()
             await nc.close()
         print(f"{sent} quotes published")
         return 0

@@ -481,7 +481,7 @@ async def run_demo(seconds: float, followers: int, speed: float, as_json: bool) 
                         # loop for milliseconds and would sit in the copy path it measures.
                         await _quiesce(observed)
                         live.update(live_view(terminal, observed, log_lines), refresh=True)
-                await _settle(connector, observed, live, terminal, log_lines)
+                await _wait_all_reported(connector, observed, live, terminal, log_lines)
             finally:
                 if live is not None:
                     live.stop()
@@ -543,7 +543,7 @@ async def _quiesce(observed: Observed, timeout: float = 1.0) -> None:
         await asyncio.sleep(0.01)
 
 
-async def _settle(
+async def _wait_all_reported(
     connector: PaperConnector, observed: Observed, live: Live | None,
     terminal: PaperTerminal, log_lines: list[str],
 ) -> None:  # fmt: skip

@@ -76,8 +76,9 @@ def load_config(path: Path) -> UpConfig:
 
 
 async def run_up(config_path: Path) -> None:
-    from connectors.paper.connector import NatsQuotes, PaperConnector, PaperTerminal
+    from connectors.paper.connector import PaperConnector, PaperTerminal
     from connectors.paper.prices import PriceReplay, load_bars
+    from connectors.paper.quotes import NatsQuotes
     from engine.core.errors import LinkFileError
     from engine.runtime.links import validate_link
     from engine.runtime.natsserver import default_state_dir
@@ -106,6 +107,12 @@ async def run_up(config_path: Path) -> None:
         http_port=None if config.nats.http_port < 0 else config.nats.http_port,
         partitions=config.replicator.partitions, name="tradecopy-up",
     )  # fmt: skip
+    # Handlers first: "Ctrl-C stops everything" is printed only once Ctrl-C does.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
     await stack.start()
     connector = None
     try:
@@ -145,11 +152,6 @@ async def run_up(config_path: Path) -> None:
             f"{len(result.updated)} updated)\nCtrl-C stops everything.",
             flush=True,
         )
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError):
-                loop.add_signal_handler(sig, stop.set)
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 1.0)

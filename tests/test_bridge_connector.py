@@ -21,6 +21,7 @@ from connectors.bridge.connector import BridgeConnector
 from connectors.bridge.paper_terminal import BridgeDenied, PaperBridgeTerminal
 from connectors.paper.prices import Quote, bar_to_ticks, load_bars
 from connectors.paper.venue import PaperVenue
+from connectors.reports import EXPIRED_REASON, RETCODE_EXPIRED
 from engine.core.comments import copy_comment
 from engine.replicator.config import ReplicatorConfig
 from engine.replicator.service import Replicator
@@ -30,7 +31,7 @@ from schemas.common import Side
 from schemas.links import CopyLink
 from schemas.master import PositionOpened
 from schemas.orders import FollowerClose, FollowerOpen
-from schemas.reports import ExecutionReport, OrderFilled, OrderUnknown
+from schemas.reports import ExecutionReport, OrderFilled, OrderRejected, OrderUnknown
 from schemas.streams import EXECUTION_REPORTS_STREAM, MASTER_EVENTS_STREAM
 
 TOKEN_M = "master-token-0123456789"
@@ -299,3 +300,32 @@ async def test_long_ids_keep_their_copies_apart_through_a_lost_state_file(rig: R
                              master_position_id=first))  # fmt: skip
     [left] = rig.venue_f.positions("bf")
     assert (left.side, left.volume, left.comment) == (Side.SELL, 0.2, copy_comment(master, second))
+
+
+async def test_an_expired_open_never_trades_but_a_copy_made_before_is_reported(rig: Rig) -> None:
+    """Past its signal age an open is rejected without a command to the terminal, unless its
+    copy exists already (it ran before: a redelivery, a lost state file): then that copy."""
+    common = {"link_id": "age", "follower": "bf", "master": "mx", "symbol": "XAUUSD",
+              "ts_ns": time.time_ns(), "side": Side.BUY, "volume": 0.1}  # fmt: skip
+
+    async def report(order: FollowerOpen) -> ExecutionReport:
+        await rig.js.publish(subjects.follower_orders("bf"), codec.encode(order),
+                             headers={"Nats-Msg-Id": order.order_id})  # fmt: skip
+        await until(lambda: any(r.order_id == order.order_id for r in rig.reports), order.order_id)
+        return next(r for r in rig.reports if r.order_id == order.order_id)
+
+    copied = await report(FollowerOpen(**common, order_id="age-1", master_event_id="e-1",
+        master_position_id="1", expires_ns=time.time_ns() + 60_000_000_000))  # fmt: skip
+    assert isinstance(copied, OrderFilled), copied
+    expired = time.time_ns() - 1
+    again = await report(FollowerOpen(**common, order_id="age-1-again", master_event_id="e-1b",
+                                      master_position_id="1", expires_ns=expired))  # fmt: skip
+    assert isinstance(again, OrderFilled), again
+    assert (again.position_id, again.volume, again.price) == (
+        copied.position_id, copied.volume, copied.price,
+    )  # fmt: skip
+    stale = await report(FollowerOpen(**common, order_id="age-2", master_event_id="e-2",
+                                      master_position_id="2", expires_ns=expired))  # fmt: skip
+    assert isinstance(stale, OrderRejected), stale
+    assert (stale.code, stale.reason) == (RETCODE_EXPIRED, EXPIRED_REASON)
+    assert [p.position_id for p in rig.venue_f.positions("bf")] == [copied.position_id]

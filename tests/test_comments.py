@@ -61,9 +61,7 @@ def test_different_trades_never_share_a_comment(a: tuple[str, str], b: tuple[str
 
 
 @given(master=ACCOUNT, ref=REF, other=ACCOUNT)
-def test_a_copy_of_one_master_is_never_taken_for_another(
-    master: str, ref: str, other: str
-) -> None:
+def test_a_copy_of_one_master_is_never_taken_for_another(master: str, ref: str, other: str) -> None:
     if other != master:
         assert not is_copy_of(copy_comment(master, ref), other)
 

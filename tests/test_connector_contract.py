@@ -4,6 +4,7 @@ trace stamps, the outbox, bad and foreign follower orders, and batched orders.""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import time
@@ -19,9 +20,10 @@ from conftest import wait_until
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
-from connectors.contract import ConnectorRuntime
+from connectors.contract import ConnectorRuntime, reports_at_receipt
 from connectors.paper.connector import PaperConnector, PaperTerminal
 from connectors.paper.prices import Quote, bar_to_ticks, load_bars
+from connectors.reports import EXPIRED_REASON, RETCODE_EXPIRED, OrderReports
 from engine.runtime.jetstream import ensure_buckets, ensure_streams
 from schemas import codec, subjects
 from schemas.account import AccountState
@@ -34,7 +36,7 @@ from schemas.orders import (
     FollowerOrder,
     FollowerOrderBatch,
 )
-from schemas.reports import ExecutionReport, OrderDone, OrderFilled
+from schemas.reports import ExecutionReport, OrderDone, OrderFilled, OrderRejected
 from schemas.streams import (
     EXECUTION_REPORTS_STREAM,
     FOLLOWER_ORDERS_STREAM,
@@ -100,11 +102,13 @@ class Rig:
         self.runtimes.remove(runtime)
         await runtime.stop()
 
-    async def send(self, order: FollowerOrder, subject: str | None = None) -> None:
+    async def send(
+        self, order: FollowerOrder, subject: str | None = None, msg_id: str | None = None
+    ) -> None:
         await self.js.publish(
             subject or subjects.follower_orders(order.follower),
             codec.encode(order),
-            headers={MSG_ID: order.order_id},
+            headers={MSG_ID: msg_id or order.order_id},
         )
 
     def reports_for(self, oid: str) -> list[ExecutionReport]:
@@ -461,3 +465,97 @@ async def test_order_acknowledged_only_after_its_report_is_stored(rig: Rig) -> N
     assert isinstance(report, OrderFilled)
     assert [p.master_ref for p in terminal.venue.positions("f1")] == ["m1:p1"]
     assert rig.reports == [report]
+
+
+# --- signal age -----------------------------------------------------------------------------
+
+
+def record_outcomes(terminal: PaperTerminal) -> list[tuple[OrderReports, ExecutionReport]]:
+    """Every (builder, report) the terminal is handed and returns, also for an order whose
+    report JetStream drops as a duplicate."""
+    outcomes: list[tuple[OrderReports, ExecutionReport]] = []
+    execute = terminal.execute
+
+    async def recording(order: FollowerOrder, reports: OrderReports) -> ExecutionReport:
+        report = await execute(order, reports)
+        outcomes.append((reports, report))
+        return report
+
+    terminal.execute = recording  # type: ignore[method-assign]
+    return outcomes
+
+
+def test_the_receipt_stamps_the_trace_and_judges_only_an_open_past_its_expiry() -> None:
+    received = time.time_ns()
+    stale = open_order("f1", "p1", expires_ns=received - 1)
+    reports = reports_at_receipt(stale, received)
+    assert reports.signal_expired and reports.order is stale
+    assert reports.trace == msgspec.structs.replace(stale.trace, follower_connector_ns=received)
+    on_time = open_order("f1", "p2", expires_ns=received)
+    assert not reports_at_receipt(on_time, received).signal_expired
+    assert not reports_at_receipt(open_order("f1", "p3"), received).signal_expired  # no limit
+    close = follow_up(FollowerClose, "f1", "p1")
+    assert not reports_at_receipt(close, received).signal_expired
+
+
+async def test_an_open_received_past_its_signal_age_is_rejected_and_not_traded(rig: Rig) -> None:
+    terminal = rig.terminal()
+    await rig.start(terminal)
+    stale = open_order("f1", "p1", expires_ns=time.time_ns() - 1_000_000)
+    await rig.send(stale)
+    report = await rig.report(stale.order_id)
+    assert isinstance(report, OrderRejected), report
+    assert (report.code, report.reason) == (RETCODE_EXPIRED, EXPIRED_REASON)
+    assert report.trace.follower_connector_ns > stale.expires_ns
+    await wait_until(rig.consumer_idle, "the rejected order acknowledged")
+    assert terminal.venue.positions("f1") == []
+
+
+async def test_an_open_redelivered_after_its_signal_expired_reports_its_fill(rig: Rig) -> None:
+    terminal = rig.terminal()
+    outcomes = record_outcomes(terminal)
+    await rig.start(terminal)
+    order = open_order("f1", "p1", expires_ns=time.time_ns() + 500_000_000)
+    await rig.send(order)
+    filled = await rig.report(order.order_id)
+    assert isinstance(filled, OrderFilled), filled
+    while time.time_ns() <= order.expires_ns:
+        await asyncio.sleep(0.05)
+
+    # The same order again (a crash before its ack), now past its signal age; then once more
+    # after the report memory is gone, so only the copy it made tells that it ran.
+    await rig.send(order, msg_id=f"{order.order_id}:redelivered")
+    await wait_until(lambda: len(outcomes) == 2, "the redelivery executed")
+    terminal.reports.clear()
+    await rig.send(order, msg_id=f"{order.order_id}:redelivered-again")
+    await wait_until(lambda: len(outcomes) == 3, "the second redelivery executed")
+    for reports, report in outcomes[1:]:
+        assert reports.signal_expired
+        assert isinstance(report, OrderFilled), report
+        assert (report.position_id, report.volume, report.price) == (
+            filled.position_id, filled.volume, filled.price,
+        )  # fmt: skip
+    [copy] = terminal.venue.positions("f1")
+    assert copy.position_id == filled.position_id
+
+
+async def test_the_signal_age_is_judged_at_receipt_not_when_the_terminal_gets_to_it(
+    rig: Rig,
+) -> None:
+    terminal = rig.terminal()
+    execute = terminal.execute
+
+    async def busy(order: FollowerOrder, reports: OrderReports) -> ExecutionReport:
+        # The terminal is slow to take the order: its signal expires meanwhile.
+        assert isinstance(order, FollowerOpen)
+        while time.time_ns() <= order.expires_ns:
+            await asyncio.sleep(0.01)
+        return await execute(order, reports)
+
+    terminal.execute = busy  # type: ignore[method-assign]
+    await rig.start(terminal)
+    order = open_order("f1", "p1", expires_ns=time.time_ns() + 1_000_000_000)
+    await rig.send(order)
+    report = await rig.report(order.order_id)
+    assert isinstance(report, OrderFilled), report
+    assert report.trace.follower_connector_ns < order.expires_ns < report.trace.follower_terminal_ns

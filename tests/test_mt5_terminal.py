@@ -21,7 +21,7 @@ from conftest import WAIT_S, wait_until
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
-from connectors.contract import ConnectorRuntime
+from connectors.contract import ConnectorRuntime, reports_at_receipt
 from connectors.mt5 import protocol as mt5
 from connectors.mt5.config import Mt5Config
 from connectors.mt5.connector import Mt5Connector, Mt5Terminal
@@ -30,6 +30,7 @@ from connectors.mt5.paper import PaperMt5Api, PaperMt5Server
 from connectors.mt5.parsing import symbol_spec
 from connectors.paper.model import XAUUSD
 from connectors.paper.venue import PaperVenue
+from connectors.reports import EXPIRED_REASON
 from engine.core.comments import copy_comment, order_marker
 from schemas import codec, subjects
 from schemas.account import TradeMode
@@ -173,7 +174,7 @@ def pending_order(order_type: OrderType, price: float) -> FollowerPendingPlace:
 
 
 async def run(terminal: Mt5Terminal, order: FollowerOrder) -> ExecutionReport:
-    return await terminal.execute(order, time.time_ns())
+    return await terminal.execute(order, reports_at_receipt(order, time.time_ns()))
 
 
 def positions(api: PaperMt5Api) -> list[Any]:
@@ -410,7 +411,7 @@ async def test_a_timeout_retcode_is_unknown_and_settles_when_the_copy_shows_up()
     order = open_order()
     report = await run(terminal, order)
     assert isinstance(report, OrderUnknown)
-    assert await terminal.settle() == []
+    assert await terminal.resolve_unknown_outcomes() == []
 
     # The server executed it after all: the copy appears with the order's comment.
     PaperMt5Api(server, FOLLOWER, FOLLOWER_LOGIN).order_send({
@@ -418,7 +419,7 @@ async def test_a_timeout_retcode_is_unknown_and_settles_when_the_copy_shows_up()
         "type": mt5.ORDER_TYPE_BUY, "comment": "tc:m1:501",
         "type_filling": mt5.ORDER_FILLING_FOK,
     })  # fmt: skip
-    (settled,) = await terminal.settle()
+    (settled,) = await terminal.resolve_unknown_outcomes()
     assert isinstance(settled, OrderFilled)
     assert terminal.unsettled == {}
     assert (await run(terminal, order)) == settled
@@ -495,6 +496,31 @@ async def test_an_open_redelivered_after_its_copy_closed_does_not_open_again() -
     assert api.sent == []
 
 
+async def test_an_expired_open_is_rejected_unsent_unless_its_copy_ran_before() -> None:
+    server = paper_server()
+    before, _ = follower(server)
+    stopped = await run(before, open_order(sl=1990.0))
+    kept = await run(before, open_order("m1-502-opened:L1", "502"))
+    server.quote(SYMBOL, 1989.0, 1989.3)  # the first copy stops out on its own SL
+    before.close()
+
+    after, api = follower(server)  # no state file: only the terminal remembers
+    expired = time.time_ns() - 1
+    # Redelivered past their signal age: the copy held and the closed copy's deal answer.
+    held = await run(after, open_order("m1-502-opened:L1", "502", expires_ns=expired))
+    assert isinstance(held, OrderFilled)
+    assert (held.position_id, held.price) == (kept.position_id, kept.price)
+    closed = await run(after, open_order(sl=1990.0, expires_ns=expired))
+    assert isinstance(closed, OrderFilled)
+    assert (closed.position_id, closed.price) == (stopped.position_id, stopped.price)
+
+    fresh = await run(after, open_order("m1-503-opened:L1", "503", expires_ns=expired))
+    assert isinstance(fresh, OrderRejected)
+    assert (fresh.code, fresh.reason) == (mt5.TRADE_RETCODE_PRICE_OFF, EXPIRED_REASON)
+    assert api.sent == []
+    assert [p.comment for p in positions(api)] == [copy_comment(MASTER, "502")]
+
+
 def test_a_terminal_logged_in_to_another_account_is_refused() -> None:
     class KeepsItsAccount(RecordingApi):
         def initialize(self, path: str | None = None, **kwargs: Any) -> bool:
@@ -558,7 +584,7 @@ async def test_master_poll_turns_terminal_changes_into_outbox_events() -> None:
     events = await terminal.poll()
     assert [type(e) for e in events] == [PendingOrderTriggered, PositionClosed]
     assert (events[1].reason, events[1].volume) == ("sl", 0.2)
-    assert terminal.reconcile() == terminal.outbox
+    assert terminal.unpublished_events() == terminal.outbox
     assert len(terminal.outbox) == 6
 
 

@@ -17,10 +17,12 @@ from conftest import WAIT_S, wait_until
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
+from connectors.contract import reports_at_receipt
 from connectors.paper.connector import PaperConnector, PaperTerminal
 from connectors.paper.model import Result
 from connectors.paper.prices import Quote, bar_to_ticks, load_bars
 from connectors.paper.venue import PaperVenue
+from connectors.reports import OrderReports
 from engine.replicator.config import ReplicatorConfig
 from engine.replicator.service import Replicator
 from engine.runtime.jetstream import ensure_buckets, ensure_streams
@@ -620,7 +622,7 @@ async def test_restart_with_orders_queued_no_duplicate_no_missed_close(chain: Ch
     await chain.feed(next(quotes))
     order = await stored_order(chain.js, a_open)
     before = (venue.snapshot(), dict(follower.terminal.reports))
-    again = await follower.terminal.execute(order, time.time_ns())
+    again = await follower.terminal.execute(order, reports_at_receipt(order, time.time_ns()))
     assert again == unpublished(first)
     assert isinstance(again, OrderFilled) and again.price == first.price
     assert (venue.snapshot(), dict(follower.terminal.reports)) == before
@@ -641,7 +643,7 @@ def block_executions(terminal: PaperTerminal) -> asyncio.Event:
     """Make ``terminal`` take orders but never execute them (a connector dying mid-batch)."""
     blocked = asyncio.Event()
 
-    async def never(order: Any, received_ns: int) -> ExecutionReport:
+    async def never(order: Any, reports: OrderReports) -> ExecutionReport:
         blocked.set()
         await asyncio.Event().wait()
         raise AssertionError("unreachable")
@@ -714,7 +716,7 @@ async def test_executed_before_ack_then_redelivered_one_position(chain: Chain) -
 
     # The follower executes and persists the order, then dies before reporting and acking.
     crashed = PaperTerminal.open(chain.state_path("pf"), [F1])
-    direct = await crashed.execute(order, time.time_ns())
+    direct = await crashed.execute(order, reports_at_receipt(order, time.time_ns()))
     crashed.commit()
     assert isinstance(direct, OrderFilled)
     assert len(crashed.venue.positions("f1")) == 1

@@ -11,7 +11,9 @@ from typing import Any
 
 from conftest import wait_until
 
-from connectors.paper.connector import NatsQuotes, PaperConnector, PaperTerminal
+from connectors.paper.connector import PaperConnector, PaperTerminal
+from connectors.paper.prices import PriceReplay, bar_to_ticks, load_bars
+from connectors.paper.quotes import NatsQuotes, publish_quotes
 from engine.runtime.jetstream import ensure_buckets, ensure_streams
 from schemas import codec, subjects
 from schemas.common import Side
@@ -82,3 +84,31 @@ def test_quotes_publish_command_sends_real_bars(nats_server: Any) -> None:
     # The shipped file's first bar opens at 5010.50 bid with a 19-point spread.
     assert (first.bid, round(first.ask - first.bid, 2)) == (5010.5, 0.19)
     assert all(q.ask > q.bid for q in received)
+
+
+async def test_publish_quotes_sends_count_quotes_in_replay_order_stamped_when_sent(
+    nats_server: Any, nc: Any
+) -> None:
+    received: list[Quote] = []
+
+    async def got(msg: Any) -> None:
+        received.append(codec.quote_decoder.decode(msg.data))
+
+    await nc.subscribe(subjects.quotes("XAUUSD"), cb=got)
+    await nc.flush()
+    bars = load_bars()[:3]
+    expected = [q for bar in bars for q in bar_to_ticks(bar, "XAUUSD", steps_per_leg=3)][:25]
+    before = time.time_ns()
+    sent = await publish_quotes(nc, PriceReplay(bars, speed=0, steps_per_leg=3), count=25)
+    after = time.time_ns()
+    assert sent == 25
+    await wait_until(lambda: len(received) >= 25, "25 quotes")
+    await asyncio.sleep(0.05)  # and no more than asked
+    assert len(received) == 25
+    assert [(q.symbol, q.bid, q.ask) for q in received] == [
+        (q.symbol, q.bid, q.ask) for q in expected
+    ]
+    stamps = [q.ts_ns for q in received]
+    assert stamps == sorted(stamps)
+    assert before <= stamps[0] and stamps[-1] <= after
+    assert nc.is_connected  # the caller's connection, left open

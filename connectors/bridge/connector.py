@@ -26,7 +26,8 @@ from prometheus_client import Counter, Gauge, Histogram
 from connectors.bridge.config import BridgeConfig, BridgeTerminalConfig
 from connectors.bridge.hashing import state_hash
 from connectors.bridge.parsing import master_event, missed_events
-from connectors.contract import ConnectorRuntime, slippage
+from connectors.contract import ConnectorRuntime
+from connectors.reports import NO_PENDING_COPY, NO_POSITION_COPY, NOT_BOTH_COPIES, OrderReports
 from engine.core.comments import copy_comment, is_copy, is_copy_of
 from engine.core.volume import partial_close_volume
 from engine.runtime.files import write_atomically
@@ -65,7 +66,7 @@ from schemas.orders import (
     FollowerPendingModify,
     FollowerPendingPlace,
 )
-from schemas.reports import ExecutionReport, OrderDone, OrderFilled, OrderRejected, OrderUnknown
+from schemas.reports import ExecutionReport, OrderUnknown
 
 log = structlog.get_logger("tradecopy.bridge")
 
@@ -79,6 +80,10 @@ COMMAND_LATENCY = Histogram(
     buckets=(1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1, 1.0, 5.0),
 )  # fmt: skip
 SEQUENCE_GAPS = Counter("tradecopy_bridge_sequence_gaps_total", "Frames lost", ["account"])
+
+
+#: The reason of an unknown outcome: the command went out and no result came back in time.
+NO_RESULT = "no result in time"
 
 
 class TerminalNotConnected(Exception):
@@ -256,7 +261,7 @@ class BridgeConnector:
                 trade_mode=mode))  # fmt: skip
         return specs
 
-    def reconcile(self) -> list[MasterEvent]:
+    def unpublished_events(self) -> list[MasterEvent]:
         return list(self.outbox)
 
     def published(self, events: list[MasterEvent]) -> None:
@@ -443,7 +448,7 @@ class BridgeConnector:
         # Specs can only be known once the terminal said which symbols it trades.
         await self.runtime.refresh_account(account)
         if self.unsettled and session.config.role == "follower":
-            asyncio.get_running_loop().create_task(self.settle(account))
+            asyncio.get_running_loop().create_task(self.resolve_unknown_outcomes(account))
 
     def _rebuild_copies(
         self, account: str, positions: list[BridgePosition], orders: list[BridgeOrder]
@@ -500,11 +505,11 @@ class BridgeConnector:
                     continue
                 await self._send(session, Heartbeat)
                 if self.unsettled and session.config.role == "follower":
-                    await self.settle(session.config.account)
+                    await self.resolve_unknown_outcomes(session.config.account)
 
     # --------------------------------------------------------------- commands
 
-    async def execute(self, order: FollowerOrder, received_ns: int) -> ExecutionReport:
+    async def execute(self, order: FollowerOrder, reports: OrderReports) -> ExecutionReport:
         previous = self.reports.get(order.order_id)
         if previous is not None:
             return codec.execution_report_decoder.decode(previous)
@@ -517,24 +522,24 @@ class BridgeConnector:
             raise TerminalNotConnected(order.follower) from exc
         if not session.connected:
             raise TerminalNotConnected(order.follower)
-        trace = msgspec.structs.replace(order.trace, follower_connector_ns=received_ns)
-        report = await self._execute(session, order, trace)
+        report = await self._execute(session, order, reports)
         if isinstance(report, OrderUnknown):
             self.unsettled[order.order_id] = order
         else:
             self.reports[order.order_id] = codec.encode(report)
         return report
 
-    async def settle(self, account: str) -> int:
+    async def resolve_unknown_outcomes(self, account: str) -> int:
         """Ask again for every unknown outcome of this account: the same ``corr`` makes the
         terminal answer with its first result, so nothing trades twice. Returns how many
-        settled; each gets a follow-up report (``report:<order id>:settled``)."""
+        were resolved; each gets a follow-up report (``report:<order id>:settled``)."""
         session = self.sessions[account]
-        settled = 0
+        resolved = 0
         for order_id, order in list(self.unsettled.items()):
             if order.follower != account or not session.connected:
                 continue
-            report = await self._execute(session, order, order.trace)
+            # Not expired: the order was sent, so only the terminal knows what became of it.
+            report = await self._execute(session, order, OrderReports(order, order.trace))
             if isinstance(report, OrderUnknown):
                 continue
             self.unsettled.pop(order_id, None)
@@ -544,35 +549,27 @@ class BridgeConnector:
             await self.runtime.publish_report(report, f"report:{order_id}:settled")
             log.info("bridge_outcome_settled", account=account, order=order_id,
                      status=report.__struct_config__.tag)  # fmt: skip
-            settled += 1
-        return settled
+            resolved += 1
+        return resolved
 
     async def _execute(
-        self, session: TerminalSession, order: FollowerOrder, trace: Any
+        self, session: TerminalSession, order: FollowerOrder, reports: OrderReports
     ) -> ExecutionReport:
         account = order.follower
         copies = self.copies.setdefault(account, {})
-        base = {"order_id": order.order_id, "link_id": order.link_id, "follower": account,
-                "trace": trace}  # fmt: skip
         ref = copy_comment(order.master, getattr(order, "master_position_id", ""))
-
-        def done(detail: str, ids: list[str] | None = None) -> ExecutionReport:
-            return OrderDone(**base, ts_ns=time.time_ns(), detail=detail, position_ids=ids or [])
 
         if isinstance(order, FollowerOpen):
             if ref in copies:
                 # Executed before (an unknown outcome, a redelivery): report the copy it made.
                 position = self.positions.get(account, {}).get(copies[ref])
                 if position is None:
-                    return done("already copied", [copies[ref]])
-                return OrderFilled(**base, ts_ns=time.time_ns(), symbol=position.symbol,
-                    position_id=position.ticket, side=position.side, volume=position.volume,
-                    price=position.price, master_price=order.master_price,
-                    slippage=slippage(position.side, position.price,
-                                       order.master_price))  # fmt: skip
-            if order.expires_ns and time.time_ns() > order.expires_ns:
-                return OrderRejected(**base, ts_ns=time.time_ns(), code=10021,
-                                     reason="signal expired before execution")  # fmt: skip
+                    return reports.done("already copied", [copies[ref]])
+                return reports.filled(position.symbol, position.ticket, position.side,
+                                      position.volume, position.price)  # fmt: skip
+            # Only now: an open that ran before its signal expired reports that copy above.
+            if reports.signal_expired:
+                return reports.expired()
             spec = session.symbols.get(order.symbol)
             deviation = 0
             if order.max_price_deviation is not None and spec is not None:
@@ -582,28 +579,22 @@ class BridgeConnector:
                 tp=order.tp, deviation_points=deviation, magic=order.magic,
                 comment=ref)  # fmt: skip
             if result is None:
-                return OrderUnknown(**base, ts_ns=time.time_ns(), reason="no result in time")
+                return reports.unknown(NO_RESULT)
             if result.ok:
                 copies[ref] = result.ticket
-                filled_trace = msgspec.structs.replace(
-                    trace, follower_terminal_ns=result.time or time.time_ns()
-                )
-                return OrderFilled(**{**base, "trace": filled_trace}, ts_ns=time.time_ns(),
-                    symbol=order.symbol, position_id=result.ticket, side=order.side,
-                    volume=result.volume, price=result.price, master_price=order.master_price,
-                    slippage=slippage(order.side, result.price,
-                                       order.master_price))  # fmt: skip
-            return OrderRejected(**base, ts_ns=time.time_ns(), code=result.retcode,
-                                 reason=result.reason)  # fmt: skip
+                return reports.filled(order.symbol, result.ticket, order.side, result.volume,
+                                      result.price,
+                                      terminal_ns=result.time or time.time_ns())  # fmt: skip
+            return reports.rejected(result.retcode, result.reason)
         if isinstance(order, FollowerClose | FollowerModify):
             ticket = copies.get(ref)
             position = self.positions.get(account, {}).get(ticket or "")
             if ticket is None:
-                return done("no copy of that master position on this account")
+                return reports.done(NO_POSITION_COPY)
             if isinstance(order, FollowerModify):
                 result = await self._command(session, order.order_id, CommandOp.MODIFY,
                     symbol=order.symbol, ticket=ticket, sl=order.sl, tp=order.tp)  # fmt: skip
-                return self._outcome(base, result, "SL/TP modified", [ticket])
+                return _outcome(reports, result, "SL/TP modified", [ticket])
             volume = 0.0
             spec = session.symbols.get(order.symbol)
             if position is not None and spec is not None and order.ratio < 1.0:
@@ -620,24 +611,19 @@ class BridgeConnector:
                 else:
                     copies.pop(ref, None)
             if result is not None and result.ok and position is not None:
-                filled_trace = msgspec.structs.replace(
-                    trace, follower_terminal_ns=result.time or time.time_ns()
-                )
                 side = position.side.flipped()  # closing a buy is a sell deal
-                return OrderFilled(**{**base, "trace": filled_trace}, ts_ns=time.time_ns(),
-                    symbol=order.symbol, position_id=ticket, side=side,
-                    volume=result.volume or position.volume, price=result.price,
-                    master_price=order.master_price,
-                    slippage=slippage(side, result.price, order.master_price))  # fmt: skip
-            return self._outcome(base, result, "closed", [ticket])
+                return reports.filled(order.symbol, ticket, side,
+                                      result.volume or position.volume, result.price,
+                                      terminal_ns=result.time or time.time_ns())  # fmt: skip
+            return _outcome(reports, result, "closed", [ticket])
         if isinstance(order, FollowerCloseBy):
             first = copies.get(ref)
             second = copies.get(copy_comment(order.master, order.master_opposite_position_id))
             if first is None or second is None:
-                return done("this account does not hold both copies")
+                return reports.done(NOT_BOTH_COPIES)
             result = await self._command(session, order.order_id, CommandOp.CLOSE_BY,
                 symbol=order.symbol, ticket=first, opposite_ticket=second)  # fmt: skip
-            return self._outcome(base, result, "closed by the opposite copy", [first, second])
+            return _outcome(reports, result, "closed by the opposite copy", [first, second])
         if isinstance(order, FollowerCloseAll):
             closed = []
             for comment, ticket in list(copies.items()):
@@ -647,7 +633,7 @@ class BridgeConnector:
                     if result is not None and result.ok:
                         closed.append(ticket)
                         copies.pop(comment, None)
-            return done(f"closed {len(closed)} position(s): {order.reason}", closed)
+            return reports.done(f"closed {len(closed)} position(s): {order.reason}", closed)
         pendings = self.pending_copies.setdefault(account, {})
         order_ref = copy_comment(order.master, order.master_order_id)  # type: ignore[union-attr]
         if isinstance(order, FollowerPendingPlace):
@@ -658,21 +644,21 @@ class BridgeConnector:
                 comment=order_ref)  # fmt: skip
             if result is not None and result.ok:
                 pendings[order_ref] = result.ticket
-            return self._outcome(base, result, "pending order placed", [])
+            return _outcome(reports, result, "pending order placed", [])
         ticket = pendings.get(order_ref)
         if ticket is None:
-            return done("no copy of that pending order on this account")
+            return reports.done(NO_PENDING_COPY)
         if isinstance(order, FollowerPendingModify):
             result = await self._command(session, order.order_id, CommandOp.PENDING_MODIFY,
                 symbol=order.symbol, ticket=ticket, price=order.price, sl=order.sl,
                 tp=order.tp, expiration=order.expiration_ns)  # fmt: skip
-            return self._outcome(base, result, "pending order modified", [])
+            return _outcome(reports, result, "pending order modified", [])
         assert isinstance(order, FollowerPendingCancel)
         result = await self._command(session, order.order_id, CommandOp.PENDING_CANCEL,
                                      symbol=order.symbol, ticket=ticket)  # fmt: skip
         if result is not None and result.ok:
             pendings.pop(order_ref, None)
-        return self._outcome(base, result, "pending order cancelled", [])
+        return _outcome(reports, result, "pending order cancelled", [])
 
     @staticmethod
     def _spec(account: str, s: BridgeSymbol) -> SymbolSpec:
@@ -680,17 +666,6 @@ class BridgeConnector:
                           tick_size=s.tick_size, tick_value=s.tick_value, digits=s.digits,
                           volume_min=s.volume_min, volume_max=s.volume_max,
                           volume_step=s.volume_step)  # fmt: skip
-
-    @staticmethod
-    def _outcome(
-        base: dict[str, Any], result: CommandResult | None, detail: str, ids: list[str]
-    ) -> ExecutionReport:
-        now = time.time_ns()
-        if result is None:
-            return OrderUnknown(**base, ts_ns=now, reason="no result in time")
-        if not result.ok:
-            return OrderRejected(**base, ts_ns=now, code=result.retcode, reason=result.reason)
-        return OrderDone(**base, ts_ns=now, detail=detail, position_ids=ids)
 
     async def _command(
         self, session: TerminalSession, corr: str, op: CommandOp, **fields: Any
@@ -713,3 +688,14 @@ class BridgeConnector:
             return None
         COMMAND_LATENCY.labels(session.config.account).observe(time.perf_counter() - started)
         return result
+
+
+def _outcome(
+    reports: OrderReports, result: CommandResult | None, detail: str, position_ids: list[str]
+) -> ExecutionReport:
+    """A command's result without a fill as the order's report: no result is unknown."""
+    if result is None:
+        return reports.unknown(NO_RESULT)
+    if not result.ok:
+        return reports.rejected(result.retcode, result.reason)
+    return reports.done(detail, position_ids)

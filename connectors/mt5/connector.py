@@ -30,7 +30,6 @@ import structlog
 
 from connectors.contract import ConnectorRuntime
 from connectors.mt5 import protocol as mt5
-from engine.core.comments import COPY_PREFIX, MARKER_PREFIX
 from connectors.mt5.config import Mt5Config
 from connectors.mt5.diff import Snapshot, diff_snapshots, take_snapshot
 from connectors.mt5.errors import (
@@ -41,6 +40,8 @@ from connectors.mt5.errors import (
 )
 from connectors.mt5.execution import MARKER_HISTORY_S, CopyMemory, Mt5Execution
 from connectors.mt5.parsing import account_state, parse_deal, server_seconds, symbol_spec
+from connectors.reports import OrderReports
+from engine.core.comments import COPY_PREFIX, MARKER_PREFIX
 from engine.runtime.files import write_atomically
 from schemas import codec
 from schemas.account import AccountState, SymbolSpec
@@ -57,7 +58,7 @@ REPORT_MEMORY_S = 600.0
 DEAL_LOOKBACK_S = 60
 #: Deals are asked for up to this far ahead of now: server clocks run ahead of UTC.
 DEAL_LOOKAHEAD_S = 86_400
-SETTLE_EVERY_S = 1.0
+RESOLVE_EVERY_S = 1.0
 
 
 def load_api() -> Any:
@@ -123,8 +124,8 @@ class Mt5Terminal:
         self.outbox: list[MasterEvent] = []
         self.reports: dict[str, bytes] = {}
         self.unsettled: dict[str, FollowerOrder] = {}
-        """Orders reported unknown, by id: settled from the terminal's evidence later."""
-        self.settled: deque[ExecutionReport] = deque(maxlen=1_000)
+        """Orders reported unknown, by id: resolved from the terminal's evidence later."""
+        self.resolved: deque[ExecutionReport] = deque(maxlen=1_000)
         """Outcomes that replaced an unknown report (for logs and operators)."""
         self.snapshot: Snapshot | None = None
         self.deals_from_s = 0
@@ -211,32 +212,29 @@ class Mt5Terminal:
         specs = [symbol_spec(account, info, now) for info in infos if info is not None]
         return [spec for spec in specs if spec is not None]
 
-    def reconcile(self) -> list[MasterEvent]:
+    def unpublished_events(self) -> list[MasterEvent]:
         return list(self.outbox)
 
     def published(self, events: Sequence[MasterEvent]) -> None:
         done = {e.event_id for e in events}
         self.outbox = [e for e in self.outbox if e.event_id not in done]
 
-    async def execute(self, order: FollowerOrder, received_ns: int) -> ExecutionReport:
-        """Run once per order id; an order reported unknown is settled, never run twice."""
+    async def execute(self, order: FollowerOrder, reports: OrderReports) -> ExecutionReport:
+        """Run once per order id; an order reported unknown is resolved, never run twice."""
         previous = self.reports.get(order.order_id)
         if previous is not None:
             report = codec.execution_report_decoder.decode(previous)
             if not isinstance(report, OrderUnknown):
                 return report
-        trace = msgspec.structs.replace(order.trace, follower_connector_ns=received_ns)
         future = asyncio.get_running_loop().run_in_executor(
-            self._executor, self.execution.run, order, trace
+            self._executor, self.execution.run, order, reports
         )
         try:
             report = await asyncio.wait_for(asyncio.shield(future), self.config.order_timeout_s)
         except TimeoutError:
-            report = OrderUnknown(
-                order_id=order.order_id, link_id=order.link_id, follower=order.follower,
-                ts_ns=time.time_ns(), trace=trace,
-                reason=f"no answer from the terminal within {self.config.order_timeout_s:g}s",
-            )  # fmt: skip
+            report = reports.unknown(
+                f"no answer from the terminal within {self.config.order_timeout_s:g}s"
+            )
             future.add_done_callback(lambda done: self._late_answer(order, done))
         self._remember(order, report)
         return report
@@ -254,18 +252,18 @@ class Mt5Terminal:
 
     async def run(self, runtime: ConnectorRuntime) -> None:
         """Poll every ``poll_ms``: diff a master into its outbox and publish it; keep the
-        account state fresh; settle orders whose outcome was unknown."""
+        account state fresh; resolve orders whose outcome was unknown."""
         interval = self.config.poll_ms / 1000
-        next_settle = time.monotonic() + SETTLE_EVERY_S
+        next_resolve = time.monotonic() + RESOLVE_EVERY_S
         while True:
             try:
                 await self.poll()
                 if self.outbox:
                     await runtime.flush_outbox()
                     self.save()
-                if self.unsettled and time.monotonic() >= next_settle:
-                    next_settle = time.monotonic() + SETTLE_EVERY_S
-                    await self.settle()
+                if self.unsettled and time.monotonic() >= next_resolve:
+                    next_resolve = time.monotonic() + RESOLVE_EVERY_S
+                    await self.resolve_unknown_outcomes()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # NATS or terminal away: the next round tries again
@@ -343,33 +341,34 @@ class Mt5Terminal:
 
     # -------------------------------------------------------- unknown outcomes
 
-    async def settle(self) -> list[ExecutionReport]:
-        """Look for the evidence of every order whose outcome is unknown."""
+    async def resolve_unknown_outcomes(self) -> list[ExecutionReport]:
+        """Look for the evidence of every order whose outcome is unknown; returns the
+        outcomes found."""
         loop = asyncio.get_running_loop()
-        settled = []
+        resolved = []
         for order in list(self.unsettled.values()):
-            trace = order.trace
+            reports = OrderReports(order, order.trace)
             try:
                 report = await loop.run_in_executor(
-                    self._executor, self.execution.evidence, order, trace
+                    self._executor, self.execution.evidence, order, reports
                 )
             except TerminalNotReady:
-                return settled
+                return resolved
             if report is not None:
-                self._settle(order, report)
-                settled.append(report)
-        return settled
+                self._record_resolved(order, report)
+                resolved.append(report)
+        return resolved
 
     def _late_answer(self, order: FollowerOrder, done: asyncio.Future[ExecutionReport]) -> None:
         if done.cancelled() or done.exception() is not None:
             return
         report = done.result()
         if not isinstance(report, OrderUnknown):
-            self._settle(order, report)
+            self._record_resolved(order, report)
 
-    def _settle(self, order: FollowerOrder, report: ExecutionReport) -> None:
+    def _record_resolved(self, order: FollowerOrder, report: ExecutionReport) -> None:
         self._remember(order, report)
-        self.settled.append(report)
+        self.resolved.append(report)
         log.info("mt5_order_settled", order=order.order_id, status=type(report).__name__)
 
     def _remember(self, order: FollowerOrder, report: ExecutionReport) -> None:

@@ -13,12 +13,9 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-import msgspec
 import structlog
 
-from connectors.contract import slippage
 from connectors.mt5 import protocol as mt5
-from engine.core.comments import copy_comment, is_copy, master_prefixes, order_marker
 from connectors.mt5.config import Mt5Config
 from connectors.mt5.errors import TerminalNotReady
 from connectors.mt5.parsing import (
@@ -31,10 +28,12 @@ from connectors.mt5.parsing import (
     parse_deal,
     server_seconds,
 )
+from connectors.reports import NO_PENDING_COPY, NO_POSITION_COPY, NOT_BOTH_COPIES, OrderReports
+from engine.core.comments import copy_comment, is_copy, master_prefixes, order_marker
 from engine.core.prices import within_deviation
 from engine.core.volume import partial_close_volume
 from schemas.account import SymbolSpec
-from schemas.common import Side, Trace
+from schemas.common import Side
 from schemas.orders import (
     DeviationPolicy,
     FollowerClose,
@@ -47,26 +46,14 @@ from schemas.orders import (
     FollowerPendingModify,
     FollowerPendingPlace,
 )
-from schemas.reports import (
-    ExecutionReport,
-    OrderDone,
-    OrderFilled,
-    OrderPartiallyFilled,
-    OrderRejected,
-    OrderUnknown,
-)
+from schemas.reports import ExecutionReport, OrderFilled, OrderRejected
 
 log = structlog.get_logger("tradecopy.mt5")
 
-#: Reported when a close/modify names a master position this follower never copied.
-NOTHING_TO_DO = "no copy of that master position on this account"
-NO_PENDING_COPY = "no copy of that pending order on this account"
-RETCODE_EXPIRED = mt5.TRADE_RETCODE_PRICE_OFF  # the signal is too old to trade on
 MARKER_HISTORY_S = 7 * 86_400
 """How far back the deal history is searched for the markers of orders that ran."""
 _DEVIATION_POLL_S = 0.01
 
-Base = dict[str, Any]
 Evidence = Callable[[], ExecutionReport | None]
 
 
@@ -113,72 +100,66 @@ class Mt5Execution:
         self.memory = memory
         self.offset_s = config.server_utc_offset_s
 
-    def run(self, order: FollowerOrder, trace: Trace) -> ExecutionReport:
-        base: Base = {"order_id": order.order_id, "link_id": order.link_id,
-                      "follower": order.follower}  # fmt: skip
+    def run(self, order: FollowerOrder, reports: OrderReports) -> ExecutionReport:
         if isinstance(order, FollowerOpen):
-            return self._open(order, trace, base)
+            return self._open(order, reports)
         if isinstance(order, FollowerClose):
-            return self._close(order, trace, base)
+            return self._close(order, reports)
         if isinstance(order, FollowerModify):
-            return self._modify(order, trace, base)
+            return self._modify(order, reports)
         if isinstance(order, FollowerCloseBy):
-            return self._close_by(order, trace, base)
+            return self._close_by(order, reports)
         if isinstance(order, FollowerCloseAll):
-            return self._close_all(order, trace, base)
+            return self._close_all(order, reports)
         if isinstance(order, FollowerPendingPlace):
-            return self._pending_place(order, trace, base)
+            return self._pending_place(order, reports)
         if isinstance(order, FollowerPendingModify):
-            return self._pending_modify(order, trace, base)
+            return self._pending_modify(order, reports)
         if isinstance(order, FollowerPendingCancel):
-            return self._pending_cancel(order, trace, base)
+            return self._pending_cancel(order, reports)
         raise TypeError(f"unhandled follower order {type(order).__name__}")  # pragma: no cover
 
-    def evidence(self, order: FollowerOrder, trace: Trace) -> ExecutionReport | None:
+    def evidence(self, order: FollowerOrder, reports: OrderReports) -> ExecutionReport | None:
         """The outcome of an order whose answer was lost, from what the terminal holds now."""
-        base: Base = {"order_id": order.order_id, "link_id": order.link_id,
-                      "follower": order.follower}  # fmt: skip
         if isinstance(order, FollowerOpen):
             comment = self.memory.comment_for(order.master, order.master_position_id)
             found = self._find(self._positions(), comment)
             if found is not None:
-                return self._filled_from(base, trace, found, order)
+                return _filled_from(reports, found)
             opened = [d for d in self._marker_deals(comment) if d.entry == mt5.DEAL_ENTRY_IN]
-            return (
-                self._filled_from_deals(base, trace, opened, order.master_price) if opened else None
-            )
+            return _filled_from_deals(reports, opened) if opened else None
         if isinstance(order, FollowerClose | FollowerCloseBy):
             deals = self._marker_deals(order_marker(order.order_id))
             if not deals:
                 return None
             if isinstance(order, FollowerCloseBy):
                 ids = sorted({d.position_id for d in deals})
-                return self._done(base, trace, "closed by the opposite copy", ids)
-            return self._filled_from_deals(base, trace, deals, order.master_price)
+                return reports.done("closed by the opposite copy", ids)
+            return _filled_from_deals(reports, deals)
         if isinstance(order, FollowerPendingPlace):
             comment = self.memory.comment_for(order.master, order.master_order_id)
             found = self._find(self._orders(), comment) or self._find(self._positions(), comment)
-            return None if found is None else self._done(
-                base, trace, "pending order placed", [str(found.ticket)])  # fmt: skip
+            return None if found is None else reports.done(
+                "pending order placed", [str(found.ticket)])  # fmt: skip
         if isinstance(order, FollowerModify):
             comment = self.memory.comment_for(order.master, order.master_position_id)
             found = self._find(self._positions(), comment)
             if found is not None and (level(found.sl), level(found.tp)) == (order.sl, order.tp):
-                return self._done(base, trace, "SL/TP modified", [str(found.ticket)])
+                return reports.done("SL/TP modified", [str(found.ticket)])
             return None
         if isinstance(order, FollowerPendingModify | FollowerPendingCancel):
             comment = self.memory.comment_for(order.master, order.master_order_id)
             found = self._find(self._orders(), comment)
             if isinstance(order, FollowerPendingCancel):
-                return None if found else self._done(base, trace, "pending order cancelled", [])
+                return None if found else reports.done("pending order cancelled", [])
             if found is not None and _pending_matches(found, order, self.offset_s):
-                return self._done(base, trace, "pending order modified", [])
+                return reports.done("pending order modified", [])
             return None
         return None  # a close-all is settled by running it again: it closes what is left
 
     # ------------------------------------------------------------------ positions
 
-    def _open(self, order: FollowerOpen, trace: Trace, base: Base) -> ExecutionReport:
+    def _open(self, order: FollowerOpen, reports: OrderReports) -> ExecutionReport:
         memory = self.memory
         comment = memory.comment_for(order.master, order.master_position_id)
         positions = self._positions()
@@ -196,28 +177,26 @@ class Mt5Execution:
                 if removed is None or removed.retcode not in mt5.SUCCESS_RETCODES:
                     existing = self._find(self._positions(), order_comment)
         if existing is not None:
-            return self._filled_from(base, trace, existing, order)
+            return _filled_from(reports, existing)
         comments = [comment]
         if order.master_order_id is not None:
             comments.append(memory.comment_for(order.master, order.master_order_id))
         opened_before = self._opening_deals(*comments)
         if opened_before:  # the copy ran and is closed already (its SL, a manual close)
-            return self._filled_from_deals(base, trace, opened_before, order.master_price)
-        if order.expires_ns and time.time_ns() > order.expires_ns:
-            return OrderRejected(
-                **base, ts_ns=time.time_ns(), trace=trace, code=RETCODE_EXPIRED,
-                reason="signal expired before execution (max signal age)",
-            )  # fmt: skip
+            return _filled_from_deals(reports, opened_before)
+        # Only now: an open that ran before its signal expired reports that fill above.
+        if reports.signal_expired:
+            return reports.expired()
         info = self._symbol(order.symbol)
         if info is None:
-            return self._symbol_missing(base, trace, order.symbol)
+            return self._symbol_missing(reports, order.symbol)
         tick = self._tick_within_deviation(order)
         if tick is None:
-            return OrderRejected(
-                **base, ts_ns=time.time_ns(), trace=trace, code=mt5.TRADE_RETCODE_REQUOTE,
-                reason=f"price moved more than {order.max_price_deviation} from the master's "
+            return reports.rejected(
+                mt5.TRADE_RETCODE_REQUOTE,
+                f"price moved more than {order.max_price_deviation} from the master's "
                 f"fill {order.master_price}",
-            )  # fmt: skip
+            )
         deviation = self.config.deviation_points
         if order.max_price_deviation is not None and info.point:
             deviation = max(0, round(order.max_price_deviation / info.point))
@@ -243,40 +222,32 @@ class Mt5Execution:
                 magic=int(request["magic"]), comment=comment, time_ns=time.time_ns(),
             )])  # fmt: skip
             now = time.time_ns()
-            fill_trace = _terminal_stamped(trace, now)
             if result.retcode == mt5.TRADE_RETCODE_DONE_PARTIAL:
-                return OrderPartiallyFilled(
-                    **base, ts_ns=now, trace=fill_trace, symbol=order.symbol, position_id=ticket,
-                    side=order.side, volume_requested=order.volume,
-                    volume_filled=float(result.volume), price=price,
-                    master_price=order.master_price,
-                    slippage=slippage(order.side, price, order.master_price),
-                )  # fmt: skip
-            return OrderFilled(
-                **base, ts_ns=now, trace=fill_trace, symbol=order.symbol, position_id=ticket,
-                side=order.side, volume=float(result.volume or order.volume), price=price,
-                master_price=order.master_price,
-                slippage=slippage(order.side, price, order.master_price),
-            )  # fmt: skip
+                return reports.partially_filled(order.symbol, ticket, order.side, order.volume,
+                                                float(result.volume), price,
+                                                terminal_ns=now)  # fmt: skip
+            return reports.filled(order.symbol, ticket, order.side,
+                                  float(result.volume or order.volume), price,
+                                  terminal_ns=now)  # fmt: skip
 
-        return self._decide(base, trace, result, filled, lambda: self.evidence(order, trace))
+        return self._decide(reports, result, filled, lambda: self.evidence(order, reports))
 
-    def _close(self, order: FollowerClose, trace: Trace, base: Base) -> ExecutionReport:
+    def _close(self, order: FollowerClose, reports: OrderReports) -> ExecutionReport:
         marker = order_marker(order.order_id)
         done_before = self.memory.markers.get(marker)
         if done_before:
-            return self._filled_from_deals(base, trace, done_before, order.master_price)
+            return _filled_from_deals(reports, done_before)
         comment = self.memory.comment_for(order.master, order.master_position_id)
         position = self._find(self._positions(), comment)
         if position is None:
-            return self._done(base, trace, NOTHING_TO_DO)
+            return reports.done(NO_POSITION_COPY)
         info = self._symbol(position.symbol)
         if info is None:
-            return self._symbol_missing(base, trace, position.symbol)
+            return self._symbol_missing(reports, position.symbol)
         held = float(position.volume)
         volume = partial_close_volume(held, order.ratio, _volume_spec(info))
         if volume <= 0:
-            return self._done(base, trace, "the ratio rounds to nothing on this position")
+            return reports.done("the ratio rounds to nothing on this position")
         side = POSITION_SIDES[int(position.type)]
         result = self._send(self._closing_request(position, info, volume, marker))
 
@@ -287,23 +258,17 @@ class Mt5Execution:
             if order.new_master_position_id and volume < held:
                 renewed = copy_comment(order.master, order.new_master_position_id)
                 self.memory.aliases[renewed] = position.comment
-            now = time.time_ns()
-            closing = side.flipped()
-            return OrderFilled(
-                **base, ts_ns=now, trace=_terminal_stamped(trace, now), symbol=position.symbol,
-                position_id=str(position.ticket), side=closing,
-                volume=float(result.volume or volume), price=price,
-                master_price=order.master_price,
-                slippage=slippage(closing, price, order.master_price),
-            )  # fmt: skip
+            return reports.filled(position.symbol, str(position.ticket), side.flipped(),
+                                  float(result.volume or volume), price,
+                                  terminal_ns=time.time_ns())  # fmt: skip
 
-        return self._decide(base, trace, result, filled, lambda: self.evidence(order, trace))
+        return self._decide(reports, result, filled, lambda: self.evidence(order, reports))
 
-    def _modify(self, order: FollowerModify, trace: Trace, base: Base) -> ExecutionReport:
+    def _modify(self, order: FollowerModify, reports: OrderReports) -> ExecutionReport:
         comment = self.memory.comment_for(order.master, order.master_position_id)
         position = self._find(self._positions(), comment)
         if position is None:
-            return self._done(base, trace, NOTHING_TO_DO)
+            return reports.done(NO_POSITION_COPY)
         ticket = str(position.ticket)
         result = self._send({
             "action": mt5.TRADE_ACTION_SLTP, "position": int(position.ticket),
@@ -311,17 +276,17 @@ class Mt5Execution:
             "tp": float(order.tp or 0.0), "magic": int(position.magic),
         })  # fmt: skip
         return self._decide(
-            base, trace, result,
-            lambda _: self._done(base, trace, "SL/TP modified", [ticket]),
-            lambda: self.evidence(order, trace),
+            reports, result,
+            lambda _: reports.done("SL/TP modified", [ticket]),
+            lambda: self.evidence(order, reports),
         )  # fmt: skip
 
-    def _close_by(self, order: FollowerCloseBy, trace: Trace, base: Base) -> ExecutionReport:
+    def _close_by(self, order: FollowerCloseBy, reports: OrderReports) -> ExecutionReport:
         marker = order_marker(order.order_id)
         done_before = self.memory.markers.get(marker)
         if done_before:
             ids = sorted({d.position_id for d in done_before})
-            return self._done(base, trace, "closed by the opposite copy", ids)
+            return reports.done("closed by the opposite copy", ids)
         positions = self._positions()
         first = self._find(
             positions, self.memory.comment_for(order.master, order.master_position_id)
@@ -329,7 +294,7 @@ class Mt5Execution:
         second = self._find(positions, self.memory.comment_for(
             order.master, order.master_opposite_position_id))  # fmt: skip
         if first is None or second is None:
-            return self._done(base, trace, "this account does not hold both copies")
+            return reports.done(NOT_BOTH_COPIES)
         ids = [str(first.ticket), str(second.ticket)]
         result = self._send({
             "action": mt5.TRADE_ACTION_CLOSE_BY, "symbol": first.symbol,
@@ -337,12 +302,12 @@ class Mt5Execution:
             "magic": int(first.magic), "comment": marker,
         })  # fmt: skip
         return self._decide(
-            base, trace, result,
-            lambda _: self._done(base, trace, "closed by the opposite copy", ids),
-            lambda: self.evidence(order, trace),
+            reports, result,
+            lambda _: reports.done("closed by the opposite copy", ids),
+            lambda: self.evidence(order, reports),
         )  # fmt: skip
 
-    def _close_all(self, order: FollowerCloseAll, trace: Trace, base: Base) -> ExecutionReport:
+    def _close_all(self, order: FollowerCloseAll, reports: OrderReports) -> ExecutionReport:
         prefixes = master_prefixes(order.master)
         closed: list[str] = []
         unanswered: list[str] = []
@@ -365,28 +330,25 @@ class Mt5Execution:
             if pending.comment.startswith(prefixes):
                 self._send({"action": mt5.TRADE_ACTION_REMOVE, "order": int(pending.ticket)})
         if unanswered:
-            return OrderUnknown(
-                **base, ts_ns=time.time_ns(), trace=trace,
-                reason=f"no answer closing position(s) {', '.join(unanswered)}; "
-                f"closed {len(closed)}: {order.reason}",
-            )  # fmt: skip
-        return self._done(base, trace, f"closed {len(closed)} position(s): {order.reason}", closed)
+            return reports.unknown(
+                f"no answer closing position(s) {', '.join(unanswered)}; "
+                f"closed {len(closed)}: {order.reason}"
+            )
+        return reports.done(f"closed {len(closed)} position(s): {order.reason}", closed)
 
     # ---------------------------------------------------------------- pending orders
 
-    def _pending_place(
-        self, order: FollowerPendingPlace, trace: Trace, base: Base
-    ) -> ExecutionReport:
+    def _pending_place(self, order: FollowerPendingPlace, reports: OrderReports) -> ExecutionReport:
         comment = self.memory.comment_for(order.master, order.master_order_id)
         existing = self._find(self._orders(), comment) or self._find(self._positions(), comment)
         if existing is not None:
-            return self._done(base, trace, "pending order placed", [str(existing.ticket)])
+            return reports.done("pending order placed", [str(existing.ticket)])
         triggered = self._opening_deals(comment)
         if triggered:  # placed, triggered and closed already
-            return self._done(base, trace, "pending order placed", [triggered[0].position_id])
+            return reports.done("pending order placed", [triggered[0].position_id])
         info = self._symbol(order.symbol)
         if info is None:
-            return self._symbol_missing(base, trace, order.symbol)
+            return self._symbol_missing(reports, order.symbol)
         request = {
             "action": mt5.TRADE_ACTION_PENDING, "symbol": order.symbol,
             "volume": float(order.volume), "type": PENDING_TYPE_CODES[order.order_type],
@@ -400,17 +362,17 @@ class Mt5Execution:
         def placed(result: Any) -> ExecutionReport:
             ticket = str(int(result.order))
             self.memory.pendings[comment] = ticket
-            return self._done(base, trace, "pending order placed", [ticket])
+            return reports.done("pending order placed", [ticket])
 
-        return self._decide(base, trace, result, placed, lambda: self.evidence(order, trace))
+        return self._decide(reports, result, placed, lambda: self.evidence(order, reports))
 
     def _pending_modify(
-        self, order: FollowerPendingModify, trace: Trace, base: Base
+        self, order: FollowerPendingModify, reports: OrderReports
     ) -> ExecutionReport:
         comment = self.memory.comment_for(order.master, order.master_order_id)
         pending = self._find(self._orders(), comment)
         if pending is None:
-            return self._done(base, trace, NO_PENDING_COPY)
+            return reports.done(NO_PENDING_COPY)
         result = self._send({
             "action": mt5.TRADE_ACTION_MODIFY, "order": int(pending.ticket),
             "symbol": pending.symbol, "price": float(order.price),
@@ -418,23 +380,23 @@ class Mt5Execution:
             **self._expiration(order.expiration_ns),
         })  # fmt: skip
         return self._decide(
-            base, trace, result,
-            lambda _: self._done(base, trace, "pending order modified", []),
-            lambda: self.evidence(order, trace),
+            reports, result,
+            lambda _: reports.done("pending order modified", []),
+            lambda: self.evidence(order, reports),
         )  # fmt: skip
 
     def _pending_cancel(
-        self, order: FollowerPendingCancel, trace: Trace, base: Base
+        self, order: FollowerPendingCancel, reports: OrderReports
     ) -> ExecutionReport:
         comment = self.memory.comment_for(order.master, order.master_order_id)
         pending = self._find(self._orders(), comment)
         if pending is None:
-            return self._done(base, trace, NO_PENDING_COPY)
+            return reports.done(NO_PENDING_COPY)
         result = self._send({"action": mt5.TRADE_ACTION_REMOVE, "order": int(pending.ticket)})
         return self._decide(
-            base, trace, result,
-            lambda _: self._done(base, trace, "pending order cancelled", []),
-            lambda: self.evidence(order, trace),
+            reports, result,
+            lambda _: reports.done("pending order cancelled", []),
+            lambda: self.evidence(order, reports),
         )  # fmt: skip
 
     # ------------------------------------------------------------------- terminal
@@ -451,17 +413,15 @@ class Mt5Execution:
         return result
 
     def _decide(
-        self, base: Base, trace: Trace, result: Any, success: Callable[[Any], ExecutionReport],
+        self, reports: OrderReports, result: Any, success: Callable[[Any], ExecutionReport],
         evidence: Evidence,
     ) -> ExecutionReport:  # fmt: skip
         """The outcome policy: rejected only on a definitive retcode, else look, else unknown."""
         if result is not None and result.retcode in mt5.SUCCESS_RETCODES:
             return success(result)
         if result is not None and result.retcode not in mt5.UNCERTAIN_RETCODES:
-            return OrderRejected(
-                **base, ts_ns=time.time_ns(), trace=trace, code=int(result.retcode),
-                reason=result.comment or f"retcode {result.retcode}",
-            )  # fmt: skip
+            return reports.rejected(int(result.retcode),
+                                    result.comment or f"retcode {result.retcode}")  # fmt: skip
         found = evidence()
         if found is not None:
             return found
@@ -470,8 +430,7 @@ class Mt5Execution:
             if result is None
             else f"retcode {result.retcode} {result.comment}"
         )
-        return OrderUnknown(**base, ts_ns=time.time_ns(), trace=trace,
-                            reason=f"no definitive answer from the terminal: {why}")  # fmt: skip
+        return reports.unknown(f"no definitive answer from the terminal: {why}")
 
     def _positions(self) -> Sequence[Any]:
         positions = self.api.positions_get()
@@ -569,41 +528,24 @@ class Mt5Execution:
             comment=marker, time_ns=time.time_ns(),
         )  # fmt: skip
 
-    # -------------------------------------------------------------------- reports
-
-    @staticmethod
-    def _done(base: Base, trace: Trace, detail: str, ids: list[str] | None = None) -> OrderDone:
-        return OrderDone(**base, ts_ns=time.time_ns(), trace=trace, detail=detail,
-                         position_ids=ids or [])  # fmt: skip
-
-    def _symbol_missing(self, base: Base, trace: Trace, symbol: str) -> OrderRejected:
+    def _symbol_missing(self, reports: OrderReports, symbol: str) -> OrderRejected:
         code, message = self.api.last_error()
-        return OrderRejected(**base, ts_ns=time.time_ns(), trace=trace, code=int(code),
-                             reason=f"symbol {symbol} is not available: {message}")  # fmt: skip
+        return reports.rejected(int(code), f"symbol {symbol} is not available: {message}")
 
-    @staticmethod
-    def _filled_from(base: Base, trace: Trace, position: Any, order: FollowerOpen) -> OrderFilled:
-        side = POSITION_SIDES[int(position.type)]
-        price = float(position.price_open)
-        return OrderFilled(
-            **base, ts_ns=time.time_ns(), trace=trace, symbol=position.symbol,
-            position_id=str(position.ticket), side=side, volume=float(position.volume),
-            price=price, master_price=order.master_price,
-            slippage=slippage(side, price, order.master_price),
-        )  # fmt: skip
 
-    @staticmethod
-    def _filled_from_deals(
-        base: Base, trace: Trace, deals: list[Deal], master_price: float
-    ) -> OrderFilled:
-        volume = sum(d.volume for d in deals)
-        price = sum(d.price * d.volume for d in deals) / volume if volume else deals[-1].price
-        side = deals[-1].side
-        return OrderFilled(
-            **base, ts_ns=time.time_ns(), trace=trace, symbol=deals[-1].symbol,
-            position_id=deals[-1].position_id, side=side, volume=volume, price=price,
-            master_price=master_price, slippage=slippage(side, price, master_price),
-        )  # fmt: skip
+def _filled_from(reports: OrderReports, position: Any) -> OrderFilled:
+    """The fill an open made before, from the position it left."""
+    return reports.filled(position.symbol, str(position.ticket),
+                          POSITION_SIDES[int(position.type)], float(position.volume),
+                          float(position.price_open))  # fmt: skip
+
+
+def _filled_from_deals(reports: OrderReports, deals: list[Deal]) -> OrderFilled:
+    """The fill the deals of an order that ran before add up to (volume-weighted price)."""
+    volume = sum(d.volume for d in deals)
+    price = sum(d.price * d.volume for d in deals) / volume if volume else deals[-1].price
+    last = deals[-1]
+    return reports.filled(last.symbol, last.position_id, last.side, volume, price)
 
 
 def _volume_spec(info: Any) -> SymbolSpec:
@@ -623,7 +565,3 @@ def _pending_matches(record: Any, order: FollowerPendingModify, offset_s: int) -
         order.sl,
         order.tp,
     ) and int(record.time_expiration or 0) == expiration
-
-
-def _terminal_stamped(trace: Trace, now: int) -> Trace:
-    return msgspec.structs.replace(trace, follower_terminal_ns=now)

@@ -6,23 +6,25 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import structlog
 
-from connectors.contract import ConnectorRuntime, slippage
+from connectors.contract import ConnectorRuntime
 from connectors.paper.model import XAUUSD, Position, Result, SymbolConfig
 from connectors.paper.prices import PriceReplay, Quote
+from connectors.paper.quotes import NatsQuotes
 from connectors.paper.venue import PaperVenue
+from connectors.reports import NO_PENDING_COPY, NO_POSITION_COPY, NOT_BOTH_COPIES, OrderReports
 from engine.core.prices import within_deviation
 from engine.core.volume import partial_close_volume
 from engine.runtime.files import write_atomically
-from schemas import codec, subjects
+from schemas import codec
 from schemas.account import AccountState, SymbolSpec
-from schemas.common import Side, Trace
+from schemas.common import Side
 from schemas.master import MasterEvent
 from schemas.orders import (
     DeviationPolicy,
@@ -36,13 +38,10 @@ from schemas.orders import (
     FollowerPendingModify,
     FollowerPendingPlace,
 )
-from schemas.reports import ExecutionReport, OrderDone, OrderFilled, OrderRejected
+from schemas.reports import ExecutionReport
 
 log = structlog.get_logger("tradecopy.paper")
 
-#: Reported when a close/modify names a master position this follower never copied.
-NOTHING_TO_DO = "no copy of that master position on this account"
-RETCODE_EXPIRED = 10021  # TRADE_RETCODE_PRICE_OFF: the signal is too old to trade on
 #: How long a report is kept for redeliveries: longer than the order consumer's ack wait and
 #: the order stream's duplicate window, after which no redelivery of the order can come.
 REPORT_MEMORY_S = 600.0
@@ -147,7 +146,7 @@ class PaperTerminal:
     def symbol_specs(self, account: str) -> Iterable[SymbolSpec]:
         return [self.venue.symbol_spec(account, s) for s in self.venue.symbols]
 
-    def reconcile(self) -> list[MasterEvent]:
+    def unpublished_events(self) -> list[MasterEvent]:
         return list(self.outbox)
 
     def published(self, events: Sequence[MasterEvent]) -> None:
@@ -194,12 +193,11 @@ class PaperTerminal:
 
     # ----------------------------------------------------------- follower orders
 
-    async def execute(self, order: FollowerOrder, received_ns: int) -> ExecutionReport:
+    async def execute(self, order: FollowerOrder, reports: OrderReports) -> ExecutionReport:
         previous = self.reports.get(order.order_id)
         if previous is not None:
             return codec.execution_report_decoder.decode(previous)
-        trace = msgspec.structs.replace(order.trace, follower_connector_ns=received_ns)
-        report = await self._execute(order, trace)
+        report = await self._execute(order, reports)
         self.reports[order.order_id] = codec.encode(report)
         self._report_times.append((time.monotonic(), order.order_id))
         return report
@@ -211,21 +209,20 @@ class PaperTerminal:
             self.reports.pop(self._report_times.popleft()[1], None)
         self.save()
 
-    async def _execute(self, order: FollowerOrder, trace: Trace) -> ExecutionReport:
+    async def _execute(self, order: FollowerOrder, reports: OrderReports) -> ExecutionReport:
         venue, account = self.venue, order.follower
-        base = {"order_id": order.order_id, "link_id": order.link_id, "follower": account}
         if isinstance(order, FollowerOpen):
-            return await self._open(order, trace, base)
+            return await self._open(order, reports)
         if isinstance(order, FollowerClose):
             position = venue.position_by_master_ref(
                 account, master_ref(order.master, order.master_position_id)
             )
             if position is None:
-                return self._done(base, trace, NOTHING_TO_DO)
+                return reports.done(NO_POSITION_COPY)
             spec = venue.symbol_spec(account, position.symbol)
             volume = partial_close_volume(position.volume, order.ratio, spec)
             if volume <= 0:
-                return self._done(base, trace, "the ratio rounds to nothing on this position")
+                return reports.done("the ratio rounds to nothing on this position")
             result = venue.close_position(
                 account,
                 position.position_id,
@@ -238,18 +235,17 @@ class PaperTerminal:
                     position.position_id,
                     master_ref(order.master, order.new_master_position_id),
                 )
-            return self._fill(base, trace, result, position.symbol, position.side.flipped(),
-                              order.master_price)  # fmt: skip
+            return _filled(reports, result, position.symbol, position.side.flipped())
         if isinstance(order, FollowerModify):
             position = venue.position_by_master_ref(
                 account, master_ref(order.master, order.master_position_id)
             )
             if position is None:
-                return self._done(base, trace, NOTHING_TO_DO)
+                return reports.done(NO_POSITION_COPY)
             result = venue.modify_position(
                 account, position.position_id, order.sl, order.tp, client_order_id=order.order_id
             )
-            return self._outcome(base, trace, result, "SL/TP modified", [position.position_id])
+            return _outcome(reports, result, "SL/TP modified", [position.position_id])
         if isinstance(order, FollowerCloseBy):
             first = venue.position_by_master_ref(
                 account, master_ref(order.master, order.master_position_id)
@@ -258,14 +254,14 @@ class PaperTerminal:
                 account, master_ref(order.master, order.master_opposite_position_id)
             )
             if first is None or second is None:
-                return self._done(base, trace, "this account does not hold both copies")
+                return reports.done(NOT_BOTH_COPIES)
             result = venue.close_by(
                 account, first.position_id, second.position_id, client_order_id=order.order_id
             )
             ids = [first.position_id, second.position_id]
-            return self._outcome(base, trace, result, "closed by the opposite copy", ids)
+            return _outcome(reports, result, "closed by the opposite copy", ids)
         if isinstance(order, FollowerCloseAll):
-            return self._close_all(order, trace, base)
+            return self._close_all(order, reports)
         if isinstance(order, FollowerPendingPlace):
             result = venue.place_pending(
                 account, order.symbol, order.order_type, order.volume, order.price,
@@ -273,28 +269,26 @@ class PaperTerminal:
                 comment=order.comment, client_order_id=order.order_id,
                 master_ref=master_ref(order.master, order.master_order_id),
             )  # fmt: skip
-            return self._outcome(base, trace, result, "pending order placed", [result.order_id])
+            return _outcome(reports, result, "pending order placed", [result.order_id or ""])
         if isinstance(order, FollowerPendingModify | FollowerPendingCancel):
             pending = venue.pending_by_master_ref(
                 account, master_ref(order.master, order.master_order_id)
             )
             if pending is None:
-                return self._done(base, trace, "no copy of that pending order on this account")
+                return reports.done(NO_PENDING_COPY)
             if isinstance(order, FollowerPendingCancel):
                 result = venue.cancel_pending(
                     account, pending.order_id, client_order_id=order.order_id
                 )
-                return self._outcome(base, trace, result, "pending order cancelled", [])
+                return _outcome(reports, result, "pending order cancelled", [])
             result = venue.modify_pending(
                 account, pending.order_id, order.price, sl=order.sl, tp=order.tp,
                 expiration_ns=order.expiration_ns, client_order_id=order.order_id,
             )  # fmt: skip
-            return self._outcome(base, trace, result, "pending order modified", [])
+            return _outcome(reports, result, "pending order modified", [])
         raise TypeError(f"unhandled follower order {type(order).__name__}")  # pragma: no cover
 
-    async def _open(
-        self, order: FollowerOpen, trace: Trace, base: dict[str, Any]
-    ) -> ExecutionReport:
+    async def _open(self, order: FollowerOpen, reports: OrderReports) -> ExecutionReport:
         venue, account = self.venue, order.follower
         ref = master_ref(order.master, order.master_position_id)
         existing = venue.position_by_master_ref(account, ref)
@@ -309,24 +303,22 @@ class PaperTerminal:
         if existing is not None:
             if existing.master_ref != ref:
                 venue.rekey_master_ref(account, existing.position_id, ref)
-            return self._filled_from(base, trace, existing, order.master_price)
-        if order.expires_ns and time.time_ns() > order.expires_ns:
-            return OrderRejected(
-                **base, ts_ns=time.time_ns(), trace=trace, code=RETCODE_EXPIRED,
-                reason="signal expired before execution (max signal age)",
-            )  # fmt: skip
+            return _filled_from(reports, existing)
+        # Only now: an open that ran before its signal expired reports that fill above.
+        if reports.signal_expired:
+            return reports.expired()
         if order.max_price_deviation is not None and not await self._price_ok(order):
-            return OrderRejected(
-                **base, ts_ns=time.time_ns(), trace=trace, code=10004,
-                reason=f"price moved more than {order.max_price_deviation} from the master's "
+            return reports.rejected(
+                10004,
+                f"price moved more than {order.max_price_deviation} from the master's "
                 f"fill {order.master_price}",
-            )  # fmt: skip
+            )
         result = venue.market_order(
             account, order.symbol, order.side, order.volume, sl=order.sl, tp=order.tp,
             magic=order.magic, comment=order.comment, client_order_id=order.order_id,
             master_ref=ref,
         )  # fmt: skip
-        return self._fill(base, trace, result, order.symbol, order.side, order.master_price)
+        return _filled(reports, result, order.symbol, order.side)
 
     async def _price_ok(self, order: FollowerOpen) -> bool:
         deadline = time.monotonic() + (
@@ -345,9 +337,7 @@ class PaperTerminal:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.quote_seen.wait(), remaining)
 
-    def _close_all(
-        self, order: FollowerCloseAll, trace: Trace, base: dict[str, Any]
-    ) -> ExecutionReport:
+    def _close_all(self, order: FollowerCloseAll, reports: OrderReports) -> ExecutionReport:
         venue, account = self.venue, order.follower
         prefix = f"{order.master}:"
         closed = []
@@ -365,88 +355,30 @@ class PaperTerminal:
                     account, pending.order_id,
                     client_order_id=f"{order.order_id}:{pending.order_id}",
                 )  # fmt: skip
-        return self._done(base, trace, f"closed {len(closed)} position(s): {order.reason}", closed)
-
-    # ------------------------------------------------------------------ reports
-
-    @staticmethod
-    def _done(
-        base: dict[str, Any], trace: Trace, detail: str, ids: list[str] | None = None
-    ) -> ExecutionReport:
-        return OrderDone(**base, ts_ns=time.time_ns(), trace=trace, detail=detail,
-                         position_ids=ids or [])  # fmt: skip
-
-    def _outcome(
-        self, base: dict[str, Any], trace: Trace, result: Result, detail: str, ids: list[str]
-    ) -> ExecutionReport:
-        if not result.ok:
-            return OrderRejected(**base, ts_ns=time.time_ns(), trace=trace,
-                                 code=result.retcode, reason=result.reason)  # fmt: skip
-        return self._done(base, trace, detail, ids)
-
-    def _fill(
-        self, base: dict[str, Any], trace: Trace, result: Result, symbol: str, side: Side,
-        master_price: float,
-    ) -> ExecutionReport:  # fmt: skip
-        now = time.time_ns()
-        if not result.ok:
-            return OrderRejected(**base, ts_ns=now, trace=trace, code=result.retcode,
-                                 reason=result.reason)  # fmt: skip
-        trace = msgspec.structs.replace(trace, follower_terminal_ns=now)
-        return OrderFilled(
-            **base, ts_ns=now, trace=trace, symbol=symbol, position_id=result.position_id or "",
-            side=side, volume=result.volume, price=result.price, master_price=master_price,
-            slippage=slippage(side, result.price, master_price),
-        )  # fmt: skip
-
-    def _filled_from(
-        self, base: dict[str, Any], trace: Trace, position: Position, master_price: float
-    ) -> ExecutionReport:
-        now = time.time_ns()
-        return OrderFilled(
-            **base, ts_ns=now, trace=trace, symbol=position.symbol,
-            position_id=position.position_id, side=position.side, volume=position.volume,
-            price=position.open_price, master_price=master_price,
-            slippage=slippage(position.side, position.open_price, master_price),
-        )  # fmt: skip
+        return reports.done(f"closed {len(closed)} position(s): {order.reason}", closed)
 
 
-class NatsQuotes:
-    """Quotes a live source publishes on ``tc.v1.quotes.<symbol>`` (core NATS, latest wins)."""
+def _filled(reports: OrderReports, result: Result, symbol: str, side: Side) -> ExecutionReport:
+    """A market deal's venue result as the order's report."""
+    if not result.ok:
+        return reports.rejected(result.retcode, result.reason)
+    return reports.filled(symbol, result.position_id or "", side, result.volume, result.price,
+                          terminal_ns=time.time_ns())  # fmt: skip
 
-    def __init__(self, nc: Any, symbols: Sequence[str]) -> None:
-        self.nc = nc
-        self.symbols = symbols
-        self.bad = 0
-        self._queue: asyncio.Queue[Quote] = asyncio.Queue(maxsize=10_000)
-        self._subs: list[Any] = []
 
-    async def start(self) -> None:
-        """Listen now (quotes are not stored: one sent before this is gone)."""
-        for symbol in self.symbols:
-            self._subs.append(await self.nc.subscribe(subjects.quotes(symbol), cb=self._arrived))
-        await self.nc.flush()
+def _filled_from(reports: OrderReports, position: Position) -> ExecutionReport:
+    """The fill an open made before, from the position it left."""
+    return reports.filled(position.symbol, position.position_id, position.side,
+                          position.volume, position.open_price)  # fmt: skip
 
-    async def stop(self) -> None:
-        for sub in self._subs:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
-        self._subs.clear()
 
-    async def _arrived(self, msg: Any) -> None:
-        try:
-            quote = codec.quote_decoder.decode(msg.data)
-        except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError) as exc:
-            self.bad += 1
-            log.warning("quote_invalid", subject=msg.subject, error=str(exc))
-            return
-        if self._queue.full():  # a slow venue keeps the newest prices, not the oldest
-            self._queue.get_nowait()
-        self._queue.put_nowait(quote)
-
-    async def quotes(self) -> AsyncIterator[Quote]:
-        while True:
-            yield await self._queue.get()
+def _outcome(
+    reports: OrderReports, result: Result, detail: str, position_ids: list[str]
+) -> ExecutionReport:
+    """A venue result without a fill as the order's report."""
+    if not result.ok:
+        return reports.rejected(result.retcode, result.reason)
+    return reports.done(detail, position_ids)
 
 
 class PaperConnector:

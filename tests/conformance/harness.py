@@ -229,7 +229,7 @@ class ConnectorPeer:
             return
         raise AssertionError(f"unexpected frame {frame}")
 
-    async def settle(self, within: float = 0.1) -> None:
+    async def wait_quiet(self, within: float = 0.1) -> None:
         """Read whatever arrives within ``within`` seconds into the inbox."""
         deadline = time.monotonic() + within
         while (left := deadline - time.monotonic()) > 0:

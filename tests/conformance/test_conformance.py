@@ -391,7 +391,7 @@ async def test_follower_commands_execute_with_one_result_each(rig: Rig) -> None:
 
     async def command(corr: str, **fields: Any) -> CommandResult:
         result = await peer.command(corr, **fields)
-        await peer.settle(0.05)
+        await peer.wait_quiet(0.05)
         for event in peer.pending(TradeEvent):
             mirror.apply(await peer.expect(TradeEvent, lambda e, seq=event.seq: e.seq == seq))
         return result
