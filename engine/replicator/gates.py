@@ -8,7 +8,6 @@ link's own choice not to copy that kind of change: a copy must always be able to
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import NamedTuple
 
 from engine.core.calendar import within_trading_hours
@@ -38,14 +37,9 @@ class Skip(NamedTuple):
     numbers: dict[str, float | str | None] | None = None
 
 
-@dataclass(slots=True)
-class Admission:
-    """A new copy passed every gate: what sizing and the order builder need next."""
-
-    follower_state: AccountState
-    spec: SymbolSpec
-    symbol: str
-    side: Side
+#: A new copy passed every gate: the follower's state, its symbol's spec, the follower's
+#: symbol and side. A plain tuple: this is built once per follower on the hot path.
+Admission = tuple[AccountState, SymbolSpec, str, Side]
 
 
 def admit_new_copy(
@@ -136,7 +130,7 @@ def admit_new_copy(
             f"{symbol} trade mode is {mode.value.replace('_', ' ')}",
             {"trade_mode": mode.value},
         )
-    return Admission(follower_state, spec, symbol, side)
+    return follower_state, spec, symbol, side
 
 
 def daily_limit_gate(cl: CompiledLink, state: LinkState, daily_key: str, today: str) -> Skip | None:

@@ -64,7 +64,6 @@ def new_copy_order(
     sl, tp = follower_levels(link, event.sl, event.tp)
     # Keyword construction, not a shared dict: this runs once per follower on the hot path.
     if facts.is_pending:
-        assert isinstance(event, PendingOrderPlaced)
         order_type: OrderType = event.order_type.reversed() if link.reverse else event.order_type
         return FollowerPendingPlace(
             order_id=order_id(event.event_id, cl.link_id),
@@ -75,7 +74,7 @@ def new_copy_order(
             symbol=symbol,
             ts_ns=now_ns,
             trace=trace,
-            master_order_id=event.order_id,
+            master_order_id=event.order_id,  # type: ignore[union-attr]
             order_type=order_type,
             volume=volume,
             price=event.price,
@@ -86,7 +85,6 @@ def new_copy_order(
             comment=facts.comment,
             master_volume=event.volume,
         )
-    assert isinstance(event, PositionOpened | PendingOrderTriggered)
     return FollowerOpen(
         order_id=order_id(event.event_id, cl.link_id),
         link_id=cl.link_id,
@@ -96,7 +94,7 @@ def new_copy_order(
         symbol=symbol,
         ts_ns=now_ns,
         trace=trace,
-        master_position_id=event.position_id,
+        master_position_id=event.position_id,  # type: ignore[union-attr]
         side=side,
         volume=volume,
         sl=sl,

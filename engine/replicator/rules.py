@@ -119,8 +119,9 @@ def _plan_new_copy(
     trace: Trace,
 ) -> CopyPlan:
     admitted = admit_new_copy(event, facts, cl, view, now_ns)
-    if isinstance(admitted, Skip):
+    if type(admitted) is Skip:
         return skipped(event, cl, now_ns, admitted)
+    follower_state, spec, symbol, side = admitted
     link = cl.link
     # Risk sizing measures the follower's stop: on reverse copy that is the master's TP.
     stop_level = event.tp if link.reverse else event.sl
@@ -129,8 +130,8 @@ def _plan_new_copy(
         master_volume=event.volume,
         sl_distance=None if stop_level is None else abs(event.price - stop_level),
         master_state=view.accounts.get(link.master),
-        follower_state=admitted.follower_state,
-        spec=admitted.spec,
+        follower_state=follower_state,
+        spec=spec,
         fx_rates=view.fx_rates,
     )
     if sized.skip is not None:
@@ -139,7 +140,7 @@ def _plan_new_copy(
     for note in sized.reductions:
         plan.decisions.append(copy_decision(event, cl, now_ns, note, DecisionOutcome.REDUCED))
     plan.order = new_copy_order(
-        event, facts, cl, symbol=admitted.symbol, side=admitted.side, volume=sized.volume,
+        event, facts, cl, symbol=symbol, side=side, volume=sized.volume,
         now_ns=now_ns, trace=trace,
     )  # fmt: skip
     return plan
