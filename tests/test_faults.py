@@ -188,7 +188,14 @@ async def in_process_follower(rig: Rig) -> tuple[PaperConnector, PaperTerminal, 
 
 
 @pytest.mark.parametrize("replicators", [1, 2])
-@pytest.mark.parametrize("restart", ["sigkill", "clean"])
+@pytest.mark.parametrize(
+    "restart",
+    [
+        pytest.param("sigkill", marks=pytest.mark.xfail(
+            strict=True, reason="publish acks lost in the kill are awaited forever: a stall")),
+        "clean",
+    ],
+)  # fmt: skip
 async def test_nats_restarted_mid_burst_loses_repeats_and_reorders_nothing(
     rig: Rig, restart: str, replicators: int
 ) -> None:
