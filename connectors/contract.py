@@ -9,12 +9,19 @@ venue-specific half — and ``ConnectorRuntime`` does the rest, identically for 
 2. **Account state and symbol specs** go to the ``tc_accounts`` / ``tc_symbols`` KV buckets on
    start, after every change, and at least every ``state_interval_s`` (equity moves with price).
 3. **Follower orders** are consumed from a durable consumer per connector (per-account subjects
-   plus the connector's batch subject), strictly in stream order, and executed through
-   ``Terminal.execute``, which must be idempotent by order id: a redelivered order returns the
-   original outcome and executes nothing. At receipt the runtime gives each order its report
-   builder (``connectors.reports.OrderReports``): the trace stamped with
-   ``follower_connector_ns``, and the one decision whether an open arrived after its
-   ``expires_ns`` (max signal age). A terminal builds every report through it.
+   plus the connector's batch subject) and executed through ``Terminal.execute``, which must
+   be idempotent by order id: a redelivered order returns the original outcome and executes
+   nothing. Each follower account's orders run strictly in stream order (a close never
+   overtakes its open); different accounts run side by side, so one account waiting for its
+   price (``deviation_policy = wait``) never holds up another. ``execute`` may therefore be
+   awaited for several accounts at once, never twice at once for one account. An order is
+   executed only if it arrived where its follower's orders belong: on
+   ``tc.v1.follower.<its follower>.orders``, or in a batch on this connector's own subject
+   that names this connector; anything else is refused (terminated, counted, logged). At
+   receipt the runtime gives each order its report builder
+   (``connectors.reports.OrderReports``): the trace stamped with ``follower_connector_ns``,
+   and the one decision whether an open arrived after its ``expires_ns`` (max signal age). A
+   terminal builds every report through it.
 4. **Execution reports** are published to ``tc.v1.follower.<account>.reports`` with
    ``Nats-Msg-Id = report:<order id>``; only then is the order acknowledged. Outcome policy:
    *rejected* only on definitive evidence from the venue; a timeout or disconnect is *unknown*
@@ -23,6 +30,12 @@ venue-specific half — and ``ConnectorRuntime`` does the rest, identically for 
    events that were recorded but possibly never published (an outbox), which are published again
    (JetStream dedup drops the ones already stored), then states and specs are republished. Orders
    that were not acknowledged are redelivered by JetStream and settled by idempotent execution.
+   An outbox left behind by a failed publish is retried every ``progress_poll_s`` as well.
+6. **No wait without a bound.** Every publish waits at most ``publish_timeout_s`` for its
+   acknowledgement, is retried with the same ``Nats-Msg-Id`` up to ``publish_attempts``
+   times, and then fails into the normal redelivery path (orders: resume at the ack floor;
+   master events: stay in the outbox). ``health()`` reports a connector whose orders or
+   master events are pending without progress for ``stall_after_s`` as not ok.
 """
 
 from __future__ import annotations
@@ -30,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
@@ -38,14 +52,15 @@ import nats.errors
 import nats.js.errors
 import structlog
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 
 from connectors.reports import OrderReports
+from engine.runtime.http import ProgressWatch
 from engine.runtime.jetstream import ensure_buckets, ensure_streams
 from schemas import codec, subjects
 from schemas.account import AccountState, SymbolSpec
 from schemas.master import MasterEvent
-from schemas.orders import FollowerOpen, FollowerOrder
+from schemas.orders import DeviationPolicy, FollowerOpen, FollowerOrder
 from schemas.reports import ExecutionReport
 from schemas.streams import FOLLOWER_ORDERS_STREAM
 
@@ -57,9 +72,120 @@ ORDER_BATCH = 256
 #: After a failed batch: first wait before resuming at the ack floor, doubling up to the max.
 RETRY_BACKOFF_S = 0.25
 RETRY_BACKOFF_MAX_S = 5.0
+#: Failures further apart than this start again from the first backoff.
+_CALM_S = 30.0
 BAD_ORDERS = Counter(
     "tradecopy_connector_bad_orders_total", "Follower orders that could not be decoded"
 )
+REFUSED_ORDERS = Counter(
+    "tradecopy_connector_refused_orders_total",
+    "Follower orders not executed because of where they came from",
+    ["reason"],
+)
+PUBLISH_RETRIES = Counter(
+    "tradecopy_connector_publish_retries_total",
+    "Messages sent again (same Nats-Msg-Id) because JetStream did not confirm them in time",
+)
+STALL = Gauge(
+    "tradecopy_connector_stall_seconds",
+    "Seconds a connector has had work pending without progress (0 when idle)",
+    ["connector", "work"],
+)
+#: Refusal reasons: an order on another account's subject, a batch naming another connector,
+#: an order in this connector's batch for an account it does not serve.
+SUBJECT_MISMATCH = "subject_mismatch"
+FOREIGN_BATCH = "foreign_batch"
+ACCOUNT_NOT_SERVED = "account_not_served"
+for _reason in (SUBJECT_MISMATCH, FOREIGN_BATCH, ACCOUNT_NOT_SERVED):
+    REFUSED_ORDERS.labels(_reason)
+
+#: One message to store: subject, payload and its ``Nats-Msg-Id`` (the deduplication key).
+Publication = tuple[str, bytes, str]
+#: Put in the order queue to wake the consumer after a failure elsewhere.
+_FAILED = object()
+#: A retry after an attempt that failed fast (e.g. no stream answered) waits this long first.
+_RETRY_PAUSE_S = 0.05
+
+
+class NotStored(Exception):
+    """JetStream did not confirm every message within the bounded attempts."""
+
+    def __init__(self, missing: int, total: int, attempts: int, cause: BaseException | None):
+        super().__init__(
+            f"{missing} of {total} messages not confirmed stored after {attempts} attempt(s)"
+            + ("" if cause is None else f": {cause!r}")
+        )
+        self.missing = missing
+        self.cause = cause
+
+
+async def publish_stored(
+    js: Any,
+    messages: Sequence[Publication],
+    *,
+    timeout_s: float,
+    attempts: int,
+    on_the_wire: Callable[[], None] | None = None,
+) -> None:
+    """Publish every message and return once JetStream has confirmed storing each.
+
+    nats-py's ``publish_async`` futures may never resolve (after a server restart the acks of
+    messages in flight are gone), so no wait here is unbounded: each attempt sends what is
+    unconfirmed (the same ``Nats-Msg-Id``, so JetStream drops a copy of a stored one) and
+    waits at most ``timeout_s``; unconfirmed futures are cancelled, which also frees their
+    slot in the client's pending-publish allowance. ``on_the_wire`` runs once, after the
+    first attempt's messages are handed to the client and before their acks are awaited.
+    (The replicator has the same bounded wait in ``engine.replicator.publishing``.)
+    """
+    pending = list(messages)
+    cause: BaseException | None = None
+    for attempt in range(attempts):
+        if attempt:
+            PUBLISH_RETRIES.inc(len(pending))
+            await asyncio.sleep(_RETRY_PAUSE_S * attempt)
+        futures: list[asyncio.Future[Any]] = []
+        try:
+            async with asyncio.timeout(timeout_s):
+                for subject, payload, msg_id in pending:
+                    futures.append(
+                        await js.publish_async(subject, payload, headers={MSG_ID: msg_id})
+                    )
+            if on_the_wire is not None and attempt == 0:
+                await asyncio.sleep(0)  # let the client's flusher put the messages on the wire
+                on_the_wire()
+            if futures:
+                async with asyncio.timeout(timeout_s):
+                    await asyncio.wait(futures)
+        except (TimeoutError, nats.errors.Error, ConnectionError) as exc:
+            if isinstance(exc, nats.errors.MaxPayloadError):
+                _cancel(futures)  # the same bytes can never be stored: no retry
+                raise
+            cause = exc
+        except BaseException:
+            _cancel(futures)  # cancelled, or the caller's hook failed: free every slot
+            raise
+        unconfirmed: list[Publication] = []
+        for message, future in zip(pending, futures, strict=False):
+            if not future.done():
+                # Its ack may still come: too late, it is ignored (the retry has the same id).
+                future.cancel()
+                unconfirmed.append(message)
+            elif future.cancelled():
+                unconfirmed.append(message)
+            elif future.exception() is not None:
+                cause = future.exception()
+                unconfirmed.append(message)
+        unconfirmed.extend(pending[len(futures) :])
+        if not unconfirmed:
+            return
+        pending = unconfirmed
+    raise NotStored(len(pending), len(messages), attempts, cause)
+
+
+def _cancel(futures: list[asyncio.Future[Any]]) -> None:
+    for future in futures:
+        if not future.done():
+            future.cancel()
 
 
 class Terminal(Protocol):
@@ -121,13 +247,23 @@ class ConnectorRuntime:
         *,
         partitions: int | None = None,
         state_interval_s: float = 1.0,
+        publish_timeout_s: float = 5.0,
+        publish_attempts: int = 3,
+        stall_after_s: float = 90.0,
+        progress_poll_s: float = 5.0,
     ) -> None:
+        """``stall_after_s`` must exceed the longest an order may legitimately take: a
+        deviation wait (≤ 60 s by the link contract) plus the publish attempts."""
         self.nc = nc
         self.js = nc.jetstream(publish_async_max_pending=65_536)
         self.connector_id = connector_id
         self.terminal = terminal
         self.partitions = partitions
         self.state_interval_s = state_interval_s
+        self.publish_timeout_s = publish_timeout_s
+        self.publish_attempts = publish_attempts
+        self.stall_after_s = stall_after_s
+        self.progress_poll_s = progress_poll_s
         self.buckets: dict[str, Any] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
@@ -139,6 +275,21 @@ class ConnectorRuntime:
         self._publish_lock = asyncio.Lock()
         self._order_sub: Any = None
         self._order_queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._followers = frozenset(terminal.follower_accounts())
+        # Per follower account, its orders not yet executed, in stream order (see _run_lane).
+        self._lanes: dict[str, deque[tuple[FollowerOrder, OrderReports, _Delivery]]] = {}
+        self._lane_tasks: dict[str, asyncio.Task[None]] = {}
+        # Executed, not yet committed and reported (see _settle).
+        self._settling: list[tuple[ExecutionReport, _Delivery]] = []
+        self._settle_wanted = asyncio.Event()
+        self._settle_lock = asyncio.Lock()
+        self._order_failure: BaseException | None = None
+        self._backoff = RETRY_BACKOFF_S
+        self._failed_at = -_CALM_S
+        self._started = False
+        # Liveness by progress: orders taken but not done, master events not yet stored.
+        self._orders_progress = ProgressWatch()
+        self._events_progress = ProgressWatch()
 
     @property
     def durable(self) -> str:
@@ -155,17 +306,29 @@ class ConnectorRuntime:
         for account in sorted(accounts):
             await self._publish_specs(account)
             await self._publish_state(account)
-        if self.terminal.follower_accounts():
+        if self._followers:
             await self._subscribe_orders()
             self._tasks.append(asyncio.create_task(self._consume_orders()))
+            self._tasks.append(asyncio.create_task(self._settle_orders()))
         self._tasks.append(asyncio.create_task(self._publish_states()))
+        self._tasks.append(asyncio.create_task(self._watch_progress()))
+        STALL.labels(self.connector_id, "orders").set_function(self._orders_progress.stalled_for)
+        STALL.labels(self.connector_id, "master_events").set_function(
+            self._events_progress.stalled_for
+        )
+        self._started = True
 
     async def stop(self) -> None:
         self._stopping.set()
         self._state_changed.set()
-        for task in self._tasks:
+        if self._started:
+            for work in ("orders", "master_events"):
+                STALL.labels(self.connector_id, work).set_function(lambda: 0.0)
+        self._started = False
+        tasks = [*self._tasks, *self._lane_tasks.values()]
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         if self._order_sub is not None:
@@ -173,6 +336,23 @@ class ConnectorRuntime:
             with contextlib.suppress(Exception):
                 await self._order_sub.unsubscribe()
             self._order_sub = None
+
+    def health(self) -> dict[str, object]:
+        """Up, connected and making progress: orders or master events pending without
+        progress for ``stall_after_s`` make it not ok (``/healthz`` answers 503)."""
+        connected = bool(self.nc.is_connected)
+        orders_s = self._orders_progress.stalled_for()
+        events_s = self._events_progress.stalled_for()
+        stalled = max(orders_s, events_s) >= self.stall_after_s
+        return {
+            "ok": connected and self._started and not stalled,
+            "connector": self.connector_id,
+            "nats_connected": connected,
+            "orders_executed": self.orders_executed,
+            "orders_stall_s": round(orders_s, 3),
+            "master_events_stall_s": round(events_s, 3),
+            "stalled": stalled,
+        }
 
     # ------------------------------------------------------------- master events
 
@@ -201,25 +381,34 @@ class ConnectorRuntime:
     async def _publish_master_events(
         self, events: Sequence[MasterEvent], while_in_flight: Callable[[], None] | None = None
     ) -> None:
+        self._events_progress.working()
         now = time.time_ns()
-        futures = []
+        messages: list[Publication] = []
         for event in events:
             stamped = msgspec.structs.replace(
                 event, trace=msgspec.structs.replace(event.trace, connector_ns=now)
             )
-            futures.append(
-                await self.js.publish_async(
-                    subjects.master_events(event.master),
-                    codec.encode(stamped),
-                    headers={MSG_ID: event.event_id},
-                )
+            messages.append(
+                (subjects.master_events(event.master), codec.encode(stamped), event.event_id)
             )
-        if while_in_flight is not None:
-            await asyncio.sleep(0)  # let the client's flusher put the events on the wire
-            while_in_flight()
-        await asyncio.gather(*futures)
+        # Not stored in time: the events stay in the outbox, and the next flush (a trade, or
+        # the periodic retry) sends them again, oldest first.
+        await publish_stored(
+            self.js, messages, timeout_s=self.publish_timeout_s,
+            attempts=self.publish_attempts, on_the_wire=while_in_flight,
+        )  # fmt: skip
         self.terminal.published(events)
+        self._events_progress.advanced(still_pending=False)
         self.mark_dirty(*{e.master for e in events})
+
+    async def _retry_outbox(self) -> None:
+        """Send what a failed publish left in the outbox, even if no new trade comes."""
+        if self._publish_lock.locked() or not self.terminal.unpublished_events():
+            return
+        try:
+            await self.flush_outbox()
+        except Exception as exc:  # still failing: the next round tries again
+            log.warning("outbox_retry_failed", connector=self.connector_id, error=repr(exc))
 
     # -------------------------------------------------------------- state & specs
 
@@ -261,6 +450,28 @@ class ConnectorRuntime:
                 except Exception as exc:  # NATS reconnecting: the next round catches up
                     log.warning("account_state_publish_failed", account=account, error=repr(exc))
 
+    # ------------------------------------------------------------------ progress
+
+    async def _watch_progress(self) -> None:
+        """Every ``progress_poll_s``: retry a left-behind outbox, and ask the order consumer
+        whether orders are waiting that never arrived here (a push lost in a restart)."""
+        while not self._stopping.is_set():
+            await asyncio.sleep(self.progress_poll_s)
+            await self._retry_outbox()
+            if self._order_sub is None:
+                continue
+            try:
+                info = await asyncio.wait_for(
+                    self.js.consumer_info(FOLLOWER_ORDERS_STREAM, self.durable),
+                    self.publish_timeout_s,
+                )
+            except Exception:
+                continue  # NATS away or the consumer being re-created: health tells the rest
+            if info.num_pending or info.num_ack_pending:
+                self._orders_progress.working()
+            elif not self._orders_in_hand():
+                self._orders_progress.advanced(still_pending=False)
+
     # ------------------------------------------------------------ follower orders
 
     async def _ensure_order_consumer(self, deliver_subject: str) -> None:
@@ -272,7 +483,7 @@ class ConnectorRuntime:
         run before the crash come back too, and idempotent execution returns their outcome.
         It pushes to this process's inbox: no pull round trip between an order and its run.
         """
-        filters = [subjects.follower_orders(a) for a in sorted(self.terminal.follower_accounts())]
+        filters = [subjects.follower_orders(a) for a in sorted(self._followers)]
         filters.append(subjects.connector_orders(self.connector_id))
         config = ConsumerConfig(
             durable_name=self.durable,
@@ -303,9 +514,11 @@ class ConnectorRuntime:
     async def _subscribe_orders(self) -> None:
         queue: asyncio.Queue[Any] = asyncio.Queue()
         self._order_queue = queue
+        progress = self._orders_progress
 
         async def arrived(msg: Any) -> None:
             queue.put_nowait(msg)
+            progress.working()
 
         deliver = self.nc.new_inbox()
         # Subscribe first: the consumer starts pushing the moment it exists.
@@ -313,24 +526,51 @@ class ConnectorRuntime:
         await self._ensure_order_consumer(deliver)
 
     async def _consume_orders(self) -> None:
-        backoff = RETRY_BACKOFF_S
+        """Take what arrived, check it and hand each order to its account's lane.
+
+        Never waits on an order itself, so one account's slow order (a deviation wait) holds
+        up no other account. After a failure it does what a restart does: the lanes stop at
+        their next order, whatever finished is settled, everything queued is dropped and the
+        consumer resumes at the ack floor (idempotent execution settles what already ran).
+        """
         while not self._stopping.is_set():
             queue = self._order_queue
             batch = [await queue.get()]
             while not queue.empty() and len(batch) < ORDER_BATCH:
                 batch.append(queue.get_nowait())
-            try:
+            if self._order_failure is None and not any(m is _FAILED for m in batch):
                 await self.handle_order_messages(batch)
-                backoff = RETRY_BACKOFF_S
-            except Exception as exc:
-                # Later orders must not run before these (a close before its open), so do
-                # what a restart does: drop what is queued here and resume at the ack floor;
-                # idempotent execution settles whatever of the batch already ran.
-                log.error("orders_failed", connector=self.connector_id, error=repr(exc),
-                          retry_in_s=backoff)  # fmt: skip
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, RETRY_BACKOFF_MAX_S)
-                await self._resubscribe_orders()
+            if self._order_failure is not None:
+                await self._recover_from_failure(self._order_failure)
+
+    async def _recover_from_failure(self, failure: BaseException) -> None:
+        now = time.monotonic()
+        if now - self._failed_at > _CALM_S:
+            self._backoff = RETRY_BACKOFF_S  # the first failure after a calm spell
+        self._failed_at = now
+        backoff = self._backoff
+        log.error("orders_failed", connector=self.connector_id, error=repr(failure),
+                  retry_in_s=backoff)  # fmt: skip
+        for lane in self._lanes.values():
+            lane.clear()  # later orders must not run before the failed one: they come back
+        running = list(self._lane_tasks.values())
+        if running:
+            await asyncio.gather(*running, return_exceptions=True)
+        with contextlib.suppress(Exception):  # not stored: those orders come back too
+            await self._settle()
+        await asyncio.sleep(backoff)
+        self._backoff = min(backoff * 2, RETRY_BACKOFF_MAX_S)
+        self._order_failure = None
+        try:
+            await self._resubscribe_orders()
+        except Exception as exc:  # NATS still away: fail again, retry later
+            self._fail_orders(exc)
+
+    def _fail_orders(self, failure: BaseException) -> None:
+        """Stop taking orders and resume at the ack floor (see ``_consume_orders``)."""
+        if self._order_failure is None:
+            self._order_failure = failure
+            self._order_queue.put_nowait(_FAILED)  # wake the consumer if it is idle
 
     async def _resubscribe_orders(self) -> None:
         if self._order_sub is not None:
@@ -341,61 +581,187 @@ class ConnectorRuntime:
     async def publish_report(self, report: ExecutionReport, msg_id: str) -> None:
         """A report outside the order flow, e.g. an unknown outcome settled later."""
         trace = msgspec.structs.replace(report.trace, report_ns=time.time_ns())
-        await self.js.publish(
-            subjects.execution_reports(report.follower),
-            codec.encode(msgspec.structs.replace(report, trace=trace)),
-            headers={MSG_ID: msg_id},
-        )
+        payload = codec.encode(msgspec.structs.replace(report, trace=trace))
+        await publish_stored(
+            self.js, [(subjects.execution_reports(report.follower), payload, msg_id)],
+            timeout_s=self.publish_timeout_s, attempts=self.publish_attempts,
+        )  # fmt: skip
         self.mark_dirty(report.follower)
 
     async def handle_order_messages(self, msgs: Sequence[Any]) -> None:
-        """Execute a batch in stream order, persist once, report, then acknowledge.
+        """Check each message and run its orders, in stream order per follower account.
 
-        Reports go out only after the terminal committed its state, and messages are
-        acknowledged only after their reports are stored: a crash at any point redelivers
-        orders whose outcome is not both durable and reported. Each order's signal age is
-        judged here, by the time the batch arrived (``reports_at_receipt``).
+        Orders of an account run one after another, so a close never overtakes its open.
+        When a batch holds one account's orders and none of them may wait for its price, they
+        run right here and are settled at once (the usual hop: no task to spawn). Otherwise
+        each account's orders go to its lane (``_run_lane``), and lanes run side by side, so
+        one account's deviation wait holds up no other; an account whose lane is still busy
+        keeps using it. Each order's signal age is judged here, by the time the batch arrived
+        (``reports_at_receipt``). A message is acknowledged once every order in it is settled
+        (``_settle``).
         """
         received_ns = time.time_ns()
-        mine = set(self.terminal.follower_accounts())
-        outcomes: list[ExecutionReport] = []
+        mine = self._followers
+        runs: dict[str, list[tuple[FollowerOrder, OrderReports, _Delivery]]] = {}
         for msg in msgs:
-            try:
-                if msg.subject.startswith(f"{subjects.PREFIX}.connector."):
-                    orders = codec.follower_order_batch_decoder.decode(msg.data).orders
-                else:
-                    orders = [codec.follower_order_decoder.decode(msg.data)]
-            except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError) as exc:
-                BAD_ORDERS.inc()
-                log.error("follower_order_invalid", subject=msg.subject, error=str(exc))
+            orders = self._orders_to_execute(msg)
+            if orders is None:
+                # Never executed, never redelivered: it stays in the stream for inspection.
                 await msg.term()
                 continue
+            delivery = _Delivery(msg)
             for order in orders:
-                if order.follower not in mine:
-                    log.warning(
-                        "order_for_unknown_account", follower=order.follower, order=order.order_id
-                    )
+                follower = order.follower
+                if follower not in mine:
+                    REFUSED_ORDERS.labels(ACCOUNT_NOT_SERVED).inc()
+                    log.warning("order_for_unknown_account", follower=follower,
+                                order=order.order_id)  # fmt: skip
                     continue
-                reports = reports_at_receipt(order, received_ns)
-                outcomes.append(await self.terminal.execute(order, reports))
-        if outcomes:
+                delivery.open += 1
+                run = runs.get(follower)
+                if run is None:
+                    run = runs[follower] = []
+                run.append((order, reports_at_receipt(order, received_ns), delivery))
+            if delivery.open == 0:
+                await delivery.acknowledge()  # nothing in it for this connector to run
+        if len(runs) == 1:
+            [(account, run)] = runs.items()
+            if account not in self._lane_tasks and not any(_may_wait(w[0]) for w in run):
+                await self._run_inline(run)
+                return
+        for account, run in runs.items():
+            lane = self._lanes.get(account)
+            if lane is None:
+                lane = self._lanes[account] = deque()
+            lane.extend(run)
+            if account not in self._lane_tasks:
+                self._lane_tasks[account] = asyncio.create_task(self._run_lane(account))
+
+    async def _run_inline(self, run: list[tuple[FollowerOrder, OrderReports, _Delivery]]) -> None:
+        """One account's orders that cannot wait long: run and settle them here."""
+        for order, reports, delivery in run:
+            try:
+                report = await self.terminal.execute(order, reports)
+            except Exception as exc:
+                self._fail_orders(exc)
+                break
+            self._settling.append((report, delivery))
+        try:
+            await self._settle()
+        except Exception as exc:
+            self._fail_orders(exc)
+
+    async def _run_lane(self, account: str) -> None:
+        """One account's orders in stream order; ends when its lane is empty."""
+        lane = self._lanes[account]
+        try:
+            while lane and self._order_failure is None:
+                order, reports, delivery = lane.popleft()
+                try:
+                    report = await self.terminal.execute(order, reports)
+                except Exception as exc:
+                    # This account's later orders must not run before this one: start over
+                    # from the ack floor, as a restart would.
+                    self._fail_orders(exc)
+                    return
+                self._settling.append((report, delivery))
+                self._settle_wanted.set()
+                self._orders_progress.advanced(still_pending=True)
+        finally:
+            del self._lane_tasks[account]
+
+    async def _settle_orders(self) -> None:
+        """Settle executed orders as they come: many lanes' outcomes in one commit."""
+        while not self._stopping.is_set():
+            await self._settle_wanted.wait()
+            self._settle_wanted.clear()
+            try:
+                await self._settle()
+            except Exception as exc:
+                self._fail_orders(exc)
+
+    async def _settle(self) -> None:
+        """Persist the terminal once, store the reports, then acknowledge every message whose
+        orders are all reported: a crash at any point redelivers orders whose outcome is not
+        both durable and reported."""
+        async with self._settle_lock:
+            if not self._settling:
+                return
+            settled, self._settling = self._settling, []
             self.terminal.commit()
             now = time.time_ns()
-            futures = []
-            for report in outcomes:
+            messages: list[Publication] = []
+            for report, _ in settled:
                 trace = msgspec.structs.replace(report.trace, report_ns=now)
-                report = msgspec.structs.replace(report, trace=trace)
-                futures.append(
-                    await self.js.publish_async(
-                        subjects.execution_reports(report.follower),
-                        codec.encode(report),
-                        headers={MSG_ID: report_id(report.order_id)},
-                    )
-                )
+                stamped = msgspec.structs.replace(report, trace=trace)
+                messages.append((subjects.execution_reports(report.follower),
+                                 codec.encode(stamped), report_id(report.order_id)))  # fmt: skip
                 self.mark_dirty(report.follower)
-            await asyncio.gather(*futures)
-            self.orders_executed += len(outcomes)
-        for msg in msgs:
-            if msg.metadata.num_delivered is not None:
-                with contextlib.suppress(nats.errors.MsgAlreadyAckdError):
-                    await msg.ack()
+            await publish_stored(
+                self.js, messages, timeout_s=self.publish_timeout_s,
+                attempts=self.publish_attempts,
+            )  # fmt: skip
+            self.orders_executed += len(settled)
+            for _, delivery in settled:
+                delivery.open -= 1
+                if delivery.open == 0:
+                    await delivery.acknowledge()
+            self._orders_progress.advanced(still_pending=self._orders_in_hand())
+
+    def _orders_in_hand(self) -> bool:
+        return bool(self._lane_tasks or self._settling or not self._order_queue.empty())
+
+    def _orders_to_execute(self, msg: Any) -> Sequence[FollowerOrder] | None:
+        """The orders a message carries, or None when it must not run at all (logged and
+        counted): undecodable, or not where its follower's orders belong."""
+        subject = msg.subject
+        try:
+            if subject.startswith(f"{subjects.PREFIX}.connector."):
+                batch = codec.follower_order_batch_decoder.decode(msg.data)
+                if batch.connector != self.connector_id or subject != subjects.connector_orders(
+                    self.connector_id
+                ):
+                    REFUSED_ORDERS.labels(FOREIGN_BATCH).inc()
+                    log.error("order_batch_refused", subject=subject, connector=batch.connector,
+                              batch=batch.batch_id, reason=FOREIGN_BATCH)  # fmt: skip
+                    return None
+                return batch.orders
+            order: FollowerOrder = codec.follower_order_decoder.decode(msg.data)
+        except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError) as exc:
+            BAD_ORDERS.inc()
+            log.error("follower_order_invalid", subject=subject, error=str(exc))
+            return None
+        if subject != subjects.follower_orders(order.follower):
+            # Whoever may publish on one account's subject must not trade another account.
+            REFUSED_ORDERS.labels(SUBJECT_MISMATCH).inc()
+            log.error("follower_order_refused", subject=subject, follower=order.follower,
+                      order=order.order_id, reason=SUBJECT_MISMATCH)  # fmt: skip
+            return None
+        return (order,)
+
+
+def _may_wait(order: FollowerOrder) -> bool:
+    """An open that may wait for its price (``deviation_policy = wait``): up to 60 s."""
+    return (
+        isinstance(order, FollowerOpen)
+        and order.deviation_policy is DeviationPolicy.WAIT
+        and order.max_price_deviation is not None
+        and order.deviation_wait_ms > 0
+    )
+
+
+class _Delivery:
+    """One follower-order message in flight: acknowledged once every order it carries for
+    this connector is executed, committed and reported."""
+
+    __slots__ = ("msg", "open")
+
+    def __init__(self, msg: Any) -> None:
+        self.msg = msg
+        self.open = 0
+
+    async def acknowledge(self) -> None:
+        msg = self.msg
+        if msg.metadata.num_delivered is not None:
+            with contextlib.suppress(nats.errors.MsgAlreadyAckdError):
+                await msg.ack()

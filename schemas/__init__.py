@@ -31,6 +31,7 @@ from schemas.orders import (
     FollowerPendingModify,
     FollowerPendingPlace,
 )
+from schemas.rejections import MasterEventRejected, RejectionReason
 from schemas.reports import (
     ExecutionReport,
     OrderDone,
@@ -63,6 +64,7 @@ __all__ = [
     "FollowerPendingPlace",
     "FxRate",
     "MasterEvent",
+    "MasterEventRejected",
     "OrderDone",
     "OrderFilled",
     "OrderPartiallyFilled",
@@ -78,6 +80,7 @@ __all__ = [
     "PositionModified",
     "PositionOpened",
     "PositionReduced",
+    "RejectionReason",
     "Side",
     "SymbolSpec",
     "Trace",

@@ -13,6 +13,7 @@ from schemas.links import CopyLink
 from schemas.market import Quote
 from schemas.master import MasterEvent
 from schemas.orders import FollowerOrder, FollowerOrderBatch
+from schemas.rejections import MasterEventRejected
 from schemas.reports import ExecutionReport
 
 encoder = msgspec.msgpack.Encoder()
@@ -23,6 +24,7 @@ follower_order_decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(F
 follower_order_batch_decoder = msgspec.msgpack.Decoder(FollowerOrderBatch)
 execution_report_decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(ExecutionReport)
 decision_decoder = msgspec.msgpack.Decoder(CopyDecision)
+rejection_decoder = msgspec.msgpack.Decoder(MasterEventRejected)
 account_state_decoder = msgspec.msgpack.Decoder(AccountState)
 symbol_spec_decoder = msgspec.msgpack.Decoder(SymbolSpec)
 fx_rate_decoder = msgspec.msgpack.Decoder(FxRate)

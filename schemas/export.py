@@ -18,6 +18,7 @@ from schemas.links import CopyLink
 from schemas.market import Quote
 from schemas.master import MasterEvent
 from schemas.orders import FollowerOrder, FollowerOrderBatch
+from schemas.rejections import MasterEventRejected
 from schemas.reports import ExecutionReport
 
 JSON_DIR = Path(__file__).parent / "json"
@@ -29,6 +30,7 @@ MESSAGES: dict[str, Any] = {
     "follower_order_batch": FollowerOrderBatch,
     "execution_report": ExecutionReport,
     "copy_decision": CopyDecision,
+    "master_event_rejected": MasterEventRejected,
     "account_state": AccountState,
     "symbol_spec": SymbolSpec,
     "fx_rate": FxRate,

@@ -19,6 +19,7 @@ MASTER_EVENTS_STREAM = "TC_MASTER_EVENTS"
 FOLLOWER_ORDERS_STREAM = "TC_FOLLOWER_ORDERS"
 EXECUTION_REPORTS_STREAM = "TC_EXECUTION_REPORTS"
 DECISIONS_STREAM = "TC_DECISIONS"
+REJECTIONS_STREAM = "TC_REJECTIONS"
 
 DAY_S = 86_400.0
 
@@ -87,6 +88,20 @@ def decisions_stream(storage: StorageType = StorageType.FILE) -> StreamConfig:
     )
 
 
+def rejections_stream(storage: StorageType = StorageType.FILE) -> StreamConfig:
+    """Master events the replicator refused, with the reason (``MasterEventRejected``).
+
+    Kept as long as decisions: both answer "why was this not copied?"."""
+    return StreamConfig(
+        name=REJECTIONS_STREAM,
+        subjects=[subjects.MASTER_REJECTIONS],
+        retention=RetentionPolicy.LIMITS,
+        storage=storage,
+        max_age=30 * DAY_S,
+        duplicate_window=DUPLICATE_WINDOW_S,
+    )
+
+
 def all_streams(
     partitions: int = DEFAULT_PARTITIONS, storage: StorageType = StorageType.FILE
 ) -> list[StreamConfig]:
@@ -95,6 +110,7 @@ def all_streams(
         follower_orders_stream(storage),
         execution_reports_stream(storage),
         decisions_stream(storage),
+        rejections_stream(storage),
     ]
 
 

@@ -10,6 +10,9 @@ PREFIX = "tc.v1"
 
 # Connectors publish master events here; the stream rewrites the subject to carry a partition.
 MASTER_EVENTS_IN = f"{PREFIX}.master.*.events"
+# The replicator answers every master event it refuses here (outside the event stream's
+# subjects): a producer learns that an event JetStream acknowledged was not copied.
+MASTER_REJECTIONS = f"{PREFIX}.master.*.rejections"
 # Stored subject: tc.v1.mp.<partition>.<master>
 MASTER_PARTITIONED = f"{PREFIX}.mp"
 
@@ -30,6 +33,19 @@ KV_LINK_STATE = "tc_link_state"
 
 def master_events(master: str) -> str:
     return f"{PREFIX}.master.{master}.events"
+
+
+def master_rejections(master: str) -> str:
+    """Where the replicator says which of ``master``'s events it refused, and why."""
+    return f"{PREFIX}.master.{master}.rejections"
+
+
+def master_from_subject(subject: str) -> str:
+    """The master account a master-event subject names, as published
+    (``tc.v1.master.<master>.events``) or as stored (``tc.v1.mp.<partition>.<master>``)."""
+    if subject.startswith(f"{MASTER_PARTITIONED}."):
+        return subject.rpartition(".")[2]
+    return subject.split(".")[-2] if subject.count(".") >= 3 else ""
 
 
 def master_partition_filter(partition: int) -> str:

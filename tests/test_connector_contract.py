@@ -19,8 +19,9 @@ import structlog
 from conftest import wait_until
 from nats.aio.client import Client
 from nats.js import JetStreamContext
+from prometheus_client import REGISTRY
 
-from connectors.contract import ConnectorRuntime, reports_at_receipt
+from connectors.contract import ConnectorRuntime, NotStored, report_id, reports_at_receipt
 from connectors.paper.connector import PaperConnector, PaperTerminal
 from connectors.paper.prices import Quote, bar_to_ticks, load_bars
 from connectors.reports import EXPIRED_REASON, RETCODE_EXPIRED, OrderReports
@@ -30,6 +31,7 @@ from schemas.account import AccountState
 from schemas.common import Side
 from schemas.master import MasterEvent
 from schemas.orders import (
+    DeviationPolicy,
     FollowerClose,
     FollowerModify,
     FollowerOpen,
@@ -111,6 +113,21 @@ class Rig:
             headers={MSG_ID: msg_id or order.order_id},
         )
 
+    def state_files(self) -> list[Path]:
+        """The paper terminal's files (its state, and any journal beside it)."""
+        return sorted(self.path.parent.glob(f"{self.path.name}*"))
+
+    def keep_state(self, into: Path) -> None:
+        into.mkdir()
+        for path in self.state_files():
+            shutil.copy(path, into / path.name)
+
+    def restore_state(self, kept: Path) -> None:
+        for path in self.state_files():
+            path.unlink()
+        for path in kept.iterdir():
+            shutil.copy(path, self.path.parent / path.name)
+
     def reports_for(self, oid: str) -> list[ExecutionReport]:
         return [r for r in self.reports if r.order_id == oid]
 
@@ -162,6 +179,7 @@ def open_order(
     follower: str, position: str, side: Side = Side.BUY, volume: float = 0.1, **fields: Any
 ) -> FollowerOpen:
     n = next(_counter)
+    fields.setdefault("master_price", QUOTES[0].ask if side is Side.BUY else QUOTES[0].bid)
     return FollowerOpen(
         order_id=f"e{n}:l-{follower}",
         link_id=f"l-{follower}",
@@ -173,7 +191,6 @@ def open_order(
         master_position_id=position,
         side=side,
         volume=volume,
-        master_price=QUOTES[0].ask if side is Side.BUY else QUOTES[0].bid,
         **fields,
     )
 
@@ -280,8 +297,8 @@ async def test_outbox_published_on_start_exactly_once(rig: Rig) -> None:
     assert [e.event_id for e in recorded] == ["m1-1", "m1-2"]
     assert await rig.master_events() == []
     # The state file as a crash right after publishing would leave it: outbox not yet emptied.
-    before_publish = rig.path.with_suffix(".before")
-    shutil.copy(rig.path, before_publish)
+    before_publish = rig.path.parent / "before-publish"
+    rig.keep_state(before_publish)
 
     restarted = rig.terminal()
     assert [e.event_id for e in restarted.outbox] == ["m1-1", "m1-2"]
@@ -294,7 +311,7 @@ async def test_outbox_published_on_start_exactly_once(rig: Rig) -> None:
     assert restarted.outbox == []
     await rig.stop(runtime)
 
-    shutil.copy(before_publish, rig.path)
+    rig.restore_state(before_publish)
     again = rig.terminal()
     assert len(again.outbox) == 2
     await rig.start(again)
@@ -325,6 +342,29 @@ async def test_event_left_by_a_failed_publish_goes_out_before_later_events(rig: 
     stored = [m.headers[MSG_ID] for m in await rig.master_events()]
     assert stored == ["m1-1", "m1-2"], f"stored {stored}, still in the outbox {terminal.outbox}"
     assert terminal.outbox == []
+
+
+async def test_an_outbox_left_by_a_failed_publish_goes_out_without_a_new_trade(rig: Rig) -> None:
+    terminal = rig.terminal([M1])
+    runtime = await rig.start(terminal, publish_timeout_s=0.3, publish_attempts=2,
+                              stall_after_s=0.5, progress_poll_s=0.1)  # fmt: skip
+    stream = (await rig.js.stream_info(MASTER_EVENTS_STREAM)).config
+    wanted = list(stream.subjects or [])
+    stream.subjects = ["tc.v1.master.nobody.events"]
+    await rig.js.update_stream(stream)
+    terminal.trade(lambda v: v.market_order("m1", SYMBOL, Side.BUY, 0.1))
+    with pytest.raises(NotStored):
+        await runtime.flush_outbox()
+    [pending] = terminal.outbox
+    # The event waits, nothing advances: the connector says so.
+    await wait_until(lambda: not runtime.health()["ok"], "health to report the stuck outbox")
+    assert runtime.health()["master_events_stall_s"] >= 0.5
+
+    stream.subjects = wanted
+    await rig.js.update_stream(stream)
+    await wait_until(lambda: terminal.outbox == [], "the outbox retried without a new trade")
+    assert [m.headers[MSG_ID] for m in await rig.master_events()] == [pending.event_id]
+    await wait_until(lambda: runtime.health()["ok"], "health to recover")
 
 
 # --- follower orders ------------------------------------------------------------------------
@@ -366,13 +406,19 @@ async def test_malformed_order_terminated_logged_and_does_not_block(rig: Rig) ->
 async def test_order_for_an_account_not_served_is_not_executed(rig: Rig) -> None:
     terminal = rig.terminal()
     await rig.start(terminal)
-    # On its own subject: not even delivered. Under f1's subject: delivered, not executed.
+    # On its own subject: not even delivered. In this connector's batch: delivered, skipped.
     foreign = open_order("f9", "p1")
     smuggled = open_order("f9", "p2")
     valid = open_order("f1", "p3")
+    batch = FollowerOrderBatch(
+        batch_id=f"e-smuggled@{CONNECTOR}", connector=CONNECTOR, master="m1",
+        master_event_id="e-smuggled", ts_ns=time.time_ns(), orders=[smuggled],
+    )  # fmt: skip
+    before = refused_metric("account_not_served")
     with structlog.testing.capture_logs() as logs:
         await rig.send(foreign)
-        await rig.send(smuggled, subject=subjects.follower_orders("f1"))
+        await rig.js.publish(subjects.connector_orders(CONNECTOR), codec.encode(batch),
+                             headers={MSG_ID: batch.batch_id})  # fmt: skip
         await rig.send(valid)
         await rig.report(valid.order_id)
         await wait_until(rig.consumer_idle, "every order settled")
@@ -381,7 +427,80 @@ async def test_order_for_an_account_not_served_is_not_executed(rig: Rig) -> None
     assert smuggled.order_id not in terminal.reports and foreign.order_id not in terminal.reports
     warned = [e for e in logs if e["event"] == "order_for_unknown_account"]
     assert [(e["follower"], e["order"]) for e in warned] == [("f9", smuggled.order_id)]
+    assert refused_metric("account_not_served") == before + 1
     assert [p.master_ref for p in terminal.venue.positions("f1")] == ["m1:p3"]
+
+
+def refused_metric(reason: str) -> float:
+    return (
+        REGISTRY.get_sample_value("tradecopy_connector_refused_orders_total", {"reason": reason})
+        or 0.0
+    )
+
+
+async def terminated_seqs(rig: Rig) -> list[int]:
+    """Stream sequences of the orders the connector terminates (filled in as they happen)."""
+    seqs: list[int] = []
+
+    async def on_advisory(msg: Any) -> None:
+        seqs.append(json.loads(msg.data)["stream_seq"])
+
+    await rig.nc.subscribe(
+        f"$JS.EVENT.ADVISORY.CONSUMER.MSG_TERMINATED.{FOLLOWER_ORDERS_STREAM}.connector-{CONNECTOR}",
+        cb=on_advisory,
+    )
+    return seqs
+
+
+async def test_an_order_on_another_accounts_subject_is_refused_never_executed(rig: Rig) -> None:
+    # Both accounts are this connector's: the order is for one of its own, but whoever
+    # published it on f1's subject may only trade f1 (NATS permissions are per subject).
+    terminal = rig.terminal()
+    await rig.start(terminal)
+    terminated = await terminated_seqs(rig)
+    before = refused_metric("subject_mismatch")
+    forged = open_order("f2", "p1")
+    valid = open_order("f1", "p2")
+    with structlog.testing.capture_logs() as logs:
+        ack = await rig.js.publish(subjects.follower_orders("f1"), codec.encode(forged),
+                                   headers={MSG_ID: forged.order_id})  # fmt: skip
+        await rig.send(valid)
+        await rig.report(valid.order_id)
+        await wait_until(rig.consumer_idle, "every order settled")
+        await wait_until(lambda: terminated == [ack.seq], "the forged order terminated")
+    assert [r.order_id for r in rig.reports] == [valid.order_id]
+    assert forged.order_id not in terminal.reports
+    assert terminal.venue.positions("f2") == []
+    assert refused_metric("subject_mismatch") == before + 1
+    [refused] = [e for e in logs if e["event"] == "follower_order_refused"]
+    assert (refused["follower"], refused["order"], refused["log_level"]) == (
+        "f2", forged.order_id, "error",
+    )  # fmt: skip
+
+
+async def test_a_batch_that_names_another_connector_is_refused_never_executed(rig: Rig) -> None:
+    terminal = rig.terminal()
+    await rig.start(terminal)
+    terminated = await terminated_seqs(rig)
+    before = refused_metric("foreign_batch")
+    stray = open_order("f1", "p1")
+    batch = FollowerOrderBatch(
+        batch_id="e-stray@c2", connector="c2", master="m1", master_event_id="e-stray",
+        ts_ns=time.time_ns(), orders=[stray],
+    )  # fmt: skip
+    valid = open_order("f1", "p2")
+    with structlog.testing.capture_logs() as logs:
+        ack = await rig.js.publish(subjects.connector_orders(CONNECTOR), codec.encode(batch),
+                                   headers={MSG_ID: batch.batch_id})  # fmt: skip
+        await rig.send(valid)
+        await rig.report(valid.order_id)
+        await wait_until(rig.consumer_idle, "every order settled")
+        await wait_until(lambda: terminated == [ack.seq], "the stray batch terminated")
+    assert [r.order_id for r in rig.reports] == [valid.order_id]
+    assert stray.order_id not in terminal.reports
+    assert [p.master_ref for p in terminal.venue.positions("f1")] == ["m1:p2"]
+    assert refused_metric("foreign_batch") == before + 1
+    assert [e["connector"] for e in logs if e["event"] == "order_batch_refused"] == ["c2"]
 
 
 async def test_batched_orders_executed_in_order_each_with_its_own_report(rig: Rig) -> None:
@@ -420,11 +539,17 @@ async def test_batched_orders_executed_in_order_each_with_its_own_report(rig: Ri
         await rig.report(order.order_id)
     await wait_until(rig.consumer_idle, "the batch acknowledged")
 
-    assert [r.order_id for r in rig.reports] == [o.order_id for o in served]
-    assert rig.report_ids == [f"report:{o.order_id}" for o in served]
-    kinds = [type(r) for r in rig.reports]
-    assert kinds == [OrderFilled, OrderFilled, OrderFilled, OrderDone, *[OrderFilled] * 3]
+    # Each account's orders run and are reported in stream order; accounts side by side.
+    for follower in ("f1", "f2"):
+        assert [r.order_id for r in rig.reports if r.follower == follower] == [
+            o.order_id for o in served if o.follower == follower
+        ]
+    assert sorted(rig.report_ids) == sorted(f"report:{o.order_id}" for o in served)
     by_id = {r.order_id: r for r in rig.reports}
+    assert len(by_id) == len(rig.reports) == len(served)
+    assert {oid: type(r) for oid, r in by_id.items()} == {
+        o.order_id: OrderDone if o is orders[2] else OrderFilled for o in served
+    }
     partial = by_id[orders[3].order_id]
     assert isinstance(partial, OrderFilled)
     assert (partial.side, partial.volume, partial.follower) == (Side.BUY, 0.1, "f2")
@@ -434,6 +559,42 @@ async def test_batched_orders_executed_in_order_each_with_its_own_report(rig: Ri
     [rest] = venue.positions("f2")
     assert (rest.master_ref, rest.volume, rest.side) == ("m1:p2", 0.1, Side.SELL)
     assert all(r.trace.report_ns >= r.trace.follower_connector_ns > 0 for r in rig.reports)
+
+
+async def test_an_account_waiting_for_its_price_holds_up_no_other_account(rig: Rig) -> None:
+    terminal = rig.terminal()
+    await rig.start(terminal)
+    # f1's open waits up to 3 s for a price within 0.01 of a master fill 50 below the ask
+    # (no quote comes), then is rejected; f1's close must wait its turn behind it.
+    wait_s = 3.0
+    waiting = open_order(
+        "f1", "p1", master_price=QUOTES[0].ask - 50, max_price_deviation=0.01,
+        deviation_policy=DeviationPolicy.WAIT, deviation_wait_ms=int(wait_s * 1000),
+    )  # fmt: skip
+    behind = follow_up(FollowerClose, "f1", "p1")
+    other = open_order("f2", "p2")
+    await rig.send(waiting)
+    await asyncio.sleep(0.2)  # taken on its own, its wait under way
+    sent = time.monotonic()
+    await rig.send(behind)
+    await rig.send(other)
+    report = await rig.report(other.order_id)
+    took = time.monotonic() - sent
+    assert isinstance(report, OrderFilled), report
+    assert took < wait_s / 3, f"f2 waited {took:.2f}s behind f1's deviation wait"
+    assert rig.reports_for(waiting.order_id) == rig.reports_for(behind.order_id) == []
+
+    rejected = await rig.report(waiting.order_id)
+    assert isinstance(rejected, OrderRejected) and rejected.code == 10004, rejected
+    closed = await rig.report(behind.order_id)
+    assert isinstance(closed, OrderDone)  # nothing to close: the open never filled
+    assert [r.order_id for r in rig.reports if r.follower == "f1"] == [
+        waiting.order_id, behind.order_id,
+    ]  # fmt: skip
+    await wait_until(rig.consumer_idle, "every order acknowledged")
+    assert terminal.venue.positions("f1") == []
+    [copy] = terminal.venue.positions("f2")
+    assert copy.master_ref == "m1:p2"
 
 
 async def test_order_acknowledged_only_after_its_report_is_stored(rig: Rig) -> None:
@@ -464,6 +625,45 @@ async def test_order_acknowledged_only_after_its_report_is_stored(rig: Rig) -> N
     # Executed once: the redelivery got the stored outcome.
     assert isinstance(report, OrderFilled)
     assert [p.master_ref for p in terminal.venue.positions("f1")] == ["m1:p1"]
+    assert rig.reports == [report]
+
+
+async def test_a_report_whose_ack_never_comes_is_sent_again_and_its_order_comes_back(
+    rig: Rig,
+) -> None:
+    terminal = rig.terminal()
+    runtime = await rig.start(terminal, publish_timeout_s=0.3, publish_attempts=2,
+                              stall_after_s=1.0, progress_poll_s=0.1)  # fmt: skip
+    assert runtime.health()["ok"] is True
+    # f1's reports have no stream and a listener that never answers: publish acks never come
+    # (what a restarted server does to the acks in flight).
+    stream = (await rig.js.stream_info(EXECUTION_REPORTS_STREAM)).config
+    stream.subjects = [subjects.execution_reports("f2")]
+    await rig.js.update_stream(stream)
+    silenced: list[str] = []
+
+    async def swallow(msg: Any) -> None:
+        silenced.append((msg.headers or {}).get(MSG_ID, ""))
+
+    sub = await rig.nc.subscribe(subjects.execution_reports("f1"), cb=swallow)
+    order = open_order("f1", "p1")
+    await rig.send(order)
+    # Each wait is bounded: the same report again (same dedup id), then the order comes
+    # back from the ack floor, again and again, never stuck on one wait.
+    await wait_until(lambda: len(silenced) >= 4, "the report sent on every attempt")
+    assert set(silenced) == {report_id(order.order_id)}
+    await wait_until(lambda: not runtime.health()["ok"], "health to report the stall")
+    assert runtime.health()["orders_stall_s"] >= 1.0
+    assert runtime.health()["nats_connected"] is True
+
+    await sub.unsubscribe()
+    stream.subjects = [subjects.EXECUTION_REPORTS]
+    await rig.js.update_stream(stream)
+    report = await rig.report(order.order_id)
+    await wait_until(rig.consumer_idle, "the order acknowledged")
+    await wait_until(lambda: runtime.health()["ok"], "health to recover")
+    assert isinstance(report, OrderFilled)
+    assert [p.master_ref for p in terminal.venue.positions("f1")] == ["m1:p1"]  # executed once
     assert rig.reports == [report]
 
 

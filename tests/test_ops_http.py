@@ -1,4 +1,5 @@
-"""The operator HTTP endpoint: Prometheus exposition and health status codes."""
+"""The operator HTTP endpoint: Prometheus exposition and health status codes, and the progress
+watch health checks use to tell a working process from one that is merely up."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import aiohttp
 import prometheus_client
 import pytest
 
-from engine.runtime.http import OpsServer
+from engine.runtime.http import OpsServer, ProgressWatch
 
 
 @pytest.fixture
@@ -63,3 +64,47 @@ async def test_healthz_is_503_when_the_check_raises(http: aiohttp.ClientSession)
     finally:
         await ops.stop()
         await ops.stop()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_idle_is_never_stalled_and_pending_work_without_progress_is() -> None:
+    clock = Clock()
+    watch = ProgressWatch(clock)
+    clock.now += 3600
+    assert watch.stalled_for() == 0.0  # idle for an hour: nothing is stuck
+    watch.working()
+    clock.now += 5
+    watch.working()  # more work arriving is not progress
+    clock.now += 5
+    assert watch.stalled_for() == 10.0
+    watch.advanced(still_pending=True)
+    clock.now += 2
+    assert watch.stalled_for() == 2.0
+    watch.advanced(still_pending=False)
+    clock.now += 60
+    assert watch.stalled_for() == 0.0
+
+
+def test_a_polled_mark_that_stops_moving_while_work_is_pending_is_a_stall() -> None:
+    clock = Clock()
+    watch = ProgressWatch(clock)
+    watch.observe(pending=True, mark=10)  # work seen for the first time: the clock starts
+    clock.now += 4
+    watch.observe(pending=True, mark=11)  # the ack floor moved: progress
+    clock.now += 3
+    watch.observe(pending=True, mark=11)
+    clock.now += 3
+    assert watch.stalled_for() == 6.0
+    watch.observe(pending=False, mark=11)  # drained
+    assert watch.stalled_for() == 0.0
+    clock.now += 100
+    watch.observe(pending=True, mark=11)  # new work after a quiet spell starts a new count
+    clock.now += 1
+    assert watch.stalled_for() == 1.0

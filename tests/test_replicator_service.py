@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -47,15 +48,18 @@ from schemas.orders import (
     FollowerOpen,
     FollowerOrderBatch,
 )
+from schemas.rejections import MasterEventRejected, RejectionReason
 from schemas.streams import (
     DECISIONS_STREAM,
     FOLLOWER_ORDERS_STREAM,
     MASTER_EVENTS_STREAM,
+    REJECTIONS_STREAM,
     replicator_consumer,
 )
 
 PARTITIONS = 4
 SYMBOL = "EURUSD"
+INVALID = RejectionReason.INVALID_PAYLOAD
 
 
 # --- helpers --------------------------------------------------------------------------------
@@ -173,6 +177,8 @@ class Env:
         # (subject, decoded) in stream order
         self.orders: list[tuple[str, Any]] = []
         self.decisions: list[tuple[str, CopyDecision]] = []
+        self.rejections: list[tuple[str, MasterEventRejected]] = []
+        self.silenced: list[str] = []
 
     async def collect(self) -> None:
         async def on_order(msg: Any) -> None:
@@ -192,6 +198,16 @@ class Env:
         )
         await self.js.subscribe(
             subjects.DECISIONS, stream=DECISIONS_STREAM, ordered_consumer=True, cb=on_decision
+        )
+
+        async def on_rejection(msg: Any) -> None:
+            self.rejections.append((msg.subject, codec.rejection_decoder.decode(msg.data)))
+
+        await self.js.subscribe(
+            subjects.MASTER_REJECTIONS,
+            stream=REJECTIONS_STREAM,
+            ordered_consumer=True,
+            cb=on_rejection,
         )
 
     # KV seeding
@@ -256,6 +272,7 @@ class Env:
         return (
             f"orders: {self.order_ids()}\n"
             f"decisions: {[(d.decision_id, d.outcome.value) for _, d in self.decisions]}\n"
+            f"rejections: {self.rejected()}\n"
             f"replicators: {[r.health() for r in self.replicators]}"
         )
 
@@ -296,6 +313,17 @@ class Env:
             else:
                 ids.append(o.order_id)
         return ids
+
+    def rejected(self) -> dict[str, RejectionReason]:
+        """Event id (or ``seq:<n>`` when it did not decode) → why it was refused."""
+        return {r.event_id or f"seq:{r.stream_seq}": r.reason for _, r in self.rejections}
+
+    async def rejection(self, event_id: str) -> MasterEventRejected:
+        await self.wait(
+            lambda: any(r.event_id == event_id for _, r in self.rejections),
+            f"the rejection of {event_id}",
+        )
+        return next(r for _, r in self.rejections if r.event_id == event_id)
 
     def decisions_for(self, link_id: str) -> list[CopyDecision]:
         return [d for _, d in self.decisions if d.link_id == link_id]
@@ -710,6 +738,14 @@ async def test_malformed_master_events_are_counted_and_never_block_the_partition
     # Terminated, not deleted: kept for inspection.
     assert await env.stream_messages(MASTER_EVENTS_STREAM) == 4
     assert env.order_ids() == ["ev-1:l1"]
+    # And the producer is told, on the subject's master, which stored message it was.
+    await env.wait(lambda: len(env.rejections) == 3, "three rejections")
+    assert env.rejected() == dict.fromkeys(["seq:1", "seq:2", "seq:3"], INVALID)
+    for subject, rejection in env.rejections:
+        assert subject == subjects.master_rejections("m1") == "tc.v1.master.m1.rejections"
+        assert (rejection.master, rejection.subject) == ("m1", subjects.master_events("m1"))
+        assert rejection.rejection_id == f"rejected:{rejection.stream_seq}"
+        assert rejection.message.startswith("not a master event")
 
 
 async def test_malformed_kv_values_are_counted_and_the_last_good_value_kept(env: Env) -> None:
@@ -848,6 +884,7 @@ async def test_an_event_that_cannot_be_fanned_out_does_not_block_its_partition(e
     await env.publish(poison)
     await env.publish(opened("ev-1", "m1", "p1"))
     await wait_until(lambda: "ev-1:l1" in env.order_ids(), "the next event", timeout=4.0)
+    await env.wait(lambda: env.rejected() == {"seq:1": INVALID}, "the poison's rejection")
 
 
 async def test_an_event_whose_orders_exceed_max_payload_does_not_block_its_partition(
@@ -922,3 +959,196 @@ async def test_events_published_while_the_replicator_is_down_are_copied_after_re
     for link_id in ("l1", "l2"):
         ids = [o.order_id for o in env.orders_for(link_id)]
         assert ids == [i for i in expected if i.endswith(f":{link_id}")]
+
+
+# --- 12. refused events, bounded waits, liveness ----------------------------------------------
+
+
+def rejections_metric(reason: RejectionReason) -> float:
+    return metric("tradecopy_replicator_rejections_total", reason=reason.value)
+
+
+async def test_hostile_master_events_are_rejected_on_their_subject_and_copying_goes_on(
+    env: Env,
+) -> None:
+    await env.follower(CopyLink(link_id="l1", master="m1", follower="f1", max_signal_age_ms=5_000))
+    await env.put_spec(spec("m1"))  # the master's own EURUSD: at most 100 lots per order
+    await env.start()
+    day_ns = 86_400 * 10**9
+    hostile = msgspec.structs.replace(
+        opened("ev-hostile", "m1", "p0", volume=1e300, price=math.inf),
+        ts_ns=time.time_ns() + day_ns,
+    )
+    events = {
+        "ev-hostile": (hostile, RejectionReason.INVALID_PRICE),
+        "ev-inf-volume": (opened("ev-inf-volume", "m1", "p1", volume=math.inf),
+                          RejectionReason.INVALID_VOLUME),
+        "ev-zero-price": (opened("ev-zero-price", "m1", "p2", price=0.0),
+                          RejectionReason.INVALID_PRICE),
+        "ev-inf-sl": (msgspec.structs.replace(opened("ev-inf-sl", "m1", "p3"), sl=-math.inf),
+                      RejectionReason.INVALID_PRICE),
+        "ev-huge": (opened("ev-huge", "m1", "p4", volume=1e300),
+                    RejectionReason.VOLUME_ABOVE_SYMBOL_MAX),
+        "ev-other-master": (opened("ev-other-master", "m2", "p5"),
+                            RejectionReason.SUBJECT_MISMATCH),
+    }  # fmt: skip
+    before = {reason: rejections_metric(reason) for _, reason in events.values()}
+    for event, _ in events.values():
+        # Every one on m1's subject, as a producer allowed to publish there would.
+        await env.js.publish(subjects.master_events("m1"), codec.encode(event),
+                             headers={"Nats-Msg-Id": event.event_id})  # fmt: skip
+    await env.publish(opened("ev-ok", "m1", "p6", volume=0.5))
+
+    order = await env.order("ev-ok:l1")
+    assert order.volume == 0.5
+    await env.idle()
+    await env.wait(lambda: len(env.rejections) == len(events), "every hostile event rejected")
+    assert env.rejected() == {event_id: reason for event_id, (_, reason) in events.items()}
+    assert env.order_ids() == ["ev-ok:l1"]  # not one order from a hostile event
+    for subject, rejection in env.rejections:
+        assert subject == subjects.master_rejections("m1")
+        assert rejection.master == "m1" and rejection.event_type == "position_opened"
+    huge = await env.rejection("ev-huge")
+    assert huge.numbers == {"volume": 1e300, "volume_max": 100.0, "symbol": SYMBOL}
+    after = {reason: rejections_metric(reason) for _, reason in events.values()}
+    counted = {reason: after[reason] - before[reason] for reason in after}
+    expected: dict[RejectionReason, int] = {}
+    for _, reason in events.values():
+        expected[reason] = expected.get(reason, 0) + 1
+    assert counted == expected
+    assert env.replicators[0].health()["ok"] is True
+
+
+async def test_a_future_dated_event_is_judged_by_its_arrival(env: Env) -> None:
+    max_age_ms = 2_000
+    await env.follower(
+        CopyLink(link_id="l1", master="m1", follower="f1", max_signal_age_ms=max_age_ms)
+    )
+    await env.start(clock_skew_s=5.0)
+    before = metric("tradecopy_replicator_future_dated_events_total")
+    now = time.time_ns()
+    skewed = msgspec.structs.replace(opened("ev-skewed", "m1", "p1"), ts_ns=now + 3 * 10**9)
+    future = msgspec.structs.replace(opened("ev-future", "m1", "p2"), ts_ns=now + 86_400 * 10**9)
+    await env.publish(skewed)
+    await env.publish(future)
+    within_skew = await env.order("ev-skewed:l1")
+    judged = await env.order("ev-future:l1")
+    # Within the tolerance the producer's clock is trusted; beyond it, the arrival time is:
+    # a copy dated a day ahead must not stay executable for a day.
+    assert within_skew.expires_ns == skewed.ts_ns + max_age_ms * 1_000_000
+    arrived = judged.trace.replicator_in_ns
+    assert judged.expires_ns == arrived + max_age_ms * 1_000_000
+    assert now <= arrived < now + 5 * 10**9
+    assert metric("tradecopy_replicator_future_dated_events_total") == before + 1
+    assert env.rejections == []
+
+
+async def test_an_event_whose_copy_rules_raise_is_rejected_and_its_partition_moves_on(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from engine.replicator import service
+
+    plan_event = service.plan_event
+
+    def defective(event: MasterEvent, *args: Any) -> Any:
+        if event.event_id == "ev-defect":
+            raise ZeroDivisionError("float division by zero")
+        return plan_event(event, *args)
+
+    monkeypatch.setattr(service, "plan_event", defective)
+    await env.follower(CopyLink(link_id="l1", master="m1", follower="f1"))
+    await env.start()
+    before = rejections_metric(RejectionReason.PLANNING_FAILED)
+    await env.publish(opened("ev-defect", "m1", "p1"))
+    await env.publish(opened("ev-2", "m1", "p2"))
+    await env.order("ev-2:l1")
+    rejection = await env.rejection("ev-defect")
+    assert rejection.reason is RejectionReason.PLANNING_FAILED
+    assert "ZeroDivisionError" in rejection.message
+    await env.idle()
+    assert env.order_ids() == ["ev-2:l1"]
+    assert rejections_metric(RejectionReason.PLANNING_FAILED) == before + 1
+
+
+async def _silence_orders_of(env: Env, nc: Any, follower: str) -> Callable[[], Awaitable[None]]:
+    """Take ``follower``'s order subject out of the stream and listen there without answering:
+    publish acks never come (what a restarted server does to acks in flight). Returns the
+    undo; the copies the listener saw land in ``env.silenced``."""
+    stream = (await env.js.stream_info(FOLLOWER_ORDERS_STREAM)).config
+    wanted = list(stream.subjects or [])
+    stream.subjects = [subjects.follower_orders("nobody"), subjects.CONNECTOR_ORDERS]
+    await env.js.update_stream(stream)
+    env.silenced = []
+
+    async def swallow(msg: Any) -> None:
+        env.silenced.append((msg.headers or {}).get("Nats-Msg-Id", ""))
+
+    sub = await nc.subscribe(subjects.follower_orders(follower), cb=swallow)
+
+    async def undo() -> None:
+        await sub.unsubscribe()
+        stream.subjects = wanted
+        await env.js.update_stream(stream)
+
+    return undo
+
+
+async def test_a_fan_out_whose_acks_never_come_is_sent_again_then_redelivered(
+    env: Env, nc: Any
+) -> None:
+    await env.follower(CopyLink(link_id="l1", master="m1", follower="f1"))
+    replicator = await env.start(
+        publish_timeout_s=0.3, publish_attempts=2, redelivery_delay_s=0.1, ack_wait_s=30.0,
+        stall_after_s=1.0, lag_poll_s=0.1, max_deliveries=1_000,
+    )  # fmt: skip
+    retries = metric("tradecopy_replicator_publish_retries_total")
+    undo = await _silence_orders_of(env, nc, "f1")
+    await env.publish(opened("ev-1", "m1", "p1"))
+
+    # Each attempt waits a bounded time, sends the same message again (same dedup id), and
+    # the event goes back for redelivery: nothing waits forever.
+    await env.wait(lambda: len(env.silenced) >= 4, "the order sent on every attempt")
+    assert set(env.silenced) == {"ev-1:l1"}
+    assert metric("tradecopy_replicator_publish_retries_total") >= retries + 2
+    # Work pending, nothing advancing: the partition is reported stalled.
+    await env.wait(lambda: not replicator.health()["ok"], "health to report the stall")
+    health = replicator.health()
+    [stalled] = health["stalled_partitions"]  # type: ignore[misc]
+    assert health["nats_connected"] is True
+    assert metric("tradecopy_replicator_partition_stall_seconds", partition=str(stalled)) >= 1.0
+
+    await undo()
+    await env.order("ev-1:l1")
+    await env.idle()
+    await env.wait(lambda: replicator.health()["ok"], "health to recover")
+    assert metric("tradecopy_replicator_partition_stall_seconds", partition=str(stalled)) == 0.0
+    assert env.order_ids() == ["ev-1:l1"]
+    assert await env.stream_messages(FOLLOWER_ORDERS_STREAM) == 1
+    assert env.rejections == []
+
+
+async def test_a_fan_out_nats_never_stores_is_rejected_after_max_deliveries(
+    env: Env, nc: Any
+) -> None:
+    await env.follower(CopyLink(link_id="l1", master="m1", follower="f1"))
+    await env.start(
+        publish_timeout_s=0.2, publish_attempts=1, redelivery_delay_s=0.05, max_deliveries=3
+    )
+    before = rejections_metric(RejectionReason.PUBLISH_FAILED)
+    undo = await _silence_orders_of(env, nc, "f1")
+    await env.publish(opened("ev-1", "m1", "p1"))
+    rejection = await env.rejection("ev-1")
+    assert rejection.reason is RejectionReason.PUBLISH_FAILED
+    assert rejection.numbers["deliveries"] == 3
+    assert env.silenced == ["ev-1:l1"] * 3  # one attempt per delivery
+    assert rejections_metric(RejectionReason.PUBLISH_FAILED) == before + 1
+
+    await undo()
+    await env.publish(opened("ev-2", "m1", "p2"))
+    await env.order("ev-2:l1")
+    await env.idle()
+    assert env.order_ids() == ["ev-2:l1"]
+
+
+def test_the_ops_endpoint_listens_on_localhost_unless_told_otherwise() -> None:
+    assert ReplicatorConfig().metrics_host == "127.0.0.1"

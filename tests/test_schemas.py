@@ -71,6 +71,7 @@ from schemas.orders import (
     FollowerPendingModify,
     FollowerPendingPlace,
 )
+from schemas.rejections import MasterEventRejected, RejectionReason
 from schemas.reports import (
     ExecutionReport,
     OrderDone,
@@ -79,6 +80,7 @@ from schemas.reports import (
     OrderRejected,
     OrderUnknown,
 )
+from schemas.streams import DECISIONS_STREAM, REJECTIONS_STREAM, all_streams
 
 EXAMPLE_LINKS = Path(__file__).resolve().parent.parent / "docs" / "examples" / "links.toml"
 T0 = 1_763_700_000_000_000_000  # 2025-11-21, UTC ns
@@ -371,6 +373,18 @@ COPY_LINK = CopyLink(
 )
 
 OTHERS: list[Any] = [
+    MasterEventRejected(
+        rejection_id="rejected:4711",
+        master="alpari-1001",
+        subject="tc.v1.master.alpari-1001.events",
+        reason=RejectionReason.VOLUME_ABOVE_SYMBOL_MAX,
+        message="volume 1e+300 is above the master's XAUUSD maximum 100",
+        ts_ns=T0 + 37,
+        event_id="alpari-1001:deal:9001",
+        event_type="position_opened",
+        stream_seq=4711,
+        numbers={"volume": 1e300, "volume_max": 100.0, "symbol": "XAUUSD"},
+    ),
     CopyDecision(
         decision_id="alpari-1001:deal:9001:gold-x2:max_lot",
         link_id="gold-x2",
@@ -436,6 +450,7 @@ DECODERS: dict[str, msgspec.msgpack.Decoder[Any]] = {
     "follower_order_batch": codec.follower_order_batch_decoder,
     "execution_report": codec.execution_report_decoder,
     "copy_decision": codec.decision_decoder,
+    "master_event_rejected": codec.rejection_decoder,
     "account_state": codec.account_state_decoder,
     "symbol_spec": codec.symbol_spec_decoder,
     "fx_rate": codec.fx_rate_decoder,
@@ -941,6 +956,43 @@ def test_subjects_are_under_the_versioned_prefix() -> None:
     assert subjects.connector_orders("mt5-eu-1") == "tc.v1.connector.mt5-eu-1.orders"
     assert subjects.decisions("icm-2002", "gold-x2") == "tc.v1.decision.icm-2002.gold-x2"
     assert subjects.master_partition_filter(3) == "tc.v1.mp.3.*"
+    assert subjects.master_rejections("alpari-1001") == "tc.v1.master.alpari-1001.rejections"
     assert EmergencyStop(scope=StopScope.ACCOUNT, target="acc-1").key == "account.acc-1"
     assert EmergencyStop(scope=StopScope.LINK, target="gold-x2").key == "link.gold-x2"
     assert EmergencyStop(scope=StopScope.GLOBAL).key == "global"
+
+
+def test_rejections_are_outside_the_master_event_stream_and_have_their_own() -> None:
+    # A producer's events and the replicator's answers to them must never mix: a rejection
+    # on an events subject would be taken for an event (and rejected in turn).
+    rejections = subjects.master_rejections("alpari-1001")
+    assert not _matches(subjects.MASTER_EVENTS_IN, rejections)
+    assert _matches(subjects.MASTER_REJECTIONS, rejections)
+    streams = {s.name: s for s in all_streams()}
+    [owner] = [s for s in streams.values() if any(_matches(p, rejections) for p in s.subjects)]
+    assert owner.name == REJECTIONS_STREAM
+    assert owner.max_age == streams[DECISIONS_STREAM].max_age  # kept like decisions
+    assert owner.duplicate_window == streams[DECISIONS_STREAM].duplicate_window
+
+
+@pytest.mark.parametrize(
+    ("subject", "master"),
+    [
+        ("tc.v1.mp.3.alpari-1001", "alpari-1001"),
+        ("tc.v1.master.alpari-1001.events", "alpari-1001"),
+        ("tc.v1.mp.12.a_b-c", "a_b-c"),
+    ],
+)
+def test_the_master_a_subject_names(subject: str, master: str) -> None:
+    assert subjects.master_from_subject(subject) == master
+
+
+def _matches(pattern: str, subject: str) -> bool:
+    """NATS subject matching: ``*`` one token, ``>`` the rest."""
+    want, have = pattern.split("."), subject.split(".")
+    for i, token in enumerate(want):
+        if token == ">":
+            return len(have) > i
+        if i >= len(have) or (token != "*" and token != have[i]):
+            return False
+    return len(want) == len(have)

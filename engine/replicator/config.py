@@ -16,7 +16,8 @@ class ReplicatorConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     partitions: Annotated[int, msgspec.Meta(ge=1, le=1024)] = DEFAULT_PARTITIONS
     ack_wait_s: Annotated[float, msgspec.Meta(gt=0)] = 5.0
     """How long a master event may stay unacknowledged before another instance takes it over."""
-    metrics_host: str = "0.0.0.0"
+    metrics_host: str = "127.0.0.1"
+    """Where /metrics and /healthz listen: localhost unless the operator opens them up."""
     metrics_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] | None = 9464
     memory_storage: bool = False
     """Keep streams in memory (benchmarks, throwaway demos); production uses file storage."""
@@ -25,3 +26,21 @@ class ReplicatorConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     message per follower order (accounts whose state names no connector still get single
     orders). Connectors consume both subjects from the same stream, in stream order."""
     lag_poll_s: Annotated[float, msgspec.Meta(gt=0)] = 5.0
+    publish_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 5.0
+    """How long one attempt waits for JetStream to confirm it stored a fan-out's messages
+    (and for a link-state compare-and-set); no wait on NATS is ever longer."""
+    publish_attempts: Annotated[int, msgspec.Meta(ge=1, le=10)] = 3
+    """Attempts per fan-out: the unconfirmed messages are sent again with the same
+    ``Nats-Msg-Id`` (JetStream drops copies), then the event goes back for redelivery."""
+    max_deliveries: Annotated[int, msgspec.Meta(ge=1)] = 10
+    """Deliveries of one master event whose fan-out failed on NATS before it is given up
+    with a ``publish_failed`` rejection, so no event holds its partition for good."""
+    redelivery_delay_s: Annotated[float, msgspec.Meta(gt=0)] = 0.5
+    """First delay before a failed fan-out is delivered again; doubles per delivery, ≤ 10 s."""
+    clock_skew_s: Annotated[float, msgspec.Meta(ge=0)] = 5.0
+    """How far in the future an event's timestamp may be; an event dated later is judged by
+    its arrival time (signal age, trading hours), never by the time it claims."""
+    stall_after_s: Annotated[float, msgspec.Meta(gt=0)] = 30.0
+    """A partition with master events pending whose acknowledgements have not advanced for
+    this long is stalled: ``/healthz`` answers 503. Keep it above ``publish_timeout_s ×
+    publish_attempts``, the longest a healthy fan-out can take."""

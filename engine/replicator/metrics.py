@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from schemas.rejections import RejectionReason
+
 # Microsecond-to-second buckets: the hop budget is 100 µs p50 and 1 ms p99.
 _LATENCY_BUCKETS = (
     20e-6,
@@ -47,6 +49,28 @@ PUBLISH_FAILURES = Counter(
     "tradecopy_replicator_publish_failures_total",
     "Fan-outs that failed to store and were left for redelivery",
 )
+REJECTIONS = Counter(
+    "tradecopy_replicator_rejections_total",
+    "Master events refused (published on tc.v1.master.<account>.rejections)",
+    ["reason"],
+)
+FUTURE_DATED = Counter(
+    "tradecopy_replicator_future_dated_events_total",
+    "Master events dated beyond the clock-skew tolerance, judged by their arrival time",
+)
+PUBLISH_RETRIES = Counter(
+    "tradecopy_replicator_publish_retries_total",
+    "Messages sent again (same Nats-Msg-Id) because JetStream did not confirm them in time",
+)
+PARTITION_STALL = Gauge(
+    "tradecopy_replicator_partition_stall_seconds",
+    "Seconds a partition has had master events pending without progress (0 when idle)",
+    ["partition"],
+)
+
+# Every reason exists from the start: an alert on rate() then sees the first rejection too.
+for _reason in RejectionReason:
+    REJECTIONS.labels(_reason.value)
 
 STAGE_DECODE = STAGE_LATENCY.labels("decode")
 STAGE_RULES = STAGE_LATENCY.labels("rules")

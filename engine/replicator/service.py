@@ -29,8 +29,11 @@ from engine.replicator.config import ReplicatorConfig
 from engine.replicator.facts import CompiledLink
 from engine.replicator.live import LiveView
 from engine.replicator.protection import has_equity_protection, track_equity
+from engine.replicator.publishing import NotStored, Publication, publish_stored
 from engine.replicator.rules import CopyPlan, daily_limit_reached, plan_event
-from engine.replicator.state import LinkState, link_state_encoder
+from engine.replicator.sanity import arrival_judged, check_master_event
+from engine.replicator.state import LinkState, link_state_decoder, link_state_encoder
+from engine.runtime.http import ProgressWatch
 from engine.runtime.jetstream import ensure_buckets, ensure_streams
 from engine.runtime.natsconn import connect
 from schemas import codec, subjects
@@ -38,12 +41,18 @@ from schemas.account import AccountState
 from schemas.decisions import CopyDecision, DecisionOutcome
 from schemas.master import MasterEvent
 from schemas.orders import FollowerCloseAll, FollowerOrder, FollowerOrderBatch
+from schemas.rejections import MasterEventRejected, RejectionReason
 from schemas.streams import MASTER_EVENTS_STREAM, replicator_consumer
 
 log = structlog.get_logger("tradecopy.replicator")
 
-MSG_ID = "Nats-Msg-Id"
 _CAS_RETRIES = 5
+#: The longest a failed fan-out waits before its next delivery (the delay doubles up to it).
+_REDELIVERY_DELAY_MAX_S = 10.0
+#: Failures that sending the same messages again can never fix.
+_NEVER_STORABLE = (nats.errors.MaxPayloadError, nats.js.errors.BadRequestError)
+#: Longest reason text in a rejection: an exception's repr can be anything.
+_MESSAGE_MAX = 1_000
 
 
 DELIVER_GROUP = "tc-replicators"
@@ -64,6 +73,11 @@ class Replicator:
         self._stopping = asyncio.Event()
         self._subscriptions: list[Any] = []
         self.events_processed = 0
+        self._skew_ns = int(config.clock_skew_s * 1e9)
+        # Liveness by progress, per partition: the consumer's ack floor (all instances) and
+        # the event this instance is working on right now (monotonic start time).
+        self._partition_progress = {p: ProgressWatch() for p in range(config.partitions)}
+        self._in_flight: dict[int, float] = {}
 
     async def start(self) -> None:
         cfg = self.config
@@ -80,6 +94,9 @@ class Replicator:
             await self._subscribe(partition)
         for partition in range(cfg.partitions):
             await self._ensure_consumer(partition)
+            metrics.PARTITION_STALL.labels(str(partition)).set_function(
+                lambda p=partition: self.partition_stall_s(p)
+            )
         self._tasks.append(asyncio.create_task(self._poll_lag()))
         tune_gc()
         log.info(
@@ -92,6 +109,8 @@ class Replicator:
 
     async def stop(self) -> None:
         self._stopping.set()
+        for partition in range(self.config.partitions):
+            metrics.PARTITION_STALL.labels(str(partition)).set_function(lambda: 0.0)
         for sub in self._subscriptions:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
@@ -110,14 +129,31 @@ class Replicator:
             await self.nc.close()
         log.info("replicator_stopped", instance=self.config.instance)
 
+    def partition_stall_s(self, partition: int) -> float:
+        """Seconds the partition has had work pending without progress; 0 when it moves.
+
+        The larger of two views: the shared consumer (events pending, ack floor not moving,
+        as last polled) and this instance's own event in hand (a task that does not return).
+        """
+        stalled = self._partition_progress[partition].stalled_for()
+        started = self._in_flight.get(partition)
+        if started is not None:
+            stalled = max(stalled, time.monotonic() - started)
+        return stalled
+
     def health(self) -> dict[str, object]:
+        """Up, connected, and every partition with work moving: a stalled one is not ok."""
         connected = self.nc is not None and self.nc.is_connected
+        stalls = {p: self.partition_stall_s(p) for p in range(self.config.partitions)}
+        stalled = [p for p, seconds in stalls.items() if seconds >= self.config.stall_after_s]
         return {
-            "ok": bool(connected and self.live is not None),
+            "ok": bool(connected and self.live is not None and not stalled),
             "instance": self.config.instance,
             "nats_connected": connected,
             "links": 0 if self.live is None else len(self.live.links),
             "events_processed": self.events_processed,
+            "stalled_partitions": stalled,
+            "longest_stall_s": round(max(stalls.values(), default=0.0), 3),
         }
 
     async def _ensure_consumer(self, partition: int) -> None:
@@ -154,8 +190,17 @@ class Replicator:
     async def _subscribe(self, partition: int) -> None:
         # One callback task per subscription: a partition's events run one after another,
         # and with max_ack_pending=1 the server sends the next only after the ack.
+        in_flight = self._in_flight
+
+        async def on_message(msg: Any) -> None:
+            in_flight[partition] = time.monotonic()
+            try:
+                await self._on_master_message(msg)
+            finally:
+                del in_flight[partition]
+
         sub = await self.nc.subscribe(
-            deliver_subject(partition), queue=DELIVER_GROUP, cb=self._on_master_message
+            deliver_subject(partition), queue=DELIVER_GROUP, cb=on_message
         )
         self._subscriptions.append(sub)
 
@@ -168,6 +213,13 @@ class Replicator:
             log.error("master_event_failed", subject=msg.subject, error=repr(exc))
 
     async def handle_master_event(self, msg: Any) -> None:
+        """Decode, check, plan and fan out one master event; acknowledge it once stored.
+
+        Whatever goes wrong ends in one of three ways, so no event holds its partition:
+        a refusal (term, with a ``MasterEventRejected`` on the master's rejections subject),
+        a redelivery after a delay (NATS did not store the fan-out, bounded by
+        ``max_deliveries``), or — when even that answer cannot be sent — ``ack_wait``.
+        """
         t_in = time.time_ns()
         t0 = time.perf_counter()
         try:
@@ -179,40 +231,70 @@ class Replicator:
                 "master_event_invalid", subject=msg.subject, error=str(exc), size=len(msg.data)
             )
             # The message stays in the stream for inspection; redelivering it cannot help.
-            await msg.term()
+            await self._refuse(
+                msg, None, RejectionReason.INVALID_PAYLOAD, f"not a master event: {exc}",
+                {"size": len(msg.data)},
+            )  # fmt: skip
             return
         t1 = time.perf_counter()
         metrics.STAGE_DECODE.observe(t1 - t0)
         metrics.EVENTS.labels(type(event).__name__).inc()
         assert self.live is not None
-        links = self.live.links_by_master.get(event.master, ())
-        if not links:
-            await msg.ack()
-            self.events_processed += 1
-            return
-        trace = msgspec.structs.replace(
-            event.trace, replicator_in_ns=t_in, replicator_out_ns=time.time_ns()
-        )
         view = self.live.view
         now_ns = t_in
-        plans = plan_event(event, links, view, now_ns, trace)
+        # Everything between decoding and publishing is pure: an exception here is a defect
+        # that fails the same way on every delivery, so it is said and the partition moves on.
+        links: tuple[CompiledLink, ...] = ()
+        plans: list[tuple[CompiledLink, CopyPlan]] = []
+        try:
+            refusal = check_master_event(
+                event,
+                subjects.master_from_subject(msg.subject),
+                view.symbols.get((event.master, event.symbol)),
+            )
+            if refusal is None:
+                if arrival_judged(event.ts_ns, now_ns, self._skew_ns):
+                    event = self._judged_by_arrival(event, now_ns)
+                links = self.live.links_by_master.get(event.master, ())
+                if links:
+                    trace = msgspec.structs.replace(
+                        event.trace, replicator_in_ns=t_in, replicator_out_ns=time.time_ns()
+                    )
+                    plans = plan_event(event, links, view, now_ns, trace)
+        except Exception as exc:
+            log.exception("copy_rules_failed", event_id=event.event_id)
+            await self._refuse(
+                msg, event, RejectionReason.PLANNING_FAILED,
+                f"the copy rules failed on this event: {exc!r}", {"error": repr(exc)},
+            )  # fmt: skip
+            return
+        if refusal is not None:
+            await self._refuse(msg, event, *refusal)
+            return
+        if not links:
+            await msg.ack()  # nobody copies this master
+            self.events_processed += 1
+            return
         t2 = time.perf_counter()
         metrics.STAGE_RULES.observe(t2 - t1)
         try:
             await self._count_daily_trades(event, plans, now_ns)
-            await self._publish_plans(event, plans)
-        except (nats.errors.Error, TimeoutError, ConnectionError) as exc:
-            metrics.PUBLISH_FAILURES.inc()
-            log.error("fan_out_failed", event_id=event.event_id, error=repr(exc))
-            # Transient (NATS away, slow, reconnecting): redelivered, dedup makes the redo exact.
-            await msg.nak(delay=0.5)
+            await self._publish_plans(event, plans, msg)
+        except _NEVER_STORABLE as exc:
+            await self._fan_out_impossible(msg, event, exc)
+            return
+        except NotStored as exc:
+            if isinstance(exc.cause, nats.js.errors.BadRequestError):
+                # The stream refused the message itself (400): no delivery can change that.
+                await self._fan_out_impossible(msg, event, exc)
+                return
+            await self._retry_later(msg, event, exc)
+            return
+        except (_LinkStateContention, nats.errors.Error, TimeoutError, ConnectionError) as exc:
+            await self._retry_later(msg, event, exc)
             return
         except Exception as exc:
-            # The same event would fail the same way forever and block its partition: take it
-            # out (it stays in the stream for inspection), count it and say why.
-            metrics.BAD_MESSAGES.labels("fan_out").inc()
-            log.error("fan_out_impossible", event_id=event.event_id, error=repr(exc))
-            await msg.term()
+            await self._fan_out_impossible(msg, event, exc)
             return
         t3 = time.perf_counter()
         await msg.ack()
@@ -220,13 +302,115 @@ class Replicator:
         metrics.STAGE_TOTAL.observe(t3 - t0)
         self.events_processed += 1
 
-    async def _publish_plans(
-        self, event: MasterEvent, plans: list[tuple[CompiledLink, CopyPlan]]
+    async def _retry_later(self, msg: Any, event: MasterEvent, exc: Exception) -> None:
+        """Transient (NATS away, slow, reconnecting): delivered again after a delay, and dedup
+        makes the redo exact — up to ``max_deliveries``, then given up with a rejection."""
+        metrics.PUBLISH_FAILURES.inc()
+        delivered = _deliveries(msg)
+        log.error("fan_out_failed", event_id=event.event_id, error=repr(exc),
+                  delivery=delivered, max_deliveries=self.config.max_deliveries)  # fmt: skip
+        if delivered < self.config.max_deliveries:
+            await msg.nak(delay=self._redelivery_delay(delivered))
+            return
+        await self._refuse(
+            msg, event, RejectionReason.PUBLISH_FAILED,
+            f"NATS did not store the fan-out in {delivered} deliveries: {exc!r}",
+            {"deliveries": delivered, "error": repr(exc)},
+        )  # fmt: skip
+
+    def _judged_by_arrival(self, event: MasterEvent, arrival_ns: int) -> MasterEvent:
+        """A timestamp beyond the clock-skew tolerance is never trusted: the arrival time
+        stands in for it, so a future date cannot stretch the signal age or the day."""
+        metrics.FUTURE_DATED.inc()
+        log.warning(
+            "master_event_future_dated",
+            event_id=event.event_id,
+            master=event.master,
+            ahead_s=round((event.ts_ns - arrival_ns) / 1e9, 3),
+            clock_skew_s=self.config.clock_skew_s,
+        )
+        return msgspec.structs.replace(event, ts_ns=arrival_ns)
+
+    def _redelivery_delay(self, delivered: int) -> float:
+        return min(
+            self.config.redelivery_delay_s * 2 ** max(delivered - 1, 0), _REDELIVERY_DELAY_MAX_S
+        )
+
+    async def _fan_out_impossible(self, msg: Any, event: MasterEvent, exc: Exception) -> None:
+        # The same event would fail the same way forever and block its partition: take it
+        # out (it stays in the stream for inspection), count it and say why.
+        metrics.BAD_MESSAGES.labels("fan_out").inc()
+        log.error("fan_out_impossible", event_id=event.event_id, error=repr(exc))
+        await self._refuse(
+            msg, event, RejectionReason.FAN_OUT_IMPOSSIBLE,
+            f"the follower orders cannot be stored: {exc!r}", {"error": repr(exc)},
+        )  # fmt: skip
+
+    async def _refuse(
+        self,
+        msg: Any,
+        event: MasterEvent | None,
+        reason: RejectionReason,
+        message: str,
+        numbers: dict[str, float | str | None],
     ) -> None:
-        """Publish every order and decision, then wait for all their acks at once."""
-        publish = self.js.publish_async
+        """Take the event out of its partition (``term``; it stays in the stream) and tell
+        its producer why on ``tc.v1.master.<account>.rejections``.
+
+        The rejection is stored before the event is terminated. If NATS will not store it,
+        the event is delivered again later; after ``max_deliveries`` it is terminated anyway
+        (logged), because a producer's silence is better than a partition that never moves.
+        """
+        cfg = self.config
+        master = subjects.master_from_subject(msg.subject) or "unknown"
+        seq = _stream_seq(msg)
+        rejection = MasterEventRejected(
+            rejection_id=f"rejected:{seq}",
+            master=master,
+            subject=subjects.master_events(master),
+            reason=reason,
+            message=message[:_MESSAGE_MAX],
+            ts_ns=time.time_ns(),
+            event_id="" if event is None else event.event_id,
+            event_type="" if event is None else event.__struct_config__.tag,
+            stream_seq=seq,
+            numbers=numbers,
+        )
+        log.warning(
+            "master_event_rejected",
+            reason=reason.value,
+            master=master,
+            event_id=rejection.event_id,
+            stream_seq=seq,
+            message=rejection.message,
+        )
+        publication: Publication = (
+            subjects.master_rejections(master),
+            codec.encode(rejection),
+            rejection.rejection_id,
+        )
+        try:
+            await publish_stored(
+                self.js, [publication], timeout_s=cfg.publish_timeout_s,
+                attempts=cfg.publish_attempts,
+            )  # fmt: skip
+        except Exception as exc:
+            delivered = _deliveries(msg)
+            log.error("rejection_not_stored", master=master, stream_seq=seq, error=repr(exc),
+                      delivery=delivered)  # fmt: skip
+            if delivered < cfg.max_deliveries:
+                await msg.nak(delay=self._redelivery_delay(delivered))
+                return
+        metrics.REJECTIONS.labels(reason.value).inc()
+        await msg.term()
+
+    async def _publish_plans(
+        self, event: MasterEvent, plans: list[tuple[CompiledLink, CopyPlan]], msg: Any = None
+    ) -> None:
+        """Store every order and decision: all sent at once, their acks awaited together,
+        each wait bounded (``publish_stored``)."""
         encode = codec.encode
-        futures = []
+        messages: list[Publication] = []
         batches: dict[str, list[FollowerOrder]] = {}
         accounts = self.live.view.accounts if self.config.batch_by_connector else None
         for cl, plan in plans:
@@ -236,19 +420,9 @@ class Replicator:
                 if state is not None and state.connector:
                     batches.setdefault(state.connector, []).append(order)
                 else:
-                    futures.append(
-                        await publish(
-                            cl.order_subject, encode(order), headers={MSG_ID: order.order_id}
-                        )
-                    )
+                    messages.append((cl.order_subject, encode(order), order.order_id))
             for decision in plan.decisions:
-                futures.append(
-                    await publish(
-                        cl.decision_subject,
-                        encode(decision),
-                        headers={MSG_ID: decision.decision_id},
-                    )
-                )
+                messages.append((cl.decision_subject, encode(decision), decision.decision_id))
         if batches:
             now_ns = time.time_ns()
             for connector, orders in batches.items():
@@ -260,16 +434,17 @@ class Replicator:
                     ts_ns=now_ns,
                     orders=orders,
                 )
-                futures.append(
-                    await publish(
-                        subjects.connector_orders(connector),
-                        encode(batch),
-                        headers={MSG_ID: batch.batch_id},
-                    )
+                messages.append(
+                    (subjects.connector_orders(connector), encode(batch), batch.batch_id)
                 )
-        if not futures:
+        if not messages:
             return
-        acks = await asyncio.gather(*futures)
+        cfg = self.config
+        # While it retries, the event stays this instance's: tell the server it is in progress.
+        await publish_stored(
+            self.js, messages, timeout_s=cfg.publish_timeout_s, attempts=cfg.publish_attempts,
+            before_retry=None if msg is None else msg.in_progress,
+        )  # fmt: skip
         for cl, plan in plans:
             if plan.order is not None:
                 metrics.ORDERS_PUBLISHED.labels(plan.order.__struct_config__.tag).inc()
@@ -282,7 +457,6 @@ class Replicator:
                     outcome=decision.outcome.value,
                     message=decision.message,
                 )
-        del acks
 
     async def _count_daily_trades(
         self, event: MasterEvent, plans: list[tuple[CompiledLink, CopyPlan]], now_ns: int
@@ -334,9 +508,15 @@ class Replicator:
             plan.decisions = daily_limit_reached(event, cl, now_ns, full.count, today).decisions
 
     async def _update_link_state(self, link_id: str, change: Any) -> LinkState:
-        """Compare-and-set loop on one link's state entry."""
+        """Compare-and-set loop on one link's state entry, every round trip bounded.
+
+        A write whose answer does not come in time may or may not have landed: the entry is
+        read again and ``change`` decides on what is really there (it returns None when the
+        change is already in), so retrying is exact.
+        """
         assert self.live is not None
         kv = self.live.buckets[subjects.KV_LINK_STATE]
+        timeout_s = self.config.publish_timeout_s
         state = self.live.view.link_state(link_id)
         revision = self.live.link_state_revisions.get(link_id, 0)
         for _ in range(_CAS_RETRIES):
@@ -346,28 +526,38 @@ class Replicator:
             payload = link_state_encoder.encode(new)
             try:
                 if revision:
-                    revision = await kv.update(link_id, payload, last=revision)
+                    revision = await asyncio.wait_for(
+                        kv.update(link_id, payload, last=revision), timeout_s
+                    )
                 else:
-                    revision = await kv.create(link_id, payload)
-            except nats.js.errors.KeyWrongLastSequenceError:
+                    revision = await asyncio.wait_for(kv.create(link_id, payload), timeout_s)
+            except (nats.js.errors.KeyWrongLastSequenceError, TimeoutError):
                 state, revision = await self._read_link_state(link_id)
                 continue
             self.live.remember_link_state(link_id, new, revision)
             return new
-        raise RuntimeError(f"link state {link_id} kept changing under {_CAS_RETRIES} updates")
+        raise _LinkStateContention(
+            f"link state {link_id} kept changing (or not answering) under {_CAS_RETRIES} updates"
+        )
 
     async def _read_link_state(self, link_id: str) -> tuple[LinkState, int]:
-        from engine.replicator.state import link_state_decoder
-
         assert self.live is not None
         kv = self.live.buckets[subjects.KV_LINK_STATE]
         try:
-            entry = await kv.get(link_id)
+            entry = await asyncio.wait_for(kv.get(link_id), self.config.publish_timeout_s)
         except nats.js.errors.KeyNotFoundError:
             return LinkState(), 0
         if entry.value is None:
             return LinkState(), entry.revision or 0
         return link_state_decoder.decode(entry.value), entry.revision or 0
+
+    async def _store(self, subject: str, payload: bytes, msg_id: str) -> None:
+        """One message outside a fan-out (a protection's decision or close-all), bounded."""
+        cfg = self.config
+        await publish_stored(
+            self.js, [(subject, payload, msg_id)], timeout_s=cfg.publish_timeout_s,
+            attempts=cfg.publish_attempts,
+        )  # fmt: skip
 
     async def _on_follower_account(self, account: AccountState) -> None:
         """Equity protections: every instance evaluates, compare-and-set lets one pause."""
@@ -407,9 +597,7 @@ class Replicator:
                 ts_ns=now_ns,
                 numbers=trigger.numbers,
             )
-            await self.js.publish(
-                cl.decision_subject, codec.encode(decision), headers={MSG_ID: decision.decision_id}
-            )
+            await self._store(cl.decision_subject, codec.encode(decision), decision.decision_id)
             metrics.DECISIONS.labels(trigger.rule.value, outcome.value).inc()
             log.warning(
                 "link_paused", link=cl.link_id, rule=trigger.rule.value, message=trigger.message
@@ -428,9 +616,7 @@ class Replicator:
             ts_ns=now_ns,
             reason=state.paused_rule,
         )
-        await self.js.publish(
-            cl.order_subject, codec.encode(order), headers={MSG_ID: order.order_id}
-        )
+        await self._store(cl.order_subject, codec.encode(order), order.order_id)
         metrics.ORDERS_PUBLISHED.labels("close_all").inc()
 
         def sent(current: LinkState) -> LinkState | None:
@@ -441,17 +627,20 @@ class Replicator:
         await self._update_link_state(cl.link_id, sent)
 
     async def _poll_lag(self) -> None:
+        """Each partition's backlog and progress, as the shared consumer sees it."""
         while not self._stopping.is_set():
             for partition in range(self.config.partitions):
                 try:
-                    info = await self.js.consumer_info(
-                        MASTER_EVENTS_STREAM, replicator_consumer(partition)
+                    info = await asyncio.wait_for(
+                        self.js.consumer_info(MASTER_EVENTS_STREAM, replicator_consumer(partition)),
+                        self.config.publish_timeout_s,
                     )
                 except Exception:
-                    continue
-                metrics.CONSUMER_LAG.labels(str(partition)).set(
-                    info.num_pending + info.num_ack_pending
-                )
+                    continue  # NATS away: health says so through nats_connected
+                pending = info.num_pending + info.num_ack_pending
+                metrics.CONSUMER_LAG.labels(str(partition)).set(pending)
+                floor = info.ack_floor.stream_seq if info.ack_floor else 0
+                self._partition_progress[partition].observe(pending > 0, floor)
             await asyncio.sleep(self.config.lag_poll_s)
 
 
@@ -473,27 +662,68 @@ class _LimitReached(Exception):
         self.count = count
 
 
+class _LinkStateContention(Exception):
+    """The link-state entry kept changing or not answering: worth another delivery."""
+
+
+def _deliveries(msg: Any) -> int:
+    """How many times JetStream has delivered this message (1 on the first delivery)."""
+    try:
+        return int(msg.metadata.num_delivered or 1)
+    except Exception:
+        return 1
+
+
+def _stream_seq(msg: Any) -> int:
+    try:
+        return int(msg.metadata.sequence.stream)
+    except Exception:
+        return 0
+
+
 async def run_replicator(config: ReplicatorConfig) -> None:
     """Run until cancelled or signalled; serves /metrics and /healthz when a port is set."""
     import signal
 
     from engine.runtime.http import OpsServer
 
-    replicator = Replicator(config)
-    await replicator.start()
-    ops = None
-    if config.metrics_port is not None:
-        ops = OpsServer(config.metrics_host, config.metrics_port, replicator.health)
-        await ops.start()
-        log.info("ops_listening", host=config.metrics_host, port=ops.port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
+    replicator = await _start_until_up(config, stop)
+    if replicator is None:
+        return
+    ops = None
+    if config.metrics_port is not None:
+        ops = OpsServer(config.metrics_host, config.metrics_port, replicator.health)
+        await ops.start()
+        log.info("ops_listening", host=config.metrics_host, port=ops.port)
     try:
         await stop.wait()
     finally:
         if ops is not None:
             await ops.stop()
         await replicator.stop()
+
+
+async def _start_until_up(config: ReplicatorConfig, stop: asyncio.Event) -> Replicator | None:
+    """Start, retrying with backoff while NATS is away or restarting (crash-only: a replicator
+    started during a NATS restart waits for it instead of exiting). None when told to stop."""
+    delay = 0.5
+    while not stop.is_set():
+        replicator = Replicator(config)
+        try:
+            await replicator.start()
+            return replicator
+        except (nats.errors.Error, TimeoutError, ConnectionError) as exc:
+            if isinstance(exc, nats.errors.AuthorizationError):
+                raise  # the wrong key stays wrong: say so and exit
+            log.warning("replicator_start_failed", error=repr(exc), retry_in_s=delay)
+            with contextlib.suppress(Exception):
+                await replicator.stop()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), delay)
+        delay = min(delay * 2, 10.0)
+    return None

@@ -1,7 +1,9 @@
-"""Operator HTTP endpoint: Prometheus metrics and a health check."""
+"""Operator HTTP endpoint: Prometheus metrics and a health check, and the progress watch
+that lets a health check tell a working process from one that is merely up."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from types import TracebackType
 from typing import Self
@@ -11,7 +13,7 @@ import prometheus_client
 import structlog
 from aiohttp import web
 
-__all__ = ["OpsServer"]
+__all__ = ["OpsServer", "ProgressWatch"]
 
 _log = structlog.get_logger(__name__)
 
@@ -92,3 +94,42 @@ class OpsServer:
             body=body,
             content_type="application/json",
         )
+
+
+class ProgressWatch:
+    """Liveness by progress: how long work has been pending without advancing.
+
+    A process can be up, connected and answering ``/healthz`` while one of its tasks waits
+    forever; only progress tells them apart. Fed either by events (``working`` when work
+    arrives, ``advanced`` when some of it is done) or by polling (``observe`` with a mark that
+    moves with progress, e.g. a consumer's ack floor). Idle is never stalled.
+    """
+
+    __slots__ = ("_clock", "_mark", "_since")
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._mark: object = None
+        self._since: float | None = None
+        """Since when work has been pending without progress; None while idle."""
+
+    def working(self) -> None:
+        """Work is pending (a no-op when it already was: the clock keeps running)."""
+        if self._since is None:
+            self._since = self._clock()
+
+    def advanced(self, still_pending: bool) -> None:
+        """Some work was done; ``still_pending`` says whether more is waiting."""
+        self._since = self._clock() if still_pending else None
+
+    def observe(self, pending: bool, mark: object) -> None:
+        """A poll: whether work is pending, and a mark that changes whenever work is done."""
+        if not pending:
+            self._since = None
+        elif self._since is None or mark != self._mark:
+            self._since = self._clock()
+        self._mark = mark
+
+    def stalled_for(self) -> float:
+        """Seconds of pending work without progress; 0.0 while idle."""
+        return 0.0 if self._since is None else max(self._clock() - self._since, 0.0)
