@@ -22,9 +22,10 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 
 from connectors.contract import ConnectorRuntime, reports_at_receipt
+from connectors.journal import MAGIC
 from connectors.mt5 import protocol as mt5
 from connectors.mt5.config import Mt5Config
-from connectors.mt5.connector import Mt5Connector, Mt5Terminal
+from connectors.mt5.connector import Mt5Connector, Mt5ConnectorState, Mt5Terminal
 from connectors.mt5.errors import TerminalConnectError, TerminalNotReady, TerminalUnavailable
 from connectors.mt5.paper import PaperMt5Api, PaperMt5Server
 from connectors.mt5.parsing import symbol_spec
@@ -61,7 +62,12 @@ from schemas.reports import (
     OrderRejected,
     OrderUnknown,
 )
-from schemas.streams import EXECUTION_REPORTS_STREAM, MASTER_EVENTS_STREAM
+from schemas.streams import (
+    DUPLICATE_WINDOW_S,
+    EXECUTION_REPORTS_STREAM,
+    MASTER_EVENTS_STREAM,
+    follower_orders_stream,
+)
 
 SYMBOL = "XAUUSD"
 BID, ASK = 2000.00, 2000.30
@@ -601,15 +607,16 @@ async def test_a_master_restarted_before_saving_re_diffs_the_change_into_the_sam
     tmp_path: Path,
 ) -> None:
     server = paper_server()
-    state = tmp_path / "m1.state"
+    live, crashed_at = tmp_path / "live", tmp_path / "before-save"
+    state = live / "m1.state"
     terminal, api = master(server, state_path=str(state))
     master_trade(api, action=mt5.TRADE_ACTION_DEAL, type=mt5.ORDER_TYPE_SELL, volume=0.1)
-    crashed_at = tmp_path / "before-save.state"
-    shutil.copy(state, crashed_at)
+    shutil.copytree(live, crashed_at)  # the snapshot and its journal, as they were
     first = await terminal.poll()
     terminal.close()
 
-    shutil.copy(crashed_at, state)  # the crash came before the poll's save
+    shutil.rmtree(live)
+    shutil.copytree(crashed_at, live)  # the crash came before the poll's save
     restarted, _ = master(server, state_path=str(state))
     again = await restarted.poll()
     assert [e.event_id for e in again] == [e.event_id for e in first]
@@ -787,3 +794,65 @@ def test_password_comes_from_the_environment_and_never_shows(
             b'{"connector_id":"c","account_id":"a","role":"master","pasword":"x"}',
             type=Mt5Config,
         )
+
+
+# --- exactly once beyond the dedup window (the order journal) -------------------------------
+
+
+class WallClock:
+    """The terminal's wall clock, moved by a test to age its order memory."""
+
+    def __init__(self) -> None:
+        self.now = time.time_ns()
+
+    def __call__(self) -> int:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += int(seconds * 1_000_000_000)
+
+
+def journaled_follower(
+    server: PaperMt5Server, state: Path, clock: WallClock
+) -> tuple[Mt5Terminal, RecordingApi]:
+    api = RecordingApi(server, FOLLOWER, FOLLOWER_LOGIN)
+    cfg = config(login=FOLLOWER_LOGIN, state_path=str(state))
+    return Mt5Terminal.open(cfg, api, wall_clock=clock), api
+
+
+@pytest.mark.parametrize("age_s", [DUPLICATE_WINDOW_S + 1, follower_orders_stream().max_age - 60])
+async def test_an_order_redelivered_after_the_dedup_window_and_a_restart_trades_nothing(
+    tmp_path: Path, age_s: float
+) -> None:
+    """The open, its partial close and its close come again long after JetStream's duplicate
+    window, to a restarted terminal: each gets its first report, byte for byte (not one
+    rebuilt from the terminal's evidence), and nothing is sent to the terminal."""
+    server, clock, state = paper_server(), WallClock(), tmp_path / "f1.state"
+    before, _ = journaled_follower(server, state, clock)
+    orders = [
+        open_order(volume=0.2),
+        FollowerClose(**base("m1-501-reduced-1:L1"), master_position_id="501", ratio=0.5),
+        FollowerClose(**base("m1-501-closed:L1"), master_position_id="501"),
+    ]
+    first = [await run(before, order) for order in orders]
+    before.commit()
+    before.close()
+    assert [type(r) for r in first] == [OrderFilled] * 3
+
+    clock.advance(age_s)
+    after, api = journaled_follower(server, state, clock)
+    assert [await run(after, order) for order in orders] == first
+    assert api.sent == [] and positions(api) == []
+
+
+def test_an_old_format_state_file_loads_into_the_journal(tmp_path: Path) -> None:
+    """A state file written before the journal: one msgpack object, reports inside."""
+    server, state = paper_server(), tmp_path / "f1.state"
+    kept = OrderRejected(order_id="o-1", link_id="L1", follower=FOLLOWER, ts_ns=1, code=10019,
+                         reason="not enough money")  # fmt: skip
+    old = Mt5ConnectorState(reports={"o-1": codec.encode(kept)}, aliases={"tc:m1:9": "tc:m1:8"})
+    state.write_bytes(msgspec.msgpack.encode(old))
+    terminal, _ = journaled_follower(server, state, WallClock())
+    assert state.read_bytes().startswith(MAGIC)
+    assert dict(terminal.reports) == {"o-1": codec.encode(kept)}
+    assert terminal.memory.aliases == {"tc:m1:9": "tc:m1:8"}

@@ -18,7 +18,8 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 
 from connectors.contract import reports_at_receipt
-from connectors.paper.connector import PaperConnector, PaperTerminal
+from connectors.journal import MAGIC, OrderMemoryConfig
+from connectors.paper.connector import PaperConnector, PaperConnectorState, PaperTerminal
 from connectors.paper.model import Result
 from connectors.paper.prices import Quote, bar_to_ticks, load_bars
 from connectors.paper.venue import PaperVenue
@@ -35,9 +36,14 @@ from schemas.master import (
     PendingOrderTriggered,
     PositionClosed,
 )
-from schemas.orders import FollowerOpen
+from schemas.orders import DeviationPolicy, FollowerClose, FollowerOpen, FollowerOrder
 from schemas.reports import ExecutionReport, OrderDone, OrderFilled
-from schemas.streams import EXECUTION_REPORTS_STREAM, FOLLOWER_ORDERS_STREAM
+from schemas.streams import (
+    DUPLICATE_WINDOW_S,
+    EXECUTION_REPORTS_STREAM,
+    FOLLOWER_ORDERS_STREAM,
+    follower_orders_stream,
+)
 
 SYMBOL = "XAUUSD"
 BARS = load_bars()
@@ -777,4 +783,241 @@ async def test_paper_state_survives_restart(chain: Chain) -> None:
     assert reopened.venue.quote(SYMBOL) == old.venue.quote(SYMBOL)
     assert reopened.reports == old.reports and len(reopened.reports) == 4
     assert reopened.outbox == old.outbox and len(reopened.outbox) == 1
-    assert reopened.venue.snapshot() == old.venue.snapshot()
+    # The venue's own client-order-id memory is not persisted: the order journal is.
+    assert reopened.venue.snapshot(with_executed=False) == old.venue.snapshot(with_executed=False)
+
+
+# --- 10. exactly once beyond the dedup window (the order journal) ---------------------------
+
+S = 1_000_000_000
+RETENTION_S = follower_orders_stream().max_age
+
+
+class WallClock:
+    """The terminal's wall clock, moved by the test to age its order memory."""
+
+    def __init__(self) -> None:
+        self.now = time.time_ns()
+
+    def __call__(self) -> int:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += int(seconds * S)
+
+
+def direct_open(account: str, position: str, **fields: Any) -> FollowerOpen:
+    return FollowerOpen(order_id=f"m1-{position}-opened:l1", link_id="l1", follower=account,
+                        master="m1", master_event_id=f"m1-{position}-opened", symbol=SYMBOL,
+                        ts_ns=time.time_ns(), master_position_id=position, side=Side.BUY,
+                        volume=0.1, **fields)  # fmt: skip
+
+
+def direct_close(account: str, position: str) -> FollowerClose:
+    return FollowerClose(order_id=f"m1-{position}-closed:l1", link_id="l1", follower=account,
+                         master="m1", master_event_id=f"m1-{position}-closed", symbol=SYMBOL,
+                         ts_ns=time.time_ns(), master_position_id=position)  # fmt: skip
+
+
+async def execute(terminal: PaperTerminal, order: FollowerOrder) -> ExecutionReport:
+    return await terminal.execute(order, reports_at_receipt(order, time.time_ns()))
+
+
+def follower_terminal(path: Path, clock: WallClock, **memory: Any) -> PaperTerminal:
+    terminal = PaperTerminal.open(path, [F1, F2], order_memory=OrderMemoryConfig(**memory),
+                                  wall_clock=clock)  # fmt: skip
+    quotes = ticks(5)
+    if terminal.venue.quote(SYMBOL) is None:
+        terminal.on_quote(next(quotes))
+    return terminal
+
+
+def book(terminal: PaperTerminal, account: str = "f1") -> tuple[object, ...]:
+    venue = terminal.venue
+    return (venue.positions(account), venue.pending_orders(account),
+            venue.account_state(account, 0))  # fmt: skip
+
+
+@pytest.mark.parametrize("age_s", [DUPLICATE_WINDOW_S + 1, 3 * 86_400, RETENTION_S - 60])
+async def test_an_order_redelivered_after_the_dedup_window_and_a_restart_trades_nothing(
+    tmp_path: Path, age_s: float
+) -> None:
+    """An open and its close ran; days later both come again (a redo by the replicator, or a
+    redelivery from the stream) to a restarted terminal. Each returns its first report; the
+    open does not trade again although its copy is gone, the close does not say "no copy"."""
+    clock = WallClock()
+    path = tmp_path / "pf.paper"
+    terminal = follower_terminal(path, clock)
+    opened = await execute(terminal, direct_open("f1", "p1"))
+    terminal.on_quote(next(ticks(7)))
+    closed = await execute(terminal, direct_close("f1", "p1"))
+    terminal.commit()
+    assert isinstance(opened, OrderFilled) and isinstance(closed, OrderFilled)
+    before = book(terminal)
+    terminal.close()
+
+    clock.advance(age_s)
+    restarted = follower_terminal(path, clock)
+    assert book(restarted) == before
+    assert await execute(restarted, direct_close("f1", "p1")) == closed
+    assert await execute(restarted, direct_open("f1", "p1")) == opened
+    restarted.commit()
+    assert book(restarted) == before and restarted.venue.positions("f1") == []
+
+
+async def test_a_redelivered_order_is_remembered_a_full_retention_from_its_latest_arrival(
+    tmp_path: Path,
+) -> None:
+    clock = WallClock()
+    path = tmp_path / "pf.paper"
+    terminal = follower_terminal(path, clock)
+    opened = await execute(terminal, direct_open("f1", "p1"))
+    terminal.commit()
+    clock.advance(RETENTION_S - 60)
+    assert await execute(terminal, direct_open("f1", "p1")) == opened  # a redo, days later
+    terminal.commit()
+    terminal.close()
+    clock.advance(RETENTION_S - 60)  # long past the first run, within the redo's retention
+    restarted = follower_terminal(path, clock)
+    assert "m1-p1-opened:l1" in restarted.reports
+    assert await execute(restarted, direct_open("f1", "p1")) == opened
+
+
+async def test_past_the_retention_an_order_falls_back_to_the_venues_evidence(
+    tmp_path: Path,
+) -> None:
+    """The documented bound: after the retention only the copy itself tells an open ran."""
+    clock = WallClock()
+    path = tmp_path / "pf.paper"
+    terminal = follower_terminal(path, clock)
+    opened = await execute(terminal, direct_open("f1", "p1"))
+    terminal.commit()
+    terminal.close()
+    clock.advance(RETENTION_S + 1)
+    restarted = follower_terminal(path, clock)
+    assert len(restarted.reports) == 0
+    again = await execute(restarted, direct_open("f1", "p1"))
+    assert isinstance(again, OrderFilled) and again.position_id == opened.position_id
+    assert len(restarted.venue.positions("f1")) == 1
+
+
+async def test_a_crash_between_execute_and_commit_re_executes_once_from_the_last_commit(
+    tmp_path: Path,
+) -> None:
+    clock = WallClock()
+    path = tmp_path / "pf.paper"
+    terminal = follower_terminal(path, clock)
+    await execute(terminal, direct_open("f1", "p0"))
+    terminal.commit()
+    committed = book(terminal)
+    await execute(terminal, direct_open("f1", "p1"))  # executed, never committed: the crash
+    del terminal
+
+    restarted = follower_terminal(path, clock)
+    assert book(restarted) == committed  # venue and journal agree: neither has p1
+    assert "m1-p1-opened:l1" not in restarted.reports
+    first = await execute(restarted, direct_open("f1", "p1"))
+    restarted.commit()
+    restarted.close()
+    again = follower_terminal(path, clock)
+    assert await execute(again, direct_open("f1", "p1")) == first
+    assert sorted(p.master_ref or "" for p in again.venue.positions("f1")) == ["m1:p0", "m1:p1"]
+
+
+async def test_a_commit_torn_by_a_crash_loses_the_venues_change_and_its_report_together(
+    tmp_path: Path,
+) -> None:
+    clock = WallClock()
+    path = tmp_path / "pf.paper"
+    terminal = follower_terminal(path, clock)
+    await execute(terminal, direct_open("f1", "p0"))
+    terminal.commit()
+    committed = book(terminal)
+    journal = path.with_name(path.name + ".journal")
+    size = journal.stat().st_size
+    await execute(terminal, direct_open("f1", "p1"))
+    terminal.commit()
+    terminal.close()
+    with open(journal, "r+b") as handle:  # the power went during the append
+        handle.truncate(size + (journal.stat().st_size - size) // 2)
+
+    restarted = follower_terminal(path, clock)
+    assert book(restarted) == committed and "m1-p1-opened:l1" not in restarted.reports
+    await execute(restarted, direct_open("f1", "p1"))
+    assert len(restarted.venue.positions("f1")) == 2
+
+
+async def test_concurrent_orders_of_two_accounts_commit_consistently(tmp_path: Path) -> None:
+    """f2's open waits for a better price while f1's batch executes and commits: the commit
+    holds f1's trade and report, not f2's half-done order; a crash then re-executes f2 only."""
+    clock = WallClock()
+    path = tmp_path / "pf.paper"
+    terminal = follower_terminal(path, clock)
+    quote = terminal.venue.quote(SYMBOL)
+    assert quote is not None
+    waiting = direct_open("f2", "p2", master_price=round(quote.ask - 50, 2),
+                          max_price_deviation=0.01, deviation_policy=DeviationPolicy.WAIT,
+                          deviation_wait_ms=60_000)  # fmt: skip
+    f2 = asyncio.create_task(execute(terminal, waiting))
+    await asyncio.sleep(0.01)
+    filled = await execute(terminal, direct_open("f1", "p1"))
+    terminal.commit()
+    assert not f2.done()
+    f2.cancel()  # the crash
+    del terminal
+
+    restarted = follower_terminal(path, clock)
+    assert await execute(restarted, direct_open("f1", "p1")) == filled
+    assert restarted.venue.positions("f2") == [] and waiting.order_id not in restarted.reports
+    assert len(restarted.venue.positions("f1")) == 1
+
+
+async def test_the_per_batch_write_does_not_grow_with_history(tmp_path: Path) -> None:
+    clock = WallClock()
+    terminal = follower_terminal(tmp_path / "pf.paper", clock)
+    sizes = []
+    for i in range(300):
+        await execute(terminal, direct_open("f1", f"p{i}"))
+        await execute(terminal, direct_close("f1", f"p{i}"))
+        terminal.commit()
+        assert terminal.journal.state is not None
+        sizes.append(len(terminal.journal.state))
+    assert len(terminal.reports) == 600
+    # The venue without its order memory: flat, but for a few digits more in tickets.
+    assert sizes[-1] - sizes[0] <= 8
+
+
+async def test_an_old_format_state_file_loads_and_keeps_recognising_its_orders(
+    tmp_path: Path,
+) -> None:
+    """A state file written before the journal: one msgpack object with the venue (its
+    client-order-id memory inside, without ages) and the reports of the last 10 minutes."""
+    # The old terminal's venue remembered every client order id itself.
+    memoryless = PaperTerminal(PaperVenue(), [], ["f1", "f2"])
+    for account, currency, balance, leverage, _ in (F1, F2):
+        memoryless.venue.open_account(account, currency, balance, leverage)
+    memoryless.on_quote(next(ticks(5)))
+    opened = await execute(memoryless, direct_open("f1", "p1"))
+    closed = await execute(memoryless, direct_close("f1", "p1"))
+    kept = await execute(memoryless, direct_open("f1", "p2"))
+    venue = msgspec.msgpack.decode(memoryless.venue.snapshot())
+    for account in venue["accounts"]:
+        del account["executed_ns"]  # the old format had no ages
+    # The open of p1 ran more than 10 minutes ago: the old format had dropped its report.
+    reports = {o.order_id: codec.encode(r) for o, r in
+               ((direct_close("f1", "p1"), closed), (direct_open("f1", "p2"), kept))}  # fmt: skip
+    legacy = PaperConnectorState(venue=msgspec.msgpack.encode(venue), reports=reports)
+    path = tmp_path / "old.paper"
+    path.write_bytes(msgspec.msgpack.encode(legacy))
+
+    upgraded = follower_terminal(path, WallClock())
+    assert path.read_bytes().startswith(MAGIC)
+    assert book(upgraded) == book(memoryless)
+    assert await execute(upgraded, direct_close("f1", "p1")) == closed
+    assert await execute(upgraded, direct_open("f1", "p2")) == kept
+    again = await execute(upgraded, direct_open("f1", "p1"))  # known to the old venue only
+    assert isinstance(again, OrderFilled) and isinstance(opened, OrderFilled)
+    assert (again.position_id, again.price, again.volume) == (
+        opened.position_id, opened.price, opened.volume,
+    )  # fmt: skip
+    assert [p.master_ref for p in upgraded.venue.positions("f1")] == ["m1:p2"]

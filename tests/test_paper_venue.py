@@ -5,12 +5,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
+import structlog
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from prometheus_client import REGISTRY
 
+from connectors.journal import OrderMemoryConfig
 from connectors.paper.model import XAUUSD, Result, Retcode, SymbolConfig
 from connectors.paper.prices import Quote, bar_to_ticks, load_bars
 from connectors.paper.venue import PaperVenue, UnknownAccountError, UnknownSymbolError
@@ -30,6 +34,7 @@ from schemas.master import (
     PositionOpened,
     PositionReduced,
 )
+from schemas.streams import follower_orders_stream
 
 ACCOUNT = "paper-1"
 MINUTE = 60_000_000_000
@@ -702,6 +707,119 @@ def test_restore_refuses_symbols_it_is_not_given() -> None:
     other = msgspec.structs.replace(XAUUSD, symbol="XAGUSD")
     with pytest.raises(ValueError, match="XAUUSD"):
         PaperVenue.restore(data, (other,))
+
+
+# --------------------------------------------- the client-order-id memory, bounded
+
+
+class WallClock:
+    def __init__(self) -> None:
+        self.now = 1_700_000_000 * 10**9
+
+    def __call__(self) -> int:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += int(seconds * 10**9)
+
+
+def remembering_venue(clock: WallClock, **memory: Any) -> PaperVenue:
+    venue = PaperVenue(order_memory=OrderMemoryConfig(**memory), wall_clock=clock)
+    venue.open_account(ACCOUNT, balance=100_000.0)
+    venue.on_quote(QUOTES[0])
+    return venue
+
+
+def buy(venue: PaperVenue, client_order_id: str) -> Result:
+    return venue.market_order(ACCOUNT, "XAUUSD", Side.BUY, 0.01, client_order_id=client_order_id)
+
+
+def test_the_client_order_memory_lasts_the_follower_orders_retention_by_default() -> None:
+    assert PaperVenue().order_memory.retention_s == follower_orders_stream().max_age
+
+
+def test_a_client_order_id_is_forgotten_after_the_retention_by_the_wall_clock() -> None:
+    clock = WallClock()
+    venue = remembering_venue(clock, retention_s=60.0)
+    first = buy(venue, "a")
+    clock.advance(59)
+    assert buy(venue, "a").duplicate  # the quote clock plays no part: only the wall clock
+    buy(venue, "b")
+    clock.advance(2)
+    buy(venue, "c")  # any request prunes what aged out
+    assert venue.executed(ACCOUNT, "a") is None and venue.executed(ACCOUNT, "b") is not None
+    again = buy(venue, "a")
+    assert not again.duplicate and again.position_id != first.position_id
+
+
+def test_the_client_order_memory_cap_evicts_the_oldest_and_counts_it() -> None:
+    clock = WallClock()
+    venue = remembering_venue(clock, max_orders=2)
+    before = REGISTRY.get_sample_value(
+        "tradecopy_connector_order_memory_evicted_total", {"memory": "paper_venue"}
+    )
+    with structlog.testing.capture_logs() as logs:
+        for cid in ("a", "b", "c"):
+            buy(venue, cid)
+            clock.advance(1)
+    assert venue.executed(ACCOUNT, "a") is None
+    assert venue.executed(ACCOUNT, "b") is not None and venue.executed(ACCOUNT, "c") is not None
+    after = REGISTRY.get_sample_value(
+        "tradecopy_connector_order_memory_evicted_total", {"memory": "paper_venue"}
+    )
+    assert (after or 0) - (before or 0) == 1
+    assert [e["evicted"] for e in logs if e["event"] == "order_memory_cap_evicted"] == [1]
+
+
+def test_the_memory_and_its_ages_survive_a_snapshot_and_keep_aging() -> None:
+    clock = WallClock()
+    venue = remembering_venue(clock, retention_s=60.0)
+    buy(venue, "a")
+    clock.advance(30)
+    buy(venue, "b")
+    restored = PaperVenue.restore(venue.snapshot(), order_memory=venue.order_memory,
+                                  wall_clock=clock)  # fmt: skip
+    assert buy(restored, "a").duplicate
+    clock.advance(31)  # a is 61 s old, b 31 s
+    buy(restored, "c")
+    assert restored.executed(ACCOUNT, "a") is None
+    assert restored.executed(ACCOUNT, "b") is not None
+
+
+def test_an_old_snapshot_without_ages_restores_with_its_memory_aging_from_now() -> None:
+    clock = WallClock()
+    venue = remembering_venue(clock)
+    first = buy(venue, "a")
+    old = msgspec.msgpack.decode(venue.snapshot())
+    for book in old["accounts"]:
+        del book["executed_ns"]  # what a snapshot looked like before the memory was bounded
+    clock.advance(3600)
+    restored = PaperVenue.restore(msgspec.msgpack.encode(old),
+                                  order_memory=OrderMemoryConfig(retention_s=7200.0),
+                                  wall_clock=clock)  # fmt: skip
+    again = buy(restored, "a")
+    assert again.duplicate and msgspec.structs.replace(again, duplicate=False) == first
+    clock.advance(7201)  # a full retention after the restore, not after the order
+    buy(restored, "b")
+    assert restored.executed(ACCOUNT, "a") is None
+
+
+def test_a_venue_that_leaves_its_memory_to_a_connector_keeps_no_history() -> None:
+    clock = WallClock()
+    venue = PaperVenue(wall_clock=clock, remember_client_orders=False)
+    venue.open_account(ACCOUNT, balance=100_000.0)
+    venue.on_quote(QUOTES[0])
+    sizes = []
+    for i in range(50):
+        opened = buy(venue, f"open-{i}")
+        venue.close_position(ACCOUNT, opened.position_id or "", client_order_id=f"close-{i}")
+        sizes.append(len(venue.snapshot(with_executed=False)))
+    assert venue.executed(ACCOUNT, "open-0") is None
+    assert sizes[-1] - sizes[0] <= 8  # a few more digits in the tickets, nothing more
+    # What its connector tells it still counts: a repeat of that id is a duplicate.
+    remembered = buy(venue, "told")
+    venue.remember(ACCOUNT, "known", remembered)
+    assert buy(venue, "known").duplicate
 
 
 # --------------------------------------------------------------- random sequences

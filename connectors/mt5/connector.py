@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ import msgspec
 import structlog
 
 from connectors.contract import ConnectorRuntime
+from connectors.journal import OrderJournal, OrderMemoryConfig
 from connectors.mt5 import protocol as mt5
 from connectors.mt5.config import Mt5Config
 from connectors.mt5.diff import Snapshot, diff_snapshots, take_snapshot
@@ -42,7 +43,6 @@ from connectors.mt5.execution import MARKER_HISTORY_S, CopyMemory, Mt5Execution
 from connectors.mt5.parsing import account_state, parse_deal, server_seconds, symbol_spec
 from connectors.reports import OrderReports
 from engine.core.comments import COPY_PREFIX, MARKER_PREFIX
-from engine.runtime.files import write_atomically
 from schemas import codec
 from schemas.account import AccountState, SymbolSpec
 from schemas.master import MasterEvent
@@ -51,9 +51,6 @@ from schemas.reports import ExecutionReport, OrderUnknown
 
 log = structlog.get_logger("tradecopy.mt5")
 
-#: How long a report is kept for redeliveries (as the paper connector: beyond the order
-#: consumer's ack wait and the order stream's duplicate window).
-REPORT_MEMORY_S = 600.0
 #: The deal history is re-read this far behind the last poll: late deals are not missed.
 DEAL_LOOKBACK_S = 60
 #: Deals are asked for up to this far ahead of now: server clocks run ahead of UTC.
@@ -90,14 +87,23 @@ def connect(api: Any, config: Mt5Config) -> None:
 
 
 class Mt5ConnectorState(msgspec.Struct, kw_only=True):
-    """What survives a restart besides the terminal itself (one atomic file)."""
+    """What survives a restart besides the terminal itself and the order memory: committed
+    in the order journal's frames (``connectors.journal``), with the reports of the commit."""
 
     snapshot: Snapshot | None = None
     deals_from_s: int = 0
     seen_deals: dict[int, int] = {}
     outbox: list[bytes] = []
     reports: dict[str, bytes] = {}
+    """Only in state files from before the order journal: moved into it on open."""
     aliases: dict[str, str] = {}
+
+
+def upgrade_state_file(data: bytes) -> tuple[bytes, list[tuple[str, bytes]]]:
+    """An old whole-file state → (the journal's state, the reports it remembered)."""
+    state = msgspec.msgpack.decode(data, type=Mt5ConnectorState)
+    reports, state.reports = state.reports, {}
+    return msgspec.msgpack.encode(state), list(reports.items())
 
 
 class TerminalRecords(msgspec.Struct, frozen=True):
@@ -113,7 +119,14 @@ class TerminalRecords(msgspec.Struct, frozen=True):
 class Mt5Terminal:
     """The venue-specific half of the MT5 connector (see ``connectors.contract``)."""
 
-    def __init__(self, api: Any, config: Mt5Config) -> None:
+    def __init__(
+        self,
+        api: Any,
+        config: Mt5Config,
+        *,
+        order_memory: OrderMemoryConfig | None = None,
+        wall_clock: Callable[[], int] = time.time_ns,
+    ) -> None:
         self.api = api
         self.config = config
         self.account = config.account_id
@@ -122,7 +135,10 @@ class Mt5Terminal:
         self.memory = CopyMemory()
         self.execution = Mt5Execution(api, config, self.memory)
         self.outbox: list[MasterEvent] = []
-        self.reports: dict[str, bytes] = {}
+        self.journal = OrderJournal(self.state_path, order_memory, legacy=upgrade_state_file,
+                                    clock=wall_clock)  # fmt: skip
+        """Executed order ids → reports (an unknown one until settled), and this terminal's
+        state (``connectors.journal``)."""
         self.unsettled: dict[str, FollowerOrder] = {}
         """Orders reported unknown, by id: resolved from the terminal's evidence later."""
         self.resolved: deque[ExecutionReport] = deque(maxlen=1_000)
@@ -131,16 +147,22 @@ class Mt5Terminal:
         self.deals_from_s = 0
         self.seen_deals: dict[int, int] = {}
         self._state: AccountState | None = None
-        self._report_times: deque[tuple[float, str]] = deque()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mt5-terminal")
         self._load()
 
     @classmethod
-    def open(cls, config: Mt5Config, api: Any = None) -> Mt5Terminal:
+    def open(
+        cls,
+        config: Mt5Config,
+        api: Any = None,
+        *,
+        order_memory: OrderMemoryConfig | None = None,
+        wall_clock: Callable[[], int] = time.time_ns,
+    ) -> Mt5Terminal:
         """Connect a terminal (the MetaTrader5 package unless ``api`` is given) and start."""
         api = load_api() if api is None else api
         connect(api, config)
-        terminal = cls(api, config)
+        terminal = cls(api, config, order_memory=order_memory, wall_clock=wall_clock)
         terminal.start()
         return terminal
 
@@ -221,10 +243,11 @@ class Mt5Terminal:
 
     async def execute(self, order: FollowerOrder, reports: OrderReports) -> ExecutionReport:
         """Run once per order id; an order reported unknown is resolved, never run twice."""
-        previous = self.reports.get(order.order_id)
+        previous = self.journal.get(order.order_id)
         if previous is not None:
             report = codec.execution_report_decoder.decode(previous)
             if not isinstance(report, OrderUnknown):
+                self.journal.recall(order.order_id)  # came again: remembered anew
                 return report
         future = asyncio.get_running_loop().run_in_executor(
             self._executor, self.execution.run, order, reports
@@ -240,13 +263,9 @@ class Mt5Terminal:
         return report
 
     def commit(self) -> None:
-        """Forget reports of long-acknowledged orders, then persist (see ConnectorRuntime)."""
-        horizon = time.monotonic() - REPORT_MEMORY_S
-        while self._report_times and self._report_times[0][0] < horizon:
-            order_id = self._report_times.popleft()[1]
-            if order_id not in self.unsettled:
-                self.reports.pop(order_id, None)
-        self.save()
+        """Make the executed orders durable: their reports and this terminal's state, in one
+        journal frame, fsynced (see ConnectorRuntime)."""
+        self._write(durable=None)
 
     # ------------------------------------------------------------------- polling
 
@@ -372,8 +391,7 @@ class Mt5Terminal:
         log.info("mt5_order_settled", order=order.order_id, status=type(report).__name__)
 
     def _remember(self, order: FollowerOrder, report: ExecutionReport) -> None:
-        self.reports[order.order_id] = codec.encode(report)
-        self._report_times.append((time.monotonic(), order.order_id))
+        self.journal.record(order.order_id, codec.encode(report))
         if isinstance(report, OrderUnknown):
             self.unsettled[order.order_id] = order
         else:
@@ -381,32 +399,39 @@ class Mt5Terminal:
 
     # --------------------------------------------------------------- persistence
 
+    @property
+    def reports(self) -> OrderJournal:
+        """Encoded execution reports by order id (the journal, read as a mapping)."""
+        return self.journal
+
     def _load(self) -> None:
-        if self.state_path is None or not self.state_path.exists():
+        if self.journal.state is None:
             return
-        state = msgspec.msgpack.decode(self.state_path.read_bytes(), type=Mt5ConnectorState)
+        state = msgspec.msgpack.decode(self.journal.state, type=Mt5ConnectorState)
         self.snapshot = state.snapshot
         self.deals_from_s = state.deals_from_s
         self.seen_deals = dict(state.seen_deals)
         self.outbox = [codec.master_event_decoder.decode(e) for e in state.outbox]
-        self.reports = dict(state.reports)
         self.memory.aliases = dict(state.aliases)
-        loaded_at = time.monotonic()  # restored reports age from now
-        self._report_times.extend((loaded_at, order_id) for order_id in self.reports)
 
     def save(self) -> None:
-        """Persist snapshot, outbox and reports in one atomic write (no fsync, as paper)."""
-        if self.state_path is None:
-            return
-        state = Mt5ConnectorState(
-            snapshot=self.snapshot, deals_from_s=self.deals_from_s, seen_deals=self.seen_deals,
-            outbox=[codec.encode(e) for e in self.outbox], reports=self.reports,
-            aliases=self.memory.aliases,
-        )  # fmt: skip
-        write_atomically(self.state_path, msgspec.msgpack.encode(state))
+        """Append snapshot, outbox and aliases (and reports not yet committed) to the journal,
+        without fsync: it survives a crash of the process."""
+        self._write(durable=False)
+
+    def _write(self, durable: bool | None) -> None:
+        state = None
+        if self.journal.persistent:
+            state = msgspec.msgpack.encode(Mt5ConnectorState(
+                snapshot=self.snapshot, deals_from_s=self.deals_from_s,
+                seen_deals=self.seen_deals, outbox=[codec.encode(e) for e in self.outbox],
+                aliases=self.memory.aliases,
+            ))  # fmt: skip
+        self.journal.commit(state, durable=durable)
 
     def close(self) -> None:
-        self.save()
+        self.commit()
+        self.journal.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 

@@ -14,14 +14,14 @@ import msgspec
 import structlog
 
 from connectors.contract import ConnectorRuntime
-from connectors.paper.model import XAUUSD, Position, Result, SymbolConfig
+from connectors.journal import OrderJournal, OrderMemoryConfig
+from connectors.paper.model import XAUUSD, Position, Result, SymbolConfig, VenueState
 from connectors.paper.prices import PriceReplay, Quote
 from connectors.paper.quotes import NatsQuotes
 from connectors.paper.venue import PaperVenue
 from connectors.reports import NO_PENDING_COPY, NO_POSITION_COPY, NOT_BOTH_COPIES, OrderReports
 from engine.core.prices import within_deviation
 from engine.core.volume import partial_close_volume
-from engine.runtime.files import write_atomically
 from schemas import codec
 from schemas.account import AccountState, SymbolSpec
 from schemas.common import Side
@@ -42,16 +42,48 @@ from schemas.reports import ExecutionReport
 
 log = structlog.get_logger("tradecopy.paper")
 
-#: How long a report is kept for redeliveries: longer than the order consumer's ack wait and
-#: the order stream's duplicate window, after which no redelivery of the order can come.
-REPORT_MEMORY_S = 600.0
-
 
 class PaperConnectorState(msgspec.Struct, kw_only=True):
+    """The terminal's own state, committed in the order journal's frames: as small as the
+    venue's open positions and the outbox, whatever the history."""
+
     venue: bytes
+    """``PaperVenue.snapshot(with_executed=False)``: the order memory is the journal's."""
     outbox: list[bytes] = []
     reports: dict[str, bytes] = {}
-    """Execution reports by order id: a redelivered order gets the same report back."""
+    """Only in state files from before the order journal (whole-file msgpack, with the
+    venue's idempotency memory inside): moved into the journal on open."""
+
+
+class VenueResult(msgspec.Struct, frozen=True, tag_field="status", tag="venue_result"):
+    """A journal entry upgraded from an old state file's venue memory: the venue's result of
+    an order whose report had been forgotten. A repeat of the order gets it back from the
+    venue (as ``duplicate``), exactly as the old format did."""
+
+    account: str
+    result: bytes
+
+
+_stored_decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(
+    ExecutionReport | VenueResult
+)
+_result_decoder = msgspec.msgpack.Decoder(Result)
+
+
+def upgrade_state_file(data: bytes) -> tuple[bytes, list[tuple[str, bytes]]]:
+    """An old whole-file state → (the journal's state, its records): the reports, and the
+    venue's remembered results of orders whose reports were already forgotten."""
+    old = msgspec.msgpack.decode(data, type=PaperConnectorState)
+    venue = msgspec.msgpack.decode(old.venue, type=VenueState)
+    records: dict[str, bytes] = {}
+    for book in venue.accounts:
+        for client_order_id, result in book.executed.items():
+            stored = VenueResult(account=book.account_id, result=msgspec.msgpack.encode(result))
+            records[client_order_id] = msgspec.msgpack.encode(stored)
+        book.executed, book.executed_ns = {}, {}
+    records.update(old.reports)  # a report says more than the venue's result
+    state = PaperConnectorState(venue=msgspec.msgpack.encode(venue), outbox=old.outbox)
+    return msgspec.msgpack.encode(state), list(records.items())
 
 
 def master_ref(master: str, ref: str) -> str:
@@ -68,24 +100,20 @@ class PaperTerminal:
         followers: Iterable[str],
         state_path: Path | None = None,
         outbox: list[MasterEvent] | None = None,
-        reports: dict[str, bytes] | None = None,
+        journal: OrderJournal | None = None,
         aliases: dict[str, list[str]] | None = None,
     ) -> None:
         self.venue = venue
         self.aliases = aliases or {}
         """Symbols quoted like another (a broker suffix): ``{"XAUUSD": ["XAUUSD.m"]}``."""
-        # Reports restored from disk age from now: kept one full memory span after a restart.
-        loaded_at = time.monotonic()
-        self._report_times: deque[tuple[float, str]] = deque(
-            (loaded_at, order_id) for order_id in reports or {}
-        )
+        self.journal = journal if journal is not None else OrderJournal(None)
+        """Executed order ids → reports, and the terminal's state (``connectors.journal``)."""
         self.follower_activity: deque[MasterEvent] = deque(maxlen=10_000)
         """The venue's own changes on follower accounts (SL/TP hits, stop-outs)."""
         self.masters = tuple(masters)
         self.followers = tuple(followers)
         self.state_path = state_path
         self.outbox: list[MasterEvent] = outbox or []
-        self.reports: dict[str, bytes] = reports or {}
         self.quote_seen = asyncio.Event()
         self.changed = False
         """The venue changed (a trade, or fills/SL/TP/stop-out on a quote) since the last save."""
@@ -99,38 +127,65 @@ class PaperTerminal:
         accounts: Sequence[tuple[str, str, float, int, str]],
         symbols: Sequence[SymbolConfig] = (XAUUSD,),
         aliases: dict[str, list[str]] | None = None,
+        *,
+        order_memory: OrderMemoryConfig | None = None,
+        wall_clock: Callable[[], int] = time.time_ns,
     ) -> PaperTerminal:
-        """Restore from ``state_path`` if it exists, else open the accounts fresh.
+        """Restore from ``state_path`` (and its journal) if there, else open the accounts fresh.
 
         ``accounts`` rows: (id, currency, balance, leverage, role) with role master/follower.
         Opening an account that exists changes nothing: start-up and recovery are one path.
+        A state file of the old whole-file format is upgraded on the way.
         """
+        journal = OrderJournal(state_path, order_memory, legacy=upgrade_state_file,
+                               clock=wall_clock)  # fmt: skip
         outbox: list[MasterEvent] = []
-        reports: dict[str, bytes] = {}
-        if state_path.exists():
-            state = msgspec.msgpack.decode(state_path.read_bytes(), type=PaperConnectorState)
-            venue = PaperVenue.restore(state.venue, symbols)
+        # The journal remembers the follower orders: the venue need not (its memory would
+        # only grow the process with history).
+        if journal.state is not None:
+            state = msgspec.msgpack.decode(journal.state, type=PaperConnectorState)
+            venue = PaperVenue.restore(state.venue, symbols, order_memory=order_memory,
+                                       wall_clock=wall_clock,
+                                       remember_client_orders=False)  # fmt: skip
             outbox = [codec.master_event_decoder.decode(e) for e in state.outbox]
-            reports = state.reports
         else:
-            venue = PaperVenue(symbols)
+            venue = PaperVenue(symbols, order_memory=order_memory, wall_clock=wall_clock,
+                               remember_client_orders=False)  # fmt: skip
         for account, currency, balance, leverage, _ in accounts:
             venue.open_account(account, currency, balance, leverage)
         masters = [a for a, *_, role in accounts if role == "master"]
         followers = [a for a, *_, role in accounts if role == "follower"]
-        return cls(venue, masters, followers, state_path, outbox, reports, aliases)
+        return cls(venue, masters, followers, state_path, outbox, journal, aliases)
+
+    @property
+    def reports(self) -> OrderJournal:
+        """Encoded execution reports by order id (the journal, read as a mapping)."""
+        return self.journal
 
     def save(self) -> None:
-        """Persist venue, outbox and reports in one atomic write (no fsync: see PaperVenue.save)."""
+        """Append the venue and outbox (and any reports not yet committed) to the journal,
+        without fsync: it survives a crash of the process, as a master's trade needs."""
+        self._write(durable=False)
+
+    def commit(self) -> None:
+        """Make the executed orders durable: their reports and the venue state they left,
+        in one journal frame, fsynced (see ConnectorRuntime)."""
+        self._write(durable=None)
+
+    def close(self) -> None:
+        self.journal.close()
+
+    def _write(self, durable: bool | None) -> None:
         self.changed = False
-        if self.state_path is None:
-            return
-        state = PaperConnectorState(
-            venue=self.venue.snapshot(),
-            outbox=[codec.encode(e) for e in self.outbox],
-            reports=self.reports,
-        )
-        write_atomically(self.state_path, msgspec.msgpack.encode(state))
+        state = None
+        if self.journal.persistent:
+            # Without the venue's order memory: the journal holds it, and a write per batch
+            # must not grow with history.
+            state = msgspec.msgpack.encode(PaperConnectorState(
+                venue=self.venue.snapshot(with_executed=False),
+                outbox=[codec.encode(e) for e in self.outbox],
+            ))  # fmt: skip
+        self.journal.commit(state, durable=durable)
 
     # ------------------------------------------------------------ Terminal protocol
 
@@ -194,20 +249,19 @@ class PaperTerminal:
     # ----------------------------------------------------------- follower orders
 
     async def execute(self, order: FollowerOrder, reports: OrderReports) -> ExecutionReport:
-        previous = self.reports.get(order.order_id)
+        previous = self.journal.recall(order.order_id)
         if previous is not None:
-            return codec.execution_report_decoder.decode(previous)
+            stored = _stored_decoder.decode(previous)
+            if not isinstance(stored, VenueResult):
+                return stored
+            # Upgraded from an old state file: the venue recognises the order as it used to.
+            result = _result_decoder.decode(stored.result)
+            self.venue.remember(stored.account, order.order_id, result)
         report = await self._execute(order, reports)
-        self.reports[order.order_id] = codec.encode(report)
-        self._report_times.append((time.monotonic(), order.order_id))
+        # No await between the venue's change and this record: a commit from another
+        # account's batch takes both or neither.
+        self.journal.record(order.order_id, codec.encode(report))
         return report
-
-    def commit(self) -> None:
-        """Forget reports of long-acknowledged orders, then persist (see ConnectorRuntime)."""
-        horizon = time.monotonic() - REPORT_MEMORY_S
-        while self._report_times and self._report_times[0][0] < horizon:
-            self.reports.pop(self._report_times.popleft()[1], None)
-        self.save()
 
     async def _execute(self, order: FollowerOrder, reports: OrderReports) -> ExecutionReport:
         venue, account = self.venue, order.follower
@@ -412,7 +466,7 @@ class PaperConnector:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._feed
         await self.runtime.stop()
-        self.terminal.save()
+        self.terminal.commit()
 
     async def _run_feed(self, replay: PriceReplay | NatsQuotes) -> None:
         terminal = self.terminal

@@ -147,6 +147,9 @@ class AccountBook(msgspec.Struct, kw_only=True):
     pendings: dict[str, PendingOrder] = {}
     executed: dict[str, Result] = {}
     """Results by client order id: the idempotency memory."""
+    executed_ns: dict[str, int] = {}
+    """When each result was remembered (UTC ns, wall clock): the memory forgets by age.
+    Missing in snapshots from before it existed; such results age from their restore."""
 
 
 class VenueState(msgspec.Struct, kw_only=True):

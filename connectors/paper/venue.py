@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import math
+import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import msgspec
+import structlog
 
+from connectors.journal import EVICTED, OrderMemoryConfig
 from connectors.paper import accounting as acc
 from connectors.paper import execution
 from connectors.paper.execution import Tags
@@ -33,6 +37,11 @@ from schemas.common import OrderType, Side, is_account_id
 _RETRYABLE = frozenset({Retcode.REQUOTE})
 _state_decoder = msgspec.msgpack.Decoder(VenueState)
 _STATE_VERSION = 1
+_NS = 1_000_000_000
+#: The metric label of the venue's client-order-id memory.
+_MEMORY = "paper_venue"
+
+log = structlog.get_logger("tradecopy.paper")
 
 
 class UnknownAccountError(KeyError):
@@ -51,7 +60,13 @@ class PaperVenue:
     (``master`` = the account id, ids ``f"{account}-{seq}"``) that a connector can publish
     unchanged; a rejection is a :class:`Result` value that changed nothing. A request whose
     ``client_order_id`` was already executed on that account returns the original result again
-    with ``duplicate=True`` and changes nothing: no follower order is executed twice.
+    with ``duplicate=True`` and changes nothing: no follower order is executed twice. That
+    memory is bounded as a connector's order memory is (``order_memory``): a client order id
+    is forgotten ``retention_s`` after it ran (by ``wall_clock``, not the quote clock), and
+    beyond ``max_orders`` ids the oldest go first (logged and counted). A venue behind a
+    connector that keeps that memory itself (its order journal) opens with
+    ``remember_client_orders=False``: it still answers ids it was told of (:meth:`remember`),
+    and its history stays out of its memory and its snapshots.
 
     Limits, on purpose: a symbol trades only on accounts in its profit currency (no FX
     conversion); hedged positions' margins are summed, not netted; no swaps or commissions;
@@ -59,9 +74,22 @@ class PaperVenue:
     """
 
     def __init__(
-        self, symbols: Iterable[SymbolConfig] = (XAUUSD,), *, stop_out_level: float = 50.0
+        self,
+        symbols: Iterable[SymbolConfig] = (XAUUSD,),
+        *,
+        stop_out_level: float = 50.0,
+        order_memory: OrderMemoryConfig | None = None,
+        wall_clock: Callable[[], int] = time.time_ns,
+        remember_client_orders: bool = True,
     ) -> None:
         self._ledger = Ledger(symbols, stop_out_level)
+        self.order_memory = order_memory or OrderMemoryConfig()
+        self.wall_clock = wall_clock
+        self.remember_client_orders = remember_client_orders
+        # (ts, account, client order id) oldest first; an entry whose id was remembered
+        # again since (or forgotten) is stale and skipped.
+        self._remembered: deque[tuple[int, str, str]] = deque()
+        self._remembered_count = 0
 
     # ------------------------------------------------------------------ accounts, queries
 
@@ -176,6 +204,11 @@ class PaperVenue:
     def executed(self, account: str, client_order_id: str) -> Result | None:
         """The remembered result of a client order id (for reconciliation), or None."""
         return self._book(account).executed.get(client_order_id)
+
+    def remember(self, account: str, client_order_id: str, result: Result) -> None:
+        """Take the result of a client order id that ran on an earlier incarnation of this
+        venue (whose memory was kept elsewhere): a repeat of it is then a duplicate."""
+        self._remember(self._book(account), client_order_id, result)
 
     # ---------------------------------------------------------------------- requests
 
@@ -380,9 +413,46 @@ class PaperVenue:
             if known is not None:
                 return msgspec.structs.replace(known, duplicate=True)
         result = run(book)
-        if client_order_id is not None and result.retcode not in _RETRYABLE:
-            book.executed[client_order_id] = result
+        if (
+            client_order_id is not None
+            and self.remember_client_orders
+            and result.retcode not in _RETRYABLE
+        ):
+            self._remember(book, client_order_id, result)
         return result
+
+    def _remember(self, book: AccountBook, client_order_id: str, result: Result) -> None:
+        now = self.wall_clock()
+        if client_order_id not in book.executed:
+            self._remembered_count += 1
+        book.executed[client_order_id] = result
+        book.executed_ns[client_order_id] = now
+        self._remembered.append((now, book.account_id, client_order_id))
+        self._forget_old(now)
+
+    def _forget_old(self, now: int) -> None:
+        """Forget client order ids past the retention, then the oldest beyond the cap."""
+        remembered = self._remembered
+        horizon = now - int(self.order_memory.retention_s * _NS)
+        while remembered and remembered[0][0] < horizon:
+            self._forget(*remembered.popleft())
+        evicted = 0
+        while self._remembered_count > self.order_memory.max_orders:
+            evicted += self._forget(*remembered.popleft())
+        if evicted:
+            # Younger than the retention: a repeat of these would now trade again.
+            EVICTED.labels(_MEMORY).inc(evicted)
+            log.warning("order_memory_cap_evicted", memory=_MEMORY, evicted=evicted,
+                        max_orders=self.order_memory.max_orders)  # fmt: skip
+
+    def _forget(self, ts: int, account: str, client_order_id: str) -> bool:
+        book = self._ledger.accounts.get(account)
+        if book is None or book.executed_ns.get(client_order_id) != ts:
+            return False
+        del book.executed[client_order_id]
+        del book.executed_ns[client_order_id]
+        self._remembered_count -= 1
+        return True
 
     def _ts(self, now_ns: int | None) -> int:
         return self._ledger.clock_ns if now_ns is None else now_ns
@@ -395,25 +465,43 @@ class PaperVenue:
 
     # ------------------------------------------------------------------- persistence
 
-    def snapshot(self) -> bytes:
-        """The whole venue as msgpack: accounts, orders, tickets, idempotency memory, quotes."""
+    def snapshot(self, *, with_executed: bool = True) -> bytes:
+        """The whole venue as msgpack: accounts, orders, tickets, idempotency memory, quotes.
+
+        ``with_executed=False`` leaves the idempotency memory out: what is left is as small as
+        the open positions and orders, whatever the history (a connector keeps its order
+        memory in its journal instead).
+        """
         ledger = self._ledger
+        accounts = list(ledger.accounts.values())
+        if not with_executed:
+            accounts = [msgspec.structs.replace(b, executed={}, executed_ns={}) for b in accounts]
         state = VenueState(
             next_ticket=ledger.next_ticket,
             clock_ns=ledger.clock_ns,
             stop_out_level=ledger.stop_out_level,
-            accounts=list(ledger.accounts.values()),
+            accounts=accounts,
             quotes=list(ledger.quotes.values()),
         )
         return msgspec.msgpack.encode(state)
 
     @classmethod
-    def restore(cls, data: bytes, symbols: Iterable[SymbolConfig] = (XAUUSD,)) -> PaperVenue:
+    def restore(
+        cls,
+        data: bytes,
+        symbols: Iterable[SymbolConfig] = (XAUUSD,),
+        *,
+        order_memory: OrderMemoryConfig | None = None,
+        wall_clock: Callable[[], int] = time.time_ns,
+        remember_client_orders: bool = True,
+    ) -> PaperVenue:
         """The venue a :meth:`snapshot` saved, trading ``symbols`` (they are not saved)."""
         state = _state_decoder.decode(data)
         if state.version != _STATE_VERSION:
             raise ValueError(f"snapshot version {state.version}, this venue reads {_STATE_VERSION}")
-        venue = cls(symbols, stop_out_level=state.stop_out_level)
+        venue = cls(symbols, stop_out_level=state.stop_out_level, order_memory=order_memory,
+                    wall_clock=wall_clock,
+                    remember_client_orders=remember_client_orders)  # fmt: skip
         ledger = venue._ledger
         for book in state.accounts:
             used = {p.symbol for p in book.positions.values()}
@@ -427,7 +515,21 @@ class PaperVenue:
         ledger.quotes = {q.symbol: q for q in state.quotes}
         ledger.next_ticket = state.next_ticket
         ledger.clock_ns = state.clock_ns
+        venue._recall_memory()
         return venue
+
+    def _recall_memory(self) -> None:
+        """Rebuild the age order of the restored idempotency memory, then prune it."""
+        now = self.wall_clock()
+        entries = []
+        for book in self._ledger.accounts.values():
+            # Snapshots from before executed_ns: those results age from now.
+            book.executed_ns = {cid: book.executed_ns.get(cid, now) for cid in book.executed}
+            entries.extend((ts, book.account_id, cid) for cid, ts in book.executed_ns.items())
+        entries.sort()
+        self._remembered = deque(entries)
+        self._remembered_count = len(entries)
+        self._forget_old(now)
 
     def save(self, path: Path, durable: bool = True) -> None:
         """Write the snapshot atomically: a crash leaves the old file or the new, never half.
@@ -438,5 +540,11 @@ class PaperVenue:
         write_atomically(path, self.snapshot(), durable=durable)
 
     @classmethod
-    def load(cls, path: Path, symbols: Iterable[SymbolConfig] = (XAUUSD,)) -> PaperVenue:
-        return cls.restore(path.read_bytes(), symbols)
+    def load(
+        cls,
+        path: Path,
+        symbols: Iterable[SymbolConfig] = (XAUUSD,),
+        *,
+        order_memory: OrderMemoryConfig | None = None,
+    ) -> PaperVenue:
+        return cls.restore(path.read_bytes(), symbols, order_memory=order_memory)
