@@ -1,10 +1,11 @@
 """End to end on paper venues: master fill → follower fill, through NATS and the replicator.
 
-A paper master and a paper follower (each behind its own connector runtime, as in production),
-the replicator in its own process, real XAUUSD prices. The master opens and closes positions;
-each follower execution report carries the trace, so every hop is measured:
+A paper master and a paper follower (each behind its own connector runtime and NATS user, as in
+production), the replicator in its own process, real XAUUSD prices. The master opens and closes
+positions; each follower execution report carries the trace, so every hop is measured.
+``--sync default,always`` repeats every case on a server that fsyncs before every ack:
 
-    python -m benchmarks.e2e [--trades 200] [--gaps-ms 0,20] [--json]
+    python -m benchmarks.e2e [--trades 200] [--gaps-ms 0,20] [--sync default] [--json]
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from typing import Any
 
 import msgspec
 
-from benchmarks.fanout import percentiles
+from benchmarks.fanout import percentiles, sync_settings
 from connectors.paper.connector import PaperConnector, PaperTerminal
 from connectors.paper.prices import bar_to_ticks, load_bars
+from engine.core.errors import TradecopyError
 from engine.runtime.eventloop import run_async
 from engine.runtime.stack import LocalStack
 from schemas import codec, subjects
@@ -40,15 +42,20 @@ HOPS = (
 )
 
 
-async def run(trades: int, gap_ms: float) -> dict[str, Any]:
+async def run(trades: int, gap_ms: float, sync: str = "default") -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="tc-e2e-") as tmp:
         root = Path(tmp)
-        stack = await LocalStack(root / "nats", name="e2e").start()
+        stack = LocalStack(
+            root / "nats", name="e2e", sync_interval=None if sync == "default" else sync
+        )
+        await stack.add_connector("e2e-pm", masters=["e2e-m"])
+        await stack.add_connector("e2e-pf", followers=["e2e-f"])
+        await stack.start()
         connectors: list[PaperConnector] = []
         try:
-            nc_master = await stack.connect("e2e-master")
-            nc_follower = await stack.connect("e2e-follower")
-            js = nc_master.jetstream()
+            nc_master = await stack.connect("e2e-master", stack.connector_user("e2e-pm"))
+            nc_follower = await stack.connect("e2e-follower", stack.connector_user("e2e-pf"))
+            js = stack.js  # the operator reads every report
             await stack.apply_links([CopyLink(link_id="e2e", master="e2e-m", follower="e2e-f")])
             stack.spawn_replicators(instance="e2e")
             master_t = PaperTerminal.open(root / "m.state", [("e2e-m", "USD", 1e5, 100, "master")])
@@ -115,17 +122,28 @@ def main(argv: list[str] | None = None) -> int:
         help="pauses between master trades to measure, comma-separated: 0 is a steady flow; "
         "a pause lets every process go idle, and waking costs latency on each hop",
     )
+    parser.add_argument(
+        "--sync",
+        default="default",
+        help="JetStream fsync settings, comma-separated: default (the server's), always, or a "
+        "duration (1s); each case runs once per setting",
+    )
     parser.add_argument("--json", action="store_true", help="one JSON object on the last line")
     args = parser.parse_args(argv)
+    try:
+        syncs = sync_settings(args.sync)
+    except TradecopyError as exc:
+        parser.error(str(exc))
     cases = []
-    for gap in (float(g) for g in args.gaps_ms.split(",") if g.strip()):
-        result = run_async(run(args.trades, gap))
-        cases.append({"gap_ms": gap, **result})
-        print(f"\nend to end on paper venues, 1 follower, {result['fills']} fills, "
-              f"{gap:g} ms between master trades")  # fmt: skip
-        print(f"{'hop':<38} {'p50 µs':>9} {'p99 µs':>9} {'max µs':>9}")
-        for label, h in result["hops"].items():
-            print(f"{label:<38} {h['p50_us']:>9.1f} {h['p99_us']:>9.1f} {h['max_us']:>9.1f}")
+    for sync in syncs:
+        for gap in (float(g) for g in args.gaps_ms.split(",") if g.strip()):
+            result = run_async(run(args.trades, gap, sync))
+            cases.append({"gap_ms": gap, "sync": sync, **result})
+            print(f"\nend to end on paper venues, 1 follower, {result['fills']} fills, "
+                  f"{gap:g} ms between master trades, JetStream sync: {sync}")  # fmt: skip
+            print(f"{'hop':<38} {'p50 µs':>9} {'p99 µs':>9} {'max µs':>9}")
+            for label, h in result["hops"].items():
+                print(f"{label:<38} {h['p50_us']:>9.1f} {h['p99_us']:>9.1f} {h['max_us']:>9.1f}")
     if args.json:
         print(json.dumps({"cases": cases}))
     return 0

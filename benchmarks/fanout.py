@@ -4,9 +4,13 @@ Real nats-server (from the wheel), the replicator in its own process, and in the
 the floor: a bare relay process that consumes the same kind of master event and publishes
 the same number of pre-encoded orders to the same stream with the same acknowledgement
 policy. Cases alternate event by event between replicator and floor so both see the same
-machine conditions.
+machine conditions. Every process runs as its own NATS user (the replicator and the floor as
+the replicator, the simulated connectors as connectors), as in production.
 
-    python -m benchmarks.fanout [--followers 1,100,1000] [--events 200] [--json]
+``--sync default,always`` runs everything once per JetStream fsync setting, one server each:
+the cost of ``sync_interval: always`` (fsync before every ack) next to the default.
+
+    python -m benchmarks.fanout [--followers 1,100,1000] [--events 200] [--sync default] [--json]
 """
 
 from __future__ import annotations
@@ -25,7 +29,11 @@ from typing import Any
 
 import nats
 
+from engine.core.errors import TradecopyError
 from engine.runtime.eventloop import run_async
+from engine.runtime.jetstream import ensure_buckets
+from engine.runtime.natsauth import Role
+from engine.runtime.natsserver import check_sync_interval
 from engine.runtime.stack import LocalStack
 from schemas import codec, subjects
 from schemas.account import AccountState, SymbolSpec
@@ -82,16 +90,29 @@ def connectors_for(n: int) -> int:
     return -(-n // FOLLOWERS_PER_CONNECTOR)
 
 
-async def _seed_case(buckets: dict[str, Any], n: int, batched: bool) -> tuple[str, str, list[str]]:
-    """Links, account states and symbol specs for one master with ``n`` followers.
+def case_accounts(n: int, batched: bool) -> tuple[str, str, list[str]]:
+    """The master, the floor's master and the followers of a case (names fixed up front, so
+    every simulated connector's NATS user can be made before the server starts)."""
+    tag = "b" if batched else "s"
+    return f"bench-m{tag}{n}", f"floor-m{tag}{n}", [f"bench-f{tag}{n}-{i:04d}" for i in range(n)]
+
+
+def case_connector(n: int, batched: bool) -> str:
+    """The simulated connector that publishes a case's master events and account states."""
+    return f"bench-{'b' if batched else 's'}{n}"
+
+
+async def _seed_case(
+    links: Any, accounts: dict[str, Any], n: int, batched: bool
+) -> tuple[str, str, list[str]]:
+    """Links (``links``: the operator's bucket), account states and symbol specs (``accounts``:
+    the case connector's buckets) for one master with ``n`` followers.
 
     Batched followers name their connector in their account state (100 per connector), so
     the replicator groups their orders; the others get one message per order.
     """
     tag = "b" if batched else "s"
-    master = f"bench-m{tag}{n}"
-    floor_master = f"floor-m{tag}{n}"
-    followers = [f"bench-f{tag}{n}-{i:04d}" for i in range(n)]
+    master, floor_master, followers = case_accounts(n, batched)
     now = time.time_ns()
 
     async def seed_follower(i: int, follower: str) -> None:
@@ -122,11 +143,11 @@ async def _seed_case(buckets: dict[str, Any], n: int, batched: bool) -> tuple[st
             volume_max=100.0,
             volume_step=0.01,
         )
-        await buckets[subjects.KV_ACCOUNTS].put(follower, codec.encode(state))
-        await buckets[subjects.KV_SYMBOLS].put(
+        await accounts[subjects.KV_ACCOUNTS].put(follower, codec.encode(state))
+        await accounts[subjects.KV_SYMBOLS].put(
             subjects.symbol_key(follower, SYMBOL), codec.encode(spec)
         )
-        await buckets[subjects.KV_LINKS].put(link.link_id, codec.encode(link))
+        await links.put(link.link_id, codec.encode(link))
 
     for start in range(0, n, 100):
         await asyncio.gather(
@@ -181,19 +202,36 @@ async def _wait_ready(nc: Any, counter: OrderCounter, master: str, n: int) -> No
 
 
 async def run(
-    follower_counts: list[int], events: int, modes: list[str], partitions: int = 16
+    follower_counts: list[int],
+    events: int,
+    modes: list[str],
+    partitions: int = 16,
+    sync: str = "default",
 ) -> dict[str, Any]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    """One server (``sync``: its JetStream fsync setting), every case on it."""
     with tempfile.TemporaryDirectory(prefix="tc-bench-") as tmp:
-        stack = await LocalStack(Path(tmp) / "nats", partitions=partitions, name="bench").start()
+        stack = LocalStack(
+            Path(tmp) / "nats", partitions=partitions, name="bench",
+            sync_interval=None if sync == "default" else sync,
+        )  # fmt: skip
+        plan = [(m, n) for m in modes for n in follower_counts]
+        for mode, n in plan:
+            master, floor_master, followers = case_accounts(n, mode == "batch")
+            await stack.add_connector(
+                case_connector(n, mode == "batch"),
+                masters=[master, floor_master], followers=followers,
+            )  # fmt: skip
+        await stack.start()
         procs: list[subprocess.Popen[bytes]] = []
         try:
-            nc, js, buckets = stack.nc, stack.js, stack.buckets
+            js = stack.js
             debug = bool(os.environ.get("TC_BENCH_DEBUG"))
             stack.spawn_replicators(
                 instance="bench", batch_by_connector=True,
                 log_level="debug" if debug else "warning", quiet=not debug,
             )  # fmt: skip
+            # The floor consumes and publishes exactly what the replicator does, as it.
+            floor_env = {**stack.child_env(stack.user(Role.REPLICATOR)), "PYTHONUNBUFFERED": "1"}
             counter = OrderCounter()
             await js.subscribe(
                 "tc.v1.*.*.orders", stream=FOLLOWER_ORDERS_STREAM, cb=counter.on_msg,
@@ -201,16 +239,21 @@ async def run(
                 deliver_policy=nats.js.api.DeliverPolicy.NEW,
             )  # fmt: skip
             cases = []
-            for mode, n in [(m, n) for m in modes for n in follower_counts]:
+            for mode, n in plan:
                 batched = mode == "batch"
-                master, floor_master, followers = await _seed_case(buckets, n, batched)
+                name = case_connector(n, batched)
+                nc = await stack.connect(f"bench-{name}", stack.connector_user(name))
+                accounts = await ensure_buckets(nc.jetstream())
+                master, floor_master, followers = await _seed_case(
+                    stack.buckets[subjects.KV_LINKS], accounts, n, batched
+                )
                 messages = connectors_for(n) if batched else n
                 floor = subprocess.Popen(
                     [sys.executable, "-m", "benchmarks.floor_relay", "--nats-url", stack.url,
                      "--master", floor_master, "--followers", ",".join(followers),
                      "--durable", f"floor-{mode}-{n}",
                      "--batches", str(connectors_for(n) if batched else 0)],
-                    env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                    env=floor_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 )  # fmt: skip
                 procs.append(floor)
                 await _wait_ready(nc, counter, master, messages)
@@ -227,6 +270,7 @@ async def run(
                     {
                         "mode": mode,
                         "followers": n,
+                        "sync": sync,
                         "messages_per_event": messages,
                         "events": case_events,
                         "p50_us": round(p.p50_us, 1),
@@ -271,14 +315,28 @@ def render(result: dict[str, Any]) -> str:
     header = "  ".join(
         f"{title:>{width}}" for (title, _, _), width in zip(_COLUMNS, widths, strict=True)
     )
-    lines = [
-        "fan-out: master event published → last follower order stored and received",
-        header,
-        "-" * len(header),
-    ]
-    for case in result["cases"]:
-        lines.append("  ".join(fmt.format(case[key]) for _, key, fmt in _COLUMNS))
-    return "\n".join(lines)
+    lines = []
+    for sync in dict.fromkeys(case.get("sync", "default") for case in result["cases"]):
+        lines += [
+            "fan-out: master event published → last follower order stored and received; "
+            f"JetStream sync: {sync}",
+            header,
+            "-" * len(header),
+        ]
+        for case in result["cases"]:
+            if case.get("sync", "default") == sync:
+                lines.append("  ".join(fmt.format(case[key]) for _, key, fmt in _COLUMNS))
+        lines.append("")
+    return "\n".join(lines).rstrip()
+
+
+def sync_settings(text: str) -> list[str]:
+    """``default,always`` → the settings to measure, each checked (a duration such as 1s)."""
+    settings = [part.strip() for part in text.split(",") if part.strip()]
+    for setting in settings:
+        if setting != "default":
+            check_sync_interval(setting)
+    return settings or ["default"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -291,13 +349,26 @@ def main(argv: list[str] | None = None) -> int:
         default="per-order,batch",
         help="per-order: one message per follower order; batch: one per connector",
     )
+    parser.add_argument(
+        "--sync",
+        default="default",
+        help="JetStream fsync settings, comma-separated: default (the server's), always, or a "
+        "duration (1s); each runs every case on a server of its own",
+    )
     args = parser.parse_args(argv)
     counts = [int(x) for x in args.followers.split(",") if x.strip()]
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     unknown = set(modes) - {"per-order", "batch"}
     if unknown:
         parser.error(f"unknown mode(s): {', '.join(sorted(unknown))}")
-    result = run_async(run(counts, args.events, modes))
+    try:
+        syncs = sync_settings(args.sync)
+    except TradecopyError as exc:
+        parser.error(str(exc))
+    cases: list[dict[str, Any]] = []
+    for sync in syncs:
+        cases += run_async(run(counts, args.events, modes, sync=sync))["cases"]
+    result = {"cases": cases}
     print(render(result))
     if args.json:
         print(json.dumps(result))

