@@ -13,6 +13,7 @@ import structlog
 
 from engine.core.errors import TradecopyError
 from engine.runtime.files import load_toml
+from engine.runtime.natsauth import ENV_CREDS, ENV_USER
 
 log = structlog.get_logger("tradecopy.up")
 
@@ -28,6 +29,10 @@ class NatsSection(_Section):
     port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 4222
     http_port: Annotated[int, msgspec.Meta(ge=-1, le=65535)] = 8222
     store_dir: str | None = None
+    secure: bool = True
+    """One nkey user per role, made at each start; false leaves NATS open to anyone local."""
+    sync_interval: Annotated[str, msgspec.Meta(pattern=r"^(|always|[1-9][0-9]*(ms|s|m|h))$")] = ""
+    """JetStream fsync: "always" (before every ack) or a duration; "" keeps the server's 2m."""
 
 
 class ReplicatorSection(_Section):
@@ -71,6 +76,19 @@ def _port_taken(host: str, port: int) -> bool:
         return probe.connect_ex((host, port)) == 0
 
 
+def _write_logins(stack: Any, directory: Path) -> dict[str, Path]:
+    """The operator's and the quotes publisher's seeds, for the CLI on this machine (0600 in
+    the state dir, new at every start: the previous ones stop working)."""
+    from engine.runtime.natsauth import Role, write_seed_file
+
+    logins: dict[str, Path] = {}
+    for role in (Role.OPERATOR, Role.QUOTES):
+        user = stack.user(role)
+        if user is not None:
+            logins[role.value] = write_seed_file(directory / f"{role.value}.nk", user.seed)
+    return logins
+
+
 def load_config(path: Path) -> UpConfig:
     return load_toml(path, UpConfig)
 
@@ -83,6 +101,7 @@ async def run_up(config_path: Path) -> None:
     from engine.runtime.links import validate_link
     from engine.runtime.natsserver import default_state_dir
     from engine.runtime.stack import LocalStack
+    from engine.runtime.supervisor import StackSupervisor
 
     config = load_config(config_path)
     links, errors = [], []
@@ -106,7 +125,16 @@ async def run_up(config_path: Path) -> None:
         store, host=config.nats.host, port=config.nats.port,
         http_port=None if config.nats.http_port < 0 else config.nats.http_port,
         partitions=config.replicator.partitions, name="tradecopy-up",
+        secure=config.nats.secure, sync_interval=config.nats.sync_interval or None,
     )  # fmt: skip
+    paper = config.paper
+    if paper.accounts:
+        # The paper venue is a connector like any other: its user may touch only its accounts.
+        await stack.add_connector(
+            paper.connector_id,
+            masters=[a.id for a in paper.accounts if a.role == "master"],
+            followers=[a.id for a in paper.accounts if a.role == "follower"],
+        )
     # Handlers first: "Ctrl-C stops everything" is printed only once Ctrl-C does.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -121,25 +149,30 @@ async def run_up(config_path: Path) -> None:
         replicators = stack.spawn_replicators(
             config.replicator.instances, instance="up", metrics_port=metrics_port, quiet=False
         )
-        paper = config.paper
         if paper.accounts:
             paper_dir = Path(paper.state_dir) if paper.state_dir else state / "paper"
             rows = [(a.id, a.currency, a.balance, a.leverage, a.role) for a in paper.accounts]
             terminal = PaperTerminal.open(paper_dir / f"{paper.connector_id}.state", rows)
+            venue_nc = await stack.connect(
+                f"tradecopy-up-{paper.connector_id}", stack.connector_user(paper.connector_id)
+            )
             feed: PriceReplay | NatsQuotes
             if paper.prices == "nats":
-                feed = NatsQuotes(stack.nc, list(terminal.venue.symbols))
+                feed = NatsQuotes(venue_nc, list(terminal.venue.symbols))
             else:
                 feed = PriceReplay(
                     load_bars(), start=paper.start_bar, speed=paper.speed, loop=paper.loop,
                     stamp_wall_clock=True, steps_per_leg=3,
                 )  # fmt: skip
-            connector = PaperConnector(stack.nc, paper.connector_id, terminal, feed)
+            connector = PaperConnector(venue_nc, paper.connector_id, terminal, feed)
             await connector.start()
         print(f"NATS (JetStream)   {stack.url}   store {store}", flush=True)
         if stack.server.http_port:
             print(f"NATS monitoring    http://{config.nats.host}:{stack.server.http_port}/",
                   flush=True)  # fmt: skip
+        logins = _write_logins(stack, state / "credentials")
+        for role, path in logins.items():
+            print(f"{role + ' login':<18} export {ENV_USER}={role} {ENV_CREDS}={path}", flush=True)
         for i, proc in enumerate(replicators):
             where = (f"http://127.0.0.1:{metrics_port + i}/metrics, /healthz"
                      if metrics_port > 0 else "no metrics")  # fmt: skip
@@ -152,12 +185,13 @@ async def run_up(config_path: Path) -> None:
             f"{len(result.updated)} updated)\nCtrl-C stops everything.",
             flush=True,
         )
+        # NATS and the replicators are brought back when they die (with backoff, a log line per
+        # change); Ctrl-C is the only way out.
+        supervisor = StackSupervisor(stack)
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 1.0)
-            for proc in stack.exited_replicators():
-                log.error("replicator_exited", pid=proc.pid, code=proc.returncode)
-                stop.set()
+            await supervisor.check()
     finally:
         print("stopping…", flush=True)
         if connector is not None:

@@ -20,13 +20,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
+from conftest import wait_until
 from fault_follower import open_terminal
 
 from connectors.paper.connector import PaperConnector, PaperTerminal
 from engine.runtime.jetstream import ensure_buckets, ensure_streams
 from engine.runtime.natsconn import connect
-from engine.runtime.natsserver import EmbeddedNats
+from engine.runtime.natsserver import EmbeddedNats, free_port
 from engine.runtime.processes import spawn_replicator, stop_process, wait_for_replicator
 from schemas import codec, subjects
 from schemas.common import Side
@@ -149,13 +151,34 @@ class Rig:
     js: Any
     root: Path
     replicators: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    health_ports: list[int] = field(default_factory=list)
 
     def spawn_replicators(self, count: int) -> None:
         for i in range(count):
+            port = free_port()
+            self.health_ports.append(port)
             self.replicators.append(spawn_replicator(
                 self.server.url, instance=f"fault-{i + 1}", partitions=PARTITIONS,
-                log_level="error",
+                log_level="error", metrics_port=port,
             ))  # fmt: skip
+
+    async def every_replicator_healthy(self) -> bool:
+        return all(await self.replicators_healthy())
+
+    async def no_replicator_healthy(self) -> bool:
+        return not any(await self.replicators_healthy())
+
+    async def replicators_healthy(self) -> list[bool]:
+        """What each replicator's /healthz says (an unanswered probe counts as not ok)."""
+        answers = []
+        async with aiohttp.ClientSession() as http:
+            for port in self.health_ports:
+                try:
+                    async with http.get(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
+                        answers.append(r.status == 200 and (await r.json())["ok"] is True)
+                except (aiohttp.ClientError, TimeoutError):
+                    answers.append(False)
+        return answers
 
 
 @pytest.fixture
@@ -188,14 +211,7 @@ async def in_process_follower(rig: Rig) -> tuple[PaperConnector, PaperTerminal, 
 
 
 @pytest.mark.parametrize("replicators", [1, 2])
-@pytest.mark.parametrize(
-    "restart",
-    [
-        pytest.param("sigkill", marks=pytest.mark.xfail(
-            strict=True, reason="publish acks lost in the kill are awaited forever: a stall")),
-        "clean",
-    ],
-)  # fmt: skip
+@pytest.mark.parametrize("restart", ["sigkill", "clean"])
 async def test_nats_restarted_mid_burst_loses_repeats_and_reorders_nothing(
     rig: Rig, restart: str, replicators: int
 ) -> None:
@@ -213,11 +229,17 @@ async def test_nats_restarted_mid_burst_loses_repeats_and_reorders_nothing(
                     rig.server.kill()
                 else:
                     await rig.server.stop()
+                # Health tells the truth while NATS is away ...
+                await wait_until(lambda: not connector.runtime.health()["ok"], "connector not ok")
+                await wait_until(rig.no_replicator_healthy, "no replicator ok without NATS")
                 await asyncio.sleep(0.5)
                 await rig.server.start()
         await wait_held(copies, lambda: positions_held(terminal))
         assert_exact(copies, terminal, f"NATS {restart}, {replicators} replicator(s)")
         assert all(proc.poll() is None for proc in rig.replicators)
+        # ... and once everything is copied again.
+        assert connector.runtime.health()["ok"], connector.runtime.health()
+        await wait_until(rig.every_replicator_healthy, "every replicator ok again")
     finally:
         await connector.stop()
         await nc.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -9,6 +10,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 CONFIG = """
 [nats]
@@ -56,7 +59,8 @@ def test_up_starts_everything_says_where_and_stops_cleanly(tmp_path: Path) -> No
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=30) == 0
     # State lives under the user's state directory and survives for the next start.
-    assert (tmp_path / "state" / "tradecopy" / "paper" / "paper.state").exists()
+    # (the paper state is a snapshot and its journal: whichever the run wrote)
+    assert list((tmp_path / "state" / "tradecopy" / "paper").glob("paper.state*"))
     assert (tmp_path / "state" / "tradecopy" / "nats" / "jetstream").exists()
 
 
@@ -74,3 +78,138 @@ def test_up_refuses_a_taken_port_with_a_clear_message(tmp_path: Path) -> None:
         )  # fmt: skip
     assert done.returncode == 2
     assert f"port {port}" in done.stderr and "already in use" in done.stderr
+
+
+def _start_up(tmp_path: Path) -> tuple[subprocess.Popen[str], list[str]]:
+    config = tmp_path / "up.toml"
+    config.write_text(CONFIG)
+    env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state"), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "engine.cli", "up", "--config", str(config)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + 60
+    while not any(line.startswith("Ctrl-C stops") for line in lines):
+        assert time.monotonic() < deadline, lines
+        line = proc.stdout.readline()
+        assert line, f"up exited early: {lines}"
+        lines.append(line.strip())
+    return proc, lines
+
+
+def test_up_secures_nats_and_gives_the_operator_a_login(tmp_path: Path) -> None:
+    """Only the users up made get in; the operator's login (printed) works for the CLI."""
+    proc, lines = _start_up(tmp_path)
+    try:
+        url = next(line.split()[2] for line in lines if line.startswith("NATS (JetStream)"))
+        login = next(line for line in lines if line.startswith("operator login"))
+        exports = dict(item.split("=", 1) for item in login.split("export ", 1)[1].split())
+        seed_file = Path(exports["TRADECOPY_NATS_CREDS"])
+        assert exports["TRADECOPY_NATS_USER"] == "operator"
+        assert seed_file.stat().st_mode & 0o077 == 0
+        conf = tmp_path / "state" / "tradecopy" / "nats" / "nats-server.conf"
+        assert conf.stat().st_mode & 0o077 == 0
+        assert seed_file.read_text().strip() not in conf.read_text()  # public keys only
+
+        bare = {k: v for k, v in os.environ.items() if not k.startswith("TRADECOPY_NATS_")}
+        stop = [sys.executable, "-m", "engine.cli", "stop", "set", "global", "--nats-url", url]
+        refused = subprocess.run(stop, env=bare, capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 2
+        assert "TRADECOPY_NATS_SEED" in refused.stderr
+        done = subprocess.run(
+            stop, env={**bare, **exports}, capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0, done.stderr
+        assert "emergency stop global: ACTIVE" in done.stdout
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+
+
+def test_the_shipped_config_loads_secured_and_checks_the_sync_interval(tmp_path: Path) -> None:
+    from engine.core.errors import TradecopyError
+    from engine.up import DEFAULT_CONFIG, load_config
+
+    shipped = load_config(DEFAULT_CONFIG)
+    assert shipped.nats.secure is True and shipped.nats.host == "127.0.0.1"
+    config = tmp_path / "up.toml"
+    config.write_text('[nats]\nsync_interval = "always"\n')
+    assert load_config(config).nats.sync_interval == "always"
+    config.write_text('[nats]\nsync_interval = "sometimes"\n')
+    with pytest.raises(TradecopyError, match="sync_interval"):
+        load_config(config)
+
+
+def _children(pid: int) -> dict[int, str]:
+    """Child pid → command line (Linux /proc)."""
+    found: dict[int, str] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            with contextlib.suppress(OSError):
+                cmdline = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ")
+                found[int(child)] = cmdline.decode(errors="replace")
+    return found
+
+
+def _child(pid: int, marker: str, timeout: float = 30.0, not_pid: int = 0) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for child, cmdline in _children(pid).items():
+            if marker in cmdline and child != not_pid:
+                return child
+        time.sleep(0.1)
+    raise AssertionError(f"no child running {marker!r}: {_children(pid)}")
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
+def test_up_brings_back_a_dead_nats_server_and_replicator_and_says_so_once(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "up.toml"
+    config.write_text(CONFIG)
+    log_file = tmp_path / "up.log"
+    env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state"), "PYTHONUNBUFFERED": "1"}
+    with log_file.open("w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "engine.cli", "up", "--config", str(config),
+             "--log-level", "info"],
+            env=env, stdout=subprocess.PIPE, stderr=log, text=True,
+        )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        url = ""
+        for line in proc.stdout:
+            if line.startswith("NATS (JetStream)"):
+                url = line.split()[2]
+            if line.startswith("Ctrl-C stops"):
+                break
+        port = int(url.rsplit(":", 1)[1])
+        nats_pid = _child(proc.pid, "nats-server")
+        replicator_pid = _child(proc.pid, "replicator run")
+
+        os.kill(nats_pid, signal.SIGKILL)
+        new_nats = _child(proc.pid, "nats-server", not_pid=nats_pid)
+        deadline = time.monotonic() + 30
+        while True:  # back on the same port: every client finds it where it was
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert time.monotonic() < deadline, "nats-server did not come back on its port"
+            time.sleep(0.1)
+
+        os.kill(replicator_pid, signal.SIGKILL)
+        _child(proc.pid, "replicator run", not_pid=replicator_pid)
+        time.sleep(2.0)  # a few supervision rounds: nothing is said twice
+        assert proc.poll() is None, "up gave up"
+        assert new_nats != nats_pid
+    finally:
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=30)
+    text = log_file.read_text()
+    for event in ("nats_server_exited", "nats_server_restarted", "replicator_exited",
+                  "replicator_restarted"):  # fmt: skip
+        assert text.count(event) == 1, (event, text[-3000:])
+    assert "Traceback" not in text
+    assert code == 0

@@ -4,24 +4,41 @@
 wire and stop the stack the same way. Each step is a method, called in the order a caller needs
 (the fan-out benchmark seeds accounts after its replicator is up; ``up`` checks its links before
 anything starts), and ``stop`` undoes whatever was started, in reverse.
+
+Secured by default: every role gets its own nkey user, made afresh at each start (seeds stay in
+memory and reach child processes through their environment), and the server admits only them,
+each with the permissions of ``engine.runtime.natsauth``. The admin user creates the streams and
+buckets; the stack's own client (``nc``) is the operator; replicators run as the replicator;
+each connector gets a user of its own (``add_connector``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import nats
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
 from engine.runtime.jetstream import ensure_buckets, ensure_streams
 from engine.runtime.links import ApplyResult, apply_links
-from engine.runtime.natsserver import EmbeddedNats
+from engine.runtime.natsauth import (
+    CREDENTIAL_VARIABLES,
+    ENV_TLS_CA,
+    ENV_TLS_CERT,
+    ENV_TLS_KEY,
+    SINGLE_USER_ROLES,
+    NatsUser,
+    Role,
+    connector_user_name,
+)
+from engine.runtime.natsconn import connect
+from engine.runtime.natsserver import EmbeddedNats, NatsTls
 from engine.runtime.processes import spawn_replicator, stop_process, wait_for_replicator
 from schemas import subjects
 from schemas.links import CopyLink
@@ -39,11 +56,23 @@ class LocalStack:
         http_port: int | None = None,
         partitions: int | None = None,
         name: str = "tradecopy",
+        secure: bool = True,
+        sync_interval: str | None = None,
+        tls: NatsTls | None = None,
     ) -> None:
-        self.server = EmbeddedNats(store_dir=store_dir, host=host, port=port, http_port=http_port)
+        self.secure = secure
+        self.users: dict[str, NatsUser] = {}
+        if secure:
+            for role in SINGLE_USER_ROLES:
+                self.users[role.value] = NatsUser.generate(role)
+        self.server = EmbeddedNats(
+            store_dir=store_dir, host=host, port=port, http_port=http_port,
+            users=list(self.users.values()), tls=tls, sync_interval=sync_interval,
+        )  # fmt: skip
         self.partitions = partitions
         self.name = name
         self.replicators: list[subprocess.Popen[bytes]] = []
+        self._replicator_args: list[dict[str, Any]] = []
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
         self._buckets: dict[str, Any] = {}
@@ -55,6 +84,7 @@ class LocalStack:
 
     @property
     def nc(self) -> Client:
+        """The stack's own client: the operator (links, stops, reads) when secured."""
         if self._nc is None:
             raise RuntimeError("the local stack is not started")
         return self._nc
@@ -67,28 +97,85 @@ class LocalStack:
 
     @property
     def buckets(self) -> dict[str, Any]:
-        """KV bucket name (``schemas.subjects.KV_*``) → bucket."""
+        """KV bucket name (``schemas.subjects.KV_*``) → bucket, opened by the operator."""
         return self._buckets
+
+    def user(self, role: Role | str) -> NatsUser | None:
+        """The user of a single-user role, or a connector's by its user name; None when open."""
+        return self.users.get(str(role))
+
+    def connector_user(self, connector_id: str) -> NatsUser | None:
+        """The user ``add_connector`` made (None on an open stack)."""
+        if not self.secure:
+            return None
+        try:
+            return self.users[connector_user_name(connector_id)]
+        except KeyError:
+            raise KeyError(f"connector {connector_id!r} has no user: add_connector first") from None
+
+    async def add_connector(
+        self, connector_id: str, *, masters: Iterable[str] = (), followers: Iterable[str] = ()
+    ) -> NatsUser | None:
+        """A user for one connector, allowed only these accounts (None on an open stack).
+
+        Best called before ``start``; afterwards the server reloads its config (POSIX)."""
+        if not self.secure:
+            return None
+        user = NatsUser.connector(connector_id, masters, followers)
+        if user.name in self.users:
+            raise ValueError(f"connector {connector_id!r} already has a user")
+        self.users[user.name] = user
+        await self.server.add_users([user])
+        return user
+
+    def child_env(self, user: NatsUser | None) -> dict[str, str]:
+        """A child process's environment: ours without any NATS identity or TLS settings of our
+        own (they may be for another server), plus ``user``'s and this server's CA."""
+        ours = {*CREDENTIAL_VARIABLES, ENV_TLS_CA, ENV_TLS_CERT, ENV_TLS_KEY}
+        env = {k: v for k, v in os.environ.items() if k not in ours}
+        if user is not None:
+            env.update(user.credentials.env())
+        tls = self.server.tls
+        if tls is not None and tls.ca is not None:
+            env[ENV_TLS_CA] = str(tls.ca)
+        if tls is not None and tls.verify:  # as client_options: the server's pair proves us
+            env[ENV_TLS_CERT], env[ENV_TLS_KEY] = str(tls.cert), str(tls.key)
+        return env
 
     async def start(self) -> LocalStack:
         """Start nats-server and create the contract's streams and KV buckets (idempotent)."""
         await self.server.start()
         try:
-            self._nc = await nats.connect(self.server.url, name=self.name)
-            self._js = self._nc.jetstream()
+            admin = await self.connect(f"{self.name}-admin", self.user(Role.ADMIN))
+            js = admin.jetstream()
             if self.partitions is None:
-                await ensure_streams(self._js)
+                await ensure_streams(js)
             else:
-                await ensure_streams(self._js, self.partitions)
+                await ensure_streams(js, self.partitions)
+            await ensure_buckets(js)
+            # The admin's work is done: nothing else in this process may change streams.
+            self._clients.remove(admin)
+            await admin.close()
+            self._nc = await self.connect(self.name, self.user(Role.OPERATOR))
+            self._js = self._nc.jetstream()
             self._buckets = await ensure_buckets(self._js)
         except BaseException:
             await self.stop()
             raise
         return self
 
-    async def connect(self, name: str) -> Client:
-        """Another client on the stack's server (closed by ``stop``): one per simulated process."""
-        client = await nats.connect(self.server.url, name=name)
+    async def connect(self, name: str, user: NatsUser | None = None) -> Client:
+        """Another client on the stack's server (closed by ``stop``): one per simulated process.
+
+        ``user`` defaults to the operator; on an open stack every client is anonymous."""
+        if user is None:
+            user = self.user(Role.OPERATOR)
+        options = self.server.client_options(user)
+        tls = options.pop("tls", None)
+        credentials = user.credentials if user is not None else None
+        client: Client = await connect(
+            self.server.url, name, credentials=credentials, tls=tls, **options
+        )
         self._clients.append(client)
         return client
 
@@ -106,29 +193,48 @@ class LocalStack:
         batch_by_connector: bool = False,
     ) -> list[subprocess.Popen[bytes]]:
         """``count`` more replicator processes, named ``<instance>-<n>`` (n counts from 1 across
-        calls); a metrics port > 0 is counted up per process."""
+        calls); a metrics port > 0 is counted up per process. Each runs as the replicator."""
         started = []
         for i in range(count):
-            started.append(
-                spawn_replicator(
-                    self.server.url,
-                    instance=f"{instance}-{len(self.replicators) + i + 1}",
-                    metrics_port=metrics_port + i if metrics_port > 0 else metrics_port,
-                    partitions=self.partitions,
-                    log_level=log_level,
-                    quiet=quiet,
-                    batch_by_connector=batch_by_connector,
-                )
-            )
+            args: dict[str, Any] = {
+                "instance": f"{instance}-{len(self.replicators) + i + 1}",
+                "metrics_port": metrics_port + i if metrics_port > 0 else metrics_port,
+                "log_level": log_level,
+                "quiet": quiet,
+                "batch_by_connector": batch_by_connector,
+            }
+            self._replicator_args.append(args)
+            started.append(self._spawn_replicator(args))
         self.replicators += started
         return started
+
+    def _spawn_replicator(self, args: dict[str, Any]) -> subprocess.Popen[bytes]:
+        env = self.child_env(self.user(Role.REPLICATOR))
+        return spawn_replicator(self.server.url, partitions=self.partitions, env=env, **args)
+
+    # ------------------------------------------------------------------ supervision
+
+    def nats_running(self) -> bool:
+        return self.server.running
+
+    async def restart_nats(self) -> None:
+        """Start the server again after it died: same port, store, users and TLS, so every
+        client (they reconnect forever) finds it where it was."""
+        self.server.kill()  # reaps what is left of the dead child
+        await self.server.start()
+
+    def replicator_exit_codes(self) -> list[int | None]:
+        return [proc.poll() for proc in self.replicators]
+
+    def respawn_replicator(self, index: int) -> int:
+        """Start replicator ``index`` again with the arguments it was first started with."""
+        proc = self._spawn_replicator(self._replicator_args[index])
+        self.replicators[index] = proc
+        return proc.pid
 
     async def wait_for_replicator(self, timeout: float = 30.0) -> None:
         """Until a replicator consumes the master-event stream."""
         await wait_for_replicator(self.js, timeout)
-
-    def exited_replicators(self) -> list[subprocess.Popen[bytes]]:
-        return [proc for proc in self.replicators if proc.poll() is not None]
 
     async def stop(self) -> None:
         """Stop the replicators, close every client, stop the server; safe to call twice."""
