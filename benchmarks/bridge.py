@@ -4,9 +4,10 @@ Two paper terminals speak the bridge protocol over real ZeroMQ sockets to two br
 connectors (one per role, as a terminal farm would run them), NATS JetStream and the
 replicator in its own process in between. Every order is accounted for: lost (no definitive
 report: neither filled, done nor rejected), duplicated (two fills for one order id), and timed
-from the master's fill to the follower's fill (trace stamps):
+from the master's fill to the follower's fill (trace stamps). The bridge links run CURVE, as
+deployed (a key pair per connector and per terminal); ``--plaintext`` measures without it:
 
-    python -m benchmarks.bridge [--trades 200] [--json]
+    python -m benchmarks.bridge [--trades 200] [--plaintext] [--json]
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import zmq
 
 from benchmarks.fanout import percentiles
 from connectors.bridge.config import BridgeConfig, BridgeTerminalConfig
@@ -47,24 +49,38 @@ TOKEN_M = "bench-master-token-0001"
 TOKEN_F = "bench-follower-token-001"
 
 
-async def run(trades: int, gap_ms: float) -> dict[str, Any]:
+def _key_pair() -> tuple[str, str]:
+    public, secret = zmq.curve_keypair()
+    return public.decode(), secret.decode()
+
+
+async def run(trades: int, gap_ms: float, plaintext: bool = False) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="tc-bridge-") as tmp:
         root = Path(tmp)
-        stack = await LocalStack(root / "nats", name="bridge-bench").start()
+        stack = LocalStack(root / "nats", name="bridge-bench")
+        await stack.add_connector("bridge-masters", masters=["bm"])
+        await stack.add_connector("bridge-followers", followers=["bf"])
+        await stack.start()
         parts: list[Any] = []
         try:
-            nc, js = stack.nc, stack.js
+            js = stack.js  # the operator watches orders and reports
+            nc = await stack.connect("bridge-bench-m", stack.connector_user("bridge-masters"))
             await stack.apply_links([CopyLink(link_id="bridge", master="bm", follower="bf")])
             stack.spawn_replicators(instance="bridge")
-            masters = BridgeConnector(BridgeConfig(
-                connector_id="bridge-masters", endpoint="tcp://127.0.0.1:0",
-                terminals=[BridgeTerminalConfig(account="bm", token=TOKEN_M, role="master")]),
-                root / "masters.state")  # fmt: skip
-            followers = BridgeConnector(BridgeConfig(
-                connector_id="bridge-followers", endpoint="tcp://127.0.0.1:0",
-                terminals=[BridgeTerminalConfig(account="bf", token=TOKEN_F, role="follower")]),
-                root / "followers.state")  # fmt: skip
-            nc_f = await stack.connect("bridge-bench-f")
+            # A key pair per connector and per terminal, as deployed (unused in plaintext).
+            keys = {name: _key_pair() for name in ("masters", "followers", "bm", "bf")}
+
+            def connector(name: str, account: str, token: str, role: str) -> BridgeConnector:
+                terminal = BridgeTerminalConfig(account=account, token=token, role=role,
+                                                curve_public_key=keys[account][0])  # fmt: skip
+                config = BridgeConfig(connector_id=f"bridge-{name}", endpoint="tcp://127.0.0.1:0",
+                                      terminals=[terminal], plaintext=plaintext)  # fmt: skip
+                return BridgeConnector(config, root / f"{name}.state",
+                                       secret_key=None if plaintext else keys[name][1])  # fmt: skip
+
+            masters = connector("masters", "bm", TOKEN_M, "master")
+            followers = connector("followers", "bf", TOKEN_F, "follower")
+            nc_f = await stack.connect("bridge-bench-f", stack.connector_user("bridge-followers"))
             await masters.start(nc)
             await followers.start(nc_f)
             parts += [masters, followers]
@@ -75,8 +91,19 @@ async def run(trades: int, gap_ms: float) -> dict[str, Any]:
             first = msgspec.structs.replace(quotes[0], ts_ns=time.time_ns())
             venue_m.on_quote(first)
             venue_f.on_quote(first)
-            term_m = PaperBridgeTerminal(masters.endpoint, "bm", TOKEN_M, venue_m)
-            term_f = PaperBridgeTerminal(followers.endpoint, "bf", TOKEN_F, venue_f)
+
+            def terminal(bridge: BridgeConnector, account: str, token: str,
+                         venue: PaperVenue) -> PaperBridgeTerminal:  # fmt: skip
+                if plaintext:
+                    return PaperBridgeTerminal(bridge.endpoint, account, token, venue,
+                                               plaintext=True)  # fmt: skip
+                return PaperBridgeTerminal(bridge.endpoint, account, token, venue,
+                                           server_key=bridge.public_key or "",
+                                           public_key=keys[account][0],
+                                           secret_key=keys[account][1])  # fmt: skip
+
+            term_m = terminal(masters, "bm", TOKEN_M, venue_m)
+            term_f = terminal(followers, "bf", TOKEN_F, venue_f)
             await term_m.start()
             await term_f.start()
             parts += [term_m, term_f]
@@ -122,6 +149,7 @@ async def run(trades: int, gap_ms: float) -> dict[str, Any]:
             await _until_async(lambda: len(orders) >= trades and settled >= orders, 30)
             p = percentiles(latencies) if latencies else None
             return {
+                "curve": not plaintext,
                 "orders": len(orders),
                 "fills": sum(fills.values()),
                 "lost": len(orders - settled),
@@ -150,10 +178,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trades", type=int, default=200)
     parser.add_argument("--gap-ms", type=float, default=0.0)
+    parser.add_argument("--plaintext", action="store_true", help="bridge links without CURVE")
     parser.add_argument("--json", action="store_true", help="one JSON object on the last line")
     args = parser.parse_args(argv)
-    result = run_async(run(args.trades, args.gap_ms))
-    print("bridge: paper master terminal → bridge → NATS → replicator → bridge → paper follower")
+    result = run_async(run(args.trades, args.gap_ms, args.plaintext))
+    link = "plaintext" if args.plaintext else "CURVE"
+    print(f"bridge ({link}): paper master terminal → bridge → NATS → replicator → bridge → "
+          "paper follower")  # fmt: skip
     for key, value in result.items():
         print(f"  {key:<11} {value}")
     if args.json:

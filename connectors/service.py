@@ -20,6 +20,9 @@ from engine.runtime.natsconn import connect
 
 log = structlog.get_logger("tradecopy.connector")
 
+#: /metrics and /healthz are for this machine unless an operator opens them up.
+DEFAULT_METRICS_HOST = "127.0.0.1"
+
 
 def with_tokens_from_env(data: dict[str, Any]) -> dict[str, Any]:
     """Terminal tokens may be given as ``token_env = "VAR"``: secrets stay out of files."""
@@ -40,8 +43,13 @@ async def serve(
     start: Callable[[Any], Awaitable[Any]],
     stop: Callable[[], Awaitable[None]],
     health: Callable[[], dict[str, object]],
+    metrics_host: str = DEFAULT_METRICS_HOST,
 ) -> None:
-    """Connect, start, serve /metrics and /healthz, run until SIGINT/SIGTERM, stop cleanly."""
+    """Connect, start, serve /metrics and /healthz, run until SIGINT/SIGTERM, stop cleanly.
+
+    NATS credentials come from the environment (``engine.runtime.natsconn``): the connector's
+    own user, which may touch only its accounts. The ops endpoints listen on ``metrics_host``,
+    loopback unless told otherwise (a container passes 0.0.0.0 explicitly)."""
     from engine.runtime.http import OpsServer
 
     nc = await connect(nats_url, f"tradecopy-{name}")
@@ -49,9 +57,9 @@ async def serve(
     try:
         await start(nc)
         if metrics_port is not None and metrics_port >= 0:
-            ops = OpsServer("0.0.0.0", metrics_port, health)
+            ops = OpsServer(metrics_host, metrics_port, health)
             await ops.start()
-            log.info("ops_listening", port=ops.port)
+            log.info("ops_listening", host=metrics_host, port=ops.port)
         done = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -69,20 +77,42 @@ async def serve(
                 await asyncio.wait_for(nc.close(), 5)
 
 
+def refuse_secret_keys(data: dict[str, Any]) -> dict[str, Any]:
+    """A CURVE secret key in the config file is refused by name, not as an unknown field: the
+    connector's comes from the environment or a 0600 key file, a terminal's stays in its EA."""
+    from connectors.bridge.config import DEFAULT_SECRET_KEY_ENV, SECRET_FIELDS
+
+    places = [(data, "the connector")] + [
+        (t, f"terminal {t.get('account')}") for t in data.get("terminals", [])
+        if isinstance(t, dict)
+    ]  # fmt: skip
+    for table, owner in places:
+        for name in SECRET_FIELDS:
+            if name in table:
+                raise TradecopyError(
+                    f"{owner}: `{name}` must not be in the config file. The connector's secret "
+                    f"key goes in ${DEFAULT_SECRET_KEY_ENV} (or a 0600 file named by "
+                    "secret_key_file); a terminal's only in its EA's InpSecretKey"
+                )
+    return data
+
+
 async def run_bridge(config_path: Path, nats_url: str, metrics_port: int | None,
-                     state_path: Path | None) -> None:  # fmt: skip
+                     state_path: Path | None,
+                     metrics_host: str = DEFAULT_METRICS_HOST) -> None:  # fmt: skip
     from connectors.bridge.config import BridgeConfig
     from connectors.bridge.connector import BridgeConnector
 
     try:
         raw = tomllib.loads(config_path.read_text(encoding="utf-8"))
-        config = msgspec.convert(with_tokens_from_env(raw), BridgeConfig)
-    except (OSError, tomllib.TOMLDecodeError, msgspec.ValidationError) as exc:
+        config = msgspec.convert(with_tokens_from_env(refuse_secret_keys(raw)), BridgeConfig)
+    except (OSError, tomllib.TOMLDecodeError, msgspec.ValidationError, TradecopyError) as exc:
         raise TradecopyError(f"{config_path}: {exc}") from exc
+    # CURVE keys are read and checked here, before NATS: a missing secret names its variable.
     bridge = BridgeConnector(config, state_path)
     try:
         await serve(f"bridge-{config.connector_id}", nats_url, metrics_port, bridge.start,
-                    bridge.stop, bridge.health)  # fmt: skip
+                    bridge.stop, bridge.health, metrics_host)  # fmt: skip
     finally:
         import zmq.asyncio
 
@@ -90,7 +120,12 @@ async def run_bridge(config_path: Path, nats_url: str, metrics_port: int | None,
         zmq.asyncio.Context.instance().destroy(linger=0)
 
 
-async def run_mt5(config_path: Path, nats_url: str, metrics_port: int | None) -> None:
+async def run_mt5(
+    config_path: Path,
+    nats_url: str,
+    metrics_port: int | None,
+    metrics_host: str = DEFAULT_METRICS_HOST,
+) -> None:
     from connectors.mt5.config import Mt5Config
     from connectors.mt5.connector import Mt5Connector, Mt5Terminal
 
@@ -108,6 +143,10 @@ async def run_mt5(config_path: Path, nats_url: str, metrics_port: int | None) ->
             await connector.stop()
 
     def health() -> dict[str, object]:
-        return {"ok": connector is not None, "account": config.account_id}
+        if connector is None:
+            return {"ok": False, "account": config.account_id}
+        return {**connector.runtime.health(), "account": config.account_id}
 
-    await serve(f"mt5-{config.connector_id}", nats_url, metrics_port, start, stop, health)
+    await serve(
+        f"mt5-{config.connector_id}", nats_url, metrics_port, start, stop, health, metrics_host
+    )

@@ -31,23 +31,47 @@ def test_fanout_measures_each_size_against_the_raw_nats_floor(mode: str) -> None
         (mode, 5, 3),
     ]
     for case in cases:
+        assert case["sync"] == "default"
         assert 0 < case["p50_us"] <= case["p99_us"] <= case["max_us"]
         assert 0 < case["floor_p50_us"] <= case["floor_p99_us"]
         assert case["ratio_p50"] == pytest.approx(case["p50_us"] / case["floor_p50_us"], rel=0.01)
     assert cases[1]["messages_per_event"] == (5 if mode == "per-order" else 1)
 
 
+def test_fanout_measures_sync_always_next_to_the_default() -> None:
+    result = bench("fanout", "--events", "3", "--followers", "2", "--modes", "per-order",
+                   "--sync", "default,always")  # fmt: skip
+    cases = result["cases"]
+    assert [(c["sync"], c["followers"], c["events"]) for c in cases] == [
+        ("default", 2, 3),
+        ("always", 2, 3),
+    ]
+    for case in cases:
+        assert 0 < case["p50_us"] <= case["p99_us"] and case["floor_p50_us"] > 0
+
+
 def test_e2e_fills_every_trade_and_times_every_hop() -> None:
-    result = bench("e2e", "--trades", "6", "--gaps-ms", "0")
-    [case] = result["cases"]
-    assert case["fills"] == 6
-    whole = case["hops"]["master fill → follower fill"]
-    assert 0 < whole["p50_us"] <= whole["p99_us"]
-    assert len(case["hops"]) == 6
+    result = bench("e2e", "--trades", "6", "--gaps-ms", "0", "--sync", "default,always")
+    assert [c["sync"] for c in result["cases"]] == ["default", "always"]
+    for case in result["cases"]:
+        assert case["fills"] == 6
+        whole = case["hops"]["master fill → follower fill"]
+        assert 0 < whole["p50_us"] <= whole["p99_us"]
+        assert len(case["hops"]) == 6
 
 
-def test_bridge_loses_and_repeats_nothing() -> None:
-    result = bench("bridge", "--trades", "6")
+def test_a_bad_sync_setting_is_a_usage_error() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "engine.cli", "bench", "e2e", "--sync", "sometimes"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2 and "sometimes" in done.stderr
+
+
+@pytest.mark.parametrize("link", ["curve", "plaintext"])
+def test_bridge_loses_and_repeats_nothing(link: str) -> None:
+    result = bench("bridge", "--trades", "6", *(["--plaintext"] if link == "plaintext" else []))
+    assert result["curve"] is (link == "curve")
     assert (result["orders"], result["fills"], result["lost"], result["duplicates"]) == (6, 6, 0, 0)
     assert 0 < result["p50_us"] <= result["p99_us"]
     assert len(result["hops_p50_us"]) == 5

@@ -1,4 +1,5 @@
-"""Bridge protocol frames on the wire, and the state hash both ends must compute alike."""
+"""Bridge protocol frames on the wire, the state hash both ends must compute alike, and the
+CURVE keys and ZAP answers that decide who may speak it."""
 
 from __future__ import annotations
 
@@ -9,15 +10,21 @@ from typing import Any, get_args
 
 import msgspec
 import pytest
+import zmq
+import zmq.asyncio
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from zmq.utils import z85
 
+from connectors.bridge.auth import TerminalAuthenticator
 from connectors.bridge.hashing import (
     EMPTY_STATE_HASH,
     canonical_state,
     snapshot_state_hash,
     state_hash,
 )
+from connectors.bridge.paper_terminal import PaperBridgeTerminal
+from connectors.paper.venue import PaperVenue
 from schemas.bridge import (
     AccountUpdate,
     BridgeAccount,
@@ -448,3 +455,70 @@ def test_snapshot_state_hash_hashes_its_positions_and_orders() -> None:
 @given(st.permutations([msgspec.structs.replace(POSITION, ticket=str(t)) for t in (7, 70, 700, 8)]))
 def test_the_hash_does_not_depend_on_listing_order(positions: list[BridgePosition]) -> None:
     assert state_hash(positions, []) == state_hash(reversed(positions), [])
+
+
+# ------------------------------------------------------------------ CURVE and ZAP
+
+
+def _authenticator(refused: list[tuple[str, str]]) -> tuple[TerminalAuthenticator, bytes]:
+    public, _ = zmq.curve_keypair()
+    key = z85.decode(public)
+
+    def refuse(address: str, shown: str) -> None:
+        refused.append((address, shown))
+
+    return TerminalAuthenticator(zmq.asyncio.Context.instance(), {key: "acc-1"}, refuse), key
+
+
+def _zap_request(mechanism: bytes, *credentials: bytes, version: bytes = b"1.0") -> list[bytes]:
+    """A ZAP request as libzmq sends it (RFC 27), behind a ROUTER's envelope."""
+    return [b"peer", b"", version, b"7", b"", b"10.0.0.9", b"", mechanism, *credentials]
+
+
+def test_zap_admits_a_listed_key_and_names_its_account_as_the_user_id() -> None:
+    refused: list[tuple[str, str]] = []
+    authenticator, key = _authenticator(refused)
+    reply = authenticator.answer(_zap_request(b"CURVE", key))
+    assert reply == [b"peer", b"", b"1.0", b"7", b"200", b"OK", b"acc-1", b""]
+    assert refused == []
+
+
+def test_zap_refuses_unlisted_keys_and_every_other_mechanism() -> None:
+    refused: list[tuple[str, str]] = []
+    authenticator, key = _authenticator(refused)
+    stranger = z85.decode(zmq.curve_keypair()[0])
+    requests = [
+        _zap_request(b"CURVE", stranger),
+        _zap_request(b"NULL"),
+        _zap_request(b"PLAIN", b"acc-1", b"password"),
+        _zap_request(b"CURVE", key[:31]),
+        _zap_request(b"CURVE", key, key),
+    ]
+    for request in requests:
+        reply = authenticator.answer(request)
+        assert reply is not None and reply[4] == b"400" and reply[6] == b"", request
+    assert refused[0] == ("10.0.0.9", z85.encode(stranger).decode())
+    assert [shown for _, shown in refused[1:]] == ["NULL", "PLAIN", "CURVE", "CURVE"]
+    wrong_version = authenticator.answer(_zap_request(b"CURVE", key, version=b"2.0"))
+    assert wrong_version is not None and wrong_version[4] == b"500"
+    assert authenticator.answer([b"peer", b"no delimiter"]) is None
+
+
+@pytest.mark.parametrize(
+    "keys",
+    [
+        {"server_key": "too-short", "public_key": "x" * 40, "secret_key": "x" * 40},
+        {"server_key": "x" * 40, "public_key": "~" * 40, "secret_key": "x" * 40},
+        {"server_key": "x" * 40, "public_key": "x" * 40, "secret_key": ""},
+        {"server_key": "x" * 40, "public_key": " " + "x" * 40, "secret_key": "y" * 40},
+        {"public_key": "x" * 40, "secret_key": "x" * 40},
+        {},
+    ],
+)
+def test_the_paper_terminal_takes_z85_keys_or_an_explicit_plaintext(keys: dict[str, str]) -> None:
+    """As the EA: three 40-character Z85 keys, or no server key and ``plaintext``."""
+    with pytest.raises(ValueError, match=r"Z85|server key|its own pair"):
+        PaperBridgeTerminal("tcp://127.0.0.1:1", "acc-1", "t" * 16, PaperVenue(), **keys)
+    if "server_key" not in keys:
+        PaperBridgeTerminal("tcp://127.0.0.1:1", "acc-1", "t" * 16, PaperVenue(),
+                            plaintext=True, **keys)  # fmt: skip

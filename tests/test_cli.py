@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 import textwrap
@@ -421,3 +422,166 @@ async def test_resume_lifts_a_protection_pause_and_resets_the_peak(
     assert "gold-x2: not paused" in capsys.readouterr().out
     assert await _run(["links", "resume", "never-seen", "--nats-url", nats_server.url]) == 0
     assert "never-seen: not paused" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------------
+# NATS: users, permissions, bootstrap; ops endpoints
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["replicator", "run"],
+        ["bridge", "run", "--config", "x.toml"],
+        ["mt5", "run", "--config", "x.toml"],
+    ],
+)
+def test_ops_endpoints_listen_on_loopback_unless_told(argv: list[str]) -> None:
+    from engine.cli import build_parser
+
+    assert build_parser().parse_args(argv).metrics_host == "127.0.0.1"
+    opened = build_parser().parse_args([*argv, "--metrics-host", "0.0.0.0"])
+    assert opened.metrics_host == "0.0.0.0"
+
+
+def test_nats_permissions_prints_every_role_and_a_connector_entry(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from engine.runtime.natsauth import role_permission_variables
+
+    assert main(["nats", "permissions"]) == 0
+    assert capsys.readouterr().out == role_permission_variables()
+    argv = ["nats", "permissions", "--connector", "farm-1", "--masters", "m1",
+            "--followers", "f1,f2", "--nkey", "UABC"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    entry = json.loads(out.split("\n", 1)[1])
+    assert entry["nkey"] == "UABC"
+    allowed = entry["permissions"]["publish"]["allow"]
+    assert "tc.v1.master.m1.events" in allowed and "tc.v1.follower.f2.reports" in allowed
+    assert not any(s.endswith(".orders") for s in allowed)
+    assert main(["nats", "permissions", "--connector", "farm-1", "--masters", "m.1"]) == 2
+
+
+def test_nats_nkey_writes_the_seed_0600_and_prints_the_public_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from engine.runtime.natsauth import public_key
+
+    seed_file = tmp_path / "replicator.nk"
+    assert main(["nats", "nkey", "--seed-file", str(seed_file)]) == 0
+    key = capsys.readouterr().out.strip()
+    assert key.startswith("U") and key == public_key(seed_file.read_text())
+    assert seed_file.stat().st_mode & 0o077 == 0
+    assert main(["nats", "nkey", "--seed-file", str(seed_file)]) == 2  # never overwritten
+    assert public_key(seed_file.read_text()) == key
+
+
+async def test_nats_bootstrap_creates_streams_and_refuses_replicas_without_a_cluster(
+    nats_server: EmbeddedNats, js: JetStreamContext, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = nats_server.url
+    assert await _run(["nats", "bootstrap", "--nats-url", url, "--replicas", "1"]) == 0
+    assert "streams and buckets ready" in capsys.readouterr().out
+    info = await js.stream_info("TC_FOLLOWER_ORDERS")
+    assert info.config.num_replicas == 1
+    assert await _run(["nats", "bootstrap", "--nats-url", url, "--replicas", "3"]) == 2
+    assert "needs a JetStream cluster" in capsys.readouterr().err
+
+
+async def test_an_operator_command_without_credentials_names_the_variables(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from engine.runtime.natsauth import NatsUser, Role
+
+    for name in ("TRADECOPY_NATS_SEED", "TRADECOPY_NATS_CREDS", "TRADECOPY_NATS_USER"):
+        monkeypatch.delenv(name, raising=False)
+    admin = NatsUser.generate(Role.ADMIN)
+    server = EmbeddedNats(store_dir=tmp_path / "secured", users=[admin])
+    await server.start()
+    try:
+        argv = ["stop", "set", "global", "--nats-url", server.url]
+        assert await _run(argv) == 2
+        assert "TRADECOPY_NATS_SEED" in capsys.readouterr().err
+    finally:
+        await server.stop()
+
+
+# --------------------------------------------------------------------------------------------
+# bridge keys; bench state
+# --------------------------------------------------------------------------------------------
+
+
+def _curve_handshake(server_secret: str, server_public: str, public: str, secret: str) -> bytes:
+    """One message from a CURVE client to a CURVE server made with these keys (or timeout)."""
+    import zmq
+
+    ctx = zmq.Context()
+    try:
+        server = ctx.socket(zmq.ROUTER)
+        server.setsockopt(zmq.LINGER, 0)
+        server.setsockopt(zmq.CURVE_SERVER, 1)
+        server.setsockopt(zmq.CURVE_SECRETKEY, server_secret.encode())
+        port = server.bind_to_random_port("tcp://127.0.0.1")
+        client = ctx.socket(zmq.DEALER)
+        client.setsockopt(zmq.LINGER, 0)
+        client.setsockopt(zmq.CURVE_SERVERKEY, server_public.encode())
+        client.setsockopt(zmq.CURVE_PUBLICKEY, public.encode())
+        client.setsockopt(zmq.CURVE_SECRETKEY, secret.encode())
+        client.connect(f"tcp://127.0.0.1:{port}")
+        client.send(b"over curve")
+        assert server.poll(5000), "no message through the CURVE handshake"
+        return bytes(server.recv_multipart()[-1])
+    finally:
+        ctx.destroy(linger=0)
+
+
+def test_bridge_keys_prints_a_working_pair_and_where_each_half_goes(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    import tomllib
+
+    import zmq
+
+    assert main(["bridge", "keys", "--json"]) == 0
+    connector = json.loads(capsys.readouterr().out)
+    assert main(["bridge", "keys"]) == 0
+    out = capsys.readouterr().out
+    terminal = tomllib.loads("\n".join(out.splitlines()[:2]))  # TOML-ready lines
+    for pair in (connector, terminal):
+        assert zmq.curve_public(pair["secret_key"].encode()).decode() == pair["public_key"]
+    assert connector["public_key"] != terminal["public_key"]
+    for where in ("TRADECOPY_BRIDGE_SECRET_KEY", "InpServerKey", "curve_public_key",
+                  "InpPublicKey", "InpSecretKey"):  # fmt: skip
+        assert where in out
+    received = _curve_handshake(connector["secret_key"], connector["public_key"],
+                                terminal["public_key"], terminal["secret_key"])  # fmt: skip
+    assert received == b"over curve"
+    # --secret-file: the secret goes into a new 0600 file, never to stdout.
+    key_file = tmp_path / "farm-1.key"
+    assert main(["bridge", "keys", "--json", "--secret-file", str(key_file)]) == 0
+    printed = capsys.readouterr().out
+    written = json.loads(printed)
+    assert written["secret_key"] is None and written["secret_file"] == str(key_file)
+    assert key_file.stat().st_mode & 0o077 == 0
+    secret = key_file.read_text().strip()
+    assert zmq.curve_public(secret.encode()).decode() == written["public_key"]
+    assert secret not in printed
+    assert main(["bridge", "keys", "--secret-file", str(key_file)]) == 2  # never overwritten
+    assert key_file.read_text().strip() == secret
+
+
+def test_bench_state_forwards_to_the_connector_state_benchmark(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import benchmarks.connector_state
+
+    seen: list[list[str]] = []
+    monkeypatch.setattr(benchmarks.connector_state, "main", lambda argv: seen.append(argv) or 0)
+    assert main(["bench", "state", "--orders", "500", "--json"]) == 0
+    assert main(["bench", "state", "--no-fsync", "--batch", "3"]) == 0
+    assert seen == [
+        ["--orders", "500", "--batch", "10", "--fsync", "--json"],
+        ["--orders", "100000", "--batch", "3", "--no-fsync"],
+    ]

@@ -46,6 +46,51 @@ public:
    virtual string    Recover(CTcJsonObject &cmd, const string ticket, const double volume_before) { return ""; }
   };
 
+//+------------------------------------------------------------------+
+//| Inputs pasted from `tradecopy bridge keys` may carry blanks.     |
+//| (StringTrim* modify in place on MQL5, return a copy on MQL4.)    |
+//+------------------------------------------------------------------+
+string TcTrim(const string text)
+  {
+#ifdef __MQL5__
+   string t = text;
+   StringTrimLeft(t);
+   StringTrimRight(t);
+   return t;
+#else
+   return StringTrimRight(StringTrimLeft(text));
+#endif
+  }
+//+------------------------------------------------------------------+
+//| What is wrong with the CURVE inputs, "" when they can work.      |
+//| Checked at OnInit/OnStart and again at Start: a wrong key is a   |
+//| setup error to fix, not something to retry every second.         |
+//+------------------------------------------------------------------+
+string TcCurveInputsProblem(const string server_key, const string public_key, const string secret_key,
+                            const bool allow_plaintext)
+  {
+   string server = TcTrim(server_key), pub = TcTrim(public_key), sec = TcTrim(secret_key);
+   if(StringLen(server) == 0)
+     {
+      if(allow_plaintext)
+         return "";
+      return "no CURVE server key: set InpServerKey (the connector's public key), InpPublicKey and "
+             "InpSecretKey (this terminal's pair, `tradecopy bridge keys`), or InpPlaintext=true on "
+             "a trusted loopback only";
+     }
+   if(!TcZ85KeyValid(server))
+      return "InpServerKey is not a CURVE key (40 Z85 characters, as `tradecopy bridge keys` prints it)";
+   if(!TcZ85KeyValid(pub) || !TcZ85KeyValid(sec))
+      return "InpPublicKey and InpSecretKey must be this terminal's CURVE key pair (40 Z85 characters "
+             "each, from `tradecopy bridge keys`)";
+   if(pub == server)
+      return "InpPublicKey is the connector's key: the terminal needs a key pair of its own";
+   if(!TcZmqHasCurve())
+      return "this libzmq.dll " + TcZmqVersion() + " has no CURVE (zmq_has(\"curve\") = 0): install a "
+             "build with it (vcpkg: zeromq[curve] or zeromq[sodium]; see README)";
+   return "";
+  }
+
 //--- session states
 #define TC_ST_IDLE       0   // not started / stopped
 #define TC_ST_NEED_HELLO 1   // a new session: hello goes out on the next flush
@@ -69,6 +114,10 @@ private:
    //--- configuration
    string            m_endpoint;
    string            m_token;
+   string            m_serverKey;    // the connector's CURVE public key (Z85)
+   string            m_publicKey;    // this terminal's CURVE key pair (Z85)
+   string            m_secretKey;
+   bool              m_plaintext;    // no CURVE: only when explicitly allowed
    string            m_account;
    ENUM_TC_ROLE      m_role;
    int               m_hbDefault;
@@ -114,6 +163,24 @@ private:
         {
          Log(StringFormat("cannot create the ZeroMQ socket (errno %d): is libzmq.dll in Libraries and "
                           "\"Allow DLL imports\" on?", m_sock.LastErrno()));
+         return false;
+        }
+      if(StringLen(m_serverKey) > 0)
+        {
+         if(!m_sock.SetCurveClient(m_serverKey, m_publicKey, m_secretKey))
+           {
+            Log(StringFormat("CURVE keys refused (errno %d): the server key and this terminal's "
+                             "public and secret keys are 40-character Z85 texts from "
+                             "`tradecopy bridge keys`", m_sock.LastErrno()));
+            m_sock.Close();
+            return false;
+           }
+        }
+      else if(!m_plaintext)
+        {
+         Log("no CURVE server key: set InpServerKey, InpPublicKey and InpSecretKey "
+             "(`tradecopy bridge keys`), or InpPlaintext=true on a trusted loopback only");
+         m_sock.Close();
          return false;
         }
       if(!m_sock.Connect(m_endpoint))
@@ -379,7 +446,11 @@ private:
       if(m_state == TC_ST_HELLO_SENT)
         {
          if(now - m_helloAt > (ulong)MathMax(5000, 3 * m_hbDefault))
-            NewSession("no welcome within the timeout");
+            //--- under CURVE a refused key gets no answer at all: say where to look
+            NewSession(StringLen(m_serverKey) > 0 ?
+                       "no welcome within the timeout: is InpServerKey this connector's public key, "
+                       "and InpPublicKey listed as this account's curve_public_key?" :
+                       "no welcome within the timeout");
         }
       else
          if(m_state == TC_ST_DENIED)
@@ -418,11 +489,22 @@ private:
      }
 
 public:
-                     CTcBridge() : m_term(NULL), m_role(TC_ROLE_BOTH), m_hbDefault(1000), m_acctMs(1000),
-                     m_dedup(true), m_state(TC_ST_IDLE), m_txSeq(0), m_rxSeq(0), m_hbMs(1000),
+                     CTcBridge() : m_term(NULL), m_plaintext(false), m_role(TC_ROLE_BOTH), m_hbDefault(1000),
+                     m_acctMs(1000), m_dedup(true), m_state(TC_ST_IDLE), m_txSeq(0), m_rxSeq(0), m_hbMs(1000),
                      m_helloAt(0), m_lastRx(0), m_lastHb(0), m_lastAcct(0), m_deniedAt(0),
                      m_lastOpenTry(0), m_connects(0), m_cmds(0), m_dupCmds(0), m_events(0), m_gaps(0) {}
                     ~CTcBridge() { Stop(); }
+
+   //--- CURVE keys (Z85): the connector's public key and this terminal's key pair. Call before
+   //--- Start. Without a server key the bridge refuses to connect unless plaintext is allowed.
+   void              SetCurve(const string server_key, const string public_key, const string secret_key,
+                              const bool allow_plaintext)
+     {
+      m_serverKey = TcTrim(server_key);
+      m_publicKey = TcTrim(public_key);
+      m_secretKey = TcTrim(secret_key);
+      m_plaintext = allow_plaintext;
+     }
 
    //--- account: the protocol account id (hello.account, and the first part of the identity)
    bool              Start(CTcTerminal *term, const string endpoint, const string token, const string account,
@@ -437,9 +519,18 @@ public:
       m_hbMs = m_hbDefault;
       m_acctMs = account_ms;
       m_dedup = dedup;
+      //--- a setup error stays idle with one clear line, instead of a failed socket every second
+      string problem = TcCurveInputsProblem(m_serverKey, m_publicKey, m_secretKey, m_plaintext);
+      if(problem != "")
+        {
+         m_state = TC_ST_IDLE;
+         Log("not connecting: " + problem);
+         return false;
+        }
       ArrayResize(m_rx, TC_RX_BUFFER);
       m_journal.Open(account);
-      Log("libzmq " + TcZmqVersion() + ", connecting to " + endpoint);
+      Log("libzmq " + TcZmqVersion() + ", connecting to " + endpoint +
+          (StringLen(m_serverKey) > 0 ? " (CURVE)" : " (PLAINTEXT: no encryption, InpPlaintext)"));
       NewSession("start");
       return true;
      }

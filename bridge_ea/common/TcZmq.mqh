@@ -3,8 +3,8 @@
 //|                                                                  |
 //| Shared by MQL5 (64-bit terminal) and MQL4 (32-bit terminal).     |
 //| Only what the bridge needs: one context per MQL program, DEALER  |
-//| (connector link), PUSH/PULL (EA -> MT5 service), non-blocking    |
-//| send/recv and zmq_poll.                                          |
+//| (connector link, CURVE client), PUSH/PULL (EA -> MT5 service),   |
+//| non-blocking send/recv and zmq_poll.                             |
 //|                                                                  |
 //| libzmq.dll must be in <data folder>\MQL5\Libraries (64-bit build)|
 //| or <data folder>\MQL4\Libraries (32-bit build); see README.md.   |
@@ -42,6 +42,8 @@ int    zmq_recv(TC_PTR s, uchar &buf[], TC_SIZE len, int flags);
 int    zmq_poll(uchar &items[], int nitems, int timeout);
 int    zmq_errno();
 void   zmq_version(int &major, int &minor, int &patch);
+//--- libzmq >= 4.1: 1 when the build has the capability ("curve": CurveZMQ encryption)
+int    zmq_has(const uchar &capability[]);
 #import
 
 //--- A precise UTC wall clock. TimeGMT() has 1 s resolution, far too coarse for latency
@@ -68,6 +70,11 @@ void GetSystemTimePreciseAsFileTime(ulong &filetime);
 #define TC_ZMQ_IMMEDIATE         39
 #define TC_ZMQ_HEARTBEAT_IVL     75     // libzmq >= 4.2
 #define TC_ZMQ_HEARTBEAT_TIMEOUT 77     // libzmq >= 4.2
+#define TC_ZMQ_CURVE_PUBLICKEY   48
+#define TC_ZMQ_CURVE_SECRETKEY   49
+#define TC_ZMQ_CURVE_SERVERKEY   50
+//--- a CURVE key as Z85 text: 40 characters (32 bytes of key)
+#define TC_CURVE_KEY_CHARS       40
 //--- flags
 #define TC_ZMQ_DONTWAIT          1
 #define TC_ZMQ_POLLIN            1
@@ -142,6 +149,31 @@ string TcZmqVersion()
    int major = 0, minor = 0, patch = 0;
    zmq_version(major, minor, patch);
    return StringFormat("%d.%d.%d", major, minor, patch);
+  }
+//+------------------------------------------------------------------+
+//| Whether this libzmq.dll can encrypt (CURVE). Builds without it   |
+//| exist (vcpkg's zeromq port without the "curve" feature): on one  |
+//| of those every CURVE option fails with EINVAL.                   |
+//+------------------------------------------------------------------+
+bool TcZmqHasCurve()
+  {
+   uchar cap[];
+   TcCString("curve", cap);
+   return zmq_has(cap) == 1;
+  }
+//+------------------------------------------------------------------+
+//| A CURVE key as `tradecopy bridge keys` prints it: 40 characters  |
+//| of ZeroMQ's Z85 alphabet (32 bytes of key).                      |
+//+------------------------------------------------------------------+
+bool TcZ85KeyValid(const string key)
+  {
+   if(StringLen(key) != TC_CURVE_KEY_CHARS)
+      return false;
+   const string z85 = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.-:+=^!/*?&<>()[]{}@%$#";
+   for(int i = 0; i < TC_CURVE_KEY_CHARS; i++)
+      if(StringFind(z85, StringSubstr(key, i, 1)) < 0)
+         return false;
+   return true;
   }
 //+------------------------------------------------------------------+
 //| One ZeroMQ context per MQL program.                              |
@@ -234,6 +266,36 @@ public:
             Close();
             return false;
            }
+        }
+      return true;
+     }
+
+   //--- CURVE client: the connection is encrypted and the connector proves it holds the
+   //--- secret of server_key; our own key pair authenticates this terminal to the connector.
+   //--- Z85 text keys (40 characters), set before Connect. libzmq takes Z85 text with its
+   //--- terminating zero (41 bytes), which is what TcCString builds. A libzmq built without
+   //--- CURVE fails here with EINVAL (TcZmqHasCurve tells before).
+   bool              SetCurveClient(const string server_key, const string public_key,
+                                    const string secret_key)
+     {
+      if(!TcZ85KeyValid(server_key) || !TcZ85KeyValid(public_key) || !TcZ85KeyValid(secret_key))
+        {
+         m_lastErrno = 0;
+         return false;
+        }
+      return SetKey(TC_ZMQ_CURVE_SERVERKEY, server_key) &&
+             SetKey(TC_ZMQ_CURVE_PUBLICKEY, public_key) &&
+             SetKey(TC_ZMQ_CURVE_SECRETKEY, secret_key);
+     }
+
+   bool              SetKey(int option, const string z85)
+     {
+      uchar key[];
+      TcCString(z85, key);
+      if(zmq_setsockopt(m_sock, option, key, (TC_SIZE)ArraySize(key)) != 0)
+        {
+         m_lastErrno = zmq_errno();
+         return false;
         }
       return true;
      }

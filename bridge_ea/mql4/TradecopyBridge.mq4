@@ -27,6 +27,10 @@
 //--- connection
 input string       InpEndpoint         = "tcp://127.0.0.1:5555"; // Connector endpoint (ROUTER)
 input string       InpToken            = "";                     // Token (sent in hello)
+input string       InpServerKey        = "";                     // Connector's CURVE public key (Z85, 40 chars)
+input string       InpPublicKey        = "";                     // This terminal's CURVE public key (Z85)
+input string       InpSecretKey        = "";                     // This terminal's CURVE secret key (Z85)
+input bool         InpPlaintext        = false;                  // Allow no encryption (trusted loopback only)
 input string       InpAccountId        = "";                     // Account id ("" = account number)
 input ENUM_TC_ROLE InpRole             = TC_ROLE_BOTH;           // Role
 //--- execution
@@ -100,6 +104,7 @@ void Pump()
       if(g_lock.OwnerKind() == 0 && !g_lock.OtherWants() && g_lock.TryAcquire())
         {
          g_term.ReloadAliases();   // the loop script may have recorded partial closes meanwhile
+         g_bridge.SetCurve(InpServerKey, InpPublicKey, InpSecretKey, InpPlaintext);
          g_bridge.Start(GetPointer(g_term), InpEndpoint, InpToken, g_account, InpRole, InpHeartbeatMs, InpAccountMs,
                         InpDedupByComment);
         }
@@ -141,6 +146,12 @@ int OnInit()
    if(StringLen(InpAccountId) > 0 && !ValidAccountId(InpAccountId))
      {
       Alert("tradecopy: account id may only contain letters, digits, '_' and '-' (1-64 characters)");
+      return INIT_PARAMETERS_INCORRECT;
+     }
+   string curve = TcCurveInputsProblem(InpServerKey, InpPublicKey, InpSecretKey, InpPlaintext);
+   if(curve != "")
+     {
+      Alert("tradecopy: " + curve);
       return INIT_PARAMETERS_INCORRECT;
      }
    g_ready = false;

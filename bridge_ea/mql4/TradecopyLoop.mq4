@@ -35,6 +35,10 @@
 
 input string       InpEndpoint         = "tcp://127.0.0.1:5555"; // Connector endpoint (ROUTER)
 input string       InpToken            = "";                     // Token (sent in hello)
+input string       InpServerKey        = "";                     // Connector's CURVE public key (Z85, 40 chars)
+input string       InpPublicKey        = "";                     // This terminal's CURVE public key (Z85)
+input string       InpSecretKey        = "";                     // This terminal's CURVE secret key (Z85)
+input bool         InpPlaintext        = false;                  // Allow no encryption (trusted loopback only)
 input string       InpAccountId        = "";                     // Account id ("" = account number)
 input ENUM_TC_ROLE InpRole             = TC_ROLE_BOTH;           // Role
 input int          InpMagic            = 0;                      // Magic for copies when the command has none
@@ -56,6 +60,13 @@ void OnStart()
    if(!MQLInfoInteger(MQL_DLLS_ALLOWED))
      {
       Alert("tradecopy: enable 'Allow DLL imports' for TradecopyLoop (libzmq.dll)");
+      return;
+     }
+   //--- before asking the EA for the link: a loop that cannot connect must not stop one that can
+   string curve = TcCurveInputsProblem(InpServerKey, InpPublicKey, InpSecretKey, InpPlaintext);
+   if(curve != "")
+     {
+      Alert("tradecopy: " + curve);
       return;
      }
    int login = AccountNumber();
@@ -94,6 +105,7 @@ void OnStart()
    string events[];
    ArrayResize(events, 0);
    g_term.Scan(events, false);   // baseline
+   g_bridge.SetCurve(InpServerKey, InpPublicKey, InpSecretKey, InpPlaintext);
    g_bridge.Start(GetPointer(g_term), InpEndpoint, InpToken, account, InpRole, InpHeartbeatMs, InpAccountMs, InpDedupByComment);
    PrintFormat("tradecopy loop: serving account %s, poll %d ms", account, InpPollMs);
 

@@ -33,6 +33,10 @@
 //--- connection
 input string       InpEndpoint         = "tcp://127.0.0.1:5555"; // Connector endpoint (ROUTER)
 input string       InpToken            = "";                     // Token (sent in hello)
+input string       InpServerKey        = "";                     // Connector's CURVE public key (Z85, 40 chars)
+input string       InpPublicKey        = "";                     // This terminal's CURVE public key (Z85)
+input string       InpSecretKey        = "";                     // This terminal's CURVE secret key (Z85)
+input bool         InpPlaintext        = false;                  // Allow no encryption (trusted loopback only)
 input string       InpAccountId        = "";                     // Account id ("" = login number)
 input ENUM_TC_ROLE InpRole             = TC_ROLE_BOTH;           // Role
 //--- execution
@@ -112,6 +116,7 @@ bool Setup()
 
 void StartBridge()
   {
+   g_bridge.SetCurve(InpServerKey, InpPublicKey, InpSecretKey, InpPlaintext);
    g_bridge.Start(GetPointer(g_term), InpEndpoint, InpToken, g_account, InpRole, InpHeartbeatMs, InpAccountMs, InpDedupByComment);
    //--- events that were waiting for a service that is gone now go out through our own session
    string tails[];
@@ -263,6 +268,12 @@ int OnInit()
    if(StringLen(InpAccountId) > 0 && !ValidAccountId(InpAccountId))
      {
       Alert("tradecopy: account id may only contain letters, digits, '_' and '-' (1-64 characters)");
+      return INIT_PARAMETERS_INCORRECT;
+     }
+   string curve = TcCurveInputsProblem(InpServerKey, InpPublicKey, InpSecretKey, InpPlaintext);
+   if(curve != "")
+     {
+      Alert("tradecopy: " + curve);
       return INIT_PARAMETERS_INCORRECT;
      }
    g_ready = false;

@@ -41,6 +41,10 @@
 
 input string       InpEndpoint         = "tcp://127.0.0.1:5555"; // Connector endpoint (ROUTER)
 input string       InpToken            = "";                     // Token (sent in hello)
+input string       InpServerKey        = "";                     // Connector's CURVE public key (Z85, 40 chars)
+input string       InpPublicKey        = "";                     // This terminal's CURVE public key (Z85)
+input string       InpSecretKey        = "";                     // This terminal's CURVE secret key (Z85)
+input bool         InpPlaintext        = false;                  // Allow no encryption (trusted loopback only)
 input string       InpAccountId        = "";                     // Account id ("" = login number)
 input ENUM_TC_ROLE InpRole             = TC_ROLE_BOTH;           // Role
 input long         InpMagic            = 0;                      // Magic for copies when the command has none
@@ -137,6 +141,7 @@ void RunAccount(const long login)
                   local, g_pull.LastErrno());
       g_pull.Close();
      }
+   g_bridge.SetCurve(InpServerKey, InpPublicKey, InpSecretKey, InpPlaintext);
    g_bridge.Start(GetPointer(g_term), InpEndpoint, InpToken, account, InpRole, InpHeartbeatMs, InpAccountMs, InpDedupByComment);
    PrintFormat("tradecopy service: serving account %s (login %I64d), EA events on %s, poll %d ms",
                account, login, local, InpPollMs);
@@ -182,6 +187,13 @@ void OnStart()
    if(!MQLInfoInteger(MQL_DLLS_ALLOWED))
      {
       Print("tradecopy service: enable 'Allow DLL imports' in the service's properties (libzmq.dll)");
+      return;
+     }
+   //--- before taking the link from the EA: a service that cannot connect must not stop one that can
+   string curve = TcCurveInputsProblem(InpServerKey, InpPublicKey, InpSecretKey, InpPlaintext);
+   if(curve != "")
+     {
+      Print("tradecopy service: not starting: " + curve);
       return;
      }
    if(!MQLInfoInteger(MQL_TRADE_ALLOWED))

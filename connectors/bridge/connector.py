@@ -4,6 +4,12 @@ It is the ``Terminal`` of the connector contract for every account whose EA conn
 terminal events become master events, commands go out correlated by follower order id, and
 each terminal's positions and orders are mirrored so that snapshots (on every connect and on a
 sequence gap or a heartbeat hash mismatch) recover what a disconnection lost.
+
+The ROUTER is a CURVE server unless the config says ``plaintext``: the link is encrypted, and
+the ZAP handler (:class:`TerminalAuthenticator`) admits only the public keys configured for
+this connector's terminals, naming the key's account as the connection's User-Id; a ``hello``
+must come from the account its key belongs to. Whatever unauthenticated or misbehaving peers
+send is counted in full and logged at a bounded rate (:class:`LogLimiter`).
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import contextlib
 import hmac
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,16 +28,32 @@ import msgspec
 import structlog
 import zmq
 import zmq.asyncio
+import zmq.utils.z85
 from prometheus_client import Counter, Gauge, Histogram
+from zmq.utils.monitor import parse_monitor_message
 
-from connectors.bridge.config import BridgeConfig, BridgeTerminalConfig
+from connectors.bridge.auth import (
+    HANDSHAKE_FAILURES,
+    PREFIX_MAX,
+    LogLimiter,
+    TerminalAuthenticator,
+    peer_text,
+    short_text,
+)
+from connectors.bridge.config import (
+    BridgeConfig,
+    BridgeTerminalConfig,
+    check_curve_config,
+    public_key_of,
+    server_secret_key,
+)
 from connectors.bridge.hashing import state_hash
 from connectors.bridge.parsing import master_event, missed_events
 from connectors.contract import ConnectorRuntime
+from connectors.journal import OrderJournal, OrderMemoryConfig
 from connectors.reports import NO_PENDING_COPY, NO_POSITION_COPY, NOT_BOTH_COPIES, OrderReports
 from engine.core.comments import copy_comment, is_copy, is_copy_of
 from engine.core.volume import partial_close_volume
-from engine.runtime.files import write_atomically
 from schemas import codec
 from schemas.account import AccountState, SymbolSpec, TradeMode
 from schemas.bridge import (
@@ -74,7 +97,8 @@ CONNECTED = Gauge("tradecopy_bridge_terminal_connected", "1 while the terminal i
                   ["account"])  # fmt: skip
 FRAMES = Counter("tradecopy_bridge_frames_total", "Frames by direction and type",
                  ["direction", "type"])  # fmt: skip
-BAD_FRAMES = Counter("tradecopy_bridge_bad_frames_total", "Frames refused", ["reason"])
+BAD_FRAMES = Counter("tradecopy_bridge_bad_frames_total",
+                     "Frames and connections refused, by reason", ["reason"])  # fmt: skip
 COMMAND_LATENCY = Histogram(
     "tradecopy_bridge_command_seconds", "Command sent → result received", ["account"],
     buckets=(1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1, 1.0, 5.0),
@@ -108,7 +132,8 @@ class TerminalSession:
 
 
 class BridgeState(msgspec.Struct, kw_only=True):
-    """What survives a connector restart (written atomically)."""
+    """What survives a connector restart besides the order memory: committed in the order
+    journal's frames (``connectors.journal``), with the reports of the same commit."""
 
     positions: dict[str, list[BridgePosition]] = {}
     orders: dict[str, list[BridgeOrder]] = {}
@@ -118,8 +143,16 @@ class BridgeState(msgspec.Struct, kw_only=True):
     """Follower account → copy comment → the ticket of the pending order that copies it."""
     outbox: list[bytes] = []
     reports: dict[str, bytes] = {}
+    """Only in state files from before the order journal: moved into it on open."""
     unsettled: dict[str, bytes] = {}
     """Orders whose outcome is unknown (no result in time), kept until settled."""
+
+
+def upgrade_state_file(data: bytes) -> tuple[bytes, list[tuple[str, bytes]]]:
+    """An old whole-file state → (the journal's state, the reports it remembered)."""
+    state = msgspec.msgpack.decode(data, type=BridgeState)
+    reports, state.reports = state.reports, {}
+    return msgspec.msgpack.encode(state), list(reports.items())
 
 
 def _upgrade_copies(state: BridgeState) -> None:
@@ -134,14 +167,45 @@ def _upgrade_copies(state: BridgeState) -> None:
 
 
 class BridgeConnector:
-    def __init__(self, config: BridgeConfig, state_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        config: BridgeConfig,
+        state_path: Path | None = None,
+        *,
+        order_memory: OrderMemoryConfig | None = None,
+        wall_clock: Callable[[], int] = time.time_ns,
+        secret_key: str | None = None,
+    ) -> None:
+        """``secret_key``: the connector's CURVE secret (Z85); by default it comes from the
+        environment or key file the config names (``BridgeKeyError`` when it is missing)."""
         self.config = config
+        self.public_key: str | None = None
+        """The connector's CURVE public key: every EA's ``InpServerKey`` (None: plaintext)."""
+        self._secret_key: bytes | None = None
+        self._accounts_by_key: dict[bytes, str] = {}
+        if not config.plaintext:
+            if secret_key is None:
+                secret_key = server_secret_key(config)
+            else:
+                check_curve_config(config, secret_key)
+            self._secret_key = secret_key.encode("ascii")
+            self.public_key = public_key_of(secret_key)
+            self._accounts_by_key = {
+                zmq.utils.z85.decode(t.curve_public_key): t.account
+                for t in config.terminals
+                if t.curve_public_key is not None
+            }
+        self.log_limiter = LogLimiter(log)
+        """Bounds the log lines of refused and misbehaving peers (metrics count them all)."""
         self.state_path = state_path
         self.sessions = {t.account: TerminalSession(t) for t in config.terminals}
         self.by_identity: dict[bytes, TerminalSession] = {}
+        self.journal = OrderJournal(state_path, order_memory, legacy=upgrade_state_file,
+                                    clock=wall_clock)  # fmt: skip
+        """Executed order ids → reports, and this connector's state (``connectors.journal``)."""
         state = BridgeState()
-        if state_path is not None and state_path.exists():
-            state = msgspec.msgpack.decode(state_path.read_bytes(), type=BridgeState)
+        if self.journal.state is not None:
+            state = msgspec.msgpack.decode(self.journal.state, type=BridgeState)
         self.positions = {a: {p.ticket: p for p in ps} for a, ps in state.positions.items()}
         self.orders = {a: {o.ticket: o for o in os_} for a, os_ in state.orders.items()}
         _upgrade_copies(state)
@@ -150,24 +214,42 @@ class BridgeConnector:
         self.outbox: list[MasterEvent] = [
             codec.master_event_decoder.decode(e) for e in state.outbox
         ]
-        self.reports = state.reports
         self.unsettled: dict[str, FollowerOrder] = {
             order_id: codec.follower_order_decoder.decode(data)
             for order_id, data in state.unsettled.items()
         }
         self.runtime: ConnectorRuntime | None = None
-        self._ctx = zmq.asyncio.Context.instance()
+        self._ctx: zmq.asyncio.Context | None = None
         self._router: Any = None
+        self._monitor: Any = None
+        self._authenticator: TerminalAuthenticator | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.endpoint = config.endpoint
 
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self, nc: Any) -> None:
+        # A context of its own: ZAP is one handler per context, and each connector in a process
+        # (a farm's masters and followers, a benchmark) admits only its own terminals' keys.
+        self._ctx = zmq.asyncio.Context()
         self._router = self._ctx.socket(zmq.ROUTER)
         self._router.setsockopt(zmq.LINGER, 0)
+        # Bounds what any peer, authenticated or not, can make this process read at once.
+        self._router.setsockopt(zmq.MAXMSGSIZE, self.config.max_frame_bytes)
         # No ROUTER_HANDOVER: terminals use a fresh identity per session, so nobody can take
         # over a live terminal's connection by presenting its identity.
+        if self._secret_key is not None:
+            self._authenticator = TerminalAuthenticator(self._ctx, self._accounts_by_key,
+                                                        self._key_refused)  # fmt: skip
+            self._authenticator.start()
+            self._router.setsockopt(zmq.CURVE_SERVER, 1)
+            self._router.setsockopt(zmq.CURVE_SECRETKEY, self._secret_key)
+            self._monitor = self._router.get_monitor_socket(HANDSHAKE_FAILURES)
+            self._tasks.append(asyncio.create_task(self._handshake_failures()))
+        else:
+            log.warning("bridge_plaintext", connector=self.config.connector_id,
+                        endpoint=self.endpoint, detail="no CURVE: frames and tokens travel in "
+                        "clear and any peer may connect; a trusted loopback only")  # fmt: skip
         if self.endpoint.endswith(":0"):
             port = self._router.bind_to_random_port(self.endpoint.rsplit(":", 1)[0])
             self.endpoint = f"{self.endpoint.rsplit(':', 1)[0]}:{port}"
@@ -177,7 +259,9 @@ class BridgeConnector:
         await self.runtime.start()
         self._tasks.append(asyncio.create_task(self._receive()))
         self._tasks.append(asyncio.create_task(self._heartbeats()))
-        log.info("bridge_listening", endpoint=self.endpoint, terminals=len(self.sessions))
+        log.info("bridge_listening", endpoint=self.endpoint, terminals=len(self.sessions),
+                 curve=self.public_key is not None, public_key=self.public_key,
+                 max_frame_bytes=self.config.max_frame_bytes)  # fmt: skip
 
     async def _bind(self, endpoint: str, attempts: int = 50) -> None:
         """Bind, retrying briefly: a connector restarted onto its own endpoint may find the
@@ -200,35 +284,57 @@ class BridgeConnector:
                     await asyncio.wait_for(task, 5)
             if self.runtime is not None:
                 await asyncio.wait_for(self.runtime.stop(), 10)
-            self.save()
+            self.commit()
         finally:
+            self.log_limiter.flush(closing=True)
             # Always: an open socket would block the ZeroMQ context (and the process) at exit.
+            if self._authenticator is not None:
+                await self._authenticator.stop()
+                self._authenticator = None
             if self._router is not None:
+                if self._monitor is not None:
+                    with contextlib.suppress(zmq.ZMQError):
+                        self._router.disable_monitor()
+                    self._monitor.close(0)
+                    self._monitor = None
                 self._router.close(0)
                 self._router = None
+            if self._ctx is not None:
+                self._ctx.destroy(linger=0)
+                self._ctx = None
 
     def health(self) -> dict[str, object]:
         return {
             "ok": self.runtime is not None,
+            "curve": self.public_key is not None,
             "terminals": {a: {"connected": s.connected, "session": s.session,
                               "seq_in": s.seq_in} for a, s in self.sessions.items()},
         }  # fmt: skip
 
     # ----------------------------------------------------------------- persistence
 
+    @property
+    def reports(self) -> OrderJournal:
+        """Encoded execution reports by order id (the journal, read as a mapping)."""
+        return self.journal
+
     def save(self) -> None:
-        if self.state_path is None:
-            return
-        state = BridgeState(
-            positions={a: list(p.values()) for a, p in self.positions.items()},
-            orders={a: list(o.values()) for a, o in self.orders.items()},
-            copies=self.copies,
-            pending_copies=self.pending_copies,
-            outbox=[codec.encode(e) for e in self.outbox],
-            reports=self.reports,
-            unsettled={k: codec.encode(v) for k, v in self.unsettled.items()},
-        )
-        write_atomically(self.state_path, msgspec.msgpack.encode(state))
+        """Append the mirrors, copies and outbox (and reports not yet committed) to the
+        journal, without fsync: it survives a crash of the process."""
+        self._write(durable=False)
+
+    def _write(self, durable: bool | None) -> None:
+        state = None
+        if self.journal.persistent:
+            state = msgspec.msgpack.encode(BridgeState(
+                positions={a: list(p.values()) for a, p in self.positions.items()},
+                orders={a: list(o.values()) for a, o in self.orders.items()},
+                copies=self.copies,
+                pending_copies=self.pending_copies,
+                outbox=[codec.encode(e) for e in self.outbox],
+                unsettled={k: codec.encode(v) for k, v in self.unsettled.items()},
+            ))  # fmt: skip
+        self.journal.commit(state, durable=durable)
 
     # --------------------------------------------------------------- Terminal protocol
 
@@ -269,56 +375,90 @@ class BridgeConnector:
         self.outbox = [e for e in self.outbox if e.event_id not in done]
 
     def commit(self) -> None:
-        self.save()
+        """Make the executed orders durable: their reports and the copies they changed, in
+        one journal frame, fsynced (see ConnectorRuntime)."""
+        self._write(durable=None)
 
     # --------------------------------------------------------------- frames in
 
     async def _receive(self) -> None:
         while True:
             try:
-                parts = await self._router.recv_multipart()
+                # Not copied: the frame object carries the connection's User-Id (the account
+                # whose CURVE key the ZAP handler admitted), read at hello.
+                parts = await self._router.recv_multipart(copy=False)
             except (asyncio.CancelledError, zmq.ContextTerminated):
                 return
             if len(parts) < 2:
                 BAD_FRAMES.labels("no_identity").inc()
                 continue
-            identity, payload = parts[0], parts[-1]
+            identity, message = parts[0].bytes, parts[-1]
             try:
-                await self._handle(identity, payload)
+                await self._handle(identity, message)
             except Exception as exc:  # one terminal's bad frame must never stop the others
                 BAD_FRAMES.labels("handler_error").inc()
-                log.error("bridge_frame_failed", error=repr(exc))
+                if self.log_limiter.allow("handler_error"):
+                    log.error("bridge_frame_failed", error=short_text(repr(exc)))
 
-    async def _handle(self, identity: bytes, payload: bytes) -> None:
+    async def _handle(self, identity: bytes, message: zmq.Frame) -> None:
+        payload = message.buffer
         try:
             frame = terminal_frame_decoder.decode(payload)
         except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError) as exc:
             BAD_FRAMES.labels("malformed").inc()
-            log.warning("bridge_frame_malformed", identity=identity[:64], error=str(exc))
             session = self.by_identity.get(identity)
+            if session is not None and self._user_id(message) not in (None, session.config.account):
+                session = None  # another key's connection: it gets no error in the session
+            account = self._peer_account(session, message)
+            # msgspec quotes the offending value: a 100 KB string would be a 100 KB log line.
+            error = short_text(str(exc))
+            if self.log_limiter.allow("malformed", account):
+                log.warning("bridge_frame_malformed", identity=peer_text(identity[:64]),
+                            account=account or None, bytes=len(payload),
+                            prefix=peer_text(bytes(payload[:PREFIX_MAX])), error=error)  # fmt: skip
             if session is not None:
-                await self._send(session, ProtocolError, reason=f"malformed frame: {exc}")
+                await self._send(session, ProtocolError, reason=f"malformed frame: {error}")
             return
         FRAMES.labels("in", type(frame).__name__).inc()
         if isinstance(frame, Hello):
-            await self._hello(identity, frame)
+            await self._hello(identity, frame, self._user_id(message))
             return
         session = self.by_identity.get(identity)
         if session is None or not session.connected:
             # E.g. this connector restarted under a live terminal: the terminal must open a
             # new session (hello → welcome → snapshot), and the snapshot recovers the rest.
             BAD_FRAMES.labels("no_session").inc()
+            account = self._peer_account(None, message)
+            if self.log_limiter.allow("no_session", account):
+                log.info("bridge_no_session", identity=peer_text(identity[:64]),
+                         account=account or None, frame=type(frame).__name__)  # fmt: skip
             await self._raw_send(identity, ProtocolError(seq=1, reason=NO_SESSION))
+            return
+        key_account = self._user_id(message)
+        if key_account is not None and key_account != session.config.account:
+            # Another connection presenting a session's identity (libzmq refuses a duplicate
+            # while the first is up): only the key the session was opened with speaks for it.
+            BAD_FRAMES.labels("key_mismatch").inc()
+            if self.log_limiter.allow("key_mismatch", key_account):
+                log.warning("bridge_key_mismatch", key_account=key_account or None,
+                            claimed=session.config.account)  # fmt: skip
             return
         session.last_seen = time.monotonic()
         if frame.seq <= session.seq_in:
             BAD_FRAMES.labels("duplicate").inc()
             return
+        account = session.config.account
         if frame.seq != session.seq_in + 1:
-            SEQUENCE_GAPS.labels(session.config.account).inc(frame.seq - session.seq_in - 1)
-            log.warning("bridge_sequence_gap", account=session.config.account,
-                        expected=session.seq_in + 1, got=frame.seq)  # fmt: skip
+            SEQUENCE_GAPS.labels(account).inc(frame.seq - session.seq_in - 1)
+            if self.log_limiter.allow("sequence_gap", account):
+                log.warning("bridge_sequence_gap", account=account,
+                            expected=session.seq_in + 1, got=frame.seq)  # fmt: skip
             self._request_snapshot(session)
+        # Past the cap the terminal is cut off on every snapshot: say so while it still fits.
+        if (isinstance(frame, Snapshot) and len(payload) > self.config.max_frame_bytes // 2
+                and self.log_limiter.allow("snapshot_near_cap", account)):  # fmt: skip
+            log.warning("bridge_snapshot_near_frame_cap", account=account, bytes=len(payload),
+                        max_frame_bytes=self.config.max_frame_bytes)  # fmt: skip
         session.seq_in = frame.seq
         if isinstance(frame, TradeEvent):
             await self._trade_event(session, frame)
@@ -332,23 +472,35 @@ class BridgeConnector:
             session.account, session.open_positions = frame.account, frame.positions
             self._state_changed(session)
         elif isinstance(frame, Heartbeat):
-            account = session.config.account
             mine = state_hash(self.positions.get(account, {}).values(),
                               self.orders.get(account, {}).values())  # fmt: skip
             if frame.state_hash and frame.state_hash != mine:
-                log.warning("bridge_state_hash_mismatch", account=account)
+                if self.log_limiter.allow("state_hash_mismatch", account):
+                    log.warning("bridge_state_hash_mismatch", account=account)
                 self._request_snapshot(session)
-        elif isinstance(frame, ProtocolError):
-            log.warning("bridge_terminal_error", account=session.config.account,
-                        reason=frame.reason, ref_seq=frame.ref_seq)  # fmt: skip
+        elif isinstance(frame, ProtocolError) and self.log_limiter.allow("terminal_error", account):
+            log.warning("bridge_terminal_error", account=account, reason=short_text(frame.reason),
+                        ref_seq=frame.ref_seq)  # fmt: skip
 
-    async def _hello(self, identity: bytes, hello: Hello) -> None:
+    async def _hello(self, identity: bytes, hello: Hello, key_account: str | None) -> None:
+        """``key_account``: the account whose CURVE key authenticated the connection (None
+        in plaintext mode, "" if no ZAP handler answered: refused, fail closed)."""
+        if key_account is not None and key_account != hello.account:
+            # Before the token: a terminal's key must not let it test another account's token.
+            BAD_FRAMES.labels("key_mismatch").inc()
+            if self.log_limiter.allow("key_mismatch", key_account):
+                log.warning("bridge_key_mismatch", key_account=key_account or None,
+                            claimed=peer_text(hello.account.encode()))  # fmt: skip
+            await self._raw_send(identity, Denied(seq=1, reason="this CURVE key is not this "
+                                                  "account's"))  # fmt: skip
+            return
         session = self.sessions.get(hello.account)
         if session is None or not hmac.compare_digest(
             hello.token.encode(), session.config.token.encode()
         ):
             BAD_FRAMES.labels("denied").inc()
-            log.warning("bridge_denied", account=hello.account[:64])
+            if self.log_limiter.allow("denied", key_account or ""):
+                log.warning("bridge_denied", account=peer_text(hello.account.encode()))
             await self._raw_send(identity, Denied(seq=1, reason="unknown account or wrong token"))
             return
         if session.identity and session.identity != identity:
@@ -466,6 +618,41 @@ class BridgeConnector:
                 if is_copy(item.comment):
                     copies.setdefault(item.comment, item.ticket)
 
+    # --------------------------------------------------------------- peers refused
+
+    def _user_id(self, message: zmq.Frame) -> str | None:
+        """The account whose key the ZAP handler admitted for this message's connection."""
+        if self._secret_key is None:
+            return None
+        try:
+            return str(message.get("User-Id"))
+        except zmq.ZMQError:
+            return ""
+
+    def _peer_account(self, session: TerminalSession | None, message: zmq.Frame) -> str:
+        """Whom a log line is about, for its rate limit: a configured account or nobody."""
+        if session is not None:
+            return session.config.account
+        return self._user_id(message) or ""
+
+    def _key_refused(self, address: str, key: str) -> None:
+        BAD_FRAMES.labels("unknown_key").inc()
+        if self.log_limiter.allow("unknown_key"):
+            log.warning("bridge_unknown_key", address=address, public_key=key,
+                        detail="no terminal here has this curve_public_key")  # fmt: skip
+
+    async def _handshake_failures(self) -> None:
+        while True:
+            try:
+                event = parse_monitor_message(await self._monitor.recv_multipart())
+            except (asyncio.CancelledError, zmq.ContextTerminated, zmq.ZMQError):
+                return
+            BAD_FRAMES.labels("handshake_failed").inc()
+            if self.log_limiter.allow("handshake_failed"):
+                log.warning("bridge_handshake_failed", failure=zmq.Event(event["event"]).name,
+                            detail="a client without CURVE, or with another server key (the "
+                            "EA's InpServerKey must be this connector's public key)")  # fmt: skip
+
     def _state_changed(self, session: TerminalSession) -> None:
         if self.runtime is not None:
             self.runtime.mark_dirty(session.config.account)
@@ -490,6 +677,7 @@ class BridgeConnector:
         interval = self.config.heartbeat_ms / 1000
         while True:
             await asyncio.sleep(interval)
+            self.log_limiter.flush()
             now = time.monotonic()
             for session in self.sessions.values():
                 if not session.connected:
@@ -510,7 +698,7 @@ class BridgeConnector:
     # --------------------------------------------------------------- commands
 
     async def execute(self, order: FollowerOrder, reports: OrderReports) -> ExecutionReport:
-        previous = self.reports.get(order.order_id)
+        previous = self.journal.recall(order.order_id)
         if previous is not None:
             return codec.execution_report_decoder.decode(previous)
         session = self.sessions[order.follower]
@@ -526,7 +714,7 @@ class BridgeConnector:
         if isinstance(report, OrderUnknown):
             self.unsettled[order.order_id] = order
         else:
-            self.reports[order.order_id] = codec.encode(report)
+            self.journal.record(order.order_id, codec.encode(report))
         return report
 
     async def resolve_unknown_outcomes(self, account: str) -> int:
@@ -543,8 +731,8 @@ class BridgeConnector:
             if isinstance(report, OrderUnknown):
                 continue
             self.unsettled.pop(order_id, None)
-            self.reports[order_id] = codec.encode(report)
-            self.save()
+            self.journal.record(order_id, codec.encode(report))
+            self.commit()  # durable before it is reported
             assert self.runtime is not None
             await self.runtime.publish_report(report, f"report:{order_id}:settled")
             log.info("bridge_outcome_settled", account=account, order=order_id,

@@ -8,8 +8,13 @@ paper-copying through the bridge connector, demos, and the conformance suite in
 
 What it does, as the EA does:
 
+- CURVE, as the EA's inputs: ``server_key`` (the connector's public key, ``InpServerKey``)
+  and the terminal's own ``public_key``/``secret_key`` (``InpPublicKey``/``InpSecretKey``),
+  40-character Z85 texts. Without a server key it refuses to connect unless ``plaintext``
+  (``InpPlaintext``) says so.
 - ``start``: connect, send ``hello`` (a fresh random ``session``), wait for ``welcome`` (or
-  raise :class:`BridgeDenied` on ``denied``), then send a ``snapshot`` (``corr=""``).
+  raise :class:`BridgeDenied` on ``denied``), then send a ``snapshot`` (``corr=""``). A
+  connector that refuses the CURVE keys answers nothing: ``start`` times out.
 - Master side: :meth:`PaperBridgeTerminal.trade` runs a venue request as a trader would and
   :meth:`PaperBridgeTerminal.on_quote` feeds prices; every resulting transaction goes out as one
   ``event`` frame, then one ``account`` frame.
@@ -43,6 +48,7 @@ import msgspec
 import structlog
 import zmq
 import zmq.asyncio
+from zmq.utils import z85
 
 from connectors.bridge.hashing import state_hash
 from connectors.paper.model import PendingOrder, Position, Result, Retcode, Transaction
@@ -110,6 +116,17 @@ def new_session_id() -> str:
     return secrets.token_hex(8)
 
 
+def _curve_key(name: str, value: str) -> bytes:
+    """A Z85 key as the EA takes it: 40 characters that decode (surrounding blanks ignored)."""
+    key = value.strip()
+    try:
+        if len(key) != 40 or len(z85.decode(key)) != 32:
+            raise ValueError(key)
+    except (ValueError, KeyError):  # z85.decode: KeyError for a character outside Z85
+        raise ValueError(f"{name} must be a 40-character Z85 CURVE key") from None
+    return key.encode("ascii")
+
+
 class PaperBridgeTerminal:
     """One paper account on the bridge protocol, over a real ZeroMQ DEALER socket.
 
@@ -139,9 +156,25 @@ class PaperBridgeTerminal:
         session: str | None = None,
         handshake_timeout_s: float = 10.0,
         context: zmq.asyncio.Context | None = None,
+        server_key: str = "",
+        public_key: str = "",
+        secret_key: str = "",
+        plaintext: bool = False,
         drop_events: Iterable[int] = (),
         drop_results: Iterable[str] = (),
     ) -> None:
+        self._curve: tuple[bytes, bytes, bytes] | None = None
+        if server_key.strip():
+            self._curve = (_curve_key("server_key", server_key),
+                           _curve_key("public_key", public_key),
+                           _curve_key("secret_key", secret_key))  # fmt: skip
+            if self._curve[0] == self._curve[1]:
+                raise ValueError("public_key is the connector's key: a terminal needs its own pair")
+        elif not plaintext:
+            raise ValueError(
+                "no CURVE server key: give server_key, public_key and secret_key (`tradecopy "
+                "bridge keys`), or plaintext=True on a trusted loopback only"
+            )
         if platform not in ("paper", "mt4"):
             raise ValueError(f"platform must be 'paper' or 'mt4', not {platform!r}")
         if heartbeat_ms <= 0:
@@ -209,6 +242,13 @@ class PaperBridgeTerminal:
         identity = f"{self.account}.{self.session}.{self._connects}"
         sock.setsockopt(zmq.IDENTITY, identity.encode()[:255])
         sock.setsockopt(zmq.LINGER, 0)
+        if self._curve is not None:
+            # Before connect, as the EA: the link is encrypted, the connector must hold the
+            # server key's secret, and our key pair says which terminal this is.
+            server, public, secret = self._curve
+            sock.setsockopt(zmq.CURVE_SERVERKEY, server)
+            sock.setsockopt(zmq.CURVE_PUBLICKEY, public)
+            sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
         sock.connect(self.endpoint)
         self._sock = sock
         if not resume:
@@ -240,7 +280,8 @@ class PaperBridgeTerminal:
             raise
         self._peer_seq = answer.seq
         self.heartbeat_ms = answer.heartbeat_ms
-        log.info("bridge_welcomed", account=self.account, session=self.session)
+        log.info("bridge_welcomed", account=self.account, session=self.session,
+                 curve=self._curve is not None)  # fmt: skip
         self._send_snapshot("")
         self._tasks.append(asyncio.create_task(self._receive_loop(sock), name="bridge-recv"))
         self._tasks.append(asyncio.create_task(self._heartbeat_loop(), name="bridge-hb"))

@@ -1,7 +1,9 @@
 """The connector side of the bridge protocol, for conformance tests: a real ZeroMQ ROUTER.
 
 :class:`ConnectorPeer` binds a ROUTER on ``tcp://127.0.0.1:<free port>`` and plays the bridge
-connector: it answers ``hello`` with ``welcome`` or ``denied``, sends commands, snapshot
+connector: a CURVE server by default, as the connector is, whose ZAP handler admits only the key
+pair it made for the terminal under test (``plaintext=True`` for the opt-out). It answers
+``hello`` with ``welcome`` or ``denied``, sends commands, snapshot
 requests, heartbeats and malformed frames, and checks that every frame the terminal sends
 decodes with ``terminal_frame_decoder`` and that the terminal's ``seq`` starts at 1 with every
 session and grows by exactly 1 (gaps are recorded, for the fault-injection cases to inspect).
@@ -24,7 +26,9 @@ from typing import Any, Protocol, TypeVar
 import msgspec
 import zmq
 import zmq.asyncio
+from zmq.utils import z85
 
+from connectors.bridge.auth import TerminalAuthenticator
 from connectors.bridge.hashing import state_hash
 from connectors.bridge.paper_terminal import BridgeDenied, PaperBridgeTerminal
 from connectors.paper.model import Result, Transaction
@@ -50,6 +54,19 @@ from schemas.bridge import (
 
 F = TypeVar("F")
 DEFAULT_TIMEOUT_S = 5.0
+#: The User-Id the peer's ZAP handler gives the terminal under test's key.
+TERMINAL_USER = "terminal-under-test"
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    public: str
+    secret: str
+
+    @classmethod
+    def new(cls) -> KeyPair:
+        public, secret = zmq.curve_keypair()
+        return cls(public.decode(), secret.decode())
 
 
 class TerminalUnderTest(Protocol):
@@ -84,9 +101,16 @@ class TerminalFactory(Protocol):
         token: str,
         venue: PaperVenue,
         *,
+        server_key: str = "",
+        public_key: str = "",
+        secret_key: str = "",
+        plaintext: bool = False,
+        handshake_timeout_s: float = DEFAULT_TIMEOUT_S,
         drop_events: Iterable[int] = (),
         drop_results: Iterable[str] = (),
-    ) -> TerminalUnderTest: ...
+    ) -> TerminalUnderTest:
+        """CURVE keys as the EA's inputs (``InpServerKey``, ``InpPublicKey``,
+        ``InpSecretKey``, ``InpPlaintext``)."""
 
 
 @dataclass(frozen=True)
@@ -107,6 +131,11 @@ def _paper_terminal(platform: Any) -> TerminalFactory:
         token: str,
         venue: PaperVenue,
         *,
+        server_key: str = "",
+        public_key: str = "",
+        secret_key: str = "",
+        plaintext: bool = False,
+        handshake_timeout_s: float = DEFAULT_TIMEOUT_S,
         drop_events: Iterable[int] = (),
         drop_results: Iterable[str] = (),
     ) -> TerminalUnderTest:
@@ -116,7 +145,11 @@ def _paper_terminal(platform: Any) -> TerminalFactory:
             token,
             venue,
             platform=platform,
-            handshake_timeout_s=DEFAULT_TIMEOUT_S,
+            server_key=server_key,
+            public_key=public_key,
+            secret_key=secret_key,
+            plaintext=plaintext,
+            handshake_timeout_s=handshake_timeout_s,
             drop_events=drop_events,
             drop_results=drop_results,
         )
@@ -135,6 +168,8 @@ class Received:
     identity: bytes
     frame: Any
     raw: bytes
+    user_id: str | None
+    """Who the peer's ZAP handler said the connection is (None: plaintext)."""
 
 
 @dataclass
@@ -145,12 +180,30 @@ class SeqViolation:
 
 
 class ConnectorPeer:
-    """A ROUTER playing the connector for one terminal at a time."""
+    """A ROUTER playing the connector for one terminal at a time.
 
-    def __init__(self) -> None:
+    Unless ``plaintext``: a CURVE server with a key pair of its own (``server``), and a key
+    pair made for the terminal (``terminal``) that its ZAP handler admits as
+    :data:`TERMINAL_USER`; every other key is refused and recorded in ``refused``."""
+
+    def __init__(self, *, plaintext: bool = False) -> None:
         self._context = zmq.asyncio.Context()
+        self.plaintext = plaintext
+        self.server = KeyPair.new()
+        self.terminal = KeyPair.new()
+        self.refused: list[str] = []
+        self._authenticator: TerminalAuthenticator | None = None
         self._sock = self._context.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
+        if not plaintext:
+            self._authenticator = TerminalAuthenticator(
+                self._context,
+                {z85.decode(self.terminal.public): TERMINAL_USER},
+                lambda _address, key: self.refused.append(key),
+            )
+            self._authenticator.start()
+            self._sock.setsockopt(zmq.CURVE_SERVER, 1)
+            self._sock.setsockopt(zmq.CURVE_SECRETKEY, self.server.secret.encode())
         # A reconnecting terminal takes its identity (= account) back at once.
         self._sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         # Sending to a terminal that is not connected is an error, not a silent drop.
@@ -167,9 +220,18 @@ class ConnectorPeer:
         self._sent_seq = 0
         self._heartbeats: asyncio.Task[None] | None = None
 
+    def terminal_keys(self) -> dict[str, Any]:
+        """What the terminal under test is configured with to reach this peer."""
+        if self.plaintext:
+            return {"plaintext": True}
+        return {"server_key": self.server.public, "public_key": self.terminal.public,
+                "secret_key": self.terminal.secret}  # fmt: skip
+
     async def close(self) -> None:
         if self._heartbeats is not None:
             self._heartbeats.cancel()
+        if self._authenticator is not None:
+            await self._authenticator.stop()
         self._sock.close(linger=0)
         self._context.term()
 
@@ -178,9 +240,10 @@ class ConnectorPeer:
     async def _read(self, timeout: float) -> Received | None:
         if not await self._sock.poll(int(timeout * 1000), zmq.POLLIN):
             return None
-        parts = await self._sock.recv_multipart(zmq.NOBLOCK)
+        parts = await self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
         assert len(parts) == 2, f"a terminal message must be one frame, got {len(parts) - 1}"
-        identity, raw = parts
+        identity, raw = parts[0].bytes, parts[1].bytes
+        user_id = None if self.plaintext else str(parts[1].get("User-Id"))
         try:
             frame = terminal_frame_decoder.decode(raw)
         except (msgspec.DecodeError, UnicodeDecodeError) as exc:
@@ -194,7 +257,7 @@ class ConnectorPeer:
         if frame.seq != self._expected_seq:
             self.gaps.append(SeqViolation(self._expected_seq, frame.seq, type(frame).__name__))
         self._expected_seq = frame.seq + 1
-        received = Received(identity, frame, raw)
+        received = Received(identity, frame, raw, user_id)
         self.received.append(received)
         return received
 
@@ -395,13 +458,14 @@ class Rig:
     token: str
     terminals: list[TerminalUnderTest] = field(default_factory=list)
 
-    def make(self, *, token: str | None = None, **faults: Any) -> TerminalUnderTest:
+    def make(self, *, token: str | None = None, **options: Any) -> TerminalUnderTest:
+        """A terminal configured to reach the peer; ``options``: faults, or other keys."""
         terminal = self.impl.make(
             self.peer.endpoint,
             self.account,
             self.token if token is None else token,
             self.venue,
-            **faults,
+            **(self.peer.terminal_keys() | options),
         )
         self.terminals.append(terminal)
         return terminal

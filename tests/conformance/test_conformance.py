@@ -1,4 +1,5 @@
-"""Bridge conformance: every terminal-side implementation, over real ZeroMQ sockets."""
+"""Bridge conformance: every terminal-side implementation, over real ZeroMQ sockets, CURVE
+encrypted unless a case is about the plaintext opt-out."""
 
 from __future__ import annotations
 
@@ -29,7 +30,9 @@ from schemas.common import OrderType, Side
 
 from .harness import (
     IMPLEMENTATIONS,
+    TERMINAL_USER,
     ConnectorPeer,
+    KeyPair,
     Mirror,
     Rig,
     TerminalUnderTest,
@@ -617,3 +620,49 @@ async def test_heartbeats_carry_the_state_hash_of_the_snapshot(rig: Rig) -> None
     assert len(current.positions) == len(current.orders) == 1
     # The connector's own heartbeats were taken in silence all along.
     await rig.peer.expect_nothing(ProtocolError, within=0.1)
+
+
+# ------------------------------------------------------------------ CURVE
+
+
+async def test_the_terminal_speaks_curve_with_its_own_key(rig: Rig) -> None:
+    """Every frame arrives over a connection the peer's ZAP handler admitted for the terminal's
+    key pair: the link is encrypted and the key says which terminal it is."""
+    terminal, _, _ = await rig.connect()
+    assert (await rig.peer.command("curve-1", **open_cmd())).ok
+    assert rig.peer.received and {r.user_id for r in rig.peer.received} == {TERMINAL_USER}
+    assert rig.peer.refused == []
+    assert terminal.running
+
+
+async def test_without_a_server_key_the_terminal_connects_only_when_told_plaintext(
+    rig: Rig,
+) -> None:
+    with pytest.raises(ValueError, match="server key"):
+        rig.impl.make(rig.peer.endpoint, ACCOUNT, TOKEN, fresh_venue())
+    clear = Rig(rig.impl, ConnectorPeer(plaintext=True), fresh_venue(), ACCOUNT, TOKEN)
+    try:
+        _, hello, _ = await clear.connect()
+        assert hello.account == ACCOUNT
+        assert {r.user_id for r in clear.peer.received} == {None}
+    finally:
+        await clear.close()
+
+
+@pytest.mark.parametrize("wrong", ["terminal key", "server key"])
+async def test_wrong_curve_keys_get_no_answer_and_nothing_leaves_in_clear(
+    rig: Rig, wrong: str
+) -> None:
+    """A terminal key the connector does not list is refused by ZAP; another server key fails
+    the handshake. Either way no frame reaches the connector, and the terminal gives up."""
+    other = KeyPair.new()
+    keys = {"public_key": other.public, "secret_key": other.secret}
+    if wrong == "server key":
+        keys = {"server_key": other.public}
+    terminal = rig.make(handshake_timeout_s=1.0, **keys)
+    with pytest.raises(TimeoutError):
+        await terminal.start()
+    assert not terminal.running
+    await rig.peer.wait_quiet(0.2)
+    assert rig.peer.received == []
+    assert set(rig.peer.refused) == ({other.public} if wrong == "terminal key" else set())
