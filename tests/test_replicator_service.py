@@ -1141,7 +1141,11 @@ async def test_a_fan_out_nats_never_stores_is_rejected_after_max_deliveries(
     assert rejection.reason is RejectionReason.PUBLISH_FAILED
     assert rejection.numbers["deliveries"] == 3
     assert env.silenced == ["ev-1:l1"] * 3  # one attempt per delivery
-    assert rejections_metric(RejectionReason.PUBLISH_FAILED) == before + 1
+    # Counted once the rejection is stored, which a subscriber may see a moment earlier.
+    await wait_until(
+        lambda: rejections_metric(RejectionReason.PUBLISH_FAILED) == before + 1,
+        "the publish_failed rejection counted",
+    )
 
     await undo()
     await env.publish(opened("ev-2", "m1", "p2"))
