@@ -57,6 +57,7 @@ from prometheus_client import Counter, Gauge
 from connectors.reports import OrderReports
 from engine.runtime.http import ProgressWatch
 from engine.runtime.jetstream import ensure_buckets, ensure_streams
+from engine.runtime.publishing import Publication, publish_stored
 from schemas import codec, subjects
 from schemas.account import AccountState, SymbolSpec
 from schemas.master import MasterEvent
@@ -66,7 +67,6 @@ from schemas.streams import FOLLOWER_ORDERS_STREAM
 
 log = structlog.get_logger("tradecopy.connector")
 
-MSG_ID = "Nats-Msg-Id"
 #: Orders in flight per connector; run in stream order, acknowledged after their reports.
 ORDER_BATCH = 256
 #: After a failed batch: first wait before resuming at the ack floor, doubling up to the max.
@@ -99,93 +99,8 @@ ACCOUNT_NOT_SERVED = "account_not_served"
 for _reason in (SUBJECT_MISMATCH, FOREIGN_BATCH, ACCOUNT_NOT_SERVED):
     REFUSED_ORDERS.labels(_reason)
 
-#: One message to store: subject, payload and its ``Nats-Msg-Id`` (the deduplication key).
-Publication = tuple[str, bytes, str]
 #: Put in the order queue to wake the consumer after a failure elsewhere.
 _FAILED = object()
-#: A retry after an attempt that failed fast (e.g. no stream answered) waits this long first.
-_RETRY_PAUSE_S = 0.05
-
-
-class NotStored(Exception):
-    """JetStream did not confirm every message within the bounded attempts."""
-
-    def __init__(self, missing: int, total: int, attempts: int, cause: BaseException | None):
-        super().__init__(
-            f"{missing} of {total} messages not confirmed stored after {attempts} attempt(s)"
-            + ("" if cause is None else f": {cause!r}")
-        )
-        self.missing = missing
-        self.cause = cause
-
-
-async def publish_stored(
-    js: Any,
-    messages: Sequence[Publication],
-    *,
-    timeout_s: float,
-    attempts: int,
-    on_the_wire: Callable[[], None] | None = None,
-) -> None:
-    """Publish every message and return once JetStream has confirmed storing each.
-
-    nats-py's ``publish_async`` futures may never resolve (after a server restart the acks of
-    messages in flight are gone), so no wait here is unbounded: each attempt sends what is
-    unconfirmed (the same ``Nats-Msg-Id``, so JetStream drops a copy of a stored one) and
-    waits at most ``timeout_s``; unconfirmed futures are cancelled, which also frees their
-    slot in the client's pending-publish allowance. ``on_the_wire`` runs once, after the
-    first attempt's messages are handed to the client and before their acks are awaited.
-    (The replicator has the same bounded wait in ``engine.replicator.publishing``.)
-    """
-    pending = list(messages)
-    cause: BaseException | None = None
-    for attempt in range(attempts):
-        if attempt:
-            PUBLISH_RETRIES.inc(len(pending))
-            await asyncio.sleep(_RETRY_PAUSE_S * attempt)
-        futures: list[asyncio.Future[Any]] = []
-        try:
-            async with asyncio.timeout(timeout_s):
-                for subject, payload, msg_id in pending:
-                    futures.append(
-                        await js.publish_async(subject, payload, headers={MSG_ID: msg_id})
-                    )
-            if on_the_wire is not None and attempt == 0:
-                await asyncio.sleep(0)  # let the client's flusher put the messages on the wire
-                on_the_wire()
-            if futures:
-                async with asyncio.timeout(timeout_s):
-                    await asyncio.wait(futures)
-        except (TimeoutError, nats.errors.Error, ConnectionError) as exc:
-            if isinstance(exc, nats.errors.MaxPayloadError):
-                _cancel(futures)  # the same bytes can never be stored: no retry
-                raise
-            cause = exc
-        except BaseException:
-            _cancel(futures)  # cancelled, or the caller's hook failed: free every slot
-            raise
-        unconfirmed: list[Publication] = []
-        for message, future in zip(pending, futures, strict=False):
-            if not future.done():
-                # Its ack may still come: too late, it is ignored (the retry has the same id).
-                future.cancel()
-                unconfirmed.append(message)
-            elif future.cancelled():
-                unconfirmed.append(message)
-            elif future.exception() is not None:
-                cause = future.exception()
-                unconfirmed.append(message)
-        unconfirmed.extend(pending[len(futures) :])
-        if not unconfirmed:
-            return
-        pending = unconfirmed
-    raise NotStored(len(pending), len(messages), attempts, cause)
-
-
-def _cancel(futures: list[asyncio.Future[Any]]) -> None:
-    for future in futures:
-        if not future.done():
-            future.cancel()
 
 
 class Terminal(Protocol):
@@ -395,7 +310,8 @@ class ConnectorRuntime:
         # the periodic retry) sends them again, oldest first.
         await publish_stored(
             self.js, messages, timeout_s=self.publish_timeout_s,
-            attempts=self.publish_attempts, on_the_wire=while_in_flight,
+            attempts=self.publish_attempts, retried=PUBLISH_RETRIES.inc,
+            on_the_wire=while_in_flight,
         )  # fmt: skip
         self.terminal.published(events)
         self._events_progress.advanced(still_pending=False)
@@ -585,6 +501,7 @@ class ConnectorRuntime:
         await publish_stored(
             self.js, [(subjects.execution_reports(report.follower), payload, msg_id)],
             timeout_s=self.publish_timeout_s, attempts=self.publish_attempts,
+            retried=PUBLISH_RETRIES.inc,
         )  # fmt: skip
         self.mark_dirty(report.follower)
 
@@ -699,7 +616,7 @@ class ConnectorRuntime:
                 self.mark_dirty(report.follower)
             await publish_stored(
                 self.js, messages, timeout_s=self.publish_timeout_s,
-                attempts=self.publish_attempts,
+                attempts=self.publish_attempts, retried=PUBLISH_RETRIES.inc,
             )  # fmt: skip
             self.orders_executed += len(settled)
             for _, delivery in settled:

@@ -21,11 +21,12 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 from prometheus_client import REGISTRY
 
-from connectors.contract import ConnectorRuntime, NotStored, report_id, reports_at_receipt
+from connectors.contract import ConnectorRuntime, report_id, reports_at_receipt
 from connectors.paper.connector import PaperConnector, PaperTerminal
 from connectors.paper.prices import Quote, bar_to_ticks, load_bars
 from connectors.reports import EXPIRED_REASON, RETCODE_EXPIRED, OrderReports
 from engine.runtime.jetstream import ensure_buckets, ensure_streams
+from engine.runtime.publishing import NotStored
 from schemas import codec, subjects
 from schemas.account import AccountState
 from schemas.common import Side

@@ -29,13 +29,13 @@ from engine.replicator.config import ReplicatorConfig
 from engine.replicator.facts import CompiledLink
 from engine.replicator.live import LiveView
 from engine.replicator.protection import has_equity_protection, track_equity
-from engine.replicator.publishing import NotStored, Publication, publish_stored
 from engine.replicator.rules import CopyPlan, daily_limit_reached, plan_event
 from engine.replicator.sanity import arrival_judged, check_master_event
 from engine.replicator.state import LinkState, link_state_decoder, link_state_encoder
 from engine.runtime.http import ProgressWatch
 from engine.runtime.jetstream import ensure_buckets, ensure_streams
 from engine.runtime.natsconn import connect
+from engine.runtime.publishing import NotStored, Publication, publish_stored
 from schemas import codec, subjects
 from schemas.account import AccountState
 from schemas.decisions import CopyDecision, DecisionOutcome
@@ -392,7 +392,7 @@ class Replicator:
         try:
             await publish_stored(
                 self.js, [publication], timeout_s=cfg.publish_timeout_s,
-                attempts=cfg.publish_attempts,
+                attempts=cfg.publish_attempts, retried=metrics.PUBLISH_RETRIES.inc,
             )  # fmt: skip
         except Exception as exc:
             delivered = _deliveries(msg)
@@ -443,6 +443,7 @@ class Replicator:
         # While it retries, the event stays this instance's: tell the server it is in progress.
         await publish_stored(
             self.js, messages, timeout_s=cfg.publish_timeout_s, attempts=cfg.publish_attempts,
+            retried=metrics.PUBLISH_RETRIES.inc,
             before_retry=None if msg is None else msg.in_progress,
         )  # fmt: skip
         for cl, plan in plans:
@@ -556,7 +557,7 @@ class Replicator:
         cfg = self.config
         await publish_stored(
             self.js, [(subject, payload, msg_id)], timeout_s=cfg.publish_timeout_s,
-            attempts=cfg.publish_attempts,
+            attempts=cfg.publish_attempts, retried=metrics.PUBLISH_RETRIES.inc,
         )  # fmt: skip
 
     async def _on_follower_account(self, account: AccountState) -> None:
