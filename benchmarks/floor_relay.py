@@ -43,7 +43,7 @@ def order_payload(follower: str, master: str) -> bytes:
             tp=2100.0,
             master_price=2000.0,
             master_volume=0.1,
-            comment="tc:floor:1000000",
+            comment="tc.floor.1000000",
         )
     )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import string
 
 from hypothesis import given
@@ -21,7 +22,7 @@ REF = st.text(min_size=1, max_size=128)
 
 
 def test_a_comment_that_fits_is_the_plain_master_and_ref() -> None:
-    assert copy_comment("alpari-1001", "555") == "tc:alpari-1001:555"
+    assert copy_comment("alpari-1001", "555") == "tc.alpari-1001.555"
 
 
 def test_two_refs_sharing_their_first_31_characters_get_different_comments() -> None:
@@ -40,7 +41,7 @@ def test_masters_sharing_a_long_prefix_get_different_comments() -> None:
 def test_a_ref_that_looks_like_a_digest_is_not_taken_for_one() -> None:
     master = "m" * 30
     digested = copy_comment(master, "9" * 40)
-    _, _, tail = digested.rpartition(":")
+    _, _, tail = digested.rpartition(".")
     assert copy_comment(master, tail) != digested
 
 
@@ -71,3 +72,16 @@ def test_order_markers_fit_and_are_never_copy_comments(order_id: str) -> None:
     marker = order_marker(order_id)
     assert len(marker) == COMMENT_MAX
     assert not is_copy(marker)
+
+
+@given(master=ACCOUNT, ref=REF)
+def test_comments_use_only_characters_every_broker_accepts(master: str, ref: str) -> None:
+    # Brokers' MT5 gateways refuse ":" and other punctuation with 'Invalid "comment" argument'.
+    for comment in (copy_comment(master, ref), order_marker(ref)):
+        assert re.fullmatch(r"[A-Za-z0-9_.-]{1,31}", comment), comment
+
+
+def test_a_ref_with_punctuation_is_digested_not_written() -> None:
+    comment = copy_comment("m1", "12:34#5")
+    assert ":" not in comment and "#" not in comment
+    assert comment != copy_comment("m1", "12:34#6")

@@ -208,14 +208,14 @@ async def test_open_is_a_market_deal_with_the_symbols_filling_deviation_magic_an
     assert request["action"] == mt5.TRADE_ACTION_DEAL
     assert request["type"] == mt5.ORDER_TYPE_BUY
     assert (request["type_filling"], request["deviation"], request["magic"]) == (filling, 15, 4242)
-    assert request["comment"] == "tc:m1:501"
+    assert request["comment"] == "tc.m1.501"
     assert request["price"] == ASK
     (held,) = positions(api)
     assert isinstance(report, OrderFilled)
     assert report.position_id == str(held.ticket)
     assert (report.side, report.volume, report.price) == (Side.BUY, 0.1, ASK)
     assert report.slippage == pytest.approx(ASK - 2000.1)
-    assert (held.sl, held.tp, held.magic, held.comment) == (1990.0, 2020.0, 4242, "tc:m1:501")
+    assert (held.sl, held.tp, held.magic, held.comment) == (1990.0, 2020.0, 4242, "tc.m1.501")
 
 
 async def test_an_order_id_executed_twice_trades_once() -> None:
@@ -282,7 +282,7 @@ async def test_close_by_closes_the_two_copies_against_each_other() -> None:
     assert isinstance(report, OrderDone)
     assert api.sent[-1]["action"] == mt5.TRADE_ACTION_CLOSE_BY
     (rest,) = positions(api)
-    assert (rest.comment, rest.volume) == ("tc:m1:501", 0.1)
+    assert (rest.comment, rest.volume) == ("tc.m1.501", 0.1)
 
 
 async def test_close_all_closes_only_that_masters_copies_and_pending_orders() -> None:
@@ -298,7 +298,7 @@ async def test_close_all_closes_only_that_masters_copies_and_pending_orders() ->
     report = await run(terminal, FollowerCloseAll(**base("stop:L1"), reason="equity stop"))
     assert isinstance(report, OrderDone)
     assert len(report.position_ids) == 2
-    assert [p.comment for p in positions(api)] == ["tc:m2:7"]
+    assert [p.comment for p in positions(api)] == ["tc.m2.7"]
     assert api.orders_get() == ()
 
 
@@ -314,7 +314,7 @@ async def test_pending_order_is_placed_modified_and_cancelled_on_its_copy() -> N
     assert isinstance(report, OrderDone)
     (order,) = api.orders_get()
     assert (order.type, order.price_open, order.sl, order.comment) == (
-        mt5.ORDER_TYPE_SELL_STOP, 1990.0, 1995.0, "tc:m1:601",
+        mt5.ORDER_TYPE_SELL_STOP, 1990.0, 1995.0, "tc.m1.601",
     )  # fmt: skip
     assert api.sent[-1]["type_time"] == mt5.ORDER_TIME_SPECIFIED
     assert api.sent[-1]["expiration"] == expires // 1_000_000_000 + 3 * 3600
@@ -422,7 +422,7 @@ async def test_a_timeout_retcode_is_unknown_and_settles_when_the_copy_shows_up()
     # The server executed it after all: the copy appears with the order's comment.
     PaperMt5Api(server, FOLLOWER, FOLLOWER_LOGIN).order_send({
         "action": mt5.TRADE_ACTION_DEAL, "symbol": SYMBOL, "volume": 0.1,
-        "type": mt5.ORDER_TYPE_BUY, "comment": "tc:m1:501",
+        "type": mt5.ORDER_TYPE_BUY, "comment": "tc.m1.501",
         "type_filling": mt5.ORDER_FILLING_FOK,
     })  # fmt: skip
     (settled,) = await terminal.resolve_unknown_outcomes()
@@ -471,7 +471,7 @@ async def test_a_restart_rebuilds_the_copies_from_comments_and_trades_nothing_tw
     before.close()
 
     after, api = follower(server)  # no state file: only the terminal remembers
-    assert after.memory.positions == {"tc:m1:501": opened.position_id}
+    assert after.memory.positions == {"tc.m1.501": opened.position_id}
     assert after.reports == {}
     again = await run(after, open_order())
     assert isinstance(again, OrderFilled)
@@ -749,7 +749,7 @@ def test_a_comment_longer_than_metatrader_keeps_is_refused_by_the_package() -> N
 def test_copy_comments_fit_metatrader_and_never_collide(master_id: str, ref: str) -> None:
     comment = copy_comment(master_id, ref)
     assert len(comment) <= mt5.COMMENT_MAX
-    assert comment.startswith("tc:")
+    assert comment.startswith(("tc.", "tc-"))
     assert comment != copy_comment(master_id, ref + "1")
     assert comment != copy_comment(master_id + "x", ref)
     assert len(order_marker(f"{master_id}-{ref}-closed:L1")) <= mt5.COMMENT_MAX
@@ -850,9 +850,9 @@ def test_an_old_format_state_file_loads_into_the_journal(tmp_path: Path) -> None
     server, state = paper_server(), tmp_path / "f1.state"
     kept = OrderRejected(order_id="o-1", link_id="L1", follower=FOLLOWER, ts_ns=1, code=10019,
                          reason="not enough money")  # fmt: skip
-    old = Mt5ConnectorState(reports={"o-1": codec.encode(kept)}, aliases={"tc:m1:9": "tc:m1:8"})
+    old = Mt5ConnectorState(reports={"o-1": codec.encode(kept)}, aliases={"tc.m1.9": "tc.m1.8"})
     state.write_bytes(msgspec.msgpack.encode(old))
     terminal, _ = journaled_follower(server, state, WallClock())
     assert state.read_bytes().startswith(MAGIC)
     assert dict(terminal.reports) == {"o-1": codec.encode(kept)}
-    assert terminal.memory.aliases == {"tc:m1:9": "tc:m1:8"}
+    assert terminal.memory.aliases == {"tc.m1.9": "tc.m1.8"}

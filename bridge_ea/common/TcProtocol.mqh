@@ -432,17 +432,36 @@ string TcNewSessionId()
 #define TC_NO_SESSION "no session: say hello"
 
 //+------------------------------------------------------------------+
-//| Comments: follower copies carry "tc:<master>:<master ref>".      |
-//| A comment is a reliable key only when it was not cut at 31       |
-//| characters (two different refs could share a truncated prefix).  |
+//| Comments: follower copies carry the connector's copy comment     |
+//| (engine/core/comments.py): "tc.<master>.<ref>", or "tc-<digest>" |
+//| forms when that would not fit; letters, digits, "_", "-", "."    |
+//| only, at most 31 characters and never cut, so every copy comment |
+//| is a key. Keys are compared whole, never by prefix ("tc.m1.555"  |
+//| is a prefix of "tc.m1.5550").                                    |
 //+------------------------------------------------------------------+
 bool TcIsCopyComment(const string comment)
   {
-   return StringLen(comment) > 3 && StringSubstr(comment, 0, 3) == "tc:";
+   if(StringLen(comment) <= 3)
+      return false;
+   string head = StringSubstr(comment, 0, 3);
+   return head == "tc." || head == "tc-";
   }
 bool TcIsKeyComment(const string comment)
   {
-   return TcIsCopyComment(comment) && StringLen(comment) < TC_COMMENT_MAX;
+   return TcIsCopyComment(comment) && StringLen(comment) <= TC_COMMENT_MAX;
+  }
+//--- A closed copy's comment as the broker left it: MT4 appends "[sl]", "[tp]" or " [so]" to
+//--- what fits, so the key is the comment itself or the comment followed by one of those marks
+//--- (a key never holds "[" or a space, so the mark cannot be part of another key).
+bool TcCommentIsKey(const string seen, const string key)
+  {
+   if(seen == key)
+      return true;
+   int n = StringLen(key);
+   if(StringLen(seen) <= n || StringSubstr(seen, 0, n) != key)
+      return false;
+   ushort next = StringGetCharacter(seen, n);
+   return next == '[' || next == ' ';
   }
 string TcClipComment(const string comment)
   {

@@ -10,7 +10,7 @@
 //| MT4 partial closes give the remainder a *new ticket*: the closed |
 //| part keeps the old ticket in history (comment usually "to #new") |
 //| and the remainder's comment becomes "from #old" - which also     |
-//| wipes the copy comment "tc:<master>:<ref>". The scan reports     |
+//| wipes the copy comment "tc.<master>.<ref>". The scan reports     |
 //| reduced with new_ticket, and a small alias file remembers which  |
 //| copy comment each remainder inherited, so the follower mapping   |
 //| survives partial closes and restarts.                            |
@@ -364,7 +364,7 @@ private:
       return "";
      }
 
-   //--- closed copies: MT4 may have appended "[sl]"/"[tp]" to the comment, so match the prefix
+   //--- closed copies: MT4 may have appended "[sl]"/"[tp]" to the comment (TcCommentIsKey)
    string            FindHistoryByComment(const string symbol, const long magic, const string comment, const bool market_only)
      {
       datetime since = TimeCurrent() - m_recoverDays * 86400;
@@ -377,7 +377,7 @@ private:
             continue;   // balance/credit lines
          if(OrderOpenTime() < since || OrderMagicNumber() != magic || OrderSymbol() != symbol)
             continue;
-         if(StringFind(OrderComment(), comment) == 0)
+         if(TcCommentIsKey(OrderComment(), comment))
             return IntegerToString(OrderTicket());
         }
       return "";

@@ -42,7 +42,7 @@ from connectors.mt5.errors import (
 from connectors.mt5.execution import MARKER_HISTORY_S, CopyMemory, Mt5Execution
 from connectors.mt5.parsing import account_state, parse_deal, server_seconds, symbol_spec
 from connectors.reports import OrderReports
-from engine.core.comments import COPY_PREFIX, MARKER_PREFIX
+from engine.core.comments import is_copy, is_marker
 from schemas import codec
 from schemas.account import AccountState, SymbolSpec
 from schemas.master import MasterEvent
@@ -188,7 +188,7 @@ class Mt5Terminal:
         self.memory.remember_deals(
             d
             for d in parsed
-            if d is not None and d.comment.startswith((COPY_PREFIX, MARKER_PREFIX))
+            if d is not None and (is_copy(d.comment) or is_marker(d.comment))
         )
         info = self.api.account_info()
         if info is not None:

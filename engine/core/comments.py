@@ -6,31 +6,40 @@ file lost, a connector rebuilds *comment → ticket* from the terminal's own rec
 copy of any master trade by encoding ``(master, ref)`` again: nothing is ever decoded, so nothing
 can be mis-read. The replicator puts the same comment on the follower orders it builds.
 
-MetaTrader keeps ``COMMENT_MAX`` (31) characters of a comment, so a comment is never cut:
+MetaTrader keeps ``COMMENT_MAX`` (31) characters, and brokers' MT5 gateways refuse some
+punctuation (``:`` among them) with ``Invalid "comment" argument``, so a comment holds only
+letters, digits, ``_``, ``-`` and ``.``, and is never cut:
 
-- ``tc:<master>:<ref>`` when it fits. Account ids never hold ``:``, so this form is one-to-one.
-- otherwise ``tc:~<key>:<ref>``, where ``key`` is a 10-character base-36 digest of the master
-  (~51 bits); account ids never start with ``~``, so the two forms cannot meet.
-- and when even that is too long (or ``ref`` starts with ``#``), ``tc:~<key>:#<digest>``, with a
-  15-character base-36 digest of the ref (~77 bits).
+- ``tc.<master>.<ref>`` when it fits and ``ref`` uses only those characters (and does not start
+  with ``_``). Account ids never hold ``.``, so this form is one-to-one.
+- otherwise ``tc-<key>.<ref>``, where ``key`` is a 10-character base-36 digest of the master
+  (~51 bits); the ``tc-`` prefix keeps the two forms apart.
+- and when even that is too long, or ``ref`` has other characters, ``tc-<key>._<digest>``, with
+  a base-36 digest of the ref of up to 15 characters (~77 bits); a raw ref never starts with
+  ``_``, so a digest is never taken for a ref.
 
 Two different long trades share a comment only if BLAKE2b collides on both digests at once; the
 odds for a follower holding a million copies are below 10⁻¹¹. Closing and close-by requests carry
-``tc#<digest of the follower order id>`` so that a redelivered order recognises its own deals.
+``tc_<digest of the follower order id>`` so that a redelivered order recognises its own deals;
+``tc_`` is neither copy prefix, so a marker is never taken for a copy.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 
 #: Characters of a comment MetaTrader 4 and 5 keep.
 COMMENT_MAX = 31
-COPY_PREFIX = "tc:"
-MARKER_PREFIX = "tc#"
-_DIGEST_MARK = "~"
-_REF_DIGEST_MARK = "#"
+#: The prefixes of a copy's comment: plain, and with the master's digest.
+COPY_PREFIXES = ("tc.", "tc-")
+MARKER_PREFIX = "tc_"
+_PLAIN, _KEYED = COPY_PREFIXES
+_REF_DIGEST_MARK = "_"
 _MASTER_KEY_LEN = 10
 _ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
+#: What every broker's gateway accepts in a comment.
+_SAFE = re.compile(r"[A-Za-z0-9_.-]*")
 
 
 def _digest(text: str, length: int) -> str:
@@ -43,35 +52,45 @@ def _digest(text: str, length: int) -> str:
     return "".join(chars)
 
 
-def _master_key(master: str) -> str:
-    return f"{COPY_PREFIX}{_DIGEST_MARK}{_digest(master, _MASTER_KEY_LEN)}:"
+def _keyed_prefix(master: str) -> str:
+    return f"{_KEYED}{_digest(master, _MASTER_KEY_LEN)}."
+
+
+def _raw_ref(ref: str) -> bool:
+    return _SAFE.fullmatch(ref) is not None and not ref.startswith(_REF_DIGEST_MARK)
 
 
 def copy_comment(master: str, ref: str) -> str:
     """The comment of the follower's copy of ``master``'s position or pending order ``ref``."""
-    plain = f"{COPY_PREFIX}{master}:{ref}"
-    if len(plain) <= COMMENT_MAX:
+    raw = _raw_ref(ref)
+    plain = f"{_PLAIN}{master}.{ref}"
+    if raw and len(plain) <= COMMENT_MAX and _SAFE.fullmatch(master):
         return plain
-    key = _master_key(master)
-    if len(key) + len(ref) <= COMMENT_MAX and not ref.startswith(_REF_DIGEST_MARK):
-        return key + ref
-    room = COMMENT_MAX - len(key) - len(_REF_DIGEST_MARK)
-    return f"{key}{_REF_DIGEST_MARK}{_digest(ref, room)}"
+    prefix = _keyed_prefix(master)
+    if raw and len(prefix) + len(ref) <= COMMENT_MAX:
+        return prefix + ref
+    room = COMMENT_MAX - len(prefix) - len(_REF_DIGEST_MARK)
+    return f"{prefix}{_REF_DIGEST_MARK}{_digest(ref, room)}"
 
 
 def master_prefixes(master: str) -> tuple[str, str]:
     """Every prefix a copy of one of ``master``'s trades can start with."""
-    return f"{COPY_PREFIX}{master}:", _master_key(master)
+    return f"{_PLAIN}{master}.", _keyed_prefix(master)
 
 
 def is_copy(comment: str) -> bool:
     """Whether ``comment`` marks a copy made by tradecopy (not a manual trade)."""
-    return comment.startswith(COPY_PREFIX)
+    return comment.startswith(COPY_PREFIXES)
 
 
 def is_copy_of(comment: str, master: str) -> bool:
     """Whether ``comment`` marks a copy of one of ``master``'s trades."""
     return comment.startswith(master_prefixes(master))
+
+
+def is_marker(comment: str) -> bool:
+    """Whether ``comment`` marks a closing request of a follower order (``order_marker``)."""
+    return comment.startswith(MARKER_PREFIX)
 
 
 def order_marker(order_id: str) -> str:
