@@ -774,3 +774,37 @@ def test_an_old_format_state_file_loads_into_the_journal(tmp_path: Path) -> None
     assert upgraded.copies == old.copies
     again = BridgeConnector(config, path, secret_key=secret)
     assert dict(again.reports) == {"o-1": codec.encode(filled)} and again.copies == old.copies
+
+
+async def close_by_reported_late(rig: Rig) -> None:
+    """Two copied master positions closed by each other on a terminal whose first close-by
+    frame says ``opposite_ticket`` "0" (the old MT5 EA, before the close-by order reached
+    history); returns once the connector refused that frame."""
+    assert rig.term_m is not None
+    await rig.term_m.stop()
+    late = rig.terminal("bm", late_close_by_opposite=True)
+    await late.start()
+    rig.term_m = late
+    buy = await late.trade(lambda v: v.market_order("bm", "XAUUSD", Side.BUY, 0.1))
+    await asyncio.sleep(0.1)
+    sell = await late.trade(lambda v: v.market_order("bm", "XAUUSD", Side.SELL, 0.1))
+    await until(lambda: len(rig.venue_f.positions("bf")) == 2, "both copies", timeout=20)
+    buy_id, sell_id = buy.position_id or "", sell.position_id or ""
+    await late.trade(lambda v: v.close_by("bm", buy_id, sell_id))
+    await until(lambda: any("needs opposite_ticket" in e.reason for e in late.errors_received),
+                "the connector's refusal of the close-by frame")  # fmt: skip
+
+
+async def test_a_close_by_with_opposite_ticket_0_is_refused_and_a_snapshot_closes_the_opposite(
+    rig: Rig,
+) -> None:
+    """Publishing that frame would ask followers to close a position by "0", which none
+    holds; refused, the heartbeat hash disagrees and a snapshot reconciles the opposite."""
+    await close_by_reported_late(rig)
+    await until(lambda: all(p.side is not Side.SELL for p in rig.venue_f.positions("bf")),
+                "the opposite's copy closed by reconciliation", timeout=20)  # fmt: skip
+
+
+async def test_a_refused_close_by_leaves_both_copies_closed_after_the_snapshot(rig: Rig) -> None:
+    await close_by_reported_late(rig)
+    await until(lambda: not rig.venue_f.positions("bf"), "both copies closed", timeout=10)

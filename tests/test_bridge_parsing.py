@@ -179,6 +179,22 @@ def test_a_closed_by_frame_without_the_opposite_ticket_is_rejected() -> None:
         parse(EventKind.CLOSED_BY, side="buy", volume=0.1)
 
 
+@pytest.mark.parametrize("opposite", ["0", "-1000003", " 0 ", "  "])
+def test_a_closed_by_frame_with_a_zero_or_negative_opposite_ticket_is_rejected(
+    opposite: str,
+) -> None:
+    """The MT5 EA sent "0" when the close-by order was not in history yet: a close-by of a
+    position no follower holds. Refused, the terminal is told and a snapshot settles it."""
+    with pytest.raises(ValueError, match="closed_by event needs opposite_ticket"):
+        parse(EventKind.CLOSED_BY, side="buy", volume=0.1, opposite_ticket=opposite)
+
+
+def test_a_closed_by_frame_with_a_non_numeric_opposite_id_is_kept() -> None:
+    """Venues other than MetaTrader (the paper venue) name positions with non-numeric ids."""
+    event = parse(EventKind.CLOSED_BY, side="buy", volume=0.1, opposite_ticket="p-42")
+    assert isinstance(event, PositionClosedBy) and event.opposite_position_id == "p-42"
+
+
 @pytest.mark.parametrize("kind", POSITION_KINDS)
 def test_a_position_frame_without_a_side_is_rejected(kind: EventKind) -> None:
     with pytest.raises(ValueError, match=f"a {kind.value} event needs side"):
@@ -292,7 +308,7 @@ LEVELS = st.one_of(st.none(), st.just(0.0), st.floats(0.01, 1e6))
     price=st.floats(0.0, 1e6),
     sl=LEVELS,
     tp=LEVELS,
-    opposite=st.sampled_from(["", "1000003"]),
+    opposite=st.sampled_from(["", "0", "1000003"]),
     time=st.integers(0, 2**62),
 )
 def test_every_well_formed_frame_becomes_a_valid_event_or_a_named_rejection(

@@ -99,6 +99,10 @@ string TcCurveInputsProblem(const string server_key, const string public_key, co
 #define TC_ST_DENIED     4   // the connector refused us; retried after TC_DENIED_RETRY_MS
 
 #define TC_DENIED_RETRY_MS 30000
+//--- a failing zmq_poll returns at once: without a pause the caller's loop spins at 100 % CPU
+#define TC_POLL_FAIL_SLEEP_MS  20
+#define TC_POLL_FAIL_REOPEN    50      // failures in a row (about a second) before a new socket
+#define TC_POLL_FAIL_LOG_MS    60000   // the same errno is logged again at most this often
 #define TC_RX_BUFFER       262144
 
 class CTcBridge
@@ -143,6 +147,10 @@ private:
    long              m_dupCmds;
    long              m_events;
    long              m_gaps;
+   //--- zmq_poll failures (Wait): counted in a row, logged once per distinct errno
+   int               m_pollFails;
+   int               m_pollErrno;
+   ulong             m_pollLogAt;
 
    void              Log(const string text)
      {
@@ -196,6 +204,31 @@ private:
      {
       Log(StringFormat("socket error on %s (errno %d): a new session follows", what, m_sock.LastErrno()));
       m_sock.Close();   // the next Service() opens a new session on a new socket
+     }
+
+   //--- zmq_poll said -1: log it without flooding the journal, pause instead of spinning,
+   //--- and replace a socket that keeps failing (the next Service() opens a new session)
+   void              PollFailed(const int err)
+     {
+      if(err == TC_EINTR)
+         return;   // interrupted by a signal: not a failure, the next round polls again
+      m_pollFails++;
+      ulong now = TcNowMs();
+      if(err != m_pollErrno || now - m_pollLogAt >= TC_POLL_FAIL_LOG_MS)
+        {
+         Log(StringFormat("zmq_poll failed (errno %d, %d time(s) in a row); pausing %d ms per round",
+                          err, m_pollFails, TC_POLL_FAIL_SLEEP_MS));
+         m_pollErrno = err;
+         m_pollLogAt = now;
+        }
+      Sleep(TC_POLL_FAIL_SLEEP_MS);
+      if(m_pollFails >= TC_POLL_FAIL_REOPEN && m_sock.IsOpen())
+        {
+         Log(StringFormat("zmq_poll failed %d times in a row (errno %d): a new socket and session follow",
+                          m_pollFails, err));
+         m_pollFails = 0;
+         m_sock.Close();
+        }
      }
 
    //--- new session id, counters reset, and a new socket (the identity names the session)
@@ -492,7 +525,8 @@ public:
                      CTcBridge() : m_term(NULL), m_plaintext(false), m_role(TC_ROLE_BOTH), m_hbDefault(1000),
                      m_acctMs(1000), m_dedup(true), m_state(TC_ST_IDLE), m_txSeq(0), m_rxSeq(0), m_hbMs(1000),
                      m_helloAt(0), m_lastRx(0), m_lastHb(0), m_lastAcct(0), m_deniedAt(0),
-                     m_lastOpenTry(0), m_connects(0), m_cmds(0), m_dupCmds(0), m_events(0), m_gaps(0) {}
+                     m_lastOpenTry(0), m_connects(0), m_cmds(0), m_dupCmds(0), m_events(0), m_gaps(0),
+                     m_pollFails(0), m_pollErrno(0), m_pollLogAt(0) {}
                     ~CTcBridge() { Stop(); }
 
    //--- CURVE keys (Z85): the connector's public key and this terminal's key pair. Call before
@@ -573,7 +607,12 @@ public:
       extra_ready = false;
       //--- with a backlog, do not sleep long: EAGAIN is retried on every round
       int t = (m_out.Count() > 0) ? (int)MathMin(timeout_ms, 1) : timeout_ms;
-      TcPoll(m_sock.IsOpen() ? m_sock.Handle() : 0, extra, t, mine, extra_ready);
+      int rc = TcPoll(m_sock.IsOpen() ? m_sock.Handle() : 0, extra, t, mine, extra_ready);
+      //--- zmq_errno() right away: it is the errno of the last libzmq call on this thread
+      if(rc < 0)
+         PollFailed(zmq_errno());
+      else
+         m_pollFails = 0;
       Service();
      }
 
@@ -588,8 +627,22 @@ public:
    //--- send whatever results/snapshots a command produced without waiting for the next round
    void              FlushNow() { Flush(); }
 
-   //--- hand the unsent events to another program (EA -> MT5 service handover)
-   int               TakeEvents(string &tails[]) { return m_out.TakeEvents(tails); }
+   //--- hand the unsent events and results to another program (EA <-> MT5 service handover)
+   int               TakeCarried(string &tags[], string &tails[]) { return m_out.TakeCarried(tags, tails); }
+
+   //--- a frame another program of this account handed over (its TakeCarried): sent in our session
+   void              EnqueueCarried(const string tag, const string tail)
+     {
+      if(tag == "event")
+        {
+         EnqueueEvent(tail);
+         return;
+        }
+      if(!TcOutboxCarries(tag))
+         return;   // stale in any other session
+      m_out.Push(tag, tail);
+      Flush();
+     }
 
    bool              IsActive() const { return m_state == TC_ST_ACTIVE; }
    int               Backlog() const { return m_out.Count(); }

@@ -55,7 +55,16 @@ string TcFrame(const string tag, const long seq, const long ts, const string tai
 //| On a new session, events and results are carried over (they are  |
 //| facts the connector still needs); hb/account/snapshot/error are  |
 //| stale and dropped (a fresh snapshot follows every welcome).      |
+//| The same holds when the frames move to another program of the    |
+//| account (EA <-> MT5 service handover): TakeCarried.              |
 //+------------------------------------------------------------------+
+//--- the one rule for which frames outlive their session or program: events and results are
+//--- facts the connector still needs (a result answers its command once); the rest is stale
+bool TcOutboxCarries(const string tag)
+  {
+   return tag == "event" || tag == "result";
+  }
+
 class CTcOutbox
   {
 private:
@@ -136,7 +145,7 @@ public:
       for(int i = 0; i < m_count; i++)
         {
          string tag = m_tag[m_head + i];
-         if(tag == "event" || tag == "result")
+         if(TcOutboxCarries(tag))
            {
             m_tag[w] = tag;
             m_tail[w] = m_tail[m_head + i];
@@ -161,16 +170,23 @@ public:
       m_warnAt = 10000;
      }
 
-   //--- hand over the waiting event tails (an EA giving the socket to the MT5 service)
-   int               TakeEvents(string &tails[])
+   //--- hand the frames that must survive (TcOutboxCarries) to another program, in order, and
+   //--- empty the FIFO: an EA giving the socket to the MT5 service, or taking it back. Taking
+   //--- only events dropped the results of commands the EA had run but not yet answered.
+   int               TakeCarried(string &tags[], string &tails[])
      {
       int n = 0;
+      ArrayResize(tags, m_count);
+      ArrayResize(tails, m_count);
       for(int i = 0; i < m_count; i++)
-         if(m_tag[m_head + i] == "event")
+         if(TcOutboxCarries(m_tag[m_head + i]))
            {
-            ArrayResize(tails, n + 1);
-            tails[n++] = m_tail[m_head + i];
+            tags[n] = m_tag[m_head + i];
+            tails[n] = m_tail[m_head + i];
+            n++;
            }
+      ArrayResize(tags, n);
+      ArrayResize(tails, n);
       Clear();
       return n;
      }
@@ -371,27 +387,114 @@ public:
 //+------------------------------------------------------------------+
 //| Server time <-> UTC.                                             |
 //| MetaTrader stamps orders/deals with the trade server's clock     |
-//| (often UTC+2/+3). The offset is (server - GMT) rounded to 15 min;|
-//| TimeTradeServer (MT5) / TimeCurrent (MT4) lag real time by at    |
-//| most seconds, which the rounding absorbs.                        |
+//| (often UTC+2/+3). The offset is (server - GMT) rounded to 15 min.|
+//| MT5: TimeTradeServer() runs on between quotes (the terminal      |
+//| advances it with its own clock), so every pass may measure.      |
+//| MT4: TimeCurrent() is the time of the last quote and stands      |
+//| still when quotes stop (weekends, thin markets): measured then,  |
+//| the offset drifts by the whole gap. So MT4 measures only on a    |
+//| fresh tick (TimeCurrent() moved since the previous pass, and     |
+//| that pass was recent), keeps the last good offset otherwise      |
+//| (also across restarts, in a terminal global variable), and takes |
+//| a changed value (DST: a whole hour) once TC_OFFSET_CONFIRM fresh |
+//| ticks in a row agree on it.                                      |
 //+------------------------------------------------------------------+
 long g_tcServerOffset = 0;
 bool g_tcServerOffsetKnown = false;
 
+long TcRoundOffset(const long diff_s)
+  {
+   return (long)MathRound((double)diff_s / 900.0) * 900;
+  }
+
+#ifdef __MQL5__
 void TcRefreshServerOffset()
   {
-#ifdef __MQL5__
    datetime server = TimeTradeServer();
-#else
-   datetime server = TimeCurrent();
-#endif
    datetime gmt = TimeGMT();
    if(server == 0 || gmt == 0)
       return;
-   long diff = (long)server - (long)gmt;
-   g_tcServerOffset = (long)MathRound((double)diff / 900.0) * 900;
+   g_tcServerOffset = TcRoundOffset((long)server - (long)gmt);
    g_tcServerOffsetKnown = true;
   }
+#else
+#define TC_FRESH_PASS_MS   1000          // a pass this soon after the previous one sees a fresh tick
+#define TC_OFFSET_CONFIRM  3             // fresh ticks in a row that must agree on a new offset
+#define TC_OFFSET_MAX_S    (14 * 3600)   // no trade server is further from UTC
+datetime g_tcLastQuote = 0;              // TimeCurrent() as of the previous pass
+ulong    g_tcLastPassMs = 0;             // TcNowMs() of the previous pass
+bool     g_tcOffsetFresh = false;        // the offset was measured on a fresh tick in this run
+long     g_tcCandidate = 0;              // a different offset measured on fresh ticks ...
+int      g_tcCandidateSeen = 0;          // ... and on how many in a row
+
+string TcOffsetVariable()
+  {
+   return "tc." + IntegerToString(AccountNumber()) + ".srvoffset";
+  }
+
+void TcKeepOffset(const long offset, const string why)
+  {
+   if(g_tcServerOffsetKnown && offset != g_tcServerOffset)
+      PrintFormat("tradecopy: trade server offset %+I64d s -> %+I64d s (%s)", g_tcServerOffset, offset, why);
+   g_tcServerOffset = offset;
+   g_tcServerOffsetKnown = true;
+   if(AccountNumber() != 0)
+      GlobalVariableSet(TcOffsetVariable(), (double)offset);   // a restart in a quote gap keeps it
+  }
+
+void TcRefreshServerOffset()
+  {
+   datetime server = TimeCurrent();
+   datetime gmt = TimeGMT();
+   ulong now = TcNowMs();
+   bool fresh = (g_tcLastQuote != 0 && server > g_tcLastQuote &&
+                 g_tcLastPassMs != 0 && now - g_tcLastPassMs <= TC_FRESH_PASS_MS);
+   if(server > g_tcLastQuote)
+      g_tcLastQuote = server;
+   g_tcLastPassMs = now;
+   if(server == 0 || gmt == 0)
+      return;
+   long measured = TcRoundOffset((long)server - (long)gmt);
+   bool plausible = (measured <= TC_OFFSET_MAX_S && measured >= -TC_OFFSET_MAX_S);
+   if(!g_tcServerOffsetKnown)
+     {
+      //--- before any fresh tick: the last good offset of an earlier run, else this estimate
+      //--- (right when quotes flow; replaced by the first fresh tick either way)
+      string name = TcOffsetVariable();
+      if(AccountNumber() != 0 && GlobalVariableCheck(name))
+         g_tcServerOffset = (long)GlobalVariableGet(name);
+      else
+         g_tcServerOffset = plausible ? measured : 0;
+      g_tcServerOffsetKnown = true;
+     }
+   if(!fresh || !plausible)
+      return;   // TimeCurrent() is an old quote's time: keep the last good offset
+   if(!g_tcOffsetFresh)
+     {
+      g_tcOffsetFresh = true;
+      g_tcCandidateSeen = 0;
+      TcKeepOffset(measured, "first fresh tick");
+      return;
+     }
+   if(measured == g_tcServerOffset)
+     {
+      g_tcCandidateSeen = 0;
+      return;
+     }
+   //--- a DST switch (or a broker moving its clock): believe it once several fresh ticks agree
+   if(g_tcCandidateSeen == 0 || measured != g_tcCandidate)
+     {
+      g_tcCandidate = measured;
+      g_tcCandidateSeen = 0;
+     }
+   g_tcCandidateSeen++;
+   if(g_tcCandidateSeen >= TC_OFFSET_CONFIRM)
+     {
+      g_tcCandidateSeen = 0;
+      TcKeepOffset(measured, "confirmed on fresh ticks: DST or a server clock change");
+     }
+  }
+#endif
 
 long TcServerOffset()
   {

@@ -12,7 +12,9 @@
 //|                                   the deal (cached, see below)   |
 //|   DEAL_ADD, DEAL_ENTRY_INOUT   -> closed + opened (netting flip) |
 //|   DEAL_ADD, DEAL_ENTRY_OUT_BY  -> closed_by (one event for the   |
-//|                                   pair of deals of one order)    |
+//|                                   pair of deals of one order;    |
+//|                                   held back until the opposite   |
+//|                                   position is known, see Poll)   |
 //|   POSITION                     -> modified (SL/TP)               |
 //|   ORDER_ADD / ORDER_UPDATE     -> pending_placed/pending_modified|
 //|   ORDER_DELETE                 -> pending_cancelled (cancelled,  |
@@ -33,6 +35,9 @@
 #include <Tradecopy\TcMt5Terminal.mqh>
 
 #define TC_VOL_EPS 0.000000005
+//--- close-by deals waiting for their opposite position (see OnEntryOutBy)
+#define TC_CB_SLOTS 8
+#define TC_CB_WAIT_MS 10000
 
 class CTcMt5Events
   {
@@ -66,6 +71,17 @@ private:
    //--- close-by orders already reported (ring): both deals of a close-by share one order
    ulong             m_cbOrder[64];
    int               m_cbPos;
+   //--- close-by deals held back because their opposite position was not known yet:
+   //--- a closed_by naming the opposite "0" would make followers refuse the close-by
+   ulong             m_dOrder[TC_CB_SLOTS];
+   ulong             m_dPos[TC_CB_SLOTS];
+   int               m_dSide[TC_CB_SLOTS];
+   double            m_dVol[TC_CB_SLOTS];
+   double            m_dPrice[TC_CB_SLOTS];
+   long              m_dMagic[TC_CB_SLOTS];
+   string            m_dSym[TC_CB_SLOTS];
+   long              m_dTime[TC_CB_SLOTS];
+   ulong             m_dSince[TC_CB_SLOTS];   // TcNowMs() when held back; 0 = free slot
    //--- pending orders already reported as triggered (ring): partial fills add deals
    ulong             m_trig[64];
    int               m_trigPos;
@@ -416,6 +432,86 @@ private:
       Emit(events, o.Text());
      }
 
+   //--- the position a close-by closed against `pos`, or 0 while nothing says it yet
+   ulong             OppositeOf(const ulong pos, const ulong order, const ulong position_by)
+     {
+      if(position_by != 0 && position_by != pos)
+         return position_by;
+      //--- at DEAL_ADD time the close-by order may not be in history yet (then 0)
+      if(order != 0 && HistoryOrderSelect(order))
+        {
+         ulong a = (ulong)HistoryOrderGetInteger(order, ORDER_POSITION_ID);
+         ulong b = (ulong)HistoryOrderGetInteger(order, ORDER_POSITION_BY_ID);
+         ulong opp = (a == pos) ? b : a;
+         if(opp != 0 && opp != pos)
+            return opp;
+        }
+      return 0;
+     }
+
+   void              EmitClosedBy(string &events[], const ulong pos, const ulong opp, const string sym,
+                                  const int side, const double dvol, const double dprice, const long magic,
+                                  const long time_ns)
+     {
+      CTcJsonWriter w;
+      w.Str("kind", "closed_by");
+      w.Str("ticket", IntegerToString((long)pos));
+      w.Str("opposite_ticket", IntegerToString((long)opp));
+      w.Str("symbol", sym);
+      w.Str("side", SideText(side));
+      w.Num("volume", dvol);
+      w.Num("price", dprice);
+      w.IntOpt("magic", magic);
+      w.IntOpt("time", time_ns);
+      Emit(events, w.Text());
+     }
+
+   int               DFind(const ulong order) const
+     {
+      for(int i = 0; i < TC_CB_SLOTS; i++)
+         if(m_dSince[i] != 0 && m_dOrder[i] == order)
+            return i;
+      return -1;
+     }
+
+   //--- emit a held-back close-by now that its opposite is known, and free its slot
+   void              EmitHeld(const int di, const ulong opp, string &events[])
+     {
+      EmitClosedBy(events, m_dPos[di], opp, m_dSym[di], m_dSide[di], m_dVol[di], m_dPrice[di],
+                   m_dMagic[di], m_dTime[di]);
+      m_dSince[di] = 0;
+      m_dOrder[di] = 0;
+     }
+
+   //--- hold a close-by back until its opposite is known (the pair's second deal, or history)
+   void              Hold(const ulong pos, const ulong order, const int side, const double dvol,
+                          const double dprice, const long magic, const string sym, const long time_ns)
+     {
+      int free_slot = -1;
+      if(order != 0)
+         for(int i = 0; i < TC_CB_SLOTS && free_slot < 0; i++)
+            if(m_dSince[i] == 0)
+               free_slot = i;
+      if(free_slot < 0)
+        {
+         //--- nothing can pair it later: say nothing rather than "0"; the connector's
+         //--- state-hash check sees both positions gone and a snapshot settles them
+         PrintFormat("tradecopy: close-by of position %I64d (order %I64d) not reported: its opposite position is unknown; "
+                     "the next state-hash check resyncs", (long)pos, (long)order);
+         return;
+        }
+      m_dOrder[free_slot] = order;
+      m_dPos[free_slot] = pos;
+      m_dSide[free_slot] = side;
+      m_dVol[free_slot] = dvol;
+      m_dPrice[free_slot] = dprice;
+      m_dMagic[free_slot] = magic;
+      m_dSym[free_slot] = sym;
+      m_dTime[free_slot] = time_ns;
+      ulong now = TcNowMs();
+      m_dSince[free_slot] = (now == 0) ? 1 : now;   // 0 marks a free slot
+     }
+
    //--- close-by: two OUT_BY deals (one per position) share the close-by order
    void              OnEntryOutBy(const int pi, const ulong pos, const ulong order, const ulong position_by, const long dtype,
                                   const double dvol, const double dprice, const long magic, const string sym,
@@ -432,27 +528,27 @@ private:
             PRemove(pi);
         }
       if(reported)
+        {
+         //--- the pair's second deal: if the first was held back, this deal's position is
+         //--- its opposite (the deal's own position data, no history needed)
+         int di = DFind(order);
+         if(di >= 0)
+           {
+            ulong held_opp = (pos != 0 && pos != m_dPos[di]) ? pos : OppositeOf(m_dPos[di], order, position_by);
+            if(held_opp != 0 && held_opp != m_dPos[di])
+               EmitHeld(di, held_opp, events);
+           }
          return;
+        }
       m_cbOrder[m_cbPos] = order;
       m_cbPos = (m_cbPos + 1) % 64;
-      ulong opp = position_by;
-      if((opp == 0 || opp == pos) && order != 0 && HistoryOrderSelect(order))
+      ulong opp = OppositeOf(pos, order, position_by);
+      if(opp == 0)
         {
-         ulong a = (ulong)HistoryOrderGetInteger(order, ORDER_POSITION_ID);
-         ulong b = (ulong)HistoryOrderGetInteger(order, ORDER_POSITION_BY_ID);
-         opp = (a == pos) ? b : a;
+         Hold(pos, order, side, dvol, dprice, pmagic, sym, time_ns);
+         return;
         }
-      CTcJsonWriter w;
-      w.Str("kind", "closed_by");
-      w.Str("ticket", IntegerToString((long)pos));
-      w.Str("opposite_ticket", IntegerToString((long)opp));
-      w.Str("symbol", sym);
-      w.Str("side", SideText(side));
-      w.Num("volume", dvol);
-      w.Num("price", dprice);
-      w.IntOpt("magic", pmagic);
-      w.IntOpt("time", time_ns);
-      Emit(events, w.Text());
+      EmitClosedBy(events, pos, opp, sym, side, dvol, dprice, pmagic, time_ns);
      }
 
    //--------------------------------------------------------------- deals
@@ -657,6 +753,11 @@ private:
 public:
                      CTcMt5Events() : m_pn(0), m_on(0), m_fPos(0), m_cbPos(0), m_trigPos(0), m_warnedStopLimit(false)
      {
+      for(int d = 0; d < TC_CB_SLOTS; d++)
+        {
+         m_dOrder[d] = 0;
+         m_dSince[d] = 0;
+        }
       for(int i = 0; i < 64; i++)
         {
          m_fTicket[i] = 0;
@@ -684,6 +785,31 @@ public:
          if(t == 0 || !TcMt5IsPending(OrderGetInteger(ORDER_TYPE)))
             continue;
          OFillSelected(OAdd(t));
+        }
+     }
+
+   //--- on every timer pass: close-by events held back for their opposite position, once
+   //--- history names it; after TC_CB_WAIT_MS give up (never send "0") and let the
+   //--- connector's state-hash check resync both positions from a snapshot
+   void              Poll(string &events[])
+     {
+      for(int i = 0; i < TC_CB_SLOTS; i++)
+        {
+         if(m_dSince[i] == 0)
+            continue;
+         ulong opp = OppositeOf(m_dPos[i], m_dOrder[i], 0);
+         if(opp != 0)
+           {
+            EmitHeld(i, opp, events);
+            continue;
+           }
+         if(TcNowMs() - m_dSince[i] > TC_CB_WAIT_MS)
+           {
+            PrintFormat("tradecopy: close-by of position %I64d (order %I64d) not reported: the order did not reach history "
+                        "within %d ms; the next state-hash check resyncs", (long)m_dPos[i], (long)m_dOrder[i], TC_CB_WAIT_MS);
+            m_dSince[i] = 0;
+            m_dOrder[i] = 0;
+           }
         }
      }
 

@@ -118,11 +118,13 @@ void StartBridge()
   {
    g_bridge.SetCurve(InpServerKey, InpPublicKey, InpSecretKey, InpPlaintext);
    g_bridge.Start(GetPointer(g_term), InpEndpoint, InpToken, g_account, InpRole, InpHeartbeatMs, InpAccountMs, InpDedupByComment);
-   //--- events that were waiting for a service that is gone now go out through our own session
+   //--- events and results that were waiting for a service that is gone now go out through our
+   //--- own session
+   string tags[];
    string tails[];
-   int n = g_fwdOut.TakeEvents(tails);
+   int n = g_fwdOut.TakeCarried(tags, tails);
    for(int i = 0; i < n; i++)
-      g_bridge.EnqueueEvent(tails[i]);
+      g_bridge.EnqueueCarried(tags[i], tails[i]);
   }
 
 //+------------------------------------------------------------------+
@@ -170,17 +172,20 @@ void FlushForward()
   }
 
 //+------------------------------------------------------------------+
-//| The service asked for the socket: give it, with unsent events.   |
+//| The service asked for the socket: give it, with unsent events    |
+//| and results (a command run here but not yet answered is answered |
+//| by the service; its journal also knows it).                      |
 //+------------------------------------------------------------------+
 void HandOver()
   {
+   string tags[];
    string tails[];
-   int n = g_bridge.TakeEvents(tails);
+   int n = g_bridge.TakeCarried(tags, tails);
    g_bridge.Stop();
    g_lock.Release();
    for(int i = 0; i < n; i++)
-      g_fwdOut.Push("event", tails[i]);
-   PrintFormat("tradecopy: handed the connector socket to TradecopyService (%d unsent events forwarded)", n);
+      g_fwdOut.Push(tags[i], tails[i]);
+   PrintFormat("tradecopy: handed the connector socket to TradecopyService (%d unsent events/results forwarded)", n);
    FlushForward();
   }
 
@@ -299,8 +304,21 @@ void OnDeinit(const int reason)
    Comment("");
   }
 
+//--- close-by events the classifier held back until their opposite position was known
+void RouteHeldEvents()
+  {
+   if(!g_ready)
+      return;
+   string events[];
+   ArrayResize(events, 0);
+   g_events.Poll(events);
+   for(int i = 0; i < ArraySize(events); i++)
+      Route(events[i]);
+  }
+
 void OnTimer()
   {
+   RouteHeldEvents();
    Pump();
   }
 

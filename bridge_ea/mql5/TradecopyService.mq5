@@ -104,6 +104,9 @@ void DrainEa(const long login, ulong &last_ea)
       string tag = StringSubstr(msg, a + 1, b - a - 1);
       if(tag == "event" && TcRoleReports(InpRole))
          g_bridge.EnqueueEvent(StringSubstr(msg, b + 1));
+      else
+         if(tag == "result")
+            g_bridge.EnqueueCarried(tag, StringSubstr(msg, b + 1));   // handed over unanswered
      }
   }
 

@@ -517,15 +517,18 @@ class BridgeConnector:
 
     async def _trade_event(self, session: TerminalSession, frame: TradeEvent) -> None:
         account = session.config.account
-        self._mirror_event(account, frame)
         if session.config.role != "master":
+            self._mirror_event(account, frame)
             return
         try:
             event = master_event(account, session.session, frame)
         except (ValueError, msgspec.ValidationError) as exc:
+            # Not mirrored either: the terminal's next heartbeat hash then differs, and the
+            # snapshot it brings recovers what the refused frame meant as ordinary events.
             BAD_FRAMES.labels("bad_event").inc()
             await self._send(session, ProtocolError, reason=str(exc), ref_seq=frame.seq)
             return
+        self._mirror_event(account, frame)
         self.outbox.append(event)
         assert self.runtime is not None
         await self.runtime.flush_outbox(while_in_flight=self.save)

@@ -142,6 +142,9 @@ class PaperBridgeTerminal:
     - ``drop_results``: corrs whose first ``result`` is lost: the command was executed but the
       answer never left (a crash or link drop between OrderSend and the reply). A repeated
       corr is answered normally.
+    - ``late_close_by_opposite``: the first close-by is reported with ``opposite_ticket`` "0",
+      as the MT5 EA did when the close-by order was not yet in history at DEAL_ADD time (the
+      connector must refuse it; the heartbeat's state hash then brings a snapshot).
     """
 
     def __init__(
@@ -162,6 +165,7 @@ class PaperBridgeTerminal:
         plaintext: bool = False,
         drop_events: Iterable[int] = (),
         drop_results: Iterable[str] = (),
+        late_close_by_opposite: bool = False,
     ) -> None:
         self._curve: tuple[bytes, bytes, bytes] | None = None
         if server_key.strip():
@@ -190,6 +194,7 @@ class PaperBridgeTerminal:
         self._context = context
         self._drop_events = frozenset(drop_events)
         self._drop_results = set(drop_results)
+        self._late_close_by_opposite = late_close_by_opposite
 
         self._sock: zmq.asyncio.Socket | None = None
         self._connects = 0
@@ -625,6 +630,10 @@ class PaperBridgeTerminal:
         if isinstance(t, PositionClosedBy):
             ticket = self.ticket_of(t.position_id)
             opposite = self.ticket_of(t.opposite_position_id)
+            if self._late_close_by_opposite:
+                # Once only: the EA's history lookup failed for this deal, not for good.
+                self._late_close_by_opposite = False
+                opposite = "0"
             survivor = next(
                 (
                     i

@@ -40,6 +40,19 @@ def event_id(account: str, session: str, seq: int) -> str:
     return f"{account}:~{digest}:{seq}"
 
 
+def _is_ticket(ticket: str) -> bool:
+    """MetaTrader tickets are positive; "0" is what the MT5 EA sent when the close-by order
+    was not in history yet, and taking it would publish a close-by no follower can execute."""
+    text = ticket.strip()
+    if not text:
+        return False
+    try:
+        return int(text) > 0
+    except ValueError:
+        # Paper and other venues use non-numeric ids: any non-empty one names a position.
+        return True
+
+
 def _level(price: float | None) -> float | None:
     """MetaTrader writes 0 for "no SL/TP"."""
     return price if price else None
@@ -90,7 +103,7 @@ def _master_event(account: str, session: str, frame: TradeEvent) -> MasterEvent:
             return PositionClosed(**common, position_id=frame.ticket, side=side,
                                   volume=frame.volume, price=frame.price,
                                   reason=frame.reason or "client")  # fmt: skip
-        if not frame.opposite_ticket:
+        if not _is_ticket(frame.opposite_ticket):
             raise ValueError("a closed_by event needs opposite_ticket")
         return PositionClosedBy(**common, position_id=frame.ticket,
                                 opposite_position_id=frame.opposite_ticket, side=side,
