@@ -145,7 +145,10 @@ async def run_mt5(
     def health() -> dict[str, object]:
         if connector is None:
             return {"ok": False, "account": config.account_id}
-        return {**connector.runtime.health(), "account": config.account_id}
+        runtime, mt5_terminal = connector.runtime.health(), terminal.health()
+        # Not ok while the terminal cannot trade (IPC lost, server offline, AutoTrading off).
+        ok = bool(runtime.get("ok")) and bool(mt5_terminal["terminal_ready"])
+        return {**runtime, **mt5_terminal, "ok": ok, "account": config.account_id}
 
     await serve(
         f"mt5-{config.connector_id}", nats_url, metrics_port, start, stop, health, metrics_host

@@ -26,7 +26,12 @@ from connectors.journal import MAGIC
 from connectors.mt5 import protocol as mt5
 from connectors.mt5.config import Mt5Config
 from connectors.mt5.connector import Mt5Connector, Mt5ConnectorState, Mt5Terminal
-from connectors.mt5.errors import TerminalConnectError, TerminalNotReady, TerminalUnavailable
+from connectors.mt5.errors import (
+    AccountNotHedging,
+    TerminalConnectError,
+    TerminalNotReady,
+    TerminalUnavailable,
+)
 from connectors.mt5.paper import PaperMt5Api, PaperMt5Server
 from connectors.mt5.parsing import symbol_spec
 from connectors.paper.model import XAUUSD
@@ -285,6 +290,37 @@ async def test_close_by_closes_the_two_copies_against_each_other() -> None:
     assert (rest.comment, rest.volume) == ("tc.m1.501", 0.1)
 
 
+async def test_a_lost_close_by_settles_from_its_deals_when_the_server_rewrites_the_comment() -> (
+    None
+):
+    server = paper_server(close_by_comment="close by")  # the server's comment, not ours
+    terminal, _ = follower(server)
+    await run(terminal, open_order("m1-501-opened:L1", "501", volume=0.2))
+    await run(terminal, open_order("m1-502-opened:L1", "502", side=Side.SELL, volume=0.1))
+    lost = AnswerLost(server, FOLLOWER, FOLLOWER_LOGIN)
+    terminal.execution.api = lost
+    close_by = FollowerCloseBy(**base("m1-900-closed_by:L1"), master_position_id="501",
+                               master_opposite_position_id="502")  # fmt: skip
+    report = await run(terminal, close_by)
+    assert isinstance(report, OrderDone)
+    assert len(report.position_ids) == 2
+    assert terminal.unsettled == {}
+
+
+async def test_close_by_on_a_symbol_without_the_close_by_flag_is_two_closes() -> None:
+    server = paper_server(order_mode=127 & ~mt5.SYMBOL_ORDER_CLOSEBY)
+    terminal, api = follower(server)
+    await run(terminal, open_order("m1-501-opened:L1", "501", volume=0.2))
+    await run(terminal, open_order("m1-502-opened:L1", "502", side=Side.SELL, volume=0.1))
+    close_by = FollowerCloseBy(**base("m1-900-closed_by:L1"), master_position_id="501",
+                               master_opposite_position_id="502")  # fmt: skip
+    report = await run(terminal, close_by)
+    assert isinstance(report, OrderDone)
+    assert all(r["action"] != mt5.TRADE_ACTION_CLOSE_BY for r in api.sent)
+    (rest,) = positions(api)
+    assert (rest.comment, rest.volume) == ("tc.m1.501", 0.1)
+
+
 async def test_close_all_closes_only_that_masters_copies_and_pending_orders() -> None:
     terminal, api = follower(paper_server())
     await run(terminal, open_order("m1-501-opened:L1", "501"))
@@ -393,6 +429,119 @@ async def test_an_unsupported_filling_mode_is_the_terminals_rejection() -> None:
     assert report.code == mt5.TRADE_RETCODE_INVALID_FILL
 
 
+async def test_instant_execution_without_flags_opens_with_fok_never_the_refused_return() -> None:
+    server = paper_server(
+        execution_mode=mt5.SYMBOL_TRADE_EXECUTION_INSTANT, filling_mode=0,
+        refused_fillings=frozenset({mt5.ORDER_FILLING_RETURN}),
+    )  # fmt: skip
+    terminal, api = follower(server)
+    report = await run(terminal, open_order())
+    assert isinstance(report, OrderFilled)
+    assert api.sent[-1]["type_filling"] == mt5.ORDER_FILLING_FOK
+
+
+async def test_a_pending_order_is_placed_with_return_where_fok_and_ioc_are_refused() -> None:
+    server = paper_server(
+        refused_fillings=frozenset({mt5.ORDER_FILLING_FOK, mt5.ORDER_FILLING_IOC})
+    )
+    terminal, api = follower(server)
+    report = await run(terminal, pending_order(OrderType.BUY_LIMIT, 1990.0))
+    assert isinstance(report, OrderDone)
+    assert api.sent[-1]["type_filling"] == mt5.ORDER_FILLING_RETURN
+
+
+async def test_a_refused_filling_mode_falls_back_to_the_next_the_symbol_allows() -> None:
+    server = paper_server(refused_fillings=frozenset({mt5.ORDER_FILLING_FOK}))
+    terminal, api = follower(server)  # flags say FOK|IOC, the broker refuses FOK anyway
+    report = await run(terminal, open_order())
+    assert isinstance(report, OrderFilled)
+    assert [r["type_filling"] for r in api.sent] == [mt5.ORDER_FILLING_FOK, mt5.ORDER_FILLING_IOC]
+
+
+async def test_an_open_with_a_stop_inside_the_stops_level_opens_without_that_stop() -> None:
+    terminal, api = follower(paper_server(stops_level_points=500))  # 5.00 on gold
+    report = await run(terminal, open_order(sl=1999.0, tp=2020.0))  # sl 1.00 under the bid
+    assert isinstance(report, OrderFilled)
+    (held,) = positions(api)
+    assert (held.sl, held.tp) == (0.0, 2020.0)
+
+
+async def test_an_unpriced_fill_without_its_deal_yet_reports_the_requested_price() -> None:
+    terminal, api = follower(paper_server())
+    api.unpriced_fills = True
+    report = await run(terminal, open_order())
+    assert isinstance(report, OrderFilled)
+    assert report.price == ASK  # not 0.0
+    assert report.slippage == pytest.approx(ASK - 2000.1)
+
+
+async def test_a_throttled_open_and_a_repriced_close_are_sent_again() -> None:
+    terminal, api = follower(paper_server())
+    api.busy_answers = [10024]  # TRADE_RETCODE_TOO_MANY_REQUESTS: nothing ran
+    assert isinstance(await run(terminal, open_order()), OrderFilled)
+    api.busy_answers = [10020]  # TRADE_RETCODE_PRICE_CHANGED on the close
+    close = FollowerClose(**base("m1-501-closed:L1"), master_position_id="501")
+    assert isinstance(await run(terminal, close), OrderFilled)
+    assert len(api.sent) == 4
+    assert positions(api) == []
+
+
+def test_specs_and_account_state_are_read_on_the_terminals_thread() -> None:
+    class ThreadRecording(RecordingApi):
+        threads: set[str] = set()
+
+        def symbols_get(self, group: str | None = None) -> Any:
+            self.threads.add(threading.current_thread().name)
+            return super().symbols_get(group)
+
+        def account_info(self) -> Any:
+            self.threads.add(threading.current_thread().name)
+            return super().account_info()
+
+    terminal, api = follower(paper_server(), ThreadRecording)
+    api.threads.clear()
+    terminal._state = None
+    assert terminal.symbol_specs(FOLLOWER)
+    assert terminal.account_state(FOLLOWER).account == FOLLOWER
+    assert api.threads and all(t.startswith("mt5-terminal") for t in api.threads)
+
+
+async def test_symbol_specs_are_republished_while_running_not_only_at_start() -> None:
+    class Runtime:
+        refreshed: list[str] = []
+
+        async def flush_outbox(self) -> None: ...
+
+        async def refresh_account(self, account: str) -> None:
+            self.refreshed.append(account)
+
+    terminal, _ = follower(paper_server(), specs_refresh_s=0.01)
+    runtime = Runtime()
+    task = asyncio.create_task(terminal.run(runtime))  # type: ignore[arg-type]
+    await wait_until(lambda: len(runtime.refreshed) >= 2, "specs republished twice")
+    task.cancel()
+    assert set(runtime.refreshed) == {FOLLOWER}
+
+
+async def test_a_request_the_package_refuses_with_minus_2_is_rejected_not_unknown() -> None:
+    server = paper_server(refuse_requests=(-2, 'Invalid "comment" argument'))
+    terminal, api = follower(server)
+    report = await run(terminal, open_order())
+    assert isinstance(report, OrderRejected)
+    assert report.code == -2
+    assert "comment" in report.reason
+    assert terminal.unsettled == {}
+    assert positions(api) == []
+
+
+async def test_only_ipc_errors_leave_a_none_answer_unknown() -> None:
+    for code in (-10001, -10004, -10005):
+        server = paper_server(refuse_requests=(code, "IPC"))
+        terminal, _ = follower(server)
+        report = await run(terminal, open_order())
+        assert isinstance(report, OrderUnknown), code
+
+
 async def test_a_lost_answer_is_settled_from_the_copys_comment() -> None:
     terminal, api = follower(paper_server(), AnswerLost)
     report = await run(terminal, open_order())
@@ -456,6 +605,54 @@ async def test_a_terminal_that_does_not_answer_leaves_the_order_for_redelivery()
     with pytest.raises(TerminalNotReady):
         await run(terminal, open_order())
     assert "m1-501-opened:L1" not in terminal.reports
+
+
+# --- terminal connection --------------------------------------------------------------------
+
+
+async def test_a_terminal_restart_is_reattached_with_backoff_and_polling_resumes() -> None:
+    server = paper_server()
+    terminal, api = master(server, reconnect_backoff_s=0.01)
+    api.ipc_lost = True  # auto-update: the terminal process under the package is gone
+    api.initialize_failures = 1  # and the new one is not up at the first attempt
+    assert await terminal.poll() == []
+    health = terminal.health()
+    assert (health["terminal_connected"], health["terminal_ready"]) == (False, False)
+    assert health["terminal_last_error"][0] in mt5.IPC_ERROR_CODES
+    assert "re-attaching" in str(health["terminal_reason"])
+
+    master_trade(PaperMt5Api(server, MASTER, MASTER_LOGIN), action=mt5.TRADE_ACTION_DEAL,
+                 type=mt5.ORDER_TYPE_BUY, volume=0.1)  # fmt: skip
+    await asyncio.sleep(0.02)  # the backoff
+    events = await terminal.poll()
+    assert [type(e) for e in events] == [PositionOpened]
+    health = terminal.health()
+    assert (health["terminal_ready"], health["terminal_reconnects"]) == (True, 1)
+
+
+async def test_autotrading_off_is_not_ready_with_the_reason_and_sends_nothing() -> None:
+    terminal, api = follower(paper_server())
+    api.trade_allowed = False
+    with pytest.raises(TerminalNotReady, match="AutoTrading"):
+        await run(terminal, open_order())
+    assert api.sent == []
+    assert "m1-501-opened:L1" not in terminal.reports
+    assert terminal.health()["terminal_trade_allowed"] is False
+
+    api.trade_allowed = True  # the operator turns Algo Trading on: the redelivery trades
+    assert isinstance(await run(terminal, open_order()), OrderFilled)
+
+
+async def test_a_terminal_off_its_trade_server_is_not_diffed() -> None:
+    server = paper_server()
+    terminal, api = master(server)
+    api.connected = False
+    master_trade(api, action=mt5.TRADE_ACTION_DEAL, type=mt5.ORDER_TYPE_BUY, volume=0.1)
+    assert await terminal.poll() == []  # what it shows now may be stale
+    assert terminal.health()["terminal_synchronised"] is False
+    api.connected = True
+    terminal._connection_checked = 0.0  # the next check is due
+    assert [type(e) for e in await terminal.poll()] == [PositionOpened]
 
 
 # --- restarts -------------------------------------------------------------------------------
@@ -539,6 +736,17 @@ def test_a_terminal_logged_in_to_another_account_is_refused() -> None:
         Mt5Terminal.open(config(login=999), KeepsItsAccount(server, FOLLOWER, FOLLOWER_LOGIN))
 
 
+@pytest.mark.parametrize(
+    "margin_mode", [mt5.ACCOUNT_MARGIN_MODE_RETAIL_NETTING, mt5.ACCOUNT_MARGIN_MODE_EXCHANGE]
+)
+def test_a_netting_account_is_refused_at_start_with_the_reason(margin_mode: int) -> None:
+    server = paper_server(margin_mode=margin_mode)
+    api = RecordingApi(server, FOLLOWER, FOLLOWER_LOGIN)
+    with pytest.raises(AccountNotHedging, match="needs a hedging account"):
+        Mt5Terminal.open(config(login=FOLLOWER_LOGIN), api)
+    assert api.sent == []
+
+
 async def test_reports_survive_a_restart_in_the_state_file(tmp_path: Path) -> None:
     server = paper_server()
     state = str(tmp_path / "f1.state")
@@ -592,6 +800,79 @@ async def test_master_poll_turns_terminal_changes_into_outbox_events() -> None:
     assert (events[1].reason, events[1].volume) == ("sl", 0.2)
     assert terminal.unpublished_events() == terminal.outbox
     assert len(terminal.outbox) == 6
+
+
+async def test_a_none_deal_history_never_blocks_the_poll_and_holds_closes_for_their_deals() -> None:
+    server = paper_server()
+    terminal, api = master(server)
+    opened = master_trade(api, action=mt5.TRADE_ACTION_DEAL, type=mt5.ORDER_TYPE_BUY,
+                          volume=0.2, sl=1980.0)  # fmt: skip
+    assert [type(e) for e in await terminal.poll()] == [PositionOpened]
+
+    api.history_none = True  # a quiet master: the package answers None for the window
+    master_trade(api, action=mt5.TRADE_ACTION_SLTP, position=opened.order, sl=1985.0)
+    master_trade(api, action=mt5.TRADE_ACTION_PENDING, type=mt5.ORDER_TYPE_SELL_LIMIT,
+                 volume=0.1, price=2010.0)  # fmt: skip
+    events = await terminal.poll()
+    assert [type(e) for e in events] == [PendingOrderPlaced, PositionModified]
+
+    server.quote(SYMBOL, 1984.0, 1984.3)  # the stop loss is hit; its deal is not readable
+    assert await terminal.poll() == []  # held: a close without its deal would be "client"
+    api.history_none = False
+    (closed,) = await terminal.poll()
+    assert isinstance(closed, PositionClosed)
+    assert (closed.reason, closed.volume) == ("sl", 0.2)
+
+
+async def test_the_server_clock_offset_is_measured_from_a_fresh_tick_not_configured() -> None:
+    server = paper_server(server_utc_offset_s=3 * 3600)  # UTC+3, the config says nothing
+    terminal, api = master(server, server_offset_check_s=0.001)
+    assert terminal.offset_s == 3 * 3600
+    master_trade(api, action=mt5.TRADE_ACTION_DEAL, type=mt5.ORDER_TYPE_BUY, volume=0.1)
+    (event,) = await terminal.poll()
+    assert abs(event.ts_ns - time.time_ns()) < 5_000_000_000  # UTC, not 3 hours ahead
+
+    server.server_utc_offset_s = 2 * 3600  # DST ends: the server clock goes back an hour
+    server.quote(SYMBOL, BID, ASK)
+    await asyncio.sleep(0.01)  # past server_offset_check_s
+    await terminal.poll()
+    assert (terminal.offset_s, terminal.execution.offset_s) == (2 * 3600, 2 * 3600)
+
+
+def test_a_stale_tick_keeps_the_last_offset() -> None:
+    server = paper_server(server_utc_offset_s=3 * 3600)
+    stale_ns = time.time_ns() - 4_800 * 1_000_000_000  # the last quote, 80 minutes ago
+    server.quote(SYMBOL, BID, ASK, ts_ns=stale_ns)
+    terminal, _ = master(server, server_utc_offset_s=7200)
+    assert terminal.offset_s == 7200
+
+
+async def test_a_stop_hit_between_the_polls_reads_is_told_with_its_reason_and_price() -> None:
+    server = paper_server()
+    terminal, api = master(server)
+    master_trade(api, action=mt5.TRADE_ACTION_DEAL, type=mt5.ORDER_TYPE_BUY, volume=0.1,
+                 sl=1985.0)  # fmt: skip
+    assert [type(e) for e in await terminal.poll()] == [PositionOpened]
+
+    api.between_reads = lambda: server.quote(SYMBOL, 1984.0, 1984.3)  # after positions_get
+    events = await terminal.poll()
+    events += await terminal.poll()
+    (closed,) = events
+    assert isinstance(closed, PositionClosed)
+    assert (closed.reason, closed.price) == ("sl", 1984.0)
+
+
+async def test_a_pending_trigger_between_the_polls_reads_is_no_false_cancel() -> None:
+    server = paper_server()
+    terminal, api = master(server)
+    master_trade(api, action=mt5.TRADE_ACTION_PENDING, type=mt5.ORDER_TYPE_SELL_LIMIT,
+                 volume=0.1, price=2010.0)  # fmt: skip
+    assert [type(e) for e in await terminal.poll()] == [PendingOrderPlaced]
+
+    api.between_reads = lambda: server.quote(SYMBOL, 2010.0, 2010.3)  # the limit triggers
+    events = await terminal.poll()
+    events += await terminal.poll()
+    assert [type(e) for e in events] == [PendingOrderTriggered]
 
 
 async def test_master_first_start_takes_what_is_open_as_the_baseline() -> None:

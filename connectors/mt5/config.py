@@ -45,9 +45,21 @@ class Mt5Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     symbols: tuple[str, ...] = ()
     """Symbols whose specs are published; empty: every symbol in the Market Watch."""
     server_utc_offset_s: int = 0
-    """How far the trade server's clock is ahead of UTC: MT5 stamps records in server time."""
+    """How far the trade server's clock is ahead of UTC (MT5 stamps records in server time):
+    only the first guess, until a fresh tick has been measured (``measure_server_offset``)."""
+    measure_server_offset: bool = True
+    """Measure the offset from a fresh tick's ``time_msc`` against UTC at start and every
+    ``server_offset_check_s`` (DST moves it by an hour twice a year)."""
+    server_offset_check_s: Annotated[float, msgspec.Meta(gt=0)] = 600.0
     order_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 10.0
     """No answer from ``order_send`` within this: the outcome is reported unknown."""
+    reconnect_backoff_s: Annotated[float, msgspec.Meta(gt=0)] = 1.0
+    """First wait before re-attaching to a terminal that lost its IPC channel (restart,
+    auto-update); doubled on every failure up to ``reconnect_backoff_max_s``."""
+    reconnect_backoff_max_s: Annotated[float, msgspec.Meta(gt=0)] = 60.0
+    specs_refresh_s: Annotated[float, msgspec.Meta(gt=0)] = 300.0
+    """How often the symbol specs are re-read and republished: tick values of cross-currency
+    symbols move with the exchange rate."""
     state_path: str = ""
     """Where the connector keeps its snapshot, outbox and reports; empty: in memory only."""
 

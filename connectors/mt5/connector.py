@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -32,15 +33,22 @@ from connectors.contract import ConnectorRuntime
 from connectors.journal import OrderJournal, OrderMemoryConfig
 from connectors.mt5 import protocol as mt5
 from connectors.mt5.config import Mt5Config
-from connectors.mt5.diff import Snapshot, diff_snapshots, take_snapshot
+from connectors.mt5.diff import Snapshot, diff_snapshots, hold_deal_changes, take_snapshot
 from connectors.mt5.errors import (
     INSTALL_HINT,
+    AccountNotHedging,
     TerminalConnectError,
     TerminalNotReady,
     TerminalUnavailable,
 )
 from connectors.mt5.execution import MARKER_HISTORY_S, CopyMemory, Mt5Execution
-from connectors.mt5.parsing import account_state, parse_deal, server_seconds, symbol_spec
+from connectors.mt5.parsing import (
+    account_state,
+    measure_server_offset,
+    parse_deal,
+    server_seconds,
+    symbol_spec,
+)
 from connectors.reports import OrderReports
 from engine.core.comments import is_copy, is_marker
 from schemas import codec
@@ -51,11 +59,43 @@ from schemas.reports import ExecutionReport, OrderUnknown
 
 log = structlog.get_logger("tradecopy.mt5")
 
-#: The deal history is re-read this far behind the last poll: late deals are not missed.
-DEAL_LOOKBACK_S = 60
+#: The deal history is re-read this far behind the last poll: late deals are not missed, and
+#: an offset that was wrong by hours (before its first measurement, across DST) still finds
+#: them (``seen_deals`` drops the ones told already).
+DEAL_LOOKBACK_S = 6 * 3600
 #: Deals are asked for up to this far ahead of now: server clocks run ahead of UTC.
 DEAL_LOOKAHEAD_S = 86_400
 RESOLVE_EVERY_S = 1.0
+_API_THREAD = "mt5-terminal"
+#: Reads of one master poll before giving up on a consistent snapshot until the next poll.
+SNAPSHOT_ATTEMPTS = 3
+_RACED = object()
+#: How long closes and pending-order departures wait for a ``history_deals_get`` that answers
+#: ``None``: after that they are told without their deals (reason ``client``, last price).
+DEALS_UNREAD_GRACE_S = 5.0
+
+
+#: How often ``terminal_info()`` is read: connected to the server, AutoTrading allowed.
+CONNECTION_CHECK_S = 1.0
+
+
+class ConnectionState(msgspec.Struct, kw_only=True):
+    """What the terminal says about itself, for ``/healthz`` and for refusing work early."""
+
+    connected: bool = True
+    """The package reaches the terminal and the terminal its trade server."""
+    synchronised: bool = True
+    """The last poll read positions, orders and deals (the snapshot is current)."""
+    trade_allowed: bool = True
+    """AutoTrading is on (``terminal_info().trade_allowed``): else every request is 10027."""
+    reason: str = ""
+    """Why not ready, for operators; empty when ready."""
+    last_error: tuple[int, str] = (1, "Success")
+    reconnects: int = 0
+
+    @property
+    def ready(self) -> bool:
+        return self.connected and self.trade_allowed
 
 
 def load_api() -> Any:
@@ -84,6 +124,17 @@ def connect(api: Any, config: Mt5Config) -> None:
         # Trading the wrong account is worse than not trading at all.
         found = None if info is None else int(info.login)
         raise TerminalConnectError(f"login to account {config.login}", f"terminal is on {found}")
+    if info is None:
+        raise TerminalConnectError("MetaTrader5.account_info", api.last_error())
+    require_hedging(info)
+
+
+def require_hedging(info: Any) -> None:
+    """Refuse a netting (or exchange) account: see ``AccountNotHedging``."""
+    if int(info.margin_mode) != mt5.ACCOUNT_MARGIN_MODE_RETAIL_HEDGING:
+        log.error("mt5_account_not_hedging", login=int(info.login),
+                  margin_mode=int(info.margin_mode))  # fmt: skip
+        raise AccountNotHedging(int(info.login), int(info.margin_mode))
 
 
 class Mt5ConnectorState(msgspec.Struct, kw_only=True):
@@ -114,6 +165,8 @@ class TerminalRecords(msgspec.Struct, frozen=True):
     deals: tuple[Any, ...]
     account: Any
     now_ns: int
+    deals_read: bool = True
+    """False: ``history_deals_get`` answered ``None`` and ``deals`` is empty for want of it."""
 
 
 class Mt5Terminal:
@@ -146,8 +199,18 @@ class Mt5Terminal:
         self.snapshot: Snapshot | None = None
         self.deals_from_s = 0
         self.seen_deals: dict[int, int] = {}
+        self._specs: list[SymbolSpec] | None = None
+        self.connection = ConnectionState()
+        self._connection_checked = 0.0
+        self._reconnect_at = 0.0
+        self._backoff_s = config.reconnect_backoff_s
+        self.offset_measured_ns = 0
+        """When the server offset was last measured from a fresh tick (0: never)."""
+        self._offset_checked = 0.0
+        self.deals_unread_since_ns = 0
+        """When ``history_deals_get`` started answering ``None`` (0: it answers)."""
         self._state: AccountState | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mt5-terminal")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=_API_THREAD)
         self._load()
 
     @classmethod
@@ -180,24 +243,21 @@ class Mt5Terminal:
         if positions is None or orders is None:
             raise TerminalNotReady(f"the terminal does not answer: {self.api.last_error()}")
         self.memory.rebuild(positions, orders)
+        self.check_server_offset(force=True)
         now_ns = time.time_ns()
         now_s = server_seconds(now_ns, self.offset_s)
         history = self.api.history_deals_get(now_s - MARKER_HISTORY_S, now_s + DEAL_LOOKAHEAD_S)
         history = history or ()
         parsed = (parse_deal(d, self.offset_s) for d in history)
         self.memory.remember_deals(
-            d
-            for d in parsed
-            if d is not None and (is_copy(d.comment) or is_marker(d.comment))
+            d for d in parsed if d is not None and (is_copy(d.comment) or is_marker(d.comment))
         )
         info = self.api.account_info()
         if info is not None:
+            require_hedging(info)  # on every (re)connect: the terminal may have switched login
             self._state = account_state(
                 self.account, info, open_positions=len(positions), now_ns=now_ns
             )
-            if int(info.margin_mode) != mt5.ACCOUNT_MARGIN_MODE_RETAIL_HEDGING:
-                log.warning("mt5_account_not_hedging", account=self.account,
-                            margin_mode=int(info.margin_mode))  # fmt: skip
         if self.config.role == "master" and self.snapshot is None:
             self.snapshot = take_snapshot(positions, orders, self.offset_s)
             self.deals_from_s = now_s - DEAL_LOOKBACK_S
@@ -216,16 +276,30 @@ class Mt5Terminal:
 
     def account_state(self, account: str) -> AccountState:
         if self._state is None:
-            info = self.api.account_info()
-            if info is None:
-                raise TerminalNotReady(f"account_info failed: {self.api.last_error()}")
-            positions = self.api.positions_get() or ()
-            self._state = account_state(
-                account, info, open_positions=len(positions), now_ns=time.time_ns()
-            )
+            self._state = self._on_api_thread(self._read_account_state, account)
         return self._state
 
+    def _read_account_state(self, account: str) -> AccountState:
+        info = self.api.account_info()
+        if info is None:
+            raise TerminalNotReady(f"account_info failed: {self.api.last_error()}")
+        positions = self.api.positions_get() or ()
+        return account_state(account, info, open_positions=len(positions), now_ns=time.time_ns())
+
     def symbol_specs(self, account: str) -> Iterable[SymbolSpec]:
+        if self._specs is not None:  # just read on the api thread by ``refresh_specs``
+            specs, self._specs = self._specs, None
+            return specs
+        return self._on_api_thread(self._read_symbol_specs, account)
+
+    def _on_api_thread(self, read: Callable[[str], Any], account: str) -> Any:
+        """Run a read on the api thread (the package is one IPC channel: calls from two
+        threads interleave), waiting for it; directly when already on that thread."""
+        if threading.current_thread().name.startswith(_API_THREAD):
+            return read(account)
+        return self._executor.submit(read, account).result(self.config.order_timeout_s)
+
+    def _read_symbol_specs(self, account: str) -> list[SymbolSpec]:
         if self.config.symbols:
             infos = [self.api.symbol_info(s) for s in self.config.symbols]
         else:
@@ -250,7 +324,7 @@ class Mt5Terminal:
                 self.journal.recall(order.order_id)  # came again: remembered anew
                 return report
         future = asyncio.get_running_loop().run_in_executor(
-            self._executor, self.execution.run, order, reports
+            self._executor, self._run_order, order, reports
         )
         try:
             report = await asyncio.wait_for(asyncio.shield(future), self.config.order_timeout_s)
@@ -261,6 +335,14 @@ class Mt5Terminal:
             future.add_done_callback(lambda done: self._late_answer(order, done))
         self._remember(order, report)
         return report
+
+    def _run_order(self, order: FollowerOrder, reports: OrderReports) -> ExecutionReport:
+        """On the api thread: refuse work the terminal cannot do (nothing is sent, the order
+        stays unacknowledged and comes again), else run it."""
+        self.check_connection(force=True)
+        if not self.connection.ready:
+            raise TerminalNotReady(self.connection.reason)
+        return self.execution.run(order, reports)
 
     def commit(self) -> None:
         """Make the executed orders durable: their reports and this terminal's state, in one
@@ -274,8 +356,12 @@ class Mt5Terminal:
         account state fresh; resolve orders whose outcome was unknown."""
         interval = self.config.poll_ms / 1000
         next_resolve = time.monotonic() + RESOLVE_EVERY_S
+        next_specs = time.monotonic() + self.config.specs_refresh_s
         while True:
             try:
+                if time.monotonic() >= next_specs:
+                    next_specs = time.monotonic() + self.config.specs_refresh_s
+                    await self.refresh_specs(runtime)
                 await self.poll()
                 if self.outbox:
                     await runtime.flush_outbox()
@@ -289,6 +375,15 @@ class Mt5Terminal:
                 log.warning("mt5_poll_failed", account=self.account, error=repr(exc))
             await asyncio.sleep(interval)
 
+    async def refresh_specs(self, runtime: ConnectorRuntime) -> None:
+        """Re-read the symbol specs on the api thread and republish them with the state."""
+        loop = asyncio.get_running_loop()
+        for account in (*self.master_accounts(), *self.follower_accounts()):
+            self._specs = await loop.run_in_executor(
+                self._executor, self._read_symbol_specs, account
+            )
+            await runtime.refresh_account(account)
+
     async def poll(self) -> list[MasterEvent]:
         """Read the terminal once; a master's changes since the last poll go to the outbox."""
         records = await asyncio.get_running_loop().run_in_executor(
@@ -296,20 +391,152 @@ class Mt5Terminal:
         )
         return [] if records is None else self.apply(records)
 
+    def check_server_offset(self, *, force: bool = False) -> int:
+        """Measure the trade server's UTC offset from the freshest tick (on the api thread),
+        at start and every ``server_offset_check_s``; without a fresh tick (weekend, no
+        quotes) the last offset stays. Returns the offset in use."""
+        config = self.config
+        due = time.monotonic() - self._offset_checked >= config.server_offset_check_s
+        if not config.measure_server_offset or not (force or due):
+            return self.offset_s
+        self._offset_checked = time.monotonic()
+        names = config.symbols or tuple(s.name for s in self.api.symbols_get() or () if s.visible)
+        ticks = (self.api.symbol_info_tick(name) for name in names)
+        freshest = max((int(t.time_msc or 0) for t in ticks if t is not None), default=0)
+        now_ns = time.time_ns()
+        measured = measure_server_offset(freshest, now_ns)
+        if measured is None:
+            log.info("mt5_server_offset_unmeasured", account=self.account,
+                     offset_s=self.offset_s, freshest_tick_msc=freshest)  # fmt: skip
+            return self.offset_s
+        if measured != self.offset_s:
+            log.info("mt5_server_offset_changed", account=self.account,
+                     offset_s=measured, was_s=self.offset_s)  # fmt: skip
+        self.offset_s = self.execution.offset_s = measured
+        self.offset_measured_ns = now_ns
+        return measured
+
+    def check_connection(self, *, force: bool = False) -> ConnectionState:
+        """Read ``terminal_info()`` (on the api thread, at most every ``CONNECTION_CHECK_S``
+        unless forced); a lost IPC channel (the terminal restarted or auto-updated under the
+        package) is re-attached with ``shutdown()`` + ``initialize()``, with backoff, and
+        reconciled like a start."""
+        state = self.connection
+        now = time.monotonic()
+        if not force and state.connected and now - self._connection_checked < CONNECTION_CHECK_S:
+            return state
+        self._connection_checked = now
+        info = self.api.terminal_info()
+        if info is None:
+            code, message = self.api.last_error()
+            state.last_error = (int(code), str(message))
+            state.connected = False
+            state.reason = f"terminal does not answer: last_error ({code}, {message})"
+            if int(code) in mt5.IPC_ERROR_CODES:
+                self._reattach(now)
+            return state
+        state.connected = bool(info.connected)
+        state.trade_allowed = bool(info.trade_allowed)
+        if not state.connected:
+            state.reason = "terminal is not connected to its trade server (data would be stale)"
+        elif not state.trade_allowed:
+            state.reason = (
+                "AutoTrading is disabled in the terminal (terminal_info().trade_allowed): "
+                "every request would be refused with 10027; enable Algo Trading"
+            )
+        else:
+            state.reason = ""
+        return state
+
+    def _reattach(self, now: float) -> None:
+        if now < self._reconnect_at:
+            return
+        state = self.connection
+        log.warning("mt5_terminal_reattaching", account=self.account,
+                    error=state.last_error, backoff_s=self._backoff_s)  # fmt: skip
+        with contextlib.suppress(Exception):
+            self.api.shutdown()  # drop the dead IPC channel, or initialize() reuses it
+        try:
+            connect(self.api, self.config)
+            self.start()  # crash-only: a re-attach reconciles exactly like a start
+        except Exception as exc:
+            code, message = self.api.last_error()
+            state.reason = f"re-attaching to the terminal failed: {exc}"
+            state.last_error = (int(code), str(message))
+            self._reconnect_at = now + self._backoff_s
+            self._backoff_s = min(self._backoff_s * 2, self.config.reconnect_backoff_max_s)
+            log.warning("mt5_terminal_reattach_failed", account=self.account, error=repr(exc),
+                        retry_in_s=self._reconnect_at - now)  # fmt: skip
+            return
+        self._backoff_s = self.config.reconnect_backoff_s
+        state.reconnects += 1
+        self.check_connection(force=True)
+        log.info("mt5_terminal_reattached", account=self.account, reconnects=state.reconnects)
+
+    def health(self) -> dict[str, object]:
+        """The terminal's connection state for ``/healthz`` (merged with the runtime's)."""
+        state = self.connection
+        return {
+            "terminal_ready": state.ready and state.synchronised,
+            "terminal_connected": state.connected,
+            "terminal_synchronised": state.synchronised,
+            "terminal_trade_allowed": state.trade_allowed,
+            "terminal_reason": state.reason,
+            "terminal_last_error": list(state.last_error),
+            "terminal_reconnects": state.reconnects,
+            "server_utc_offset_s": self.offset_s,
+            "unknown_outcomes": len(self.unsettled),
+        }
+
     def _read_terminal(self) -> TerminalRecords | None:
         api = self.api
+        state = self.check_connection()
+        if not state.connected:
+            state.synchronised = False
+            return None  # a disconnected terminal shows stale positions: diff nothing
+        self.check_server_offset()
         now_ns = time.time_ns()
-        positions, orders = api.positions_get(), api.orders_get()
-        deals: Any = ()
-        if self.config.role == "master":
-            now_s = server_seconds(now_ns, self.offset_s)
-            deals = api.history_deals_get(self.deals_from_s, now_s + DEAL_LOOKAHEAD_S)
+        positions, orders, deals = self._read_consistent(now_ns)
+        if positions is _RACED:
+            return None  # trading went on under every attempt: the next poll tries again
+        deals_read = deals is not None
+        if not deals_read:
+            # Users see None for an empty window as well as for a failed read; either way
+            # positions and orders still tell SL/TP and pending changes (see ``apply``).
+            log.info("mt5_history_deals_none", account=self.account, error=api.last_error(),
+                     date_from=self.deals_from_s)  # fmt: skip
+            deals = ()
         # No answer is not "nothing open": diffing it would close every position.
-        if positions is None or orders is None or deals is None:
-            log.warning("mt5_poll_unanswered", account=self.account, error=api.last_error())
+        if positions is None or orders is None:
+            error = api.last_error()
+            log.warning("mt5_poll_unanswered", account=self.account, error=error)
+            self.connection.synchronised = False
+            self.connection.last_error = (int(error[0]), str(error[1]))
+            self._connection_checked = 0.0  # look at the terminal on the next poll
             return None
+        self.connection.synchronised = True
         return TerminalRecords(tuple(positions), tuple(orders), tuple(deals),
-                               api.account_info(), now_ns)  # fmt: skip
+                               api.account_info(), now_ns, deals_read)  # fmt: skip
+
+    def _read_consistent(self, now_ns: int) -> tuple[Any, Any, Any]:
+        """Positions, orders and (master) deals as one snapshot: the package reads them one
+        call at a time, so a close or a trigger between the calls would show a position open
+        whose closing deal is already seen (told later as a client close at the last price),
+        or an order gone whose position is not there yet (a false cancel). The deals are read
+        before and after; a new deal in between means something traded: read again."""
+        api = self.api
+        if self.config.role != "master":
+            return api.positions_get(), api.orders_get(), ()
+        now_s = server_seconds(now_ns, self.offset_s)
+        window = (self.deals_from_s, now_s + DEAL_LOOKAHEAD_S)
+        for attempt in range(SNAPSHOT_ATTEMPTS):
+            before = api.history_deals_get(*window)
+            positions, orders = api.positions_get(), api.orders_get()
+            deals = api.history_deals_get(*window)
+            if before is None or deals is None or _tickets(before) == _tickets(deals):
+                return positions, orders, deals
+            log.info("mt5_poll_raced", account=self.account, attempt=attempt)
+        return _RACED, None, None
 
     def apply(self, records: TerminalRecords) -> list[MasterEvent]:
         """Take one poll's records: new state, copies map, and (master) the diff's events."""
@@ -325,6 +552,15 @@ class Mt5Terminal:
         seen = self.seen_deals
         new_deals = [d for d in records.deals if int(d.ticket) not in seen]
         current = take_snapshot(records.positions, records.orders, self.offset_s)
+        if records.deals_read:
+            self.deals_unread_since_ns = 0
+        else:
+            self.deals_unread_since_ns = self.deals_unread_since_ns or now_ns
+            waited_s = (now_ns - self.deals_unread_since_ns) / 1e9
+            if self.snapshot is not None and waited_s < DEALS_UNREAD_GRACE_S:
+                # Closes and triggers need their deals (reason, price, close-by): hold them
+                # for a poll that reads the history; the lookback window still covers them.
+                current = hold_deal_changes(self.snapshot, current)
         if self.snapshot is None:
             events, snapshot = [], current
         else:
@@ -433,6 +669,10 @@ class Mt5Terminal:
         self.commit()
         self.journal.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _tickets(deals: Iterable[Any]) -> set[int]:
+    return {int(d.ticket) for d in deals}
 
 
 class Mt5Connector:

@@ -80,6 +80,22 @@ def take_snapshot(
     )
 
 
+def hold_deal_changes(previous: Snapshot, current: Snapshot) -> Snapshot:
+    """``current`` with every change that needs the deal history to be told right put back
+    as it was in ``previous``: positions that closed or shrank, pending orders that left
+    (triggered or cancelled). Used for a poll whose ``history_deals_get`` answered nothing,
+    so those changes are told, with their deals, by a later poll; all else is told now."""
+    positions = dict(current.positions)
+    for ref, before in previous.positions.items():
+        now = positions.get(ref)
+        if now is None or now.volume < before.volume - _VOLUME_EPSILON:
+            positions[ref] = before
+    orders = dict(current.orders)
+    for ref, before in previous.orders.items():
+        orders.setdefault(ref, before)
+    return Snapshot(positions=positions, orders=orders)
+
+
 def event_id(account: str, ref: str, kind: str, revision: int | None = None) -> str:
     base = f"{account}-{ref}-{kind}"
     return base if revision is None else f"{base}-{revision}"

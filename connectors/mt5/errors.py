@@ -25,3 +25,18 @@ class TerminalConnectError(TradecopyError):
 
 class TerminalNotReady(TradecopyError):
     """The terminal did not answer a query (disconnected, starting): retry later, nothing ran."""
+
+
+class AccountNotHedging(TradecopyError):
+    """The account nets positions: copies of several masters would merge into one position,
+    and reversals or volume increases could not be told or copied, so the connector refuses
+    to start."""
+
+    def __init__(self, login: int, margin_mode: int) -> None:
+        self.login = login
+        self.margin_mode = margin_mode
+        super().__init__(
+            f"account {login} has margin mode {margin_mode} (netting or exchange); tradecopy "
+            "needs a hedging account (ACCOUNT_MARGIN_MODE_RETAIL_HEDGING): ask the broker "
+            "for one"
+        )

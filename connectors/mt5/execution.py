@@ -23,10 +23,11 @@ from connectors.mt5.parsing import (
     PENDING_TYPE_CODES,
     POSITION_SIDES,
     Deal,
-    filling_type,
+    filling_types,
     level,
     parse_deal,
     server_seconds,
+    stops_too_close,
 )
 from connectors.reports import NO_PENDING_COPY, NO_POSITION_COPY, NOT_BOTH_COPIES, OrderReports
 from engine.core.comments import copy_comment, is_copy, master_prefixes, order_marker
@@ -53,6 +54,8 @@ log = structlog.get_logger("tradecopy.mt5")
 MARKER_HISTORY_S = 7 * 86_400
 """How far back the deal history is searched for the markers of orders that ran."""
 _DEVIATION_POLL_S = 0.01
+#: Waits between attempts of a request the server throttled (10024) or re-priced (10020).
+_RETRY_WAITS_S = (0.05, 0.2)
 
 Evidence = Callable[[], ExecutionReport | None]
 
@@ -99,6 +102,9 @@ class Mt5Execution:
         self.config = config
         self.memory = memory
         self.offset_s = config.server_utc_offset_s
+        self.send_error: tuple[int, str] = (1, "Success")
+        """``last_error()`` read right after the last ``order_send``: any later call
+        (the evidence search reads positions and deals) overwrites the package's own."""
 
     def run(self, order: FollowerOrder, reports: OrderReports) -> ExecutionReport:
         if isinstance(order, FollowerOpen):
@@ -128,14 +134,15 @@ class Mt5Execution:
                 return _filled_from(reports, found)
             opened = [d for d in self._marker_deals(comment) if d.entry == mt5.DEAL_ENTRY_IN]
             return _filled_from_deals(reports, opened) if opened else None
-        if isinstance(order, FollowerClose | FollowerCloseBy):
+        if isinstance(order, FollowerCloseBy):
             deals = self._marker_deals(order_marker(order.order_id))
-            if not deals:
-                return None
-            if isinstance(order, FollowerCloseBy):
+            if deals:
                 ids = sorted({d.position_id for d in deals})
                 return reports.done("closed by the opposite copy", ids)
-            return _filled_from_deals(reports, deals)
+            return self._close_by_deals(order, reports)
+        if isinstance(order, FollowerClose):
+            deals = self._marker_deals(order_marker(order.order_id))
+            return _filled_from_deals(reports, deals) if deals else None
         if isinstance(order, FollowerPendingPlace):
             comment = self.memory.comment_for(order.master, order.master_order_id)
             found = self._find(self._orders(), comment) or self._find(self._positions(), comment)
@@ -197,6 +204,7 @@ class Mt5Execution:
                 f"price moved more than {order.max_price_deviation} from the master's "
                 f"fill {order.master_price}",
             )
+        sl, tp = self._levels_outside_stops(order, info, tick)
         deviation = self.config.deviation_points
         if order.max_price_deviation is not None and info.point:
             deviation = max(0, round(order.max_price_deviation / info.point))
@@ -204,12 +212,11 @@ class Mt5Execution:
             "action": mt5.TRADE_ACTION_DEAL, "symbol": order.symbol,
             "volume": float(order.volume), "type": MARKET_TYPE_CODES[order.side],
             "price": float(tick.ask if order.side is Side.BUY else tick.bid),
-            "sl": float(order.sl or 0.0), "tp": float(order.tp or 0.0),
+            "sl": float(sl or 0.0), "tp": float(tp or 0.0),
             "deviation": int(deviation), "magic": int(order.magic or self.config.magic),
             "comment": comment, "type_time": mt5.ORDER_TIME_GTC,
-            "type_filling": filling_type(info),
         }  # fmt: skip
-        result = self._send(request)
+        result = self._send(request, filling_types(info))
 
         def filled(result: Any) -> ExecutionReport:
             ticket = str(int(result.order))
@@ -249,7 +256,9 @@ class Mt5Execution:
         if volume <= 0:
             return reports.done("the ratio rounds to nothing on this position")
         side = POSITION_SIDES[int(position.type)]
-        result = self._send(self._closing_request(position, info, volume, marker))
+        result = self._send(
+            self._closing_request(position, info, volume, marker), filling_types(info)
+        )
 
         def filled(result: Any) -> ExecutionReport:
             price = self._fill_price(result)
@@ -296,6 +305,11 @@ class Mt5Execution:
         if first is None or second is None:
             return reports.done(NOT_BOTH_COPIES)
         ids = [str(first.ticket), str(second.ticket)]
+        info = self._symbol(first.symbol)
+        if info is None:
+            return self._symbol_missing(reports, first.symbol)
+        if not int(info.order_mode) & mt5.SYMBOL_ORDER_CLOSEBY:
+            return self._close_both(order, reports, first, second, info)
         result = self._send({
             "action": mt5.TRADE_ACTION_CLOSE_BY, "symbol": first.symbol,
             "position": int(first.ticket), "position_by": int(second.ticket),
@@ -306,6 +320,60 @@ class Mt5Execution:
             lambda _: reports.done("closed by the opposite copy", ids),
             lambda: self.evidence(order, reports),
         )  # fmt: skip
+
+    def _close_both(
+        self, order: FollowerCloseBy, reports: OrderReports, first: Any, second: Any, info: Any
+    ) -> ExecutionReport:
+        """A close-by on a symbol that does not allow it (SYMBOL_ORDER_CLOSEBY unset): the
+        same volume closed from each copy with two market closes — the same positions
+        remain, at one spread more."""
+        volume = min(float(first.volume), float(second.volume))
+        closed: list[str] = []
+        for position in (first, second):
+            marker = order_marker(f"{order.order_id}:{position.ticket}")
+            if self.memory.markers.get(marker):
+                closed.append(str(position.ticket))  # ran before a restart
+                continue
+            result = self._send(
+                self._closing_request(position, info, volume, marker), filling_types(info)
+            )
+            if result is None or result.retcode not in mt5.SUCCESS_RETCODES:
+                return self._decide(reports, result, lambda _: reports.done(""),
+                                    lambda: None)  # fmt: skip
+            side = POSITION_SIDES[int(position.type)]
+            price = self._fill_price(result)
+            self.memory.remember_deals(
+                [self._own_deal(result, position, side, volume, price, marker)]
+            )
+            closed.append(str(position.ticket))
+        log.info("mt5_close_by_as_two_closes", order=order.order_id, symbol=first.symbol)
+        return reports.done("closed against the opposite copy (two closes)", closed)
+
+    def _close_by_deals(
+        self, order: FollowerCloseBy, reports: OrderReports
+    ) -> ExecutionReport | None:
+        """Evidence of a close-by without our comment (the server writes its own on close-by
+        deals): the two copies' ``DEAL_ENTRY_OUT_BY`` deals sharing one close-by order."""
+        tickets = [self._copy_ticket(order.master, ref) for ref in
+                   (order.master_position_id, order.master_opposite_position_id)]  # fmt: skip
+        if None in tickets:
+            return None
+        orders: list[set[str]] = []
+        for ticket in tickets:
+            deals = self.api.history_deals_get(position=int(ticket)) or ()
+            orders.append({str(d.order) for d in deals if d.entry == mt5.DEAL_ENTRY_OUT_BY})
+        if orders[0] & orders[1]:
+            return reports.done("closed by the opposite copy", sorted(str(t) for t in tickets))
+        return None
+
+    def _copy_ticket(self, master: str, ref: str) -> str | None:
+        """The follower position copying ``ref``: open now, or from its opening deal."""
+        comment = self.memory.comment_for(master, ref)
+        found = self.memory.positions.get(comment)
+        if found is not None:
+            return found
+        opened = self._opening_deals(comment)
+        return opened[0].position_id if opened else None
 
     def _close_all(self, order: FollowerCloseAll, reports: OrderReports) -> ExecutionReport:
         prefixes = master_prefixes(order.master)
@@ -320,11 +388,12 @@ class Mt5Execution:
             if info is None:
                 continue
             result = self._send(
-                self._closing_request(position, info, float(position.volume), marker)
+                self._closing_request(position, info, float(position.volume), marker),
+                filling_types(info),
             )
             if result is not None and result.retcode in mt5.SUCCESS_RETCODES:
                 closed.append(ticket)
-            elif result is None or result.retcode in mt5.UNCERTAIN_RETCODES:
+            elif self._transport_lost(result):
                 unanswered.append(ticket)
         for pending in self._orders():
             if pending.comment.startswith(prefixes):
@@ -354,10 +423,9 @@ class Mt5Execution:
             "volume": float(order.volume), "type": PENDING_TYPE_CODES[order.order_type],
             "price": float(order.price), "sl": float(order.sl or 0.0),
             "tp": float(order.tp or 0.0), "magic": int(order.magic or self.config.magic),
-            "comment": comment, "type_filling": filling_type(info),
-            **self._expiration(order.expiration_ns),
+            "comment": comment, **self._expiration(order.expiration_ns),
         }  # fmt: skip
-        result = self._send(request)
+        result = self._send(request, filling_types(info, pending=True))
 
         def placed(result: Any) -> ExecutionReport:
             ticket = str(int(result.order))
@@ -401,16 +469,79 @@ class Mt5Execution:
 
     # ------------------------------------------------------------------- terminal
 
-    def _send(self, request: dict[str, Any]) -> Any:
+    def _send(self, request: dict[str, Any], fillings: Sequence[int] = ()) -> Any:
+        """``order_send``; with ``fillings``, each filling mode in turn while the server
+        answers 10030 (unsupported filling: nothing ran, so the next mode is safe to try)."""
+        for filling in fillings[:-1]:
+            result = self._send_once({**request, "type_filling": filling})
+            if result is None or result.retcode != mt5.TRADE_RETCODE_INVALID_FILL:
+                return result
+            log.info("mt5_filling_refused", symbol=request.get("symbol"), filling=filling)
+        if fillings:
+            request = {**request, "type_filling": fillings[-1]}
+        return self._send_once(request)
+
+    def _levels_outside_stops(
+        self, order: FollowerOpen, info: Any, tick: Any
+    ) -> tuple[float | None, float | None]:
+        """The order's SL/TP, without a level nearer the price than the symbol's stops level:
+        the server would refuse the whole open with 10016. The position is worth more than a
+        level; the master's next SL/TP change is copied as usual."""
+        distance = int(info.trade_stops_level or 0) * float(info.point or 0.0)
+        sl_close, tp_close = stops_too_close(
+            order.side, float(tick.bid), float(tick.ask), order.sl, order.tp, distance
+        )
+        if sl_close or tp_close:
+            log.warning("mt5_open_level_within_stops_level", order=order.order_id,
+                        symbol=order.symbol, sl=order.sl if sl_close else None,
+                        tp=order.tp if tp_close else None, stops_level=distance)  # fmt: skip
+        return (None if sl_close else order.sl), (None if tp_close else order.tp)
+
+    def _send_once(self, request: dict[str, Any]) -> Any:
+        """One request, again after a throttle (10024) and, for a close, re-priced after a
+        price change or requote (10020/10004): nothing ran on those answers. An open is not
+        re-priced: its price was checked against the master's fill."""
+        for wait_s in _RETRY_WAITS_S:
+            result = self._send_raw(request)
+            if result is None:
+                return result
+            if result.retcode == mt5.TRADE_RETCODE_TOO_MANY_REQUESTS:
+                log.info("mt5_order_send_throttled", wait_s=wait_s)
+                time.sleep(wait_s)
+                continue
+            closing = request.get("action") == mt5.TRADE_ACTION_DEAL and request.get("position")
+            if closing and result.retcode in mt5.REPRICE_RETCODES:
+                tick = self.api.symbol_info_tick(request["symbol"])
+                if tick is None:
+                    return result
+                buy = request["type"] == mt5.ORDER_TYPE_BUY
+                request = {**request, "price": float(tick.ask if buy else tick.bid)}
+                log.info("mt5_close_repriced", retcode=int(result.retcode),
+                         price=request["price"])  # fmt: skip
+                continue
+            return result
+        return self._send_raw(request)
+
+    def _send_raw(self, request: dict[str, Any]) -> Any:
         result = self.api.order_send(request)
         if result is None:
+            code, message = self.api.last_error()
+            self.send_error = (int(code), str(message))
             log.warning(
                 "mt5_order_send_no_answer",
-                error=self.api.last_error(),
+                error=self.send_error,
+                refused=not self._transport_lost(result),
                 action=request.get("action"),
                 comment=request.get("comment", ""),
             )
         return result
+
+    def _transport_lost(self, result: Any) -> bool:
+        """Whether an ``order_send`` answer leaves the outcome open: ``None`` with an IPC
+        error, or an uncertain retcode. ``None`` with any other error is a refusal."""
+        if result is None:
+            return self.send_error[0] in mt5.IPC_ERROR_CODES
+        return result.retcode in mt5.UNCERTAIN_RETCODES
 
     def _decide(
         self, reports: OrderReports, result: Any, success: Callable[[Any], ExecutionReport],
@@ -419,14 +550,17 @@ class Mt5Execution:
         """The outcome policy: rejected only on a definitive retcode, else look, else unknown."""
         if result is not None and result.retcode in mt5.SUCCESS_RETCODES:
             return success(result)
-        if result is not None and result.retcode not in mt5.UNCERTAIN_RETCODES:
+        if result is None and not self._transport_lost(result):
+            code, message = self.send_error
+            return reports.rejected(code, f"refused by the terminal: {message}")
+        if result is not None and not self._transport_lost(result):
             return reports.rejected(int(result.retcode),
                                     result.comment or f"retcode {result.retcode}")  # fmt: skip
         found = evidence()
         if found is not None:
             return found
         why = (
-            f"order_send returned nothing (last_error {self.api.last_error()})"
+            f"order_send returned nothing (last_error {self.send_error})"
             if result is None
             else f"retcode {result.retcode} {result.comment}"
         )
@@ -484,7 +618,6 @@ class Mt5Execution:
             "price": float(tick.bid if side is Side.BUY else tick.ask),
             "deviation": int(self.config.deviation_points), "magic": int(position.magic),
             "comment": marker, "type_time": mt5.ORDER_TIME_GTC,
-            "type_filling": filling_type(info),
         }  # fmt: skip
 
     def _expiration(self, expiration_ns: int) -> dict[str, int]:
@@ -498,7 +631,13 @@ class Mt5Execution:
         if result.price:
             return float(result.price)
         deals = self.api.history_deals_get(ticket=int(result.order)) or ()
-        return float(deals[-1].price) if deals else 0.0
+        if deals:
+            return float(deals[-1].price)
+        # The deal is not in the history yet: the requested price is within the request's
+        # deviation of the fill, where 0.0 would make the slippage nonsense.
+        requested = float(getattr(result.request, "price", 0.0) or 0.0)
+        log.info("mt5_fill_price_from_request", order=int(result.order), price=requested)
+        return requested
 
     def _marker_deals(self, marker: str) -> list[Deal]:
         known = self.memory.markers.get(marker)

@@ -7,8 +7,14 @@ with the package's field names and order). ``order_send`` takes the package's re
 runs them on the venue and answers ``OrderSendResult`` with the venue's real retcodes, so the
 connector can be run, demonstrated and tested end to end on any machine.
 
-What it does not model: netting accounts, stop-limit orders, partial fills, commissions and
-swaps, and the terminal's own comment rewriting.
+Modes reproduce what a live terminal does to the connector: a package refusal (``-2``), an
+IPC loss and a slow restart, a terminal off its server or with AutoTrading off, a ``None``
+history read, a server clock ahead of UTC, a netting margin mode, refused filling modes, a
+stops level, unpriced fills, throttling, trading between the package's reads, a rewritten
+close-by comment and a symbol without close-by.
+
+What it does not model: netting accounting (only the margin mode is reported), stop-limit
+orders, partial fills, commissions and swaps.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Any
 
@@ -81,6 +87,13 @@ SymbolInfo = collections.namedtuple(
     "price_greeks_rho price_greeks_omega price_sensitivity basis category currency_base "
     "currency_profit currency_margin bank description exchange formula isin name page path",
 )
+TerminalInfo = collections.namedtuple(
+    "TerminalInfo",
+    "community_account community_connection connected dlls_allowed trade_allowed "
+    "tradeapi_disabled email_enabled ftp_enabled notifications_enabled mqid build maxbars "
+    "codepage ping_last community_balance retransmission company name language path "
+    "data_path commondata_path",
+)
 Tick = collections.namedtuple("Tick", "time bid ask last volume time_msc flags volume_real")
 TradeRequest = collections.namedtuple(
     "TradeRequest",
@@ -130,6 +143,7 @@ _CLOSE_DEAL_COMMENTS = {"sl": "[sl {}]", "tp": "[tp {}]", "stop_out": "[so {}]"}
 _OK = (1, "Success")
 _INVALID_PARAMS = (mt5.RES_E_INVALID_PARAMS, "Invalid arguments")
 _NOT_FOUND = (-4, "Terminal: Not found")
+_NO_IPC = (mt5.RES_E_NO_IPC, "No IPC connection")
 _FIRST_DEAL = 70_000_001
 _FIRST_ORDER = 50_000_001
 
@@ -145,6 +159,12 @@ class PaperMt5Server:
         filling_mode: int = mt5.SYMBOL_FILLING_FOK | mt5.SYMBOL_FILLING_IOC,
         execution_mode: int = mt5.SYMBOL_TRADE_EXECUTION_MARKET,
         name: str = "Paper-Server",
+        refuse_requests: tuple[int, str] | None = None,
+        margin_mode: int = mt5.ACCOUNT_MARGIN_MODE_RETAIL_HEDGING,
+        refused_fillings: frozenset[int] = frozenset(),
+        stops_level_points: int | None = None,
+        order_mode: int = 127,
+        close_by_comment: str | None = None,
     ) -> None:
         self.venue = venue
         self.server_utc_offset_s = server_utc_offset_s
@@ -152,6 +172,22 @@ class PaperMt5Server:
         """SYMBOL_FILLING_* flags every symbol allows (RETURN only off market execution)."""
         self.execution_mode = execution_mode
         self.name = name
+        self.refuse_requests = refuse_requests
+        self.margin_mode = margin_mode
+        self.refused_fillings = refused_fillings
+        """Request fillings this server answers 10030 whatever the symbol's flags say (a
+        broker refusing RETURN under instant execution, or FOK/IOC on pending orders)."""
+        self.stops_level_points = stops_level_points
+        self.order_mode = order_mode
+        """SYMBOL_ORDER_MODE flags of every symbol; without 64 a close-by answers 10013."""
+        self.close_by_comment = close_by_comment
+        """The comment the server writes on close-by deals instead of the request's (e.g.
+        ``"close by"``); ``None`` keeps the request's."""
+        """Every symbol's SYMBOL_TRADE_STOPS_LEVEL instead of its config's; an open whose
+        SL/TP is nearer than that answers 10016."""
+        """What ``account_info().margin_mode`` says (the venue itself always hedges)."""
+        """A ``last_error()`` the package refuses every ``order_send`` with before it leaves
+        the terminal (``(-2, 'Invalid "comment" argument')``): ``None``, nothing runs."""
         self.lock = threading.RLock()
         self.deals: dict[str, list[Any]] = collections.defaultdict(list)
         self.updated_ms: dict[tuple[str, str], int] = {}
@@ -176,6 +212,11 @@ class PaperMt5Server:
                 self.book(event, positions.get(event.master, {}), comment="", order=0)
 
     # ----------------------------------------------------------------- bookkeeping
+
+    def stops_level(self, symbol: str) -> int:
+        if self.stops_level_points is not None:
+            return self.stops_level_points
+        return self.venue.symbols[symbol].stops_level_points
 
     def order_ticket(self) -> int:
         ticket = self._next_order
@@ -215,6 +256,8 @@ class PaperMt5Server:
             second = before.get(event.opposite_position_id)
             if first is None or second is None:
                 return []
+            if self.close_by_comment is not None:
+                comment = self.close_by_comment
             # MT5: the first leg closes at the opposite's open price, the opposite at its own.
             return [
                 self._deal(event, first.position_id, order, first.side.flipped(),
@@ -264,10 +307,41 @@ class PaperMt5Api:
         self.login_number = login
         self.initialized = False
         self._error: tuple[int, str] = _OK
+        self.ipc_lost = False
+        """True: the terminal restarted (auto-update, crash) under the package: every call
+        answers ``None`` with -10004 "No IPC connection" until ``shutdown()`` and
+        ``initialize()`` attach to the new terminal process."""
+        self.initialize_failures = 0
+        """How many ``initialize()`` calls fail before the restarted terminal is up again."""
+        self.connected = True
+        """``terminal_info().connected``: False, the terminal lost its trade server."""
+        self.trade_allowed = True
+        """``terminal_info().trade_allowed``: False, AutoTrading is off and every request
+        answers 10027."""
+        self.unpriced_fills = False
+        """True: a market fill answers price 0 and its deal is not in the history yet (some
+        brokers under market execution)."""
+        self.busy_answers: list[int] = []
+        """Retcodes answered, one per request and before running it (10024 throttled, 10020
+        price changed): the request did not run."""
+        self.between_reads: Callable[[], None] | None = None
+        """Run once, right after the next ``positions_get`` answers: trading that happens
+        between the package's reads (a stop hit, a pending order triggering)."""
+        self.history_none = False
+        """True: ``history_deals_get`` by time window answers ``None`` (what users report for
+        an empty window, and what a failed read looks like)."""
 
     # ------------------------------------------------------------------- connection
 
     def initialize(self, path: str | None = None, **kwargs: Any) -> bool:
+        if self.ipc_lost and self.initialized:
+            self._error = _NO_IPC  # still attached to the old terminal process
+            return False
+        if self.initialize_failures > 0:
+            self.initialize_failures -= 1
+            self._error = (mt5.RES_E_INTERNAL_FAIL, "IPC initialize failed, terminal starting")
+            return False
+        self.ipc_lost = False
         self.initialized = True
         login = kwargs.get("login")
         return True if not login else self.login(login)
@@ -284,16 +358,35 @@ class PaperMt5Api:
     def last_error(self) -> tuple[int, str]:
         return self._error
 
+    def _lost(self) -> bool:
+        if self.ipc_lost:
+            self._error = _NO_IPC
+        return self.ipc_lost
+
+    def terminal_info(self) -> Any:
+        if self._lost():
+            return None
+        return TerminalInfo(
+            community_account=False, community_connection=False, connected=self.connected,
+            dlls_allowed=False, trade_allowed=self.trade_allowed, tradeapi_disabled=False,
+            email_enabled=False, ftp_enabled=False, notifications_enabled=False, mqid=False,
+            build=4755, maxbars=100_000, codepage=0, ping_last=30_000, community_balance=0.0,
+            retransmission=0.0, company="tradecopy paper", name="Paper MetaTrader 5",
+            language="English", path="", data_path="", commondata_path="",
+        )  # fmt: skip
+
     # ----------------------------------------------------------------------- records
 
     def account_info(self) -> Any:
+        if self._lost():
+            return None
         with self.server.lock:
             state = self.venue.account_state(self.account)
             level = state.equity / state.margin * 100 if state.margin else 0.0
             return AccountInfo(
                 login=self.login_number, trade_mode=0, leverage=state.leverage,
                 limit_orders=200, margin_so_mode=0, trade_allowed=True, trade_expert=True,
-                margin_mode=mt5.ACCOUNT_MARGIN_MODE_RETAIL_HEDGING, currency_digits=2,
+                margin_mode=self.server.margin_mode, currency_digits=2,
                 fifo_close=False, balance=state.balance, credit=0.0,
                 profit=round(state.equity - state.balance, 2), equity=state.equity,
                 margin=state.margin, margin_free=state.free_margin, margin_level=level,
@@ -304,6 +397,8 @@ class PaperMt5Api:
             )  # fmt: skip
 
     def symbol_info(self, symbol: str) -> Any:
+        if self._lost():
+            return None
         with self.server.lock:
             cfg = self.venue.symbols.get(symbol)
             if cfg is None:
@@ -317,9 +412,9 @@ class PaperMt5Api:
             values.update(
                 select=True, visible=True, digits=cfg.digits, spread_float=True,
                 trade_mode=_TRADE_MODE_CODES[cfg.trade_mode],
-                trade_stops_level=cfg.stops_level_points,
+                trade_stops_level=self.server.stops_level(symbol),
                 trade_exemode=self.server.execution_mode, filling_mode=self.server.filling_mode,
-                expiration_mode=15, order_mode=127, point=cfg.point,
+                expiration_mode=15, order_mode=self.server.order_mode, point=cfg.point,
                 trade_tick_value=cfg.tick_value, trade_tick_value_profit=cfg.tick_value,
                 trade_tick_value_loss=cfg.tick_value, trade_tick_size=cfg.tick_size,
                 trade_contract_size=cfg.contract_size, volume_min=cfg.volume_min,
@@ -338,9 +433,13 @@ class PaperMt5Api:
         return symbol in self.venue.symbols
 
     def symbols_get(self, group: str | None = None) -> Any:
+        if self._lost():
+            return None
         return tuple(self.symbol_info(s) for s in self.venue.symbols)
 
     def symbol_info_tick(self, symbol: str) -> Any:
+        if self._lost():
+            return None
         with self.server.lock:
             quote = self.venue.quote(symbol)
             if quote is None:
@@ -353,17 +452,25 @@ class PaperMt5Api:
     def positions_get(
         self, symbol: str | None = None, group: str | None = None, ticket: int | None = None
     ) -> Any:
+        if self._lost():
+            return None
         with self.server.lock:
-            return tuple(
+            records = tuple(
                 self._position_record(p)
                 for p in self.venue.positions(self.account)
                 if (symbol is None or p.symbol == symbol)
                 and (ticket is None or int(p.position_id) == ticket)
             )
+        hook, self.between_reads = self.between_reads, None
+        if hook is not None:
+            hook()
+        return records
 
     def orders_get(
         self, symbol: str | None = None, group: str | None = None, ticket: int | None = None
     ) -> Any:
+        if self._lost():
+            return None
         with self.server.lock:
             return tuple(
                 self._order_record(o)
@@ -382,14 +489,20 @@ class PaperMt5Api:
         position: int | None = None,
     ) -> Any:
         """Deals by time window (server seconds), by order ticket, or by position."""
+        if self._lost():
+            return None
         with self.server.lock:
             deals: Iterable[Any] = self.server.deals.get(self.account, ())
             if ticket is not None:
+                if self.unpriced_fills:
+                    return ()
                 return tuple(d for d in deals if d.order == ticket)
             if position is not None:
                 return tuple(d for d in deals if d.position_id == position)
             if date_from is None or date_to is None:
                 self._error = _INVALID_PARAMS
+                return None
+            if self.history_none:
                 return None
             low, high = _seconds(date_from), _seconds(date_to)
             return tuple(d for d in deals if low <= d.time <= high)
@@ -397,6 +510,8 @@ class PaperMt5Api:
     # ---------------------------------------------------------------------- trading
 
     def order_send(self, request: dict[str, Any]) -> Any:
+        if self._lost():
+            return None
         with self.server.lock:
             unknown = set(request) - set(TradeRequest._fields)
             comment = request.get("comment", "")
@@ -406,7 +521,22 @@ class PaperMt5Api:
             if len(comment) > mt5.COMMENT_MAX:
                 self._error = (mt5.RES_E_INVALID_PARAMS, 'Invalid "comment" argument')
                 return None
+            if self.server.refuse_requests is not None:
+                self._error = self.server.refuse_requests
+                return None
             self._error = _OK
+            if not self.trade_allowed:
+                return OrderSendResult(
+                    retcode=mt5.TRADE_RETCODE_CLIENT_DISABLES_AT, deal=0, order=0, volume=0.0,
+                    price=0.0, bid=0.0, ask=0.0, comment="AutoTrading disabled by client",
+                    request_id=0, retcode_external=0, request=None,
+                )  # fmt: skip
+            if self.busy_answers:
+                return OrderSendResult(
+                    retcode=self.busy_answers.pop(0), deal=0, order=0, volume=0.0, price=0.0,
+                    bid=0.0, ask=0.0, comment="busy", request_id=0, retcode_external=0,
+                    request=None,
+                )  # fmt: skip
             self.server.requests += 1
             fields = {f: "" if f in ("symbol", "comment") else 0 for f in TradeRequest._fields}
             req = TradeRequest(**{**fields, **request})
@@ -421,7 +551,8 @@ class PaperMt5Api:
             return OrderSendResult(
                 retcode=int(result.retcode), deal=deals[0] if deals else 0,
                 order=order if result.ok else 0, volume=result.volume if result.ok else 0.0,
-                price=result.price if result.ok else 0.0, bid=quote.bid if quote else 0.0,
+                price=result.price if result.ok and not self.unpriced_fills else 0.0,
+                bid=quote.bid if quote else 0.0,
                 ask=quote.ask if quote else 0.0,
                 comment=result.reason or "Request executed", request_id=self.server.requests,
                 retcode_external=0, request=req,
@@ -439,6 +570,8 @@ class PaperMt5Api:
             side = {code: side for side, code in MARKET_TYPE_CODES.items()}.get(req.type)
             if side is None:
                 return _reject(Retcode.INVALID, "invalid order type for a deal"), 0
+            if self._stops_too_close(req, side):
+                return _reject(mt5.TRADE_RETCODE_INVALID_STOPS, "Invalid stops"), 0
             point = venue.symbols[req.symbol].point if req.symbol in venue.symbols else 0.0
             deviation = self.server.execution_mode != mt5.SYMBOL_TRADE_EXECUTION_MARKET
             result = venue.market_order(
@@ -476,6 +609,8 @@ class PaperMt5Api:
             result = venue.cancel_pending(account, str(req.order))
             return result, req.order if result.ok else 0
         if req.action == mt5.TRADE_ACTION_CLOSE_BY:
+            if not self.server.order_mode & mt5.SYMBOL_ORDER_CLOSEBY:
+                return _reject(Retcode.INVALID, "close-by is not allowed on this symbol"), 0
             result = venue.close_by(account, str(req.position), str(req.position_by))
             return result, self.server.order_ticket() if result.ok else 0
         return _reject(Retcode.INVALID, f"unknown trade action {req.action}"), 0
@@ -491,14 +626,34 @@ class PaperMt5Api:
         result = self.venue.close_position(self.account, position.position_id, volume)
         return result, order if result.ok else 0
 
+    def _stops_too_close(self, req: Any, side: Side) -> bool:
+        quote = self.venue.quote(req.symbol)
+        cfg = self.venue.symbols.get(req.symbol)
+        if quote is None or cfg is None:
+            return False
+        distance = self.server.stops_level(req.symbol) * cfg.point
+        if not distance:
+            return False
+        if side is Side.BUY:
+            return bool((req.sl and req.sl > quote.bid - distance)
+                        or (req.tp and req.tp < quote.bid + distance))  # fmt: skip
+        return bool((req.sl and req.sl < quote.ask + distance)
+                    or (req.tp and req.tp > quote.ask - distance))  # fmt: skip
+
     def _filling_refused(self, req: Any) -> Result | None:
         flags = self.server.filling_mode
         allowed = {
-            mt5.ORDER_FILLING_FOK: bool(flags & mt5.SYMBOL_FILLING_FOK),
+            # Instant and request execution always fill a market order all-or-nothing.
+            mt5.ORDER_FILLING_FOK: bool(flags & mt5.SYMBOL_FILLING_FOK)
+            or self.server.execution_mode
+            in (mt5.SYMBOL_TRADE_EXECUTION_INSTANT, mt5.SYMBOL_TRADE_EXECUTION_REQUEST),
             mt5.ORDER_FILLING_IOC: bool(flags & mt5.SYMBOL_FILLING_IOC),
-            mt5.ORDER_FILLING_RETURN: self.server.execution_mode
-            != mt5.SYMBOL_TRADE_EXECUTION_MARKET,
+            # Pending orders rest in the book: RETURN is theirs under any execution.
+            mt5.ORDER_FILLING_RETURN: req.action == mt5.TRADE_ACTION_PENDING
+            or self.server.execution_mode != mt5.SYMBOL_TRADE_EXECUTION_MARKET,
         }
+        if req.type_filling in self.server.refused_fillings:
+            allowed[req.type_filling] = False
         if allowed.get(req.type_filling, False):
             return None
         return Result(ok=False, retcode=mt5.TRADE_RETCODE_INVALID_FILL,

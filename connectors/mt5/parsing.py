@@ -109,6 +109,26 @@ def server_seconds(ns: int, server_utc_offset_s: int = 0) -> int:
     return ns // 1_000_000_000 + server_utc_offset_s
 
 
+#: Trade servers keep a zone's clock: offsets are whole quarter hours.
+OFFSET_STEP_S = 900
+#: A tick older than this says nothing certain about the server clock.
+FRESH_TICK_S = 60
+#: How far the server's tick clock may run ahead of our UTC clock (clock skew).
+CLOCK_SKEW_S = 5
+
+
+def measure_server_offset(tick_msc: int, utc_now_ns: int) -> int | None:
+    """The trade server's UTC offset from a tick's ``time_msc``, or ``None`` if the tick is
+    not fresh enough to tell: a tick is ``age`` seconds old, so the raw difference is
+    ``offset - age``; the offset is the quarter hour at most ``FRESH_TICK_S`` above it."""
+    if tick_msc <= 0:
+        return None
+    raw_s = tick_msc / 1000 - utc_now_ns / 1e9
+    offset = round(raw_s / OFFSET_STEP_S) * OFFSET_STEP_S
+    age = offset - raw_s
+    return offset if -CLOCK_SKEW_S <= age <= FRESH_TICK_S else None
+
+
 def level(value: float | None) -> float | None:
     """An SL/TP/price level; MetaTrader's 0.0 means none."""
     return float(value) if value else None
@@ -235,15 +255,40 @@ def symbol_spec(account: str, info: Any, now_ns: int = 0) -> SymbolSpec | None:
     )
 
 
-def filling_type(info: Any) -> int:
-    """The request filling the symbol accepts: all-or-nothing first, then fill-and-kill.
+def filling_types(info: Any, *, pending: bool = False) -> tuple[int, ...]:
+    """The request fillings to try, best first; a 10030 answer moves on to the next.
 
-    ``SymbolInfo.filling_mode`` is a set of flags; with neither FOK nor IOC allowed only
-    RETURN remains (request, instant and exchange execution).
+    ``SymbolInfo.filling_mode`` is a set of flags (FOK, IOC). Market execution takes only
+    those. Instant and request execution always take FOK (MetaQuotes' filling docs) and
+    refuse RETURN on some servers, so RETURN is never first there. Pending orders rest in
+    the book: RETURN first, then what the flags allow. The documentation and brokers differ,
+    so every mode that may be accepted follows as a fallback.
     """
     flags = int(info.filling_mode)
-    if flags & mt5.SYMBOL_FILLING_FOK:
-        return mt5.ORDER_FILLING_FOK
-    if flags & mt5.SYMBOL_FILLING_IOC:
-        return mt5.ORDER_FILLING_IOC
-    return mt5.ORDER_FILLING_RETURN
+    allowed = [mode for mode, flag in ((mt5.ORDER_FILLING_FOK, mt5.SYMBOL_FILLING_FOK),
+                                       (mt5.ORDER_FILLING_IOC, mt5.SYMBOL_FILLING_IOC))
+               if flags & flag]  # fmt: skip
+    if pending:
+        return (mt5.ORDER_FILLING_RETURN, *allowed)
+    execution = int(getattr(info, "trade_exemode", mt5.SYMBOL_TRADE_EXECUTION_MARKET))
+    if execution in (mt5.SYMBOL_TRADE_EXECUTION_INSTANT, mt5.SYMBOL_TRADE_EXECUTION_REQUEST):
+        fok_first = [mt5.ORDER_FILLING_FOK, *allowed]
+        return (*dict.fromkeys(fok_first), mt5.ORDER_FILLING_RETURN)
+    if execution == mt5.SYMBOL_TRADE_EXECUTION_EXCHANGE:
+        return (*allowed, mt5.ORDER_FILLING_RETURN)
+    return tuple(allowed) or (mt5.ORDER_FILLING_RETURN,)
+
+
+def stops_too_close(
+    side: Side, bid: float, ask: float, sl: float | None, tp: float | None, min_distance: float
+) -> tuple[bool, bool]:
+    """Whether SL and TP of a new position on ``side`` are nearer than the symbol's stops
+    level to the price they trigger on (bid for a buy, ask for a sell): the server would
+    refuse the whole request with 10016."""
+    if min_distance <= 0:
+        return False, False
+    if side is Side.BUY:
+        return (sl is not None and sl > bid - min_distance,
+                tp is not None and tp < bid + min_distance)  # fmt: skip
+    return (sl is not None and sl < ask + min_distance,
+            tp is not None and tp > ask - min_distance)  # fmt: skip

@@ -76,10 +76,18 @@ SYMBOL_TRADE_MODE_SHORTONLY = 2
 SYMBOL_TRADE_MODE_CLOSEONLY = 3
 SYMBOL_TRADE_MODE_FULL = 4
 
+# SYMBOL_ORDER_MODE flags: which order kinds the symbol allows
+SYMBOL_ORDER_CLOSEBY = 64
+
 # ENUM_SYMBOL_TRADE_EXECUTION
+SYMBOL_TRADE_EXECUTION_REQUEST = 0
+SYMBOL_TRADE_EXECUTION_INSTANT = 1
 SYMBOL_TRADE_EXECUTION_MARKET = 2
+SYMBOL_TRADE_EXECUTION_EXCHANGE = 3
 
 # ENUM_ACCOUNT_MARGIN_MODE
+ACCOUNT_MARGIN_MODE_RETAIL_NETTING = 0
+ACCOUNT_MARGIN_MODE_EXCHANGE = 1
 ACCOUNT_MARGIN_MODE_RETAIL_HEDGING = 2
 
 # Trade server return codes
@@ -90,23 +98,39 @@ TRADE_RETCODE_DONE_PARTIAL = 10010
 TRADE_RETCODE_ERROR = 10011
 TRADE_RETCODE_TIMEOUT = 10012
 TRADE_RETCODE_INVALID = 10013
-TRADE_RETCODE_INVALID_FILL = 10030
+TRADE_RETCODE_INVALID_STOPS = 10016
+TRADE_RETCODE_PRICE_CHANGED = 10020
 TRADE_RETCODE_PRICE_OFF = 10021
+TRADE_RETCODE_TOO_MANY_REQUESTS = 10024
 TRADE_RETCODE_NO_CHANGES = 10025
+TRADE_RETCODE_CLIENT_DISABLES_AT = 10027
 TRADE_RETCODE_LOCKED = 10028
+TRADE_RETCODE_INVALID_FILL = 10030
 TRADE_RETCODE_CONNECTION = 10031
 
 #: Answers that leave the outcome open: the request may or may not have been executed.
 UNCERTAIN_RETCODES = frozenset(
     {TRADE_RETCODE_ERROR, TRADE_RETCODE_TIMEOUT, TRADE_RETCODE_LOCKED, TRADE_RETCODE_CONNECTION}
 )
+#: Answers after which a close may be sent again at the current price (nothing ran).
+REPRICE_RETCODES = frozenset({TRADE_RETCODE_REQUOTE, TRADE_RETCODE_PRICE_CHANGED})
 #: Answers of a request that did what it asked (a pending order answers PLACED).
 SUCCESS_RETCODES = frozenset(
     {TRADE_RETCODE_PLACED, TRADE_RETCODE_DONE, TRADE_RETCODE_DONE_PARTIAL, TRADE_RETCODE_NO_CHANGES}
 )
 
-# last_error() codes of the package itself (the request did not reach the server)
+# last_error() codes of the package itself
+RES_E_FAIL = -1
 RES_E_INVALID_PARAMS = -2
+RES_E_INTERNAL_FAIL = -10001
+RES_E_NO_IPC = -10004
+RES_E_INTERNAL_TIMEOUT = -10005
+
+#: last_error() codes of a lost IPC channel (RES_E_INTERNAL_FAIL_SEND ... _TIMEOUT): the
+#: request may have reached the terminal, so an order_send ``None`` with one of these is
+#: *unknown*. Any other code (-2 invalid arguments, -1 generic fail ...) is the package
+#: refusing the request before it left: a definite rejection.
+IPC_ERROR_CODES = frozenset(range(-10005, -10000))
 
 #: MetaTrader keeps 31 characters of an order comment; a longer one fails the request.
 COMMENT_MAX = comments.COMMENT_MAX
@@ -122,6 +146,8 @@ class Mt5Api(Protocol):
     def shutdown(self) -> None: ...
 
     def last_error(self) -> tuple[int, str]: ...
+
+    def terminal_info(self) -> Any: ...
 
     def account_info(self) -> Any: ...
 
