@@ -18,9 +18,13 @@ from schemas.reports import (
     OrderUnknown,
 )
 
-#: TRADE_RETCODE_PRICE_OFF, as MetaTrader answers a request on a price that is gone: the
-#: signal is too old to trade on.
-RETCODE_EXPIRED = 10021
+#: Rejections tradecopy decides itself, not the venue, carry codes of their own, above every
+#: MetaTrader retcode (10004–10068), so a report never claims the venue said what it did not.
+#: The signal was older than the link's max signal age when it reached the connector.
+RETCODE_EXPIRED = 90001
+#: The follower's price was further from the master's fill than the link's max deviation
+#: (after waiting for a better one, when the link says so).
+RETCODE_PRICE_DEVIATION = 90002
 EXPIRED_REASON = "signal expired before execution (max signal age)"
 #: ``done`` details of an order whose target this follower never copied: nothing to do.
 NO_POSITION_COPY = "no copy of that master position on this account"

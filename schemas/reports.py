@@ -46,7 +46,10 @@ class OrderDone(_ReportBase, tag="done"):
 
 
 class OrderRejected(_ReportBase, tag="rejected"):
-    """Definitive rejection by the venue, with its own reason."""
+    """Definitive rejection, with its reason: by the venue (its own code, e.g. a MetaTrader
+    retcode 10004–10068), or by a rule the order carries, decided by the connector (codes
+    from 90000: 90001 signal older than the link's max signal age, 90002 price further from
+    the master's fill than the link's max deviation)."""
 
     code: int
     reason: str

@@ -24,7 +24,12 @@ from prometheus_client import REGISTRY
 from connectors.contract import ConnectorRuntime, report_id, reports_at_receipt
 from connectors.paper.connector import PaperConnector, PaperTerminal
 from connectors.paper.prices import Quote, bar_to_ticks, load_bars
-from connectors.reports import EXPIRED_REASON, RETCODE_EXPIRED, OrderReports
+from connectors.reports import (
+    EXPIRED_REASON,
+    RETCODE_EXPIRED,
+    RETCODE_PRICE_DEVIATION,
+    OrderReports,
+)
 from engine.runtime.jetstream import ensure_buckets, ensure_streams
 from engine.runtime.publishing import NotStored
 from schemas import codec, subjects
@@ -586,7 +591,9 @@ async def test_an_account_waiting_for_its_price_holds_up_no_other_account(rig: R
     assert rig.reports_for(waiting.order_id) == rig.reports_for(behind.order_id) == []
 
     rejected = await rig.report(waiting.order_id)
-    assert isinstance(rejected, OrderRejected) and rejected.code == 10004, rejected
+    assert isinstance(rejected, OrderRejected) and rejected.code == RETCODE_PRICE_DEVIATION, (
+        rejected
+    )
     closed = await rig.report(behind.order_id)
     assert isinstance(closed, OrderDone)  # nothing to close: the open never filled
     assert [r.order_id for r in rig.reports if r.follower == "f1"] == [

@@ -36,7 +36,7 @@ from connectors.mt5.paper import PaperMt5Api, PaperMt5Server
 from connectors.mt5.parsing import symbol_spec
 from connectors.paper.model import XAUUSD
 from connectors.paper.venue import PaperVenue
-from connectors.reports import EXPIRED_REASON
+from connectors.reports import EXPIRED_REASON, RETCODE_EXPIRED
 from engine.core.comments import copy_comment, order_marker
 from schemas import codec, subjects
 from schemas.account import TradeMode
@@ -719,7 +719,7 @@ async def test_an_expired_open_is_rejected_unsent_unless_its_copy_ran_before() -
 
     fresh = await run(after, open_order("m1-503-opened:L1", "503", expires_ns=expired))
     assert isinstance(fresh, OrderRejected)
-    assert (fresh.code, fresh.reason) == (mt5.TRADE_RETCODE_PRICE_OFF, EXPIRED_REASON)
+    assert (fresh.code, fresh.reason) == (RETCODE_EXPIRED, EXPIRED_REASON)
     assert api.sent == []
     assert [p.comment for p in positions(api)] == [copy_comment(MASTER, "502")]
 
@@ -1137,3 +1137,18 @@ def test_an_old_format_state_file_loads_into_the_journal(tmp_path: Path) -> None
     assert state.read_bytes().startswith(MAGIC)
     assert dict(terminal.reports) == {"o-1": codec.encode(kept)}
     assert terminal.memory.aliases == {"tc.m1.9": "tc.m1.8"}
+
+
+def test_the_evidence_search_for_unknown_outcomes_backs_off_while_nothing_turns_up() -> None:
+    """Each search reads days of history: without a finding it runs half as often each time,
+    down to once a minute, and a finding brings the quick pace back."""
+    from connectors.mt5.connector import RESOLVE_EVERY_S, RESOLVE_MAX_S, next_resolve_delay
+
+    delays, delay = [], RESOLVE_EVERY_S
+    for _ in range(8):
+        delay = next_resolve_delay(delay, found=False)
+        delays.append(delay)
+    assert delays[:4] == [2 * RESOLVE_EVERY_S, 4 * RESOLVE_EVERY_S, 8 * RESOLVE_EVERY_S,
+                          16 * RESOLVE_EVERY_S]  # fmt: skip
+    assert delays[-1] == RESOLVE_MAX_S
+    assert next_resolve_delay(RESOLVE_MAX_S, found=True) == RESOLVE_EVERY_S

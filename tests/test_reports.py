@@ -99,7 +99,7 @@ def test_an_expired_signal_is_the_price_off_rejection_with_the_max_age_reason() 
     report = reports.expired()
     assert isinstance(report, OrderRejected)
     assert (report.code, report.reason) == (RETCODE_EXPIRED, EXPIRED_REASON) == (
-        10021, "signal expired before execution (max signal age)",
+        90001, "signal expired before execution (max signal age)",
     )  # fmt: skip
     assert (report.order_id, report.trace) == ("e1:l1", RECEIVED)
     assert reports_for(open_order()).signal_expired is False

@@ -66,6 +66,9 @@ DEAL_LOOKBACK_S = 6 * 3600
 #: Deals are asked for up to this far ahead of now: server clocks run ahead of UTC.
 DEAL_LOOKAHEAD_S = 86_400
 RESOLVE_EVERY_S = 1.0
+#: Each look for an unknown outcome's evidence searches days of history: while none turns up,
+#: look half as often each time, down to once a minute (a new unknown outcome resets it).
+RESOLVE_MAX_S = 60.0
 _API_THREAD = "mt5-terminal"
 #: Reads of one master poll before giving up on a consistent snapshot until the next poll.
 SNAPSHOT_ATTEMPTS = 3
@@ -193,6 +196,8 @@ class Mt5Terminal:
         """Executed order ids → reports (an unknown one until settled), and this terminal's
         state (``connectors.journal``)."""
         self.unsettled: dict[str, FollowerOrder] = {}
+        self._resolve_every = RESOLVE_EVERY_S
+        self._next_resolve = 0.0
         """Orders reported unknown, by id: resolved from the terminal's evidence later."""
         self.resolved: deque[ExecutionReport] = deque(maxlen=1_000)
         """Outcomes that replaced an unknown report (for logs and operators)."""
@@ -355,7 +360,7 @@ class Mt5Terminal:
         """Poll every ``poll_ms``: diff a master into its outbox and publish it; keep the
         account state fresh; resolve orders whose outcome was unknown."""
         interval = self.config.poll_ms / 1000
-        next_resolve = time.monotonic() + RESOLVE_EVERY_S
+        self._next_resolve = time.monotonic() + RESOLVE_EVERY_S
         next_specs = time.monotonic() + self.config.specs_refresh_s
         while True:
             try:
@@ -366,9 +371,10 @@ class Mt5Terminal:
                 if self.outbox:
                     await runtime.flush_outbox()
                     self.save()
-                if self.unsettled and time.monotonic() >= next_resolve:
-                    next_resolve = time.monotonic() + RESOLVE_EVERY_S
-                    await self.resolve_unknown_outcomes()
+                if self.unsettled and time.monotonic() >= self._next_resolve:
+                    found = await self.resolve_unknown_outcomes()
+                    self._resolve_every = next_resolve_delay(self._resolve_every, bool(found))
+                    self._next_resolve = time.monotonic() + self._resolve_every
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # NATS or terminal away: the next round tries again
@@ -629,6 +635,10 @@ class Mt5Terminal:
     def _remember(self, order: FollowerOrder, report: ExecutionReport) -> None:
         self.journal.record(order.order_id, codec.encode(report))
         if isinstance(report, OrderUnknown):
+            if order.order_id not in self.unsettled:
+                # A new unknown outcome: look for its evidence soon, whatever the backoff was.
+                self._resolve_every = RESOLVE_EVERY_S
+                self._next_resolve = min(self._next_resolve, time.monotonic() + RESOLVE_EVERY_S)
             self.unsettled[order.order_id] = order
         else:
             self.unsettled.pop(order.order_id, None)
@@ -694,3 +704,11 @@ class Mt5Connector:
                 await self._poller
         await self.runtime.stop()
         self.terminal.close()
+
+
+def next_resolve_delay(current_s: float, found: bool) -> float:
+    """Seconds until the next look for unknown outcomes' evidence: back to the quick pace when
+    something was found, otherwise twice as long, at most ``RESOLVE_MAX_S``."""
+    if found:
+        return RESOLVE_EVERY_S
+    return min(max(current_s, RESOLVE_EVERY_S) * 2, RESOLVE_MAX_S)

@@ -29,7 +29,13 @@ from connectors.mt5.parsing import (
     server_seconds,
     stops_too_close,
 )
-from connectors.reports import NO_PENDING_COPY, NO_POSITION_COPY, NOT_BOTH_COPIES, OrderReports
+from connectors.reports import (
+    NO_PENDING_COPY,
+    NO_POSITION_COPY,
+    NOT_BOTH_COPIES,
+    RETCODE_PRICE_DEVIATION,
+    OrderReports,
+)
 from engine.core.comments import copy_comment, is_copy, master_prefixes, order_marker
 from engine.core.prices import within_deviation
 from engine.core.volume import partial_close_volume
@@ -200,7 +206,7 @@ class Mt5Execution:
         tick = self._tick_within_deviation(order)
         if tick is None:
             return reports.rejected(
-                mt5.TRADE_RETCODE_REQUOTE,
+                RETCODE_PRICE_DEVIATION,
                 f"price moved more than {order.max_price_deviation} from the master's "
                 f"fill {order.master_price}",
             )

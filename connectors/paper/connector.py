@@ -19,7 +19,13 @@ from connectors.paper.model import XAUUSD, Position, Result, SymbolConfig, Venue
 from connectors.paper.prices import PriceReplay, Quote
 from connectors.paper.quotes import NatsQuotes
 from connectors.paper.venue import PaperVenue
-from connectors.reports import NO_PENDING_COPY, NO_POSITION_COPY, NOT_BOTH_COPIES, OrderReports
+from connectors.reports import (
+    NO_PENDING_COPY,
+    NO_POSITION_COPY,
+    NOT_BOTH_COPIES,
+    RETCODE_PRICE_DEVIATION,
+    OrderReports,
+)
 from engine.core.prices import within_deviation
 from engine.core.volume import partial_close_volume
 from schemas import codec
@@ -363,7 +369,7 @@ class PaperTerminal:
             return reports.expired()
         if order.max_price_deviation is not None and not await self._price_ok(order):
             return reports.rejected(
-                10004,
+                RETCODE_PRICE_DEVIATION,
                 f"price moved more than {order.max_price_deviation} from the master's "
                 f"fill {order.master_price}",
             )
