@@ -23,6 +23,23 @@ class TradeMode(enum.StrEnum):
     FULL = "full"
 
 
+class TerminalStatus(msgspec.Struct, frozen=True, kw_only=True):
+    """How the connector sees the terminal behind an account: whether it can trade now, and
+    if not, why (the same state its ``/healthz`` reports)."""
+
+    connected: bool
+    """The connector reaches the terminal and the terminal its trade server."""
+    synchronised: bool = True
+    """The connector's view of positions and orders is current (last read or snapshot)."""
+    trade_allowed: bool = True
+    """The terminal accepts trade requests (MetaTrader's AutoTrading is on)."""
+    reason: Annotated[str, msgspec.Meta(max_length=256)] = ""
+    """Why the terminal cannot trade now; empty when it can."""
+    last_error_code: int = 0
+    last_error: Annotated[str, msgspec.Meta(max_length=256)] = ""
+    """The terminal's last error (MetaTrader's ``last_error()``), for operators."""
+
+
 class AccountState(msgspec.Struct, frozen=True, kw_only=True):
     """The latest balance sheet of one trading account, in its deposit currency."""
 
@@ -38,6 +55,8 @@ class AccountState(msgspec.Struct, frozen=True, kw_only=True):
     connector: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{0,64}(?!\n)$")] = ""
     """The connector process serving this account; with batching on, its orders travel
     together in one ``FollowerOrderBatch`` per master event."""
+    terminal: TerminalStatus | None = None
+    """The terminal's connection state, where the connector has a terminal to watch."""
 
 
 class SymbolSpec(msgspec.Struct, frozen=True, kw_only=True):

@@ -808,3 +808,22 @@ async def test_a_close_by_with_opposite_ticket_0_is_refused_and_a_snapshot_close
 async def test_a_refused_close_by_leaves_both_copies_closed_after_the_snapshot(rig: Rig) -> None:
     await close_by_reported_late(rig)
     await until(lambda: not rig.venue_f.positions("bf"), "both copies closed", timeout=10)
+
+
+async def test_the_account_state_says_whether_its_terminal_is_connected(rig: Rig) -> None:
+    assert rig.followers is not None and rig.term_f is not None
+    state = rig.followers.account_state("bf")
+    assert state is not None and state.terminal is not None
+    assert (state.terminal.connected, state.terminal.synchronised) == (True, True)
+    await rig.term_f.stop()
+    followers = rig.followers
+
+    def disconnected() -> bool:
+        after = followers.account_state("bf")
+        return after is not None and after.terminal is not None and not after.terminal.connected
+
+    await until(disconnected, "the terminal seen as disconnected", timeout=10)
+    after = followers.account_state("bf")
+    assert after is not None and after.terminal is not None
+    assert after.terminal.reason == "the terminal is not connected to the bridge"
+    rig.term_f = None  # already stopped

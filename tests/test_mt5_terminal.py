@@ -20,6 +20,7 @@ import pytest
 from conftest import WAIT_S, wait_until
 from nats.aio.client import Client
 from nats.js import JetStreamContext
+from prometheus_client import REGISTRY
 
 from connectors.contract import ConnectorRuntime, reports_at_receipt
 from connectors.journal import MAGIC
@@ -638,6 +639,13 @@ async def test_autotrading_off_is_not_ready_with_the_reason_and_sends_nothing() 
     assert api.sent == []
     assert "m1-501-opened:L1" not in terminal.reports
     assert terminal.health()["terminal_trade_allowed"] is False
+    # The same state travels in the account state, for the platform, and as a metric.
+    status = terminal.account_state(terminal.account).terminal
+    assert status is not None
+    assert (status.connected, status.trade_allowed) == (True, False)
+    assert "AutoTrading" in status.reason
+    labels = {"account": terminal.account}
+    assert REGISTRY.get_sample_value("tradecopy_terminal_trade_allowed", labels) == 0.0
 
     api.trade_allowed = True  # the operator turns Algo Trading on: the redelivery trades
     assert isinstance(await run(terminal, open_order()), OrderFilled)

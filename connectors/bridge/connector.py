@@ -55,7 +55,7 @@ from connectors.reports import NO_PENDING_COPY, NO_POSITION_COPY, NOT_BOTH_COPIE
 from engine.core.comments import copy_comment, is_copy, is_copy_of
 from engine.core.volume import partial_close_volume
 from schemas import codec
-from schemas.account import AccountState, SymbolSpec, TradeMode
+from schemas.account import AccountState, SymbolSpec, TerminalStatus, TradeMode
 from schemas.bridge import (
     NO_SESSION,
     AccountUpdate,
@@ -349,10 +349,15 @@ class BridgeConnector:
         if session.account is None:
             return None
         a = session.account
+        terminal = TerminalStatus(
+            connected=session.connected, synchronised=session.ready.is_set(),
+            reason="" if session.connected else "the terminal is not connected to the bridge",
+        )  # fmt: skip
         return AccountState(account=account, ts_ns=time.time_ns(), currency=a.currency,
                             balance=a.balance, equity=a.equity, margin=a.margin,
                             free_margin=a.free_margin, leverage=max(a.leverage, 1),
-                            open_positions=session.open_positions)  # fmt: skip
+                            open_positions=session.open_positions,
+                            terminal=terminal)  # fmt: skip
 
     def symbol_specs(self, account: str) -> list[SymbolSpec]:
         specs = []

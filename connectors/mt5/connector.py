@@ -28,6 +28,7 @@ from typing import Any
 
 import msgspec
 import structlog
+from prometheus_client import Gauge
 
 from connectors.contract import ConnectorRuntime
 from connectors.journal import OrderJournal, OrderMemoryConfig
@@ -52,7 +53,7 @@ from connectors.mt5.parsing import (
 from connectors.reports import OrderReports
 from engine.core.comments import is_copy, is_marker
 from schemas import codec
-from schemas.account import AccountState, SymbolSpec
+from schemas.account import AccountState, SymbolSpec, TerminalStatus
 from schemas.master import MasterEvent
 from schemas.orders import FollowerOrder
 from schemas.reports import ExecutionReport, OrderUnknown
@@ -80,6 +81,15 @@ DEALS_UNREAD_GRACE_S = 5.0
 
 #: How often ``terminal_info()`` is read: connected to the server, AutoTrading allowed.
 CONNECTION_CHECK_S = 1.0
+TERMINAL_CONNECTED = Gauge(
+    "tradecopy_terminal_connected", "1 while the terminal reaches its trade server", ["account"]
+)
+TERMINAL_SYNCHRONISED = Gauge("tradecopy_terminal_synchronised",
+                              "1 while the connector's view of the terminal is current",
+                              ["account"])  # fmt: skip
+TERMINAL_TRADE_ALLOWED = Gauge("tradecopy_terminal_trade_allowed",
+                               "1 while the terminal accepts trade requests (AutoTrading on)",
+                               ["account"])  # fmt: skip
 
 
 class ConnectionState(msgspec.Struct, kw_only=True):
@@ -282,7 +292,7 @@ class Mt5Terminal:
     def account_state(self, account: str) -> AccountState:
         if self._state is None:
             self._state = self._on_api_thread(self._read_account_state, account)
-        return self._state
+        return msgspec.structs.replace(self._state, terminal=self.terminal_status())
 
     def _read_account_state(self, account: str) -> AccountState:
         info = self.api.account_info()
@@ -479,9 +489,25 @@ class Mt5Terminal:
         self.check_connection(force=True)
         log.info("mt5_terminal_reattached", account=self.account, reconnects=state.reconnects)
 
+    def terminal_status(self) -> TerminalStatus:
+        """The connection state as the contract carries it in the account state, and as
+        metrics (``tradecopy_terminal_*{account}``)."""
+        state = self.connection
+        code, message = state.last_error
+        status = TerminalStatus(
+            connected=state.connected, synchronised=state.synchronised,
+            trade_allowed=state.trade_allowed, reason=state.reason[:256],
+            last_error_code=int(code), last_error=str(message)[:256],
+        )  # fmt: skip
+        TERMINAL_CONNECTED.labels(self.account).set(status.connected)
+        TERMINAL_SYNCHRONISED.labels(self.account).set(status.synchronised)
+        TERMINAL_TRADE_ALLOWED.labels(self.account).set(status.trade_allowed)
+        return status
+
     def health(self) -> dict[str, object]:
         """The terminal's connection state for ``/healthz`` (merged with the runtime's)."""
         state = self.connection
+        self.terminal_status()  # keeps the metrics as current as the health check
         return {
             "terminal_ready": state.ready and state.synchronised,
             "terminal_connected": state.connected,
