@@ -36,21 +36,7 @@ follower = "f"
 
 
 def test_up_starts_everything_says_where_and_stops_cleanly(tmp_path: Path) -> None:
-    config = tmp_path / "up.toml"
-    config.write_text(CONFIG)
-    env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state"), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "engine.cli", "up", "--config", str(config)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-    )  # fmt: skip
-    assert proc.stdout is not None
-    lines: list[str] = []
-    deadline = time.monotonic() + 60
-    while not any(line.startswith("Ctrl-C stops") for line in lines):
-        assert time.monotonic() < deadline, lines
-        line = proc.stdout.readline()
-        assert line, f"up exited early: {lines}"
-        lines.append(line.strip())
+    proc, lines = _start_up(tmp_path)
     text = "\n".join(lines)
     assert "NATS (JetStream)   nats://127.0.0.1:" in text
     assert "replicator up-1" in text
@@ -80,14 +66,19 @@ def test_up_refuses_a_taken_port_with_a_clear_message(tmp_path: Path) -> None:
     assert f"port {port}" in done.stderr and "already in use" in done.stderr
 
 
-def _start_up(tmp_path: Path) -> tuple[subprocess.Popen[str], list[str]]:
+def _start_up(
+    tmp_path: Path, *args: str, log: Path | None = None
+) -> tuple[subprocess.Popen[str], list[str]]:
+    """``tradecopy up`` on CONFIG, until it says Ctrl-C works; its stdout lines so far."""
     config = tmp_path / "up.toml"
     config.write_text(CONFIG)
     env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state"), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "engine.cli", "up", "--config", str(config)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-    )  # fmt: skip
+    with contextlib.ExitStack() as files:
+        stderr = subprocess.DEVNULL if log is None else files.enter_context(log.open("w"))
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "engine.cli", "up", "--config", str(config), *args],
+            env=env, stdout=subprocess.PIPE, stderr=stderr, text=True,
+        )  # fmt: skip
     assert proc.stdout is not None
     lines: list[str] = []
     deadline = time.monotonic() + 60
@@ -167,24 +158,10 @@ def _child(pid: int, marker: str, timeout: float = 30.0, not_pid: int = 0) -> in
 def test_up_brings_back_a_dead_nats_server_and_replicator_and_says_so_once(
     tmp_path: Path,
 ) -> None:
-    config = tmp_path / "up.toml"
-    config.write_text(CONFIG)
     log_file = tmp_path / "up.log"
-    env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state"), "PYTHONUNBUFFERED": "1"}
-    with log_file.open("w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "engine.cli", "up", "--config", str(config),
-             "--log-level", "info"],
-            env=env, stdout=subprocess.PIPE, stderr=log, text=True,
-        )  # fmt: skip
+    proc, lines = _start_up(tmp_path, "--log-level", "info", log=log_file)
     try:
-        assert proc.stdout is not None
-        url = ""
-        for line in proc.stdout:
-            if line.startswith("NATS (JetStream)"):
-                url = line.split()[2]
-            if line.startswith("Ctrl-C stops"):
-                break
+        url = next(line.split()[2] for line in lines if line.startswith("NATS (JetStream)"))
         port = int(url.rsplit(":", 1)[1])
         nats_pid = _child(proc.pid, "nats-server")
         replicator_pid = _child(proc.pid, "replicator run")
