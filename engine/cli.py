@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.runtime.eventloop import run_async
+from engine.runtime.files import write_new_secret
 
 DEFAULT_NATS = "nats://127.0.0.1:4222"
 #: Ops endpoints (/metrics, /healthz) are for this machine unless told otherwise.
@@ -303,12 +304,10 @@ def _cmd_nats_nkey(args: argparse.Namespace) -> int:
     seed = new_seed()
     path = Path(args.seed_file)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        write_new_secret(path, seed + "\n")
     except FileExistsError:
         print(f"{path} exists; refusing to overwrite a key", file=sys.stderr)
         return 2
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(seed + "\n")
     print(public_key(seed))
     return 0
 
@@ -432,15 +431,13 @@ def _cmd_bridge_keys(args: argparse.Namespace) -> int:
     if args.secret_file:
         secret_file = Path(args.secret_file)
         try:
-            fd = os.open(secret_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            write_new_secret(secret_file, secret + "\n")
         except FileExistsError:
             print(f"{secret_file} exists; refusing to overwrite a key", file=sys.stderr)
             return 2
         except OSError as exc:
             print(f"{secret_file}: {exc}", file=sys.stderr)
             return 2
-        with os.fdopen(fd, "w", encoding="ascii") as fh:
-            fh.write(secret + "\n")
     if args.json:
         print(json.dumps({"public_key": public,
                           "secret_key": None if secret_file else secret,

@@ -17,7 +17,8 @@ def write_atomically(path: Path, data: bytes, *, durable: bool = False) -> None:
     """Replace ``path`` with ``data``: a crash leaves the old file or the new, never half.
 
     ``durable=False`` skips the fsync: the file survives a crash of the process (what a
-    connector restart needs, at every order) but not of the machine.
+    connector restart needs, at every order) but not of the machine. The file is 0600 from
+    its creation (``mkstemp``), so secrets (seeds, server configs) are written this way too.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -31,6 +32,15 @@ def write_atomically(path: Path, data: bytes, *, durable: bool = False) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_new_secret(path: Path, text: str) -> Path:
+    """Write a secret into a file that must not exist yet, readable only by its owner (0600
+    from its creation). ``FileExistsError`` when it exists: a key is never overwritten."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    return path
 
 
 def load_toml(path: Path, tp: Any) -> Any:

@@ -13,7 +13,6 @@ reaches a process through its environment (``TRADECOPY_NATS_SEED``, or a file na
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import json
 import os
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.core.errors import TradecopyError
+from engine.runtime.files import write_atomically
 from schemas import subjects
 from schemas.common import is_account_id
 from schemas.streams import (
@@ -376,13 +376,7 @@ class NatsCredentials:
 def write_seed_file(path: Path, seed: str) -> Path:
     """Write a seed where only its owner may read it (0600 from creation, directory 0700)."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(seed + "\n")
-    os.replace(tmp, path)
+    write_atomically(path, (seed + "\n").encode())
     return path
 
 

@@ -26,6 +26,7 @@ import nats
 import nats.errors
 
 from engine.core.errors import NatsServerNotFound, NatsServerStartError
+from engine.runtime.files import write_atomically
 from engine.runtime.natsauth import JS_API, NatsUser, authorization_config, client_tls_context
 
 __all__ = [
@@ -205,14 +206,8 @@ class EmbeddedNats:
 
     def _write_config(self) -> None:
         self.store_dir.mkdir(parents=True, exist_ok=True)
-        path = self.config_file
-        tmp = path.with_suffix(".tmp")
-        # Created 0600 before anything is written: no window in which others may read it.
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(self.config_text())
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
+        # 0600 from creation: no window in which others may read the users' keys.
+        write_atomically(self.config_file, self.config_text().encode())
 
     async def start(self, timeout: float = 10.0) -> None:
         """Spawn the server and return once it accepts clients and JetStream answers."""
