@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 from engine.core.volume import close_ratio, partial_close_volume, round_down_to_step
 from engine.replicator.sizing import (
+    RuleNote,
     SizedVolume,
-    SizingNote,
     fit_to_symbol,
     raw_volume,
     size_follower_volume,
@@ -102,7 +102,7 @@ def size(
     )
 
 
-def rules_of(notes: list[SizingNote]) -> list[DecisionRule]:
+def rules_of(notes: list[RuleNote]) -> list[DecisionRule]:
     return [note.rule for note in notes]
 
 

@@ -8,10 +8,9 @@ link's own choice not to copy that kind of change: a copy must always be able to
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 from engine.core.calendar import within_trading_hours
 from engine.replicator.facts import EMPTY_LINK_STATE, CompiledLink, EventFacts, MarketView
+from engine.replicator.notes import RuleNote
 from engine.replicator.protection import check_equity
 from engine.replicator.state import LinkState
 from schemas.account import AccountState, SymbolSpec, TradeMode
@@ -28,15 +27,6 @@ from schemas.master import (
     PositionReduced,
 )
 
-
-class Skip(NamedTuple):
-    """Why an event is not copied on a link, with the numbers the rule saw."""
-
-    rule: DecisionRule
-    message: str
-    numbers: dict[str, float | str | None] | None = None
-
-
 #: A new copy passed every gate: the follower's state, its symbol's spec, the follower's
 #: symbol and side. A plain tuple: this is built once per follower on the hot path.
 Admission = tuple[AccountState, SymbolSpec, str, Side]
@@ -48,30 +38,30 @@ def admit_new_copy(
     cl: CompiledLink,
     view: MarketView,
     now_ns: int,
-) -> Skip | Admission:
+) -> RuleNote | Admission:
     """Every gate of a new copy (position or pending order), in the order they are checked."""
     link = cl.link
     is_pending = facts.is_pending
     if not link.enabled:
-        return Skip(DecisionRule.LINK_DISABLED, "link is disabled")
+        return RuleNote(DecisionRule.LINK_DISABLED, "link is disabled")
     stop = view.active_stop(link)
     if stop is not None:
         return _emergency_stop(stop.scope.value, stop.reason)
     filtered = cl.static_filter(event.symbol, facts.master_side, event.magic)
     if filtered is not None:
-        return Skip(filtered[0], filtered[1], {"symbol": event.symbol})
+        return RuleNote(filtered[0], filtered[1], {"symbol": event.symbol})
     if is_pending and not link.copy_pending:
-        return Skip(DecisionRule.PENDING_NOT_COPIED, "link does not copy pending orders")
+        return RuleNote(DecisionRule.PENDING_NOT_COPIED, "link does not copy pending orders")
     if link.trading_hours is not None and not within_trading_hours(link.trading_hours, event.ts_ns):
         hours = link.trading_hours
-        return Skip(
+        return RuleNote(
             DecisionRule.TRADING_HOURS,
             f"outside trading hours {hours.start}-{hours.end} {hours.timezone}",
         )
     if link.max_signal_age_ms is not None:
         age_ms = (now_ns - event.ts_ns) / 1e6
         if age_ms > link.max_signal_age_ms:
-            return Skip(
+            return RuleNote(
                 DecisionRule.SIGNAL_AGE,
                 f"signal is {age_ms:.0f} ms old, older than {link.max_signal_age_ms} ms",
                 {"age_ms": age_ms, "max_signal_age_ms": link.max_signal_age_ms},
@@ -79,14 +69,14 @@ def admit_new_copy(
     today = facts.today
     state = view.link_state(cl.link_id) if cl.uses_link_state else EMPTY_LINK_STATE
     if state.paused and state.is_paused(today):
-        return Skip(
+        return RuleNote(
             DecisionRule.LINK_PAUSED,
             f"link is paused by {state.paused_rule.replace('_', ' ')}",
             {"paused_rule": state.paused_rule},
         )
     follower_state = view.accounts.get(link.follower)
     if follower_state is None:
-        return Skip(
+        return RuleNote(
             DecisionRule.NO_ACCOUNT_STATE,
             f"no account state for follower {link.follower}",
             {"account": link.follower},
@@ -94,13 +84,13 @@ def admit_new_copy(
     if cl.has_equity_protection:
         breach = check_equity(link, follower_state, state, today)
         if breach is not None:
-            return Skip(breach.rule, breach.message, breach.numbers)
+            return breach
     if (
         link.max_open_positions is not None
         and not is_pending
         and follower_state.open_positions >= link.max_open_positions
     ):
-        return Skip(
+        return RuleNote(
             DecisionRule.MAX_OPEN_POSITIONS,
             f"follower holds {follower_state.open_positions} positions, "
             f"the limit is {link.max_open_positions}",
@@ -113,7 +103,7 @@ def admit_new_copy(
     symbol = cl.follower_symbol(event.symbol)
     spec = view.symbols.get((link.follower, symbol))
     if spec is None:
-        return Skip(
+        return RuleNote(
             DecisionRule.NO_SYMBOL_SPEC,
             f"no symbol specification for {symbol} on {link.follower}",
             {"symbol": symbol},
@@ -125,7 +115,7 @@ def admit_new_copy(
         or (mode is TradeMode.LONG_ONLY and side is Side.SELL)
         or (mode is TradeMode.SHORT_ONLY and side is Side.BUY)
     ):
-        return Skip(
+        return RuleNote(
             DecisionRule.TRADE_MODE,
             f"{symbol} trade mode is {mode.value.replace('_', ' ')}",
             {"trade_mode": mode.value},
@@ -133,7 +123,9 @@ def admit_new_copy(
     return follower_state, spec, symbol, side
 
 
-def daily_limit_gate(cl: CompiledLink, state: LinkState, daily_key: str, today: str) -> Skip | None:
+def daily_limit_gate(
+    cl: CompiledLink, state: LinkState, daily_key: str, today: str
+) -> RuleNote | None:
     """The daily trade limit (anti-scalper): a trade already counted today always passes.
 
     Checked on the cached state here and again by the service's compare-and-set on the fresh
@@ -147,8 +139,8 @@ def daily_limit_gate(cl: CompiledLink, state: LinkState, daily_key: str, today: 
     return daily_limit_skip(limit, len(opened), today)
 
 
-def daily_limit_skip(limit: int, trades_today: int, today: str) -> Skip:
-    return Skip(
+def daily_limit_skip(limit: int, trades_today: int, today: str) -> RuleNote:
+    return RuleNote(
         DecisionRule.DAILY_TRADE_LIMIT,
         f"{trades_today} trades copied today ({today}, Europe/Berlin), the limit is {limit}",
         {"trades_today": trades_today, "limit": limit, "day": today},
@@ -157,11 +149,11 @@ def daily_limit_skip(limit: int, trades_today: int, today: str) -> Skip:
 
 def admit_follow_up(
     event: MasterEvent, facts: EventFacts, cl: CompiledLink, view: MarketView
-) -> Skip | bool:
+) -> RuleNote | bool:
     """Whether a change to something the link may have copied goes out.
 
     False (silently nothing) when the static filters or the pending-order choice say the
-    master's trade was never copied; a ``Skip`` for an emergency stop or a kind of change the
+    master's trade was never copied; a ``RuleNote`` for an emergency stop or a kind of change the
     link does not copy; True otherwise.
     """
     link = cl.link
@@ -173,16 +165,16 @@ def admit_follow_up(
     if stop is not None:
         return _emergency_stop(stop.scope.value, stop.reason)
     if isinstance(event, PositionReduced) and not link.copy_partial_closes:
-        return Skip(DecisionRule.PARTIAL_CLOSES_OFF, "link does not copy partial closes")
+        return RuleNote(DecisionRule.PARTIAL_CLOSES_OFF, "link does not copy partial closes")
     if isinstance(event, PositionModified) and not (
         link.copy_sl_tp and link.copy_sl_tp_modifications
     ):
-        return Skip(DecisionRule.SL_TP_MODIFICATIONS_OFF, "link does not copy SL/TP changes")
+        return RuleNote(DecisionRule.SL_TP_MODIFICATIONS_OFF, "link does not copy SL/TP changes")
     return True
 
 
-def _emergency_stop(scope: str, reason: str) -> Skip:
-    return Skip(
+def _emergency_stop(scope: str, reason: str) -> RuleNote:
+    return RuleNote(
         DecisionRule.EMERGENCY_STOP,
         f"emergency stop ({scope}) is active: {reason or 'no reason given'}",
         {"scope": scope},

@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import msgspec
 
 from engine.core.calendar import trading_day
+from engine.replicator.notes import RuleNote
 from engine.replicator.state import LinkState
 from schemas.account import AccountState
 from schemas.decisions import DecisionRule
 from schemas.links import CopyLink
-
-
-@dataclass(slots=True, frozen=True)
-class ProtectionTrigger:
-    rule: DecisionRule
-    message: str
-    numbers: dict[str, float | str | None]
 
 
 def has_equity_protection(link: CopyLink) -> bool:
@@ -30,11 +22,11 @@ def has_equity_protection(link: CopyLink) -> bool:
 
 def check_equity(
     link: CopyLink, account: AccountState, state: LinkState, today: str
-) -> ProtectionTrigger | None:
+) -> RuleNote | None:
     """The first protection the follower's equity breaches, if any."""
     equity = account.equity
     if link.equity_stop is not None and equity <= link.equity_stop:
-        return ProtectionTrigger(
+        return RuleNote(
             DecisionRule.EQUITY_STOP,
             f"equity {equity:.2f} {account.currency} is at or below the stop "
             f"{link.equity_stop:.2f}",
@@ -44,7 +36,7 @@ def check_equity(
     if link.max_drawdown_percent is not None and peak > 0:
         drawdown = (peak - equity) / peak * 100.0
         if drawdown >= link.max_drawdown_percent:
-            return ProtectionTrigger(
+            return RuleNote(
                 DecisionRule.MAX_DRAWDOWN,
                 f"drawdown {drawdown:.2f}% from peak equity {peak:.2f} reached the limit "
                 f"{link.max_drawdown_percent:g}%",
@@ -54,7 +46,7 @@ def check_equity(
     if link.daily_loss_percent is not None and start is not None and start > 0:
         loss = (start - equity) / start * 100.0
         if loss >= link.daily_loss_percent:
-            return ProtectionTrigger(
+            return RuleNote(
                 DecisionRule.DAILY_LOSS,
                 f"today's loss {loss:.2f}% from {start:.2f} reached the limit "
                 f"{link.daily_loss_percent:g}%",
@@ -69,7 +61,7 @@ def check_equity(
 
 def track_equity(
     link: CopyLink, account: AccountState, state: LinkState, now_ns: int
-) -> tuple[LinkState, ProtectionTrigger | None]:
+) -> tuple[LinkState, RuleNote | None]:
     """Fold one follower account update into the link state; pause on a breach.
 
     Returns the new state (equal to ``state`` when nothing changed) and the trigger that

@@ -11,9 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from engine.replicator.facts import CompiledLink, EventFacts, MarketView
-from engine.replicator.gates import Skip, admit_follow_up, admit_new_copy, daily_limit_skip
+from engine.replicator.gates import admit_follow_up, admit_new_copy, daily_limit_skip
+from engine.replicator.notes import RuleNote
 from engine.replicator.orders import follow_up_order, new_copy_order
-from engine.replicator.sizing import SizingNote, size_follower_volume
+from engine.replicator.sizing import size_follower_volume
 from schemas.common import Trace
 from schemas.decisions import CopyDecision, DecisionOutcome, DecisionRule
 from schemas.master import MasterEvent, PendingOrderPlaced, PendingOrderTriggered, PositionOpened
@@ -32,7 +33,7 @@ def copy_decision(
     event: MasterEvent,
     cl: CompiledLink,
     now_ns: int,
-    note: Skip | SizingNote,
+    note: RuleNote,
     outcome: DecisionOutcome = DecisionOutcome.SKIPPED,
 ) -> CopyDecision:
     """The decision the follower is told about: which rule, what it said, the numbers."""
@@ -50,7 +51,7 @@ def copy_decision(
     )
 
 
-def skipped(event: MasterEvent, cl: CompiledLink, now_ns: int, note: Skip | SizingNote) -> CopyPlan:
+def skipped(event: MasterEvent, cl: CompiledLink, now_ns: int, note: RuleNote) -> CopyPlan:
     return CopyPlan(decisions=[copy_decision(event, cl, now_ns, note)])
 
 
@@ -101,7 +102,7 @@ def plan_event(
             plan = plan_link(event, facts, cl, view, now_ns, trace)
         except Exception as exc:
             # A defect in one link's rules must not stop the copies of every other link.
-            plan = skipped(event, cl, now_ns, Skip(
+            plan = skipped(event, cl, now_ns, RuleNote(
                 DecisionRule.INTERNAL_ERROR, f"the copy rules failed on this event: {exc!r}",
                 {"error": repr(exc)},
             ))  # fmt: skip
@@ -119,7 +120,7 @@ def _plan_new_copy(
     trace: Trace,
 ) -> CopyPlan:
     admitted = admit_new_copy(event, facts, cl, view, now_ns)
-    if type(admitted) is Skip:
+    if type(admitted) is RuleNote:
         return skipped(event, cl, now_ns, admitted)
     follower_state, spec, symbol, side = admitted
     link = cl.link
@@ -158,6 +159,6 @@ def _plan_follow_up(
     admitted = admit_follow_up(event, facts, cl, view)
     if admitted is False:
         return _NOTHING
-    if isinstance(admitted, Skip):
+    if isinstance(admitted, RuleNote):
         return skipped(event, cl, now_ns, admitted)
     return CopyPlan(order=follow_up_order(event, cl, now_ns=now_ns, trace=trace))

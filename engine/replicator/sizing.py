@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from engine.core.volume import STEP_EPSILON, decimals, min_on_step
 from engine.replicator.fx import conversion_rate
+from engine.replicator.notes import RuleNote
 from schemas.account import AccountState, SymbolSpec
 from schemas.decisions import DecisionRule
 from schemas.links import (
@@ -24,20 +25,11 @@ from schemas.links import (
 
 
 @dataclass(slots=True)
-class SizingNote:
-    """Why a volume was skipped or changed, with the numbers the rule saw."""
-
-    rule: DecisionRule
-    message: str
-    numbers: dict[str, float | str | None] = field(default_factory=dict)
-
-
-@dataclass(slots=True)
 class SizedVolume:
     volume: float
     """0.0 when the copy is skipped (then ``skip`` is set)."""
-    skip: SizingNote | None = None
-    reductions: Sequence[SizingNote] = ()
+    skip: RuleNote | None = None
+    reductions: Sequence[RuleNote] = ()
 
 
 def raw_volume(
@@ -49,7 +41,7 @@ def raw_volume(
     follower_state: AccountState,
     spec: SymbolSpec,
     fx_rates: Mapping[str, float],
-) -> float | SizingNote:
+) -> float | RuleNote:
     """The unrounded follower volume the link's sizing mode asks for, or why there is none."""
     sizing = link.sizing
     if isinstance(sizing, FixedLot):
@@ -58,7 +50,7 @@ def raw_volume(
         return master_volume * sizing.factor
     if isinstance(sizing, BalanceRatio | EquityRatio | FreeMarginRatio):
         if master_state is None:
-            return SizingNote(
+            return RuleNote(
                 DecisionRule.NO_ACCOUNT_STATE,
                 f"no account state for master {link.master}",
                 {"account": link.master},
@@ -77,7 +69,7 @@ def raw_volume(
         if rate is None:
             return _no_rate(follower_state.currency, master_state.currency)
         if not m_value > 0 or not math.isfinite(m_value):
-            return SizingNote(
+            return RuleNote(
                 DecisionRule.ZERO_DIVISOR,
                 f"master {what} is {m_value}, cannot size a {what} ratio",
                 {f"master_{what}": m_value},
@@ -85,13 +77,13 @@ def raw_volume(
         return master_volume * max(f_value, 0.0) * rate / m_value * sizing.factor
     if isinstance(sizing, RiskPercent | RiskAmount):
         if sl_distance is None:
-            return SizingNote(
+            return RuleNote(
                 DecisionRule.NO_STOP_LOSS,
                 "risk sizing needs a stop loss and the master set none",
                 {},
             )
         if not sl_distance > 0:
-            return SizingNote(
+            return RuleNote(
                 DecisionRule.ZERO_DIVISOR,
                 "stop loss sits at the open price: risk per lot is zero",
                 {"sl_distance": sl_distance},
@@ -99,7 +91,7 @@ def raw_volume(
         loss_per_lot = sl_distance / spec.tick_size * spec.tick_value
         if not (loss_per_lot > 0 and math.isfinite(loss_per_lot)):
             # A stop a few ulps from the open underflows to 0 (or a huge one overflows).
-            return SizingNote(
+            return RuleNote(
                 DecisionRule.ZERO_DIVISOR,
                 f"risk per lot is {loss_per_lot:g}: the stop loss cannot size a risk",
                 {"sl_distance": sl_distance, "loss_per_lot": loss_per_lot},
@@ -116,8 +108,8 @@ def raw_volume(
     raise TypeError(f"unknown sizing mode {type(sizing).__name__}")  # pragma: no cover
 
 
-def _no_rate(base: str, quote: str) -> SizingNote:
-    return SizingNote(
+def _no_rate(base: str, quote: str) -> RuleNote:
+    return RuleNote(
         DecisionRule.NO_FX_RATE,
         f"no exchange rate {base}/{quote} to convert between the accounts",
         {"base": base, "quote": quote},
@@ -130,22 +122,20 @@ def fit_to_symbol(link: CopyLink, volume: float, spec: SymbolSpec) -> SizedVolum
     if not math.isfinite(volume) or volume < 0:
         return SizedVolume(
             0.0,
-            SizingNote(
-                DecisionRule.ZERO_DIVISOR, "sizing gave no finite volume", {"volume": volume}
-            ),
+            RuleNote(DecisionRule.ZERO_DIVISOR, "sizing gave no finite volume", {"volume": volume}),
         )
-    reductions: list[SizingNote] = []  # usually stays empty: no allocation is shared
+    reductions: list[RuleNote] = []  # usually stays empty: no allocation is shared
     link_caps = link.max_lot is not None and link.max_lot < spec.volume_max
     cap = link.max_lot if link_caps else spec.volume_max
     if volume > cap:
         if link_caps:
-            note = SizingNote(
+            note = RuleNote(
                 DecisionRule.MAX_LOT,
                 f"volume {volume:.4g} capped at the link's max lot {link.max_lot:g}",
                 {"volume": volume, "max_lot": link.max_lot},
             )
         else:
-            note = SizingNote(
+            note = RuleNote(
                 DecisionRule.MAX_VOLUME,
                 f"volume {volume:.4g} capped at the symbol's max {spec.volume_max:g}",
                 {"volume": volume, "volume_max": spec.volume_max},
@@ -172,7 +162,7 @@ def fit_to_symbol(link: CopyLink, volume: float, spec: SymbolSpec) -> SizedVolum
     if forced > cap:
         return SizedVolume(
             0.0,
-            SizingNote(
+            RuleNote(
                 DecisionRule.MAX_LOT,
                 f"the link's max lot {link.max_lot} is below the symbol's minimum "
                 f"{spec.volume_min:g}",
@@ -181,7 +171,7 @@ def fit_to_symbol(link: CopyLink, volume: float, spec: SymbolSpec) -> SizedVolum
         )
     if link.below_min is BelowMin.FORCE_MIN and volume > 0:
         reductions.append(
-            SizingNote(
+            RuleNote(
                 DecisionRule.FORCED_MIN_VOLUME,
                 f"volume {volume:.4g} is below the minimum, raised to {forced:g}",
                 numbers,
@@ -190,7 +180,7 @@ def fit_to_symbol(link: CopyLink, volume: float, spec: SymbolSpec) -> SizedVolum
         return SizedVolume(forced, None, reductions)
     return SizedVolume(
         0.0,
-        SizingNote(
+        RuleNote(
             DecisionRule.BELOW_MIN_VOLUME,
             f"volume {volume:.4g} is below the symbol's minimum {spec.volume_min:g}",
             numbers,
@@ -218,6 +208,6 @@ def size_follower_volume(
         spec=spec,
         fx_rates=fx_rates,
     )
-    if isinstance(raw, SizingNote):
+    if isinstance(raw, RuleNote):
         return SizedVolume(0.0, raw)
     return fit_to_symbol(link, raw, spec)
