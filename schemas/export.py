@@ -1,9 +1,10 @@
-"""JSON Schema export of every wire message to ``schemas/json/``."""
+"""JSON Schema export of every wire message to ``schemas/json/``, strict-validator clean."""
 
 from __future__ import annotations
 
 import inspect
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,21 @@ MESSAGES: dict[str, Any] = {
     "bridge_terminal_frame": TerminalFrame,
     "bridge_connector_frame": ConnectorFrame,
 }
+
+#: Families carried as JSON (the terminal bridge over ZeroMQ); every other one is msgpack.
+JSON_WIRE = frozenset({"bridge_terminal_frame", "bridge_connector_frame"})
+
+#: The description of every integer field says how it travels (wire → note).
+INT64_NOTE = {
+    "msgpack": "int64 on the wire: a msgpack integer, never a float (a float is refused).",
+    "json": "int64 on the wire: a JSON integer, without fraction or exponent.",
+}
+#: The note of a UTC-nanosecond field (``*_ns``): its values are above 2^53.
+NS_NOTE = (
+    "UTC nanoseconds, int64 on the wire: a msgpack integer, never a float. Above 2^53, so "
+    "decode it as a 64-bit integer (JavaScript: BigInt, @msgpack/msgpack `useBigInt64: true`); "
+    "a float64 cannot hold it exactly and is refused."
+)
 
 
 # Keywords whose value is a map of name → subschema, a list of subschemas, or one subschema.
@@ -110,9 +126,92 @@ def normalize_schema(schema: Any) -> Any:
     return out
 
 
+def _map_subschemas(schema: dict[str, Any], fn: Callable[[Any], Any]) -> dict[str, Any]:
+    """A copy of ``schema`` with ``fn`` applied to each direct subschema (data left alone)."""
+    out: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key in _SCHEMA_MAPS and isinstance(value, dict):
+            out[key] = {name: fn(sub) for name, sub in value.items()}
+        elif key in _SCHEMA_LISTS and isinstance(value, list):
+            out[key] = [fn(sub) for sub in value]
+        elif key in _SCHEMA_VALUES:
+            out[key] = fn(value)
+        else:
+            out[key] = value
+    return out
+
+
+def _is_integer(schema: Any) -> bool:
+    """An integer, a nullable integer, or an array of integers."""
+    if not isinstance(schema, dict):
+        return False
+    if schema.get("type") == "integer":
+        return True
+    if schema.get("type") == "array":
+        return _is_integer(schema.get("items"))
+    return any(_is_integer(option) for option in schema.get("anyOf", ()))
+
+
+def _document_integers(schema: Any, wire: str) -> Any:
+    """Every integer property says "int64 on the wire" (and, for ``*_ns``, how to read it)."""
+    if not isinstance(schema, dict):
+        return schema
+    out = _map_subschemas(schema, lambda sub: _document_integers(sub, wire))
+    for name, prop in out.get("properties", {}).items():
+        if _is_integer(prop):
+            note = NS_NOTE if name.endswith("_ns") and wire == "msgpack" else INT64_NOTE[wire]
+            text = prop.get("description")
+            prop["description"] = f"{text}\n\n{note}" if text else note
+    return out
+
+
+def _tagged_unions(schema: Any, variants: dict[str, str]) -> Any:
+    """msgspec's ``anyOf`` + ``discriminator.mapping`` as ``oneOf`` + ``discriminator``.
+
+    Records in ``variants`` each referenced variant's ``$defs`` name and its tag property,
+    for `strict_schema` to turn the tag into a ``const``.
+    """
+    if not isinstance(schema, dict):
+        return schema
+    out = _map_subschemas(schema, lambda sub: _tagged_unions(sub, variants))
+    discriminator = out.get("discriminator")
+    if isinstance(discriminator, dict) and "anyOf" in out:
+        tag = discriminator["propertyName"]
+        for option in out["anyOf"]:
+            variants[option["$ref"].removeprefix("#/$defs/")] = tag
+        out["oneOf"] = out.pop("anyOf")
+        out["discriminator"] = {"propertyName": tag}
+        out["type"] = "object"
+    return out
+
+
+def strict_schema(schema: dict[str, Any], wire: str = "msgpack") -> dict[str, Any]:
+    """``schema`` in the shape strict validators compile (ajv strict mode, Draft 2020-12).
+
+    Tagged unions become ``oneOf`` of references to variants that each hold the tag as a
+    ``const`` in ``properties`` and in ``required``, with ``discriminator: {propertyName}``
+    (no ``mapping``) and ``type: object`` beside it: what ajv's ``discriminator: true``
+    accepts. A validator that knows the keyword checks only the variant the tag names, so a
+    message missing one field gets one error, not one per variant. Every integer property
+    says that it is int64 on the wire.
+    """
+    variants: dict[str, str] = {}
+    out = _tagged_unions(_document_integers(schema, wire), variants)
+    defs = out.get("$defs", {})
+    for name, tag in variants.items():
+        variant = defs[name]
+        values = variant["properties"][tag].pop("enum", None)
+        if values is not None:
+            variant["properties"][tag]["const"] = values[0]
+        if tag not in variant.get("required", ()):
+            raise ValueError(f"variant {name}: its tag {tag!r} must be required")
+    return out
+
+
 def render_schema(stem: str, tp: Any) -> str:
     """The JSON text exported for one message type: sorted keys, trailing newline."""
-    schema = normalize_schema(msgspec.json.schema(tp))
+    wire = "json" if stem in JSON_WIRE else "msgpack"
+    schema = strict_schema(normalize_schema(msgspec.json.schema(tp)), wire)
     schema = {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$id": f"tradecopy/v{WIRE_VERSION}/{stem}.json",

@@ -64,6 +64,13 @@ class PositionReduced(_MasterEventBase, tag="position_reduced"):
     magic: int = 0
     new_position_id: Id | None = None
     """MT4 gives the remainder a new ticket; followers re-key their position to it."""
+    profit: float | None = None
+    """Profit of the closed part in the account's deposit currency, as the terminal reports it;
+    ``None`` when the venue did not say."""
+    commission: float | None = None
+    """Commission of the closed part in the deposit currency; ``None`` when not reported."""
+    swap: float | None = None
+    """Swap of the closed part in the deposit currency; ``None`` when not reported."""
 
 
 class PositionClosed(_MasterEventBase, tag="position_closed"):
@@ -74,6 +81,13 @@ class PositionClosed(_MasterEventBase, tag="position_closed"):
     magic: int = 0
     reason: Annotated[str, msgspec.Meta(max_length=32)] = "client"
     """client, sl, tp, stop_out or expert, as the terminal reports it."""
+    profit: float | None = None
+    """Profit of the closed part in the account's deposit currency, as the terminal reports it;
+    ``None`` when the venue did not say."""
+    commission: float | None = None
+    """Commission of the closed part in the deposit currency; ``None`` when not reported."""
+    swap: float | None = None
+    """Swap of the closed part in the deposit currency; ``None`` when not reported."""
 
 
 class PositionClosedBy(_MasterEventBase, tag="position_closed_by"):
@@ -85,6 +99,13 @@ class PositionClosedBy(_MasterEventBase, tag="position_closed_by"):
     volume: Volume
     """Volume closed on each side: the smaller of the two positions."""
     magic: int = 0
+    profit: float | None = None
+    """Profit of the closed part in the account's deposit currency, as the terminal reports it;
+    ``None`` when the venue did not say."""
+    commission: float | None = None
+    """Commission of the closed part in the deposit currency; ``None`` when not reported."""
+    swap: float | None = None
+    """Swap of the closed part in the deposit currency; ``None`` when not reported."""
 
 
 class PendingOrderPlaced(_MasterEventBase, tag="pending_placed"):

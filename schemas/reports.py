@@ -24,6 +24,13 @@ class OrderFilled(_ReportBase, tag="filled"):
     master_price: Price = 0.0
     slippage: float = 0.0
     """Follower fill minus master fill, in price units, signed against the follower."""
+    profit: float | None = None
+    """Profit of the part this fill closed, in the account's deposit currency, as the venue
+    reports it; ``None`` when the fill opened a position or the venue did not say."""
+    commission: float | None = None
+    """Commission of the part this fill closed, in the deposit currency; ``None`` if not said."""
+    swap: float | None = None
+    """Swap of the part this fill closed, in the deposit currency; ``None`` if not said."""
 
 
 class OrderPartiallyFilled(_ReportBase, tag="partially_filled"):
@@ -35,6 +42,13 @@ class OrderPartiallyFilled(_ReportBase, tag="partially_filled"):
     price: Price
     master_price: Price = 0.0
     slippage: float = 0.0
+    profit: float | None = None
+    """Profit of the part this fill closed, in the account's deposit currency, as the venue
+    reports it; ``None`` when the fill opened a position or the venue did not say."""
+    commission: float | None = None
+    """Commission of the part this fill closed, in the deposit currency; ``None`` if not said."""
+    swap: float | None = None
+    """Swap of the part this fill closed, in the deposit currency; ``None`` if not said."""
 
 
 class OrderDone(_ReportBase, tag="done"):

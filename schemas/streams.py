@@ -31,6 +31,19 @@ def replicator_consumer(partition: int) -> str:
     return f"replicator-p{partition}"
 
 
+#: The durable pull consumers every ledger instance shares, one per stream it stores (the
+#: account states come from the accounts bucket's stream). Part of the contract so that the
+#: ledger's NATS role can be granted exactly these and operators can watch their lag.
+LEDGER_CONSUMERS: tuple[tuple[str, str], ...] = (
+    (MASTER_EVENTS_STREAM, "ledger-master-events"),
+    (FOLLOWER_ORDERS_STREAM, "ledger-follower-orders"),
+    (EXECUTION_REPORTS_STREAM, "ledger-execution-reports"),
+    (DECISIONS_STREAM, "ledger-decisions"),
+    (REJECTIONS_STREAM, "ledger-rejections"),
+    (f"KV_{subjects.KV_ACCOUNTS}", "ledger-account-states"),
+)
+
+
 def master_events_stream(
     partitions: int = DEFAULT_PARTITIONS, storage: StorageType = StorageType.FILE
 ) -> StreamConfig:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import re
 import shutil
@@ -14,6 +15,7 @@ import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from jsonschema import Draft202012Validator
 
 from engine.runtime.links import load_links
 from schemas import codec, subjects
@@ -82,7 +84,8 @@ from schemas.reports import (
 )
 from schemas.streams import DECISIONS_STREAM, REJECTIONS_STREAM, all_streams
 
-EXAMPLE_LINKS = Path(__file__).resolve().parent.parent / "docs" / "examples" / "links.toml"
+EXAMPLES = Path(__file__).resolve().parent.parent / "docs" / "examples"
+EXAMPLE_LINKS = EXAMPLES / "links.toml"
 T0 = 1_763_700_000_000_000_000  # 2025-11-21, UTC ns
 
 # --------------------------------------------------------------------------------------------
@@ -444,7 +447,7 @@ OTHERS: list[Any] = [
 
 ALL_MESSAGES: list[Any] = MASTER_EVENTS + FOLLOWER_ORDERS + EXECUTION_REPORTS + OTHERS
 
-DECODERS: dict[str, msgspec.msgpack.Decoder[Any]] = {
+DECODERS: dict[str, Any] = {
     "master_event": codec.master_event_decoder,
     "follower_order": codec.follower_order_decoder,
     "follower_order_batch": codec.follower_order_batch_decoder,
@@ -541,19 +544,27 @@ def test_copy_link_schema_lists_every_sizing_mode() -> None:
     modes = {cls.__struct_config__.tag: cls.__name__ for cls in get_args(Sizing)}
     assert len(modes) == 7
 
-    assert sizing["discriminator"]["propertyName"] == "mode"
-    assert sizing["discriminator"]["mapping"] == {
-        mode: f"#/$defs/{name}" for mode, name in modes.items()
-    }
-    assert sorted(ref["$ref"] for ref in sizing["anyOf"]) == sorted(
+    assert sizing["discriminator"] == {"propertyName": "mode"}
+    assert sizing["type"] == "object"
+    assert sorted(ref["$ref"] for ref in sizing["oneOf"]) == sorted(
         f"#/$defs/{name}" for name in modes.values()
     )
     for mode, name in modes.items():
-        assert defs[name]["properties"]["mode"] == {"enum": [mode]}
+        assert defs[name]["properties"]["mode"] == {"const": mode}
         assert "mode" in defs[name]["required"]
         assert defs[name]["additionalProperties"] is False
     assert sizing["default"] == {"mode": "multiplier", "factor": 1.0}
     assert defs["CopyLink"]["additionalProperties"] is False
+
+
+def _unions(schema: Any) -> list[dict[str, Any]]:
+    """Every subschema of ``schema`` that holds a ``discriminator``."""
+    if isinstance(schema, list):
+        return [u for sub in schema for u in _unions(sub)]
+    if not isinstance(schema, dict):
+        return []
+    found = [schema] if "discriminator" in schema else []
+    return found + [u for value in schema.values() for u in _unions(value)]
 
 
 def test_tagged_unions_in_the_schema_use_their_tag_field() -> None:
@@ -563,9 +574,155 @@ def test_tagged_unions_in_the_schema_use_their_tag_field() -> None:
         ("execution_report", "status", ExecutionReport),
     ):
         schema = json.loads((JSON_DIR / f"{stem}.json").read_text())
-        assert schema["discriminator"]["propertyName"] == tag_field
-        tags = {cls.__struct_config__.tag for cls in get_args(union)}
-        assert set(schema["discriminator"]["mapping"]) == tags
+        assert schema["discriminator"] == {"propertyName": tag_field}
+        variants = [schema["$defs"][ref["$ref"].split("/")[-1]] for ref in schema["oneOf"]]
+        tags = {v["properties"][tag_field]["const"] for v in variants}
+        assert tags == {cls.__struct_config__.tag for cls in get_args(union)}
+
+
+@pytest.mark.parametrize("stem", sorted(MESSAGES))
+def test_every_union_has_the_shape_strict_validators_accept(stem: str) -> None:
+    # ajv (discriminator: true) accepts oneOf + discriminator.propertyName, no mapping, no
+    # anyOf, with every variant holding the tag as a const in properties and required.
+    schema = json.loads((JSON_DIR / f"{stem}.json").read_text())
+    for union in _unions(schema):
+        tag = union["discriminator"]["propertyName"]
+        assert union["discriminator"] == {"propertyName": tag}
+        assert "anyOf" not in union
+        assert union["type"] == "object"
+        for ref in union["oneOf"]:
+            assert set(ref) == {"$ref"}
+            variant = schema["$defs"][ref["$ref"].removeprefix("#/$defs/")]
+            assert set(variant["properties"][tag]) == {"const"}
+            assert tag in variant["required"]
+
+
+@pytest.mark.parametrize("stem", sorted(MESSAGES))
+def test_every_schema_is_a_valid_draft_2020_12_schema(stem: str) -> None:
+    schema = json.loads((JSON_DIR / f"{stem}.json").read_text())
+    Draft202012Validator.check_schema(schema)
+
+
+def _integer_properties(schema: Any) -> list[tuple[str, dict[str, Any]]]:
+    """(name, property schema) of every integer (or nullable / array of integer) property."""
+    out = []
+    for definition in schema.get("$defs", {}).values():
+        for name, prop in definition.get("properties", {}).items():
+            options = [prop, prop.get("items", {}), *prop.get("anyOf", [])]
+            if any(option.get("type") == "integer" for option in options):
+                out.append((name, prop))
+    return out
+
+
+@pytest.mark.parametrize("stem", sorted(MESSAGES))
+def test_every_integer_field_is_documented_as_int64_on_the_wire(stem: str) -> None:
+    schema = json.loads((JSON_DIR / f"{stem}.json").read_text())
+    integers = _integer_properties(schema)
+    for name, prop in integers:
+        assert "int64 on the wire" in prop["description"], (stem, name)
+        if name.endswith("_ns"):
+            assert "BigInt" in prop["description"], (stem, name)
+            assert "useBigInt64" in prop["description"], (stem, name)
+    if stem not in BRIDGE_FAMILIES and stem != "copy_link":
+        assert any(name == "ts_ns" for name, _ in integers), stem
+
+
+# --------------------------------------------------------------------------------------------
+# Validating wire messages with the exported JSON Schema
+# --------------------------------------------------------------------------------------------
+
+
+def _example_contract() -> Any:
+    """docs/examples/python/contract.py: the recipe schemas/README.md gives Python consumers."""
+    path = EXAMPLES / "python" / "contract.py"
+    spec = importlib.util.spec_from_file_location("example_contract", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+#: Draft 2020-12 whose ``oneOf`` honours ``discriminator`` as ajv does (plain jsonschema gives
+#: one opaque "not valid under any of the given schemas" error for a bad union member).
+ContractValidator = _example_contract().ContractValidator
+
+
+def _schema_validator(stem: str) -> Any:
+    return ContractValidator(json.loads((JSON_DIR / f"{stem}.json").read_text()))
+
+
+def _as_on_the_wire(message: Any) -> Any:
+    """The message as any msgpack decoder sees it: plain maps, lists, ints, floats, strings."""
+    return msgspec.msgpack.decode(codec.encode(message))
+
+
+@pytest.mark.parametrize("message", ALL_MESSAGES, ids=_id)
+def test_every_encoded_message_validates_against_its_json_schema(message: Any) -> None:
+    validator = _schema_validator(_family(message))
+    errors = list(validator.iter_errors(_as_on_the_wire(message)))
+    assert errors == []
+    # Draft 2020-12 as it is, without the discriminator recipe, agrees.
+    plain = Draft202012Validator(validator.schema)
+    assert list(plain.iter_errors(_as_on_the_wire(message))) == []
+
+
+def _required_without_default(message: Any) -> list[str]:
+    defaults = _defaults(type(message))
+    tag = type(message).__struct_config__.tag_field
+    return [
+        f.encode_name
+        for f in msgspec.structs.fields(type(message))
+        if f.encode_name not in defaults and f.encode_name != tag
+    ]
+
+
+@pytest.mark.parametrize("message", ALL_MESSAGES, ids=_id)
+def test_a_message_missing_a_required_field_gets_one_error_naming_it(message: Any) -> None:
+    validator = _schema_validator(_family(message))
+    for field in _required_without_default(message):
+        data = _as_on_the_wire(message)
+        del data[field]
+        errors = list(validator.iter_errors(data))
+        assert len(errors) == 1, (field, [e.message for e in errors])
+        assert errors[0].message == f"{field!r} is a required property"
+
+
+@pytest.mark.parametrize("message", MASTER_EVENTS + FOLLOWER_ORDERS + EXECUTION_REPORTS, ids=_id)
+def test_a_union_member_with_an_unknown_tag_gets_one_error(message: Any) -> None:
+    validator = _schema_validator(_family(message))
+    data = _as_on_the_wire(message)
+    tag = type(message).__struct_config__.tag_field
+    data[tag] = "position_teleported"
+    [error] = validator.iter_errors(data)
+    assert "position_teleported" in error.message
+    del data[tag]
+    [error] = validator.iter_errors(data)
+    assert tag in error.message
+
+
+def test_a_float_ns_time_is_refused_by_the_decoder_naming_the_field_as_int64() -> None:
+    # JSON Schema's integer admits 1.0, and a msgpack decoder in JavaScript returns the same
+    # Number for 1.0 and 1: the decoder, which sees the msgpack type, is what refuses it.
+    data = _as_on_the_wire(MASTER_EVENTS[0])
+    data["ts_ns"] = float(data["ts_ns"])
+    assert list(_schema_validator("master_event").iter_errors(data)) == []
+    with pytest.raises(msgspec.ValidationError) as info:
+        codec.master_event_decoder.decode(msgspec.msgpack.encode(data))
+    assert "`$.ts_ns`" in str(info.value)
+    assert "int64 on the wire" in str(info.value)
+    assert "nanosecond" in str(info.value)
+    # Another integer field says int64 too, without the part about times.
+    data = _as_on_the_wire(MASTER_EVENTS[0])
+    data["magic"] = 7.0
+    with pytest.raises(msgspec.ValidationError, match=r"`\$\.magic` \(int64 on the wire"):
+        codec.master_event_decoder.decode(msgspec.msgpack.encode(data))
+
+
+def test_a_float64_cannot_carry_a_nanosecond_time_exactly() -> None:
+    # Why integer-valued floats are not accepted for *_ns: around 2025 neighbouring float64
+    # values are 256 ns apart, so the time a producer meant is lost before it is sent.
+    assert float(T0 + 1) == float(T0)
+    assert int(float(T0 + 100)) != T0 + 100
 
 
 def test_indented_and_dedented_descriptions_normalise_to_the_same_text() -> None:
