@@ -43,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import typing
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
@@ -52,7 +53,7 @@ import nats.errors
 import nats.js.errors
 import structlog
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
 
 from connectors.reports import OrderReports
 from engine.runtime.http import ProgressWatch
@@ -91,6 +92,34 @@ STALL = Gauge(
     "Seconds a connector has had work pending without progress (0 when idle)",
     ["connector", "work"],
 )
+ORDERS = Counter(
+    "tradecopy_connector_orders_total",
+    "Follower orders executed and reported, by the report's outcome",
+    ["connector", "outcome"],
+)
+ORDER_LATENCY = Histogram(
+    "tradecopy_connector_order_seconds",
+    "Follower order received by the connector → its execution report stored",
+    ["connector"],
+    buckets=(1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1, 0.5, 1.0, 5.0, 30.0, 90.0),
+)
+MASTER_EVENTS = Counter(
+    "tradecopy_connector_master_events_total",
+    "Master events stored in JetStream by the connector",
+    ["connector"],
+)
+NATS_CONNECTED = Gauge(
+    "tradecopy_connector_nats_connected", "1 while the connector is connected to NATS",
+    ["connector"],
+)  # fmt: skip
+TERMINAL_CONNECTED = Gauge(
+    "tradecopy_connector_terminal_connected",
+    "1 while the terminal behind a configured account is connected and has told its state; "
+    "0 also for one that never connected",
+    ["connector", "account", "role"],
+)
+#: The outcomes an execution report can have (its tag), each with a series from the start.
+REPORT_OUTCOMES = tuple(t.__struct_config__.tag for t in typing.get_args(ExecutionReport))
 #: Refusal reasons: an order on another account's subject, a batch naming another connector,
 #: an order in this connector's batch for an account it does not serve.
 SUBJECT_MISMATCH = "subject_mismatch"
@@ -205,12 +234,17 @@ class ConnectorRuntime:
         # Liveness by progress: orders taken but not done, master events not yet stored.
         self._orders_progress = ProgressWatch()
         self._events_progress = ProgressWatch()
+        # Labelled children made once: the order path counts through a dict, not labels().
+        self._orders_by_outcome = {o: ORDERS.labels(connector_id, o) for o in REPORT_OUTCOMES}
+        self._order_latency = ORDER_LATENCY.labels(connector_id)
+        self._master_events = MASTER_EVENTS.labels(connector_id)
 
     @property
     def durable(self) -> str:
         return f"connector-{self.connector_id}"
 
     async def start(self) -> None:
+        self._watch_connections()
         await ensure_streams(self.js, self.partitions)
         self.buckets = await ensure_buckets(self.js)
         outbox = self.terminal.unpublished_events()
@@ -233,6 +267,32 @@ class ConnectorRuntime:
         )
         self._started = True
 
+    def _watch_connections(self) -> None:
+        """Series for NATS and every configured account's terminal, from before the start:
+        a terminal that never connected shows 0, not nothing."""
+        NATS_CONNECTED.labels(self.connector_id).set_function(
+            lambda: float(bool(self._started and self.nc.is_connected))
+        )
+        terminal = self.terminal
+        for role, accounts in (("master", terminal.master_accounts()),
+                               ("follower", terminal.follower_accounts())):  # fmt: skip
+            for account in accounts:
+                TERMINAL_CONNECTED.labels(self.connector_id, account, role).set_function(
+                    lambda a=account: self._terminal_connected(a)
+                )
+
+    def _terminal_connected(self, account: str) -> float:
+        if not self._started:
+            return 0.0
+        try:
+            state = self.terminal.account_state(account)
+        except Exception:  # a terminal that cannot say is not connected; /metrics must answer
+            return 0.0
+        if state is None:
+            return 0.0  # the terminal has not told its state yet: never connected
+        # No terminal status: an in-process venue (paper), there whenever the connector is.
+        return float(state.terminal is None or state.terminal.connected)
+
     async def stop(self) -> None:
         self._stopping.set()
         self._state_changed.set()
@@ -253,14 +313,24 @@ class ConnectorRuntime:
             self._order_sub = None
 
     def health(self) -> dict[str, object]:
-        """Up, connected and making progress: orders or master events pending without
-        progress for ``stall_after_s`` make it not ok (``/healthz`` answers 503)."""
+        """Up, connected and making progress: NATS away, or orders or master events pending
+        without progress for ``stall_after_s``, make it not ok (``/healthz`` answers 503),
+        and ``reason`` says which."""
         connected = bool(self.nc.is_connected)
         orders_s = self._orders_progress.stalled_for()
         events_s = self._events_progress.stalled_for()
         stalled = max(orders_s, events_s) >= self.stall_after_s
+        reasons = []
+        if not connected:
+            reasons.append("NATS is not connected")
+        if not self._started:
+            reasons.append("not started")
+        for work, seconds in (("follower orders", orders_s), ("master events", events_s)):
+            if seconds >= self.stall_after_s:
+                reasons.append(f"{work} pending without progress for {seconds:.0f} s")
         return {
-            "ok": connected and self._started and not stalled,
+            "ok": not reasons,
+            "reason": "; ".join(reasons),
             "connector": self.connector_id,
             "nats_connected": connected,
             "orders_executed": self.orders_executed,
@@ -314,6 +384,7 @@ class ConnectorRuntime:
             on_the_wire=while_in_flight,
         )  # fmt: skip
         self.terminal.published(events)
+        self._master_events.inc(len(events))
         self._events_progress.advanced(still_pending=False)
         self.mark_dirty(*{e.master for e in events})
 
@@ -619,6 +690,13 @@ class ConnectorRuntime:
                 attempts=self.publish_attempts, retried=PUBLISH_RETRIES.inc,
             )  # fmt: skip
             self.orders_executed += len(settled)
+            done_ns, outcomes = time.time_ns(), self._orders_by_outcome
+            latency = self._order_latency
+            for report, _ in settled:
+                outcomes[report.__struct_config__.tag].inc()
+                received_ns = report.trace.follower_connector_ns
+                if received_ns:
+                    latency.observe(max(done_ns - received_ns, 0) / 1e9)
             for _, delivery in settled:
                 delivery.open -= 1
                 if delivery.open == 0:

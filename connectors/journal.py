@@ -284,6 +284,8 @@ class OrderJournal(Mapping[str, bytes]):
         self.clock = clock
         """Wall clock, UTC ns (tests move it to age the memory)."""
         self.name = path.name if path is not None else "memory"
+        for counter in (EVICTED, COMPACTIONS, COMPACTION_FAILURES):
+            counter.labels(self.name)  # from 0, so increase() sees the first one
         self._records: dict[str, OrderRecord] = {}
         """In the order they were last written (a record made again moves to the end)."""
         self._ages: deque[tuple[int, str]] = deque()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import tomllib
 from collections.abc import Awaitable, Callable
@@ -34,6 +35,44 @@ def with_tokens_from_env(data: dict[str, Any]) -> dict[str, Any]:
                 raise TradecopyError(f"terminal {terminal.get('account')}: ${name} is not set")
             terminal["token"] = value
     return data
+
+
+def token_env_names(data: dict[str, Any]) -> dict[int, str]:
+    """Which terminals (by index) take their token from a variable, and its name."""
+    return {
+        i: str(t["token_env"]) for i, t in enumerate(data.get("terminals", []))
+        if isinstance(t, dict) and "token_env" in t
+    }  # fmt: skip
+
+
+def name_token_env(message: str, from_env: dict[int, str]) -> str:
+    """A validation message about ``$.terminals[i].token`` names what the file really says,
+    ``token_env``, and the variable the value came from (never the value)."""
+
+    def named(match: re.Match[str]) -> str:
+        index = int(match.group(1))
+        if index not in from_env:
+            return match.group(0)
+        return f"`$.terminals[{index}].token_env` (the token in ${from_env[index]})"
+
+    return re.sub(r"`\$\.terminals\[(\d+)\]\.token`", named, message)
+
+
+def load_bridge_config(config_path: Path) -> Any:
+    """The bridge connector's config file, tokens from their variables; errors name the file
+    and what it says (``token_env`` and its variable where the token came from one)."""
+    from connectors.bridge.config import BridgeConfig
+
+    try:
+        raw = tomllib.loads(config_path.read_text(encoding="utf-8"))
+        from_env = token_env_names(raw)
+        data = with_tokens_from_env(refuse_secret_keys(raw))
+    except (OSError, tomllib.TOMLDecodeError, TradecopyError) as exc:
+        raise TradecopyError(f"{config_path}: {exc}") from exc
+    try:
+        return msgspec.convert(data, BridgeConfig)
+    except msgspec.ValidationError as exc:
+        raise TradecopyError(f"{config_path}: {name_token_env(str(exc), from_env)}") from exc
 
 
 async def serve(
@@ -77,6 +116,19 @@ async def serve(
                 await asyncio.wait_for(nc.close(), 5)
 
 
+def mt5_health(connector: Any, account: str) -> dict[str, object]:
+    """An MT5 connector's ``/healthz``: the runtime's (NATS, progress) and the terminal's; not
+    ok while the terminal cannot trade (IPC lost, server offline, AutoTrading off)."""
+    if connector is None:
+        return {"ok": False, "reason": "not started", "account": account}
+    runtime, terminal = connector.runtime.health(), connector.terminal.health()
+    reasons = [str(runtime["reason"])] if runtime.get("reason") else []
+    if not terminal["terminal_ready"]:
+        reasons.append(f"the terminal cannot trade: {terminal['terminal_reason'] or 'not ready'}")
+    return {**runtime, **terminal, "ok": not reasons, "reason": "; ".join(reasons),
+            "account": account}  # fmt: skip
+
+
 def refuse_secret_keys(data: dict[str, Any]) -> dict[str, Any]:
     """A CURVE secret key in the config file is refused by name, not as an unknown field: the
     connector's comes from the environment or a 0600 key file, a terminal's stays in its EA."""
@@ -100,14 +152,9 @@ def refuse_secret_keys(data: dict[str, Any]) -> dict[str, Any]:
 async def run_bridge(config_path: Path, nats_url: str, metrics_port: int | None,
                      state_path: Path | None,
                      metrics_host: str = DEFAULT_METRICS_HOST) -> None:  # fmt: skip
-    from connectors.bridge.config import BridgeConfig
     from connectors.bridge.connector import BridgeConnector
 
-    try:
-        raw = tomllib.loads(config_path.read_text(encoding="utf-8"))
-        config = msgspec.convert(with_tokens_from_env(refuse_secret_keys(raw)), BridgeConfig)
-    except (OSError, tomllib.TOMLDecodeError, msgspec.ValidationError, TradecopyError) as exc:
-        raise TradecopyError(f"{config_path}: {exc}") from exc
+    config = load_bridge_config(config_path)
     # CURVE keys are read and checked here, before NATS: a missing secret names its variable.
     bridge = BridgeConnector(config, state_path)
     try:
@@ -143,12 +190,7 @@ async def run_mt5(
             await connector.stop()
 
     def health() -> dict[str, object]:
-        if connector is None:
-            return {"ok": False, "account": config.account_id}
-        runtime, mt5_terminal = connector.runtime.health(), terminal.health()
-        # Not ok while the terminal cannot trade (IPC lost, server offline, AutoTrading off).
-        ok = bool(runtime.get("ok")) and bool(mt5_terminal["terminal_ready"])
-        return {**runtime, **mt5_terminal, "ok": ok, "account": config.account_id}
+        return mt5_health(connector, config.account_id)
 
     await serve(
         f"mt5-{config.connector_id}", nats_url, metrics_port, start, stop, health, metrics_host

@@ -2,8 +2,11 @@
 # Make the secrets a tradecopy cluster needs, into a directory OUTSIDE git:
 #   - a CA and one certificate for the NATS nodes (clients and routes), valid for the compose
 #     hostnames, the Kubernetes service names and this machine;
-#   - one nkey per role (admin, replicator, operator, api, quotes): <role>.nk holds the SEED
-#     (the secret), nkeys.env the PUBLIC keys (TC_NKEY_*) that the NATS servers admit.
+#   - one nkey per role (admin, replicator, operator, api, quotes, ledger): <role>.nk holds the SEED
+#     (the secret), nkeys.env the PUBLIC keys (TC_NKEY_*) that the NATS servers admit;
+#   - one for the compose bridge connector (connector-bridge-1.nk, TC_NKEY_CONNECTOR_BRIDGE_1);
+#   - the PostgreSQL password (postgres-password) and database.env, the ledger's
+#     TRADECOPY_DATABASE_URL with it (compose: the postgres service, db-migrate, the ledgers).
 #
 #   bash deploy/secrets.sh ~/.config/tradecopy/compose
 #   TRADECOPY="python -m engine.cli" bash deploy/secrets.sh DIR   # without the console script
@@ -41,7 +44,7 @@ if [ ! -f tls.crt ]; then
 fi
 
 : > nkeys.env.tmp
-for role in admin replicator operator api quotes; do
+for role in admin replicator operator api quotes ledger; do
     if [ ! -f "$role.nk" ]; then
         # shellcheck disable=SC2086  # TRADECOPY may be a command with arguments
         $tradecopy nats nkey --seed-file "$role.nk" > /dev/null
@@ -51,6 +54,25 @@ for role in admin replicator operator api quotes; do
     key="$($tradecopy nats public-key --seed-file "$role.nk")"
     echo "TC_NKEY_$(echo "$role" | tr '[:lower:]' '[:upper:]')=$key" >> nkeys.env.tmp
 done
+# The compose bridge connector's user (profile "connectors"; deploy/README.md, "Connectors"):
+# its seed, and its public key for the connector entry appended to auth.conf.
+if [ ! -f connector-bridge-1.nk ]; then
+    # shellcheck disable=SC2086
+    $tradecopy nats nkey --seed-file connector-bridge-1.nk > /dev/null
+fi
+chmod 0644 connector-bridge-1.nk
+# shellcheck disable=SC2086
+echo "TC_NKEY_CONNECTOR_BRIDGE_1=$($tradecopy nats public-key --seed-file connector-bridge-1.nk)" \
+    >> nkeys.env.tmp
+# The ledger's database: the server's password, and the URL its clients use (compose
+# service `postgres`, database and user `tradecopy`). URL-safe characters only.
+if [ ! -f postgres-password ]; then
+    (umask 077; openssl rand -hex 24 > postgres-password)
+fi
+chmod 0644 postgres-password
+if [ ! -f database.env ]; then
+    (umask 077; echo "TRADECOPY_DATABASE_URL=postgresql://tradecopy:$(cat postgres-password)@postgres:5432/tradecopy" > database.env)
+fi
 echo "TC_SECRETS=$PWD" >> nkeys.env.tmp
 mv nkeys.env.tmp nkeys.env
 echo "secrets in $PWD; public keys in $PWD/nkeys.env"

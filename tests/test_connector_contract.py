@@ -767,3 +767,46 @@ async def test_the_signal_age_is_judged_at_receipt_not_when_the_terminal_gets_to
     report = await rig.report(order.order_id)
     assert isinstance(report, OrderFilled), report
     assert report.trace.follower_connector_ns < order.expires_ns < report.trace.follower_terminal_ns
+
+
+# --- metrics --------------------------------------------------------------------------------
+
+
+def connector_metric(name: str, **labels: str) -> float | None:
+    return REGISTRY.get_sample_value(name, {"connector": CONNECTOR, **labels})
+
+
+async def test_orders_are_counted_by_outcome_and_timed_from_receipt_to_report(rig: Rig) -> None:
+    terminal = rig.terminal()
+    await rig.start(terminal)
+    # Every outcome and every configured account has its series from the start.
+    before = {o: connector_metric("tradecopy_connector_orders_total", outcome=o)
+              for o in ("filled", "rejected", "done", "unknown")}  # fmt: skip
+    assert None not in before.values()
+    timed = connector_metric("tradecopy_connector_order_seconds_count") or 0.0
+    for account, role in (("m1", "master"), ("f1", "follower")):
+        value = connector_metric("tradecopy_connector_terminal_connected", account=account,
+                                 role=role)  # fmt: skip
+        assert value == 1, account
+    assert connector_metric("tradecopy_connector_nats_connected") == 1
+
+    filled = open_order("f1", "p1")
+    stale = open_order("f1", "p2", expires_ns=time.time_ns() - 1_000_000)
+    await rig.send(filled)
+    await rig.send(stale)
+    await rig.report(filled.order_id)
+    await rig.report(stale.order_id)
+    await wait_until(rig.consumer_idle, "both orders settled")
+    assert connector_metric("tradecopy_connector_orders_total", outcome="filled") == (
+        before["filled"] + 1
+    )
+    assert connector_metric("tradecopy_connector_orders_total", outcome="rejected") == (
+        before["rejected"] + 1
+    )
+    assert connector_metric("tradecopy_connector_order_seconds_count") == timed + 2
+
+    await rig.stop(rig.runtimes[0])
+    # A stopped connector is connected to nothing.
+    assert connector_metric("tradecopy_connector_nats_connected") == 0
+    assert connector_metric("tradecopy_connector_terminal_connected", account="f1",
+                            role="follower") == 0  # fmt: skip

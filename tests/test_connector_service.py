@@ -232,3 +232,30 @@ async def test_bridge_run_logs_in_as_its_connector_and_serves_ops_on_loopback(
         assert "permissions violation" not in log.read_text().lower()
     finally:
         await server.stop()
+
+
+def test_a_bad_token_from_a_variable_names_token_env_and_the_variable(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    import pytest
+
+    from connectors.service import load_bridge_config
+    from engine.core.errors import TradecopyError
+
+    config = tmp_path / "bridge.toml"
+    config.write_text(
+        'connector_id = "farm-1"\nplaintext = true\n'
+        '[[terminals]]\naccount = "acc-1"\nrole = "master"\ntoken = "a-token-in-the-file"\n'
+        '[[terminals]]\naccount = "acc-2"\nrole = "master"\ntoken_env = "ACC2_TOKEN"\n'
+    )
+    monkeypatch.setenv("ACC2_TOKEN", "s3cr3t!")
+    with pytest.raises(TradecopyError) as raised:
+        load_bridge_config(config)
+    message = str(raised.value)
+    assert "`$.terminals[1].token_env` (the token in $ACC2_TOKEN)" in message
+    assert "s3cr3t!" not in message  # never the secret itself
+    # A token written in the file is still named as `token`.
+    config.write_text(config.read_text().replace("a-token-in-the-file", "x"))
+    monkeypatch.setenv("ACC2_TOKEN", "a-token-from-the-secret-store")
+    with pytest.raises(TradecopyError, match=r"`\$\.terminals\[0\]\.token`"):
+        load_bridge_config(config)

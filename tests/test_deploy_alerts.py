@@ -19,14 +19,19 @@ import prometheus_client
 import pytest
 import yaml
 
-import connectors.journal  # noqa: F401 - registers the order-memory metrics
+import connectors.journal  # registers the order-memory metrics
+import connectors.mt5.connector  # noqa: F401 - registers the MT5 terminal metrics
+import engine.ledger.metrics  # registers the ledger metrics
 import engine.replicator.metrics  # noqa: F401 - registers the replicator metrics
+from connectors.bridge.connector import BAD_FRAME_REASONS
 from connectors.contract import (
     ACCOUNT_NOT_SERVED,
     FOREIGN_BATCH,
     SUBJECT_MISMATCH,
     ConnectorRuntime,
 )
+from engine.ledger.config import LedgerConfig
+from engine.ledger.records import DROP_REASONS, Kind
 from engine.replicator.config import ReplicatorConfig
 from schemas.rejections import RejectionReason
 
@@ -37,10 +42,12 @@ DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "tradecopy.json"
 STALL_ALERTS = {
     "TradecopyReplicatorPartitionStalled": "tradecopy_replicator_partition_stall_seconds",
     "TradecopyConnectorStalled": "tradecopy_connector_stall_seconds",
+    "TradecopyLedgerConsumerStalled": "tradecopy_ledger_stall_seconds",
 }
 REFUSAL_ALERTS = {
     "TradecopyMasterEventsRejected": "tradecopy_replicator_rejections_total",
     "TradecopyConnectorRefusedOrders": "tradecopy_connector_refused_orders_total",
+    "TradecopyBridgeBadFrames": "tradecopy_bridge_bad_frames_total",
 }
 #: Every reason a refusal counter may carry: each must have a series before its first use.
 REASONS = {
@@ -48,6 +55,7 @@ REASONS = {
     "tradecopy_connector_refused_orders_total": {
         SUBJECT_MISMATCH, FOREIGN_BATCH, ACCOUNT_NOT_SERVED,
     },
+    "tradecopy_bridge_bad_frames_total": set(BAD_FRAME_REASONS),
 }  # fmt: skip
 
 
@@ -59,6 +67,11 @@ def _alerts() -> dict[str, dict[str, Any]]:
 def _exported() -> set[str]:
     """Every series name the code registers (counters with their ``_total``)."""
     return set(prometheus_client.REGISTRY._names_to_collectors)
+
+
+def _panel_exprs() -> list[str]:
+    dashboard = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    return [t["expr"] for panel in dashboard["panels"] for t in panel.get("targets", [])]
 
 
 _NAME = re.compile(r"\b(tradecopy_[a-z0-9_]+)")
@@ -79,10 +92,8 @@ def test_every_tradecopy_metric_in_the_rules_and_the_dashboard_is_exported_by_th
     used = set()
     for alert in _alerts().values():
         used |= _names(alert["expr"])
-    dashboard = json.loads(DASHBOARD.read_text(encoding="utf-8"))
-    for panel in dashboard["panels"]:
-        for target in panel.get("targets", []):
-            used |= _names(target["expr"])
+    for expr in _panel_exprs():
+        used |= _names(expr)
     assert used, "no tradecopy metric found: the pattern is wrong"
     assert used <= exported, f"not exported by any module: {sorted(used - exported)}"
 
@@ -95,11 +106,12 @@ def test_a_stall_alert_is_critical_and_waits_for_the_healthz_limit(alert: str, m
     assert rule["for"] == "1m"
     assert rule["annotations"]["summary"] and rule["annotations"]["description"]
     # The alert never fires before the service itself says it is stalled.
-    healthz_limit = (
-        ReplicatorConfig().stall_after_s
-        if "replicator" in metric
-        else inspect.signature(ConnectorRuntime).parameters["stall_after_s"].default
-    )
+    if "replicator" in metric:
+        healthz_limit = ReplicatorConfig().stall_after_s
+    elif "ledger" in metric:
+        healthz_limit = LedgerConfig().stall_after_s
+    else:
+        healthz_limit = inspect.signature(ConnectorRuntime).parameters["stall_after_s"].default
     assert _threshold(rule["expr"]) == healthz_limit
 
 
@@ -116,6 +128,36 @@ def test_a_refusal_alert_fires_on_the_first_refusal_by_reason(alert: str, metric
     family = prometheus_client.REGISTRY._names_to_collectors[metric]
     samples = [s for m in family.collect() for s in m.samples if s.name == metric]
     assert {s.labels["reason"] for s in samples} == REASONS[metric]
+
+
+def test_a_ledger_drop_alert_fires_on_the_first_drop_of_any_kind_and_reason() -> None:
+    rule = _alerts()["TradecopyLedgerDroppedMessages"]
+    metric = "tradecopy_ledger_bad_messages_total"
+    expr = " ".join(rule["expr"].split())
+    assert _names(expr) == {metric}
+    assert f"increase({metric}[10m])" in expr
+    assert re.search(r"by \([^)]*\bkind\b[^)]*\breason\b", expr)
+    assert _threshold(expr) == 0
+    # increase() cannot see a counter's first increment unless its series exists at 0.
+    family = prometheus_client.REGISTRY._names_to_collectors[metric]
+    samples = {
+        (s.labels["kind"], s.labels["reason"])
+        for m in family.collect() for s in m.samples if s.name == metric
+    }  # fmt: skip
+    assert samples >= {(kind.value, reason) for kind in Kind for reason in DROP_REASONS}
+
+
+def test_the_ledger_lag_alert_holds_the_budget_of_50_ms_at_p99_for_5_minutes() -> None:
+    rule = _alerts()["TradecopyLedgerLagHigh"]
+    expr = " ".join(rule["expr"].split())
+    assert _names(expr) == {"tradecopy_ledger_lag_seconds_bucket"}
+    assert "histogram_quantile( 0.99," in expr and _threshold(expr) == 0.05
+    assert rule["for"] == "5m"
+    # The histogram has a bucket boundary at the budget, so the estimate is not interpolated
+    # across it.
+    from engine.ledger.metrics import LAG
+
+    assert 0.05 in LAG._upper_bounds
 
 
 def test_the_dashboard_shows_stalls_by_partition_and_rejections_by_reason() -> None:
@@ -240,6 +282,130 @@ PROMTOOL_TESTS: list[dict[str, Any]] = [
 ]
 
 
+LEDGER_LAG = "tradecopy_ledger_lag_seconds_bucket"
+LEDGER_BACKLOG = "tradecopy_ledger_consumer_backlog"
+LEDGER_MESSAGES = "tradecopy_ledger_messages_total"
+LEDGER_DROPS = "tradecopy_ledger_bad_messages_total"
+_L1 = {"instance": "l1"}
+PROMTOOL_TESTS += [
+    {  # Most batches above 50 ms for longer than 5m: fires; not before it has lasted 5m.
+        "interval": "15s",
+        "input_series": [
+            _series(LEDGER_LAG, {**_L1, "kind": "decision", "le": "0.05"}, "0+0x40"),
+            _series(LEDGER_LAG, {**_L1, "kind": "decision", "le": "0.1"}, "0+100x40"),
+            _series(LEDGER_LAG, {**_L1, "kind": "decision", "le": "+Inf"}, "0+100x40"),
+        ],
+        "alert_rule_test": [
+            _quiet("TradecopyLedgerLagHigh", "4m"),
+            # rank 99 of 100, all in (0.05, 0.1]: 0.05 + 0.05 * 99 / 100 s
+            _fires("TradecopyLedgerLagHigh", "8m", {}, "99.5ms"),
+        ],
+    },
+    {  # Every batch within the budget: quiet.
+        "interval": "15s",
+        "input_series": [
+            _series(LEDGER_LAG, {**_L1, "kind": "decision", "le": "0.05"}, "0+100x40"),
+            _series(LEDGER_LAG, {**_L1, "kind": "decision", "le": "+Inf"}, "0+100x40"),
+        ],
+        "alert_rule_test": [_quiet("TradecopyLedgerLagHigh", "8m")],
+    },
+    {  # Orders wait and none is committed: fires; reports wait but are committed: quiet.
+        "interval": "1m",
+        "input_series": [
+            _series(LEDGER_BACKLOG, {**_L1, "kind": "follower_order"}, "500x15"),
+            _series(LEDGER_MESSAGES, {**_L1, "kind": "follower_order"}, "100x15"),
+            _series(LEDGER_BACKLOG, {**_L1, "kind": "execution_report"}, "500x15"),
+            _series(LEDGER_MESSAGES, {**_L1, "kind": "execution_report"}, "0+100x15"),
+            _series(LEDGER_BACKLOG, {**_L1, "kind": "decision"}, "0x15"),
+            _series(LEDGER_MESSAGES, {**_L1, "kind": "decision"}, "0x15"),
+        ],
+        "alert_rule_test": [
+            _quiet("TradecopyLedgerNotConsuming", "4m"),
+            _fires("TradecopyLedgerNotConsuming", "12m", {"kind": "follower_order"}),
+        ],
+    },
+    {  # The first undecodable decision is seen (its series exists at 0 from the start).
+        "interval": "1m",
+        "input_series": [
+            _series(LEDGER_DROPS, {**_L1, "kind": "decision", "reason": "undecodable"},
+                    "0 0 1 1"),
+            _series(LEDGER_DROPS, {**_L1, "kind": "decision", "reason": "nul_in_text"},
+                    "0 0 0 0"),
+        ],
+        "alert_rule_test": [
+            _quiet("TradecopyLedgerDroppedMessages", "1m"),
+            _fires("TradecopyLedgerDroppedMessages", "3m",
+                   {**_L1, "kind": "decision", "reason": "undecodable"}),
+        ],
+    },
+    {  # A ledger that cannot reach PostgreSQL for a minute; one that can.
+        "interval": "15s",
+        "input_series": [
+            _series("tradecopy_ledger_database_up", _L1, "1 1 0x10"),
+            _series("tradecopy_ledger_database_up", {"instance": "l2"}, "1x12"),
+        ],
+        "alert_rule_test": [
+            _fires("TradecopyLedgerDatabaseDown", "2m", _L1),
+        ],
+    },
+    {  # A ledger Prometheus cannot scrape.
+        "interval": "15s",
+        "input_series": [
+            _series("up", {"job": "tradecopy-ledger", "instance": "ledger-1:9465"}, "1 0x10"),
+        ],
+        "alert_rule_test": [
+            _fires("TradecopyLedgerDown", "2m", {"job": "tradecopy-ledger",
+                                                 "instance": "ledger-1:9465"}),
+        ],
+    },
+]  # fmt: skip
+
+TERMINAL = "tradecopy_connector_terminal_connected"
+CONNECTOR_ORDERS = "tradecopy_connector_orders_total"
+SEQUENCE_GAPS = "tradecopy_bridge_sequence_gaps_total"
+BAD_FRAMES = "tradecopy_bridge_bad_frames_total"
+_NEVER = {"connector": "b1", "account": "never", "instance": "c1"}
+_THERE = {"connector": "b1", "account": "there", "instance": "c1"}
+PROMTOOL_TESTS += [
+    {  # A configured terminal that never connected (0 from the start) and one that is there.
+        "interval": "30s",
+        "input_series": [
+            _series(TERMINAL, _NEVER, "0x10"),
+            _series(TERMINAL, _THERE, "1x10"),
+        ],
+        "alert_rule_test": [
+            _quiet("TradecopyTerminalDisconnected", "1m"),
+            _fires("TradecopyTerminalDisconnected", "3m", _NEVER),
+        ],
+    },
+    {  # The first rejected order is seen (its series exists at 0); a filled one is not news.
+        "interval": "1m",
+        "input_series": [
+            _series(CONNECTOR_ORDERS, {"connector": "b1", "outcome": "rejected",
+                                       "instance": "c1"}, "0 0 1 1"),
+            _series(CONNECTOR_ORDERS, {"connector": "b1", "outcome": "filled",
+                                       "instance": "c1"}, "0 5 10 15"),
+        ],
+        "alert_rule_test": [
+            _quiet("TradecopyFollowerOrdersRejected", "1m"),
+            _fires("TradecopyFollowerOrdersRejected", "3m",
+                   {"connector": "b1", "instance": "c1"}),
+        ],
+    },
+    {  # One malformed frame; the other reasons stay quiet.
+        "interval": "1m",
+        "input_series": [
+            _series(BAD_FRAMES, {"reason": "malformed", "instance": "c1"}, "0 0 1 1"),
+            _series(BAD_FRAMES, {"reason": "denied", "instance": "c1"}, "0 0 0 0"),
+        ],
+        "alert_rule_test": [
+            _quiet("TradecopyBridgeBadFrames", "1m"),
+            _fires("TradecopyBridgeBadFrames", "3m", {"reason": "malformed", "instance": "c1"}),
+        ],
+    },
+]  # fmt: skip
+
+
 def test_promtool_rule_unit_tests(tmp_path: Path) -> None:
     promtool = shutil.which("promtool")
     if promtool is None:
@@ -253,3 +419,41 @@ def test_promtool_rule_unit_tests(tmp_path: Path) -> None:
         [promtool, "test", "rules", str(tests)], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+#: What each kind of trouble an operator asked to see must have: an alert and a panel.
+COVERED = {
+    "terminal disconnected or never connected": "tradecopy_connector_terminal_connected",
+    "bad frames": "tradecopy_bridge_bad_frames_total",
+    "sequence gaps": "tradecopy_bridge_sequence_gaps_total",
+    "order execution latency": "tradecopy_connector_order_seconds_bucket",
+    "stalled replicator consumers": "tradecopy_replicator_partition_stall_seconds",
+    "stalled connector consumers": "tradecopy_connector_stall_seconds",
+    "master events rejected": "tradecopy_replicator_rejections_total",
+    "orders rejected": "tradecopy_connector_orders_total",
+    "connector without NATS": "tradecopy_connector_nats_connected",
+    "ledger lag over its budget": "tradecopy_ledger_lag_seconds_bucket",
+    "ledger not consuming": "tradecopy_ledger_consumer_backlog",
+    "stalled ledger consumers": "tradecopy_ledger_stall_seconds",
+    "messages the ledger drops": "tradecopy_ledger_bad_messages_total",
+    "ledger without PostgreSQL": "tradecopy_ledger_database_up",
+}
+
+
+@pytest.mark.parametrize(("trouble", "metric"), COVERED.items())
+def test_every_kind_of_trouble_has_an_alert_and_a_panel(trouble: str, metric: str) -> None:
+    alerts = [a for a in _alerts().values() if metric in _names(a["expr"])]
+    assert alerts, f"no alert on {trouble} ({metric})"
+    assert any(metric in _names(expr) for expr in _panel_exprs()), f"no panel on {trouble}"
+
+
+def test_a_ledger_that_cannot_be_scraped_is_alerted_on() -> None:
+    rule = _alerts()["TradecopyLedgerDown"]
+    assert " ".join(rule["expr"].split()) == 'up{job="tradecopy-ledger"} == 0'
+    assert rule["labels"]["severity"] == "critical"
+
+
+def test_a_connector_that_cannot_be_scraped_is_alerted_on() -> None:
+    rule = _alerts()["TradecopyConnectorDown"]
+    assert " ".join(rule["expr"].split()) == 'up{job="tradecopy-connector"} == 0'
+    assert rule["labels"]["severity"] == "critical"

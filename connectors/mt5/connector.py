@@ -216,6 +216,9 @@ class Mt5Terminal:
         self.seen_deals: dict[int, int] = {}
         self._specs: list[SymbolSpec] | None = None
         self.connection = ConnectionState()
+        # Series from the start, at 0 until the terminal has been read (terminal_status).
+        for gauge in (TERMINAL_CONNECTED, TERMINAL_SYNCHRONISED, TERMINAL_TRADE_ALLOWED):
+            gauge.labels(self.account).set(0)
         self._connection_checked = 0.0
         self._reconnect_at = 0.0
         self._backoff_s = config.reconnect_backoff_s

@@ -22,7 +22,9 @@ class OpsServer:
     """Serves ``GET /metrics`` (default Prometheus registry) and ``GET /healthz``.
 
     ``health`` is called per request; the response is 200 when its ``"ok"`` entry
-    is truthy and 503 otherwise, so load balancers and k8s probes need no parsing.
+    is truthy and 503 otherwise, so load balancers and k8s probes need no parsing. A health
+    that is not ok says why in ``"reason"`` (the services' checks do; a check that raises
+    gets one here).
     """
 
     def __init__(self, host: str, port: int, health: Callable[[], dict[str, object]]) -> None:
@@ -87,7 +89,7 @@ class OpsServer:
         except Exception as exc:
             # A broken health callback means we cannot vouch for the process.
             _log.exception("health check failed")
-            status = {"ok": False, "error": repr(exc)}
+            status = {"ok": False, "reason": "the health check failed", "error": repr(exc)}
         body = orjson.dumps(status, default=str, option=orjson.OPT_NON_STR_KEYS)
         return web.Response(
             status=200 if status.get("ok") else 503,
