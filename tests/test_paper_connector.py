@@ -1021,3 +1021,21 @@ async def test_an_old_format_state_file_loads_and_keeps_recognising_its_orders(
         opened.position_id, opened.price, opened.volume,
     )  # fmt: skip
     assert [p.master_ref for p in upgraded.venue.positions("f1")] == ["m1:p2"]
+
+
+async def test_a_follower_close_report_carries_the_money_the_venue_booked(
+    tmp_path: Path,
+) -> None:
+    clock = WallClock()
+    terminal = follower_terminal(tmp_path / "pf.paper", clock)
+    opened = await execute(terminal, direct_open("f1", "p1"))
+    terminal.on_quote(next(ticks(7)))
+    closed = await execute(terminal, direct_close("f1", "p1"))
+    assert isinstance(opened, OrderFilled) and isinstance(closed, OrderFilled)
+    # An open closes nothing: it says no profit at all.
+    assert (opened.profit, opened.commission, opened.swap) == (None, None, None)
+    # 0.1 lot of XAUUSD: price move x 100 oz x 0.1, in cents, as the balance moved.
+    expected = round((closed.price - opened.price) * 10, 2)
+    assert (closed.profit, closed.commission, closed.swap) == (expected, 0.0, 0.0)
+    assert terminal.venue.account_state("f1").balance == round(10_000.0 + expected, 2)
+    terminal.close()

@@ -191,7 +191,7 @@ def test_one_way_symbols_allow_their_own_direction(trade_mode: TradeMode, side: 
         # Each row is wrong in several ways (the volume 0.001 is always below the minimum);
         # the first complaint in MT5's order wins.
         ("EURUSD", XAUUSD, "EUR", None, Retcode.INVALID, "unknown symbol 'EURUSD'"),
-        ("XAUUSD", mode(TradeMode.DISABLED), "EUR", None, Retcode.INVALID, "does not convert"),
+        ("XAUUSD", mode(TradeMode.DISABLED), "EUR", None, Retcode.INVALID, "no pair that conv"),
         ("XAUUSD", mode(TradeMode.DISABLED), "USD", None, Retcode.TRADE_DISABLED, "disabled"),
         ("XAUUSD", XAUUSD, "USD", None, Retcode.MARKET_CLOSED, "no quote for XAUUSD yet"),
         ("XAUUSD", XAUUSD, "USD", FIRST, Retcode.INVALID_VOLUME, "below the minimum"),

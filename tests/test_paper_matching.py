@@ -164,6 +164,7 @@ def test_buy_stop_triggers_when_ask_reaches_its_price() -> None:
             open_ts_ns=2,
             client_order_id="ev-9:l1",
             master_ref="m1:9",
+            margin=500.5,  # 0.10 x 100 x 5005.00 / 100, held since the fill
         )
     }
     triggered = events[0]

@@ -107,6 +107,9 @@ def test_buy_010_from_5000_closed_at_bid_5010_makes_100_usd() -> None:
             volume=0.10,
             price=5010.00,
             reason="client",
+            profit=100.00,
+            commission=0.0,
+            swap=0.0,
         )
     ]
 
@@ -243,14 +246,15 @@ def test_price_deviation_beyond_the_limit_is_a_requote_that_may_be_retried() -> 
     assert (near.ok, near.duplicate, near.price) == (True, False, 5010.69)
 
 
-def test_other_currency_accounts_cannot_trade_usd_symbols() -> None:
+def test_an_account_no_venue_pair_converts_to_is_refused_with_the_reason() -> None:
     venue = PaperVenue()
     venue.open_account("eur-1", currency="EUR", balance=10_000.0)
     venue.on_quote(QUOTES[0])
     result = venue.market_order("eur-1", "XAUUSD", Side.BUY, 0.10)
     assert (result.ok, result.retcode) == (False, Retcode.INVALID)
-    assert "does not convert currencies" in result.reason
-    assert venue.symbol_spec("eur-1", "XAUUSD").trade_mode is TradeMode.DISABLED
+    assert "no pair that converts USD to EUR" in result.reason
+    # Not switched off behind the follower's back: its orders get the venue's reason.
+    assert venue.symbol_spec("eur-1", "XAUUSD").trade_mode is TradeMode.FULL
 
 
 def test_unknown_account_and_symbol() -> None:
@@ -553,6 +557,9 @@ def test_close_by_with_equal_volumes_closes_both_at_the_open_price_difference() 
             opposite_position_id=sell,
             side=Side.BUY,
             volume=0.10,
+            profit=100.00,
+            commission=0.0,
+            swap=0.0,
         )
     ]
     assert venue.positions(ACCOUNT) == []

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
-from connectors.paper.model import AccountBook, Position, SymbolConfig
+from connectors.paper.model import AccountBook, MarginMode, Position, SymbolConfig
 from connectors.paper.prices import Quote
 from engine.core.volume import decimals
 from schemas.common import OrderType, Side
@@ -52,7 +52,8 @@ def exit_price(side: Side, quote: Quote) -> float:
 def deal_profit(
     cfg: SymbolConfig, side: Side, volume: float, open_price: float, close_price: float
 ) -> float:
-    """Profit in account currency of closing ``volume`` lots: ticks moved x tick value x lots."""
+    """Profit in the symbol's profit currency of closing ``volume`` lots: ticks moved x tick
+    value x lots (``connectors.paper.fx`` converts it to the account currency)."""
     ticks = (close_price - open_price) / cfg.tick_size
     return direction(side) * ticks * cfg.tick_value * volume
 
@@ -63,15 +64,19 @@ def to_minor(amount: float, money_digits: int) -> int:
 
 
 def position_margin(cfg: SymbolConfig, volume: float, price: float, leverage: int) -> float:
-    """Margin held for a position: notional / leverage x margin rate, at its open price.
-
-    The symbol's prices are in the account currency (the venue only trades same-currency
-    symbols), so the notional needs no conversion. Hedged legs are summed, not netted.
+    """Margin for a position in the symbol's margin currency, at its open price: notional /
+    leverage x margin rate, the notional being lots x contract size (forex mode: in the base
+    currency, whatever the price) or lots x contract size x price (CFD leverage mode).
+    Hedged legs are summed, not netted.
     """
-    return volume * cfg.contract_size * price / leverage * cfg.margin_rate
+    notional = volume * cfg.contract_size
+    if cfg.margin_mode is not MarginMode.FOREX:
+        notional *= price
+    return notional / leverage * cfg.margin_rate
 
 
 def floating_profit(cfg: SymbolConfig, position: Position, quote: Quote | None) -> float:
+    """Profit of closing the whole position now, in the symbol's profit currency."""
     if quote is None:
         return 0.0
     return deal_profit(
@@ -80,16 +85,30 @@ def floating_profit(cfg: SymbolConfig, position: Position, quote: Quote | None) 
 
 
 def account_figures(
-    book: AccountBook, symbols: Mapping[str, SymbolConfig], quotes: Mapping[str, Quote]
+    book: AccountBook,
+    symbols: Mapping[str, SymbolConfig],
+    quotes: Mapping[str, Quote],
+    to_account: Callable[[str, float], float | None] | None = None,
 ) -> tuple[float, float, float]:
-    """``(balance, equity, margin)`` of one account at the latest quotes."""
+    """``(balance, equity, margin)`` of one account at the latest quotes.
+
+    ``to_account(currency, amount)`` converts a position's floating profit from its profit
+    currency (None: no conversion quote, counted as no floating profit); without it profits
+    are taken as already in the account currency. Accrued swaps count in equity; margin is
+    what each position holds since its open.
+    """
     balance = book.balance_minor / 10**book.money_digits
     floating = 0.0
     margin = 0.0
     for position in book.positions.values():
         cfg = symbols[position.symbol]
-        floating += floating_profit(cfg, position, quotes.get(position.symbol))
-        margin += position_margin(cfg, position.volume, position.open_price, book.leverage)
+        profit = floating_profit(cfg, position, quotes.get(position.symbol))
+        if to_account is not None and profit:
+            profit = to_account(cfg.profit_currency, profit) or 0.0
+        floating += profit + position.swap
+        margin += position.margin or position_margin(
+            cfg, position.volume, position.open_price, book.leverage
+        )
     return balance, balance + floating, margin
 
 

@@ -16,6 +16,7 @@ import structlog
 from connectors.contract import ConnectorRuntime
 from connectors.journal import OrderJournal, OrderMemoryConfig
 from connectors.paper.model import XAUUSD, Position, Result, SymbolConfig, VenueState
+from connectors.paper.names import SymbolNames
 from connectors.paper.prices import PriceReplay, Quote
 from connectors.paper.quotes import NatsQuotes
 from connectors.paper.venue import PaperVenue
@@ -136,10 +137,13 @@ class PaperTerminal:
         *,
         order_memory: OrderMemoryConfig | None = None,
         wall_clock: Callable[[], int] = time.time_ns,
+        names: SymbolNames | None = None,
     ) -> PaperTerminal:
         """Restore from ``state_path`` (and its journal) if there, else open the accounts fresh.
 
         ``accounts`` rows: (id, currency, balance, leverage, role) with role master/follower.
+        ``symbols`` and ``names`` usually come from ``PaperVenueConfig`` (``[paper.venue]``):
+        ``config.symbol_configs()`` and ``config.names()``.
         Opening an account that exists changes nothing: start-up and recovery are one path.
         A state file of the old whole-file format is upgraded on the way.
         """
@@ -151,12 +155,12 @@ class PaperTerminal:
         if journal.state is not None:
             state = msgspec.msgpack.decode(journal.state, type=PaperConnectorState)
             venue = PaperVenue.restore(state.venue, symbols, order_memory=order_memory,
-                                       wall_clock=wall_clock,
-                                       remember_client_orders=False)  # fmt: skip
+                                       wall_clock=wall_clock, remember_client_orders=False,
+                                       names=names)  # fmt: skip
             outbox = [codec.master_event_decoder.decode(e) for e in state.outbox]
         else:
             venue = PaperVenue(symbols, order_memory=order_memory, wall_clock=wall_clock,
-                               remember_client_orders=False)  # fmt: skip
+                               remember_client_orders=False, names=names)  # fmt: skip
         for account, currency, balance, leverage, _ in accounts:
             venue.open_account(account, currency, balance, leverage)
         masters = [a for a, *_, role in accounts if role == "master"]
@@ -295,7 +299,7 @@ class PaperTerminal:
                     position.position_id,
                     master_ref(order.master, order.new_master_position_id),
                 )
-            return _filled(reports, result, position.symbol, position.side.flipped())
+            return _filled(reports, result, position.symbol, position.side.flipped(), closing=True)
         if isinstance(order, FollowerModify):
             position = venue.position_by_master_ref(
                 account, master_ref(order.master, order.master_position_id)
@@ -418,12 +422,20 @@ class PaperTerminal:
         return reports.done(f"closed {len(closed)} position(s): {order.reason}", closed)
 
 
-def _filled(reports: OrderReports, result: Result, symbol: str, side: Side) -> ExecutionReport:
-    """A market deal's venue result as the order's report."""
+def _filled(
+    reports: OrderReports, result: Result, symbol: str, side: Side, *, closing: bool = False
+) -> ExecutionReport:
+    """A market deal's venue result as the order's report; a close carries the money it
+    booked (profit, commission, swap in the account currency)."""
     if not result.ok:
         return reports.rejected(result.retcode, result.reason)
-    return reports.filled(symbol, result.position_id or "", side, result.volume, result.price,
-                          terminal_ns=time.time_ns())  # fmt: skip
+    report = reports.filled(symbol, result.position_id or "", side, result.volume,
+                            result.price, terminal_ns=time.time_ns())  # fmt: skip
+    if closing:
+        report = msgspec.structs.replace(
+            report, profit=result.profit, commission=result.commission, swap=result.swap
+        )
+    return report
 
 
 def _filled_from(reports: OrderReports, position: Position) -> ExecutionReport:

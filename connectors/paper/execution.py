@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import msgspec
 
 from connectors.paper import accounting as acc
-from connectors.paper.ledger import Ledger, reject
+from connectors.paper.ledger import ClosingDeal, Ledger, reject
 from connectors.paper.model import (
     AccountBook,
     PendingOrder,
@@ -72,23 +73,23 @@ def open_position(
     if stops is not None:
         return reject(Retcode.INVALID_STOPS, stops)
     volume = acc.normalize_volume(volume, cfg)
-    money = ledger.money_error(book, cfg, volume, price)
+    money = ledger.money_error(book, cfg, volume, price, side)
     if money is not None:
         return reject(Retcode.NO_MONEY, money)
     ticket = ledger.ticket()
-    position = Position(
-        position_id=ticket,
-        account=book.account_id,
-        symbol=symbol,
-        side=side,
-        volume=volume,
-        open_price=price,
+    position = new_position(
+        ledger,
+        book,
+        cfg,
+        ticket,
+        side,
+        volume,
+        price,
+        ts,
         sl=sl,
         tp=tp,
-        open_ts_ns=ts,
         **msgspec.structs.asdict(tags),
     )
-    book.positions[ticket] = position
     event = ledger.position_event(
         book,
         PositionOpened,
@@ -100,16 +101,54 @@ def open_position(
         tp=tp,
         comment=tags.comment,
     )
-    return _done(ticket, ticket, price, volume, 0.0, event)
+    return _done(ticket, ticket, price, volume, event, commission=position.commission,
+                 conversion=position.conversion)  # fmt: skip
+
+
+def new_position(
+    ledger: Ledger,
+    book: AccountBook,
+    cfg: SymbolConfig,
+    position_id: str,
+    side: Side,
+    volume: float,
+    price: float,
+    ts: int,
+    **fields: Any,
+) -> Position:
+    """Open a position on the book: its margin held in the account currency, its entry
+    commission booked, and the pair converting its profit named (and logged once)."""
+    margin = ledger.margin_for(book, cfg, side, volume, price) or 0.0
+    commission = ledger.entry_commission(book, cfg, volume)
+    position = Position(
+        position_id=position_id,
+        account=book.account_id,
+        symbol=cfg.symbol,
+        side=side,
+        volume=volume,
+        open_price=price,
+        open_ts_ns=ts,
+        commission=commission,
+        margin=margin,
+        conversion=ledger.tell_conversion(book, cfg),
+        **fields,
+    )
+    book.positions[position_id] = position
+    return position
 
 
 def close_position(
-    ledger: Ledger, book: AccountBook, position_id: str, volume: float | None, ts: int
+    ledger: Ledger,
+    book: AccountBook,
+    position_id: str,
+    volume: float | None,
+    ts: int,
+    reason: str = "client",
 ) -> Result:
     position = book.positions.get(position_id)
     if position is None:
         return reject(Retcode.POSITION_CLOSED, f"no open position {position_id}")
-    checked = ledger.change_checks(position.symbol)
+    checked = ledger.change_checks(position.symbol, book)
     if isinstance(checked, Result):
         return checked
     cfg, quote = checked
@@ -125,8 +164,8 @@ def close_position(
         )
     price = acc.exit_price(position.side, quote)
     if volume == held:
-        profit, event = ledger.close_whole(book, cfg, position, price, ts, "client")
-        return _done(position_id, None, price, volume, profit, event)
+        _, event = ledger.close_whole(book, cfg, position, price, ts, reason)
+        return _done(position_id, None, price, volume, event, conversion=position.conversion)
     remainder = acc.normalize_volume(held - volume, cfg)
     if remainder < cfg.volume_min:
         return reject(
@@ -134,12 +173,13 @@ def close_position(
             f"closing {volume} of {held} would leave {remainder}, below the minimum"
             f" {cfg.volume_min}; close the whole position instead",
         )
-    profit = ledger.realise(book, cfg, position, volume, price)
-    book.positions[position_id] = msgspec.structs.replace(position, volume=remainder)
+    deal = ledger.book_close(book, cfg, position, volume, price)
+    book.positions[position_id] = ledger.reduced(book, position, deal, remainder)
     event = ledger.position_event(
-        book, PositionReduced, ts, position, volume_before=held, volume_after=remainder, price=price
-    )
-    return _done(position_id, None, price, volume, profit, event)
+        book, PositionReduced, ts, position, volume_before=held, volume_after=remainder,
+        price=price, **_money(deal),
+    )  # fmt: skip
+    return _done(position_id, None, price, volume, event, conversion=deal.conversion)
 
 
 def close_by(
@@ -154,24 +194,36 @@ def close_by(
         return reject(
             Retcode.INVALID, "close-by needs two positions in one symbol on opposite sides"
         )
-    checked = ledger.change_checks(first.symbol)
+    checked = ledger.change_checks(first.symbol, book)
     if isinstance(checked, Result):
         return checked
     cfg, _ = checked
     volume = min(first.volume, second.volume)
     # MT5: the first leg closes at the opposite's open price, the opposite at its own (no P&L).
     price = second.open_price
-    profit = ledger.realise(book, cfg, first, volume, price)
-    for position in (first, second):
+    deals = [
+        ledger.book_close(book, cfg, first, volume, price),
+        ledger.book_close(book, cfg, second, volume, second.open_price),
+    ]
+    for position, deal in zip((first, second), deals, strict=True):
         rest = acc.normalize_volume(position.volume - volume, cfg)
         if rest > 0:
-            book.positions[position.position_id] = msgspec.structs.replace(position, volume=rest)
+            book.positions[position.position_id] = ledger.reduced(book, position, deal, rest)
         else:
             del book.positions[position.position_id]
-    event = ledger.position_event(
-        book, PositionClosedBy, ts, first, opposite_position_id=opposite_id, volume=volume
+    digits = book.money_digits
+    total = ClosingDeal(
+        profit=round(sum(d.profit for d in deals), digits),
+        commission=round(sum(d.commission for d in deals), digits),
+        swap=round(sum(d.swap for d in deals), digits),
+        entry_commission=0.0,
+        conversion=deals[0].conversion,
     )
-    return _done(position_id, None, price, volume, profit, event)
+    event = ledger.position_event(
+        book, PositionClosedBy, ts, first, opposite_position_id=opposite_id, volume=volume,
+        **_money(total),
+    )  # fmt: skip
+    return _done(position_id, None, price, volume, event, conversion=total.conversion)
 
 
 def modify_position(
@@ -199,7 +251,7 @@ def modify_position(
         return reject(Retcode.INVALID_STOPS, stops)
     book.positions[position_id] = msgspec.structs.replace(position, sl=sl, tp=tp)
     event = ledger.position_event(book, PositionModified, ts, position, sl=sl, tp=tp)
-    return _done(position_id, None, 0.0, position.volume, 0.0, event)
+    return _done(position_id, None, 0.0, position.volume, event)
 
 
 def place_pending(
@@ -227,7 +279,7 @@ def place_pending(
     order = PendingOrder(
         order_id=ledger.ticket(),
         account=book.account_id,
-        symbol=symbol,
+        symbol=cfg.symbol,
         order_type=order_type,
         volume=volume,
         price=price,
@@ -351,14 +403,26 @@ def pending_levels(
     return price, sl, tp
 
 
+def _money(deal: ClosingDeal) -> dict[str, float]:
+    """A closing deal's money as the fields of its master event."""
+    return {"profit": deal.profit, "commission": deal.commission, "swap": deal.swap}
+
+
 def _done(
     position_id: str,
     order_id: str | None,
     price: float,
     volume: float,
-    profit: float,
     event: Transaction,
+    *,
+    commission: float | None = None,
+    conversion: str = "",
 ) -> Result:
+    """A done deal; its money comes from the closing event (an open: only ``commission``)."""
+    profit = getattr(event, "profit", None)
+    swap = getattr(event, "swap", None)
+    if commission is None:
+        commission = getattr(event, "commission", None)
     return Result(
         ok=True,
         retcode=Retcode.DONE,
@@ -366,6 +430,9 @@ def _done(
         order_id=order_id,
         price=price,
         volume=volume,
-        profit=profit,
+        profit=profit or 0.0,
+        commission=commission or 0.0,
+        swap=swap or 0.0,
+        conversion=conversion,
         transactions=[event],
     )

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from connectors.paper import accounting as acc
+from connectors.paper.execution import new_position
 from connectors.paper.ledger import Ledger
-from connectors.paper.model import AccountBook, Position, SymbolConfig, Transaction
+from connectors.paper.model import AccountBook, SymbolConfig, Transaction
 from connectors.paper.prices import Quote
 from schemas.master import PendingOrderCancelled, PendingOrderTriggered
 
@@ -32,30 +33,22 @@ def trigger_pendings(
             continue
         if not acc.pending_triggered(order.order_type, order.price, quote):
             continue
+        if not ledger.convertible(book, cfg):
+            continue  # waits for the conversion pair's quote, as for its own
         del book.pendings[order.order_id]
         side = order.order_type.side
         # Market-like fill at the quote: a gap through the order price fills past it.
         price = acc.entry_price(side, quote)
-        if ledger.money_error(book, cfg, order.volume, price) is not None:
+        if ledger.money_error(book, cfg, order.volume, price, side) is not None:
             # MT5 cancels a pending order whose activation fails for lack of margin.
             events.append(ledger.order_event(book, PendingOrderCancelled, ts, order))
             continue
         # MT5: a position's id is the ticket of the order that opened it.
-        book.positions[order.order_id] = Position(
-            position_id=order.order_id,
-            account=book.account_id,
-            symbol=order.symbol,
-            side=side,
-            volume=order.volume,
-            open_price=price,
-            sl=order.sl,
-            tp=order.tp,
-            magic=order.magic,
-            comment=order.comment,
-            open_ts_ns=ts,
-            client_order_id=order.client_order_id,
-            master_ref=order.master_ref,
-        )
+        new_position(
+            ledger, book, cfg, order.order_id, side, order.volume, price, ts, sl=order.sl,
+            tp=order.tp, magic=order.magic, comment=order.comment,
+            client_order_id=order.client_order_id, master_ref=order.master_ref,
+        )  # fmt: skip
         event = ledger.order_event(
             book,
             PendingOrderTriggered,
@@ -84,6 +77,8 @@ def hit_stops(
     for position in list(book.positions.values()):
         if position.symbol != cfg.symbol or (position.sl is None and position.tp is None):
             continue
+        if not ledger.convertible(book, cfg):
+            continue  # the profit cannot be booked until the conversion pair is quoted
         price = acc.exit_price(position.side, quote)
         sign = acc.direction(position.side)
         if position.sl is not None and (price - position.sl) * sign <= 0:
@@ -103,8 +98,14 @@ def stop_out(ledger: Ledger, book: AccountBook, ts: int, events: list[Transactio
         _, equity, margin = ledger.figures(book)
         if margin <= 0 or equity / margin * 100.0 >= ledger.stop_out_level:
             return
+        closable = [
+            p for p in book.positions.values()
+            if ledger.convertible(book, ledger.symbols[p.symbol])
+        ]  # fmt: skip
+        if not closable:
+            return
         # min() keeps the first of equal losers: the oldest ticket goes first.
-        worst = min(book.positions.values(), key=ledger.floating)
+        worst = min(closable, key=ledger.floating)
         cfg = ledger.symbols[worst.symbol]
         quote = ledger.quotes.get(worst.symbol)
         price = worst.open_price if quote is None else acc.exit_price(worst.side, quote)

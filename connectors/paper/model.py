@@ -29,6 +29,7 @@ class Retcode(enum.IntEnum):
     TRADE_DISABLED = 10017
     MARKET_CLOSED = 10018
     NO_MONEY = 10019
+    PRICE_OFF = 10021
     INVALID_EXPIRATION = 10022
     NO_CHANGES = 10025
     POSITION_CLOSED = 10036
@@ -38,6 +39,15 @@ class Retcode(enum.IntEnum):
     CLOSE_ONLY = 10044
 
 
+class MarginMode(enum.StrEnum):
+    """How margin is computed (MetaTrader's SYMBOL_TRADE_CALC_MODE), in the margin currency."""
+
+    FOREX = "forex"
+    """lots x contract size / leverage x margin rate (MT5 SYMBOL_CALC_MODE_FOREX)."""
+    CFD_LEVERAGE = "cfd_leverage"
+    """lots x contract size x price / leverage x margin rate (SYMBOL_CALC_MODE_CFDLEVERAGE)."""
+
+
 class SymbolConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """How one symbol trades on the venue (MetaTrader's SymbolInfo)."""
 
@@ -45,7 +55,8 @@ class SymbolConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     contract_size: float
     tick_size: float
     tick_value: float
-    """Account-currency value of one tick for one lot."""
+    """Value of one tick for one lot in the profit currency (the account's currency when the
+    two are the same; otherwise converted at the live rate, see ``connectors.paper.fx``)."""
     digits: int
     volume_min: float
     volume_max: float
@@ -56,10 +67,33 @@ class SymbolConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     stops_level_points: int = 0
     """Nearest SL/TP/pending distance from the market, in points (MT5's stops level)."""
     profit_currency: str = "USD"
+    base_currency: str = ""
+    """The first currency of a currency pair (EUR in EURUSD); empty for CFDs. A symbol with
+    both currencies can convert money between them for other symbols."""
+    margin_currency: str = ""
+    """The currency margin is computed in; empty means the base currency of a pair in forex
+    mode, else the profit currency."""
+    margin_mode: MarginMode = MarginMode.CFD_LEVERAGE
+    swap_long: float = 0.0
+    """Swap of one lot held long over one rollover, in points (MT5 SYMBOL_SWAP_MODE_POINTS);
+    negative is a charge."""
+    swap_short: float = 0.0
+    triple_swap_weekday: int = 2
+    """The night whose rollover counts three days (``date.weekday()``, 2 = Wednesday)."""
+    commission_per_lot: float = 0.0
+    """Charged per lot on every deal (entry and exit), in the profit currency."""
 
     @property
     def point(self) -> float:
         return 10.0**-self.digits
+
+    @property
+    def margin_ccy(self) -> str:
+        if self.margin_currency:
+            return self.margin_currency
+        if self.margin_mode is MarginMode.FOREX and self.base_currency:
+            return self.base_currency
+        return self.profit_currency
 
 
 XAUUSD = SymbolConfig(
@@ -93,7 +127,16 @@ class Position(msgspec.Struct, frozen=True, kw_only=True):
     master_ref: str | None = None
     """What the position copies, e.g. ``"master:position"``; free-form for the caller."""
     swap: float = 0.0
+    """Swap accrued so far, in the account currency (booked to the balance on close)."""
     commission: float = 0.0
+    """Entry commission not yet attributed to a close, in the account currency (already
+    booked to the balance when the position opened)."""
+    margin: float = 0.0
+    """Margin held, in the account currency, fixed at the open (0 in snapshots from before
+    the field: then computed from the open price as the venue always did)."""
+    conversion: str = ""
+    """The pair(s) converting the symbol's profit to the account currency, e.g. ``"USDJPY"``
+    or ``"EURUSD*USDJPY"`` (a cross); empty when no conversion is needed."""
 
 
 class PendingOrder(msgspec.Struct, frozen=True, kw_only=True):
@@ -127,6 +170,13 @@ class Result(msgspec.Struct, frozen=True, kw_only=True):
     volume: float = 0.0
     profit: float = 0.0
     """Realised profit of the request's deals, in account currency."""
+    commission: float = 0.0
+    """Commission of the request's deals (a close: with the closed part's entry commission),
+    in account currency; negative is a charge."""
+    swap: float = 0.0
+    """Swap booked by the request (a close: the closed part's accrued swap)."""
+    conversion: str = ""
+    """The pair(s) that converted the deal's money to the account currency (see Position)."""
     duplicate: bool = False
     """The client order id had already been executed: this is the original answer again."""
     transactions: list[Transaction] = []
@@ -161,3 +211,5 @@ class VenueState(msgspec.Struct, kw_only=True):
     stop_out_level: float
     accounts: list[AccountBook]
     quotes: list[Quote]
+    rollover_day: int = 0
+    """The last UTC day (days since the epoch) whose swap rollover was applied."""

@@ -13,7 +13,8 @@ import structlog
 
 from connectors.journal import EVICTED, OrderMemoryConfig
 from connectors.paper import accounting as acc
-from connectors.paper import execution
+from connectors.paper import execution, fx
+from connectors.paper.config import PaperVenueConfig
 from connectors.paper.execution import Tags
 from connectors.paper.ledger import Ledger, reject
 from connectors.paper.matching import process_quote
@@ -28,9 +29,10 @@ from connectors.paper.model import (
     Transaction,
     VenueState,
 )
+from connectors.paper.names import SymbolNames
 from connectors.paper.prices import Quote
 from engine.runtime.files import write_atomically
-from schemas.account import AccountState, SymbolSpec, TradeMode
+from schemas.account import AccountState, SymbolSpec
 from schemas.common import OrderType, Side, is_account_id
 
 #: A requote is MT5's "try again": the same client order id may be retried after one.
@@ -40,6 +42,7 @@ _STATE_VERSION = 1
 _NS = 1_000_000_000
 #: The metric label of the venue's client-order-id memory.
 _MEMORY = "paper_venue"
+EVICTED.labels(_MEMORY)  # from 0, so the eviction alert's increase() sees the first one
 
 log = structlog.get_logger("tradecopy.paper")
 
@@ -68,9 +71,16 @@ class PaperVenue:
     ``remember_client_orders=False``: it still answers ids it was told of (:meth:`remember`),
     and its history stays out of its memory and its snapshots.
 
-    Limits, on purpose: a symbol trades only on accounts in its profit currency (no FX
-    conversion); hedged positions' margins are summed, not netted; no swaps or commissions;
-    a stop-out may leave a negative balance (no negative-balance protection).
+    Money in another currency is converted as MT5 does (``connectors.paper.fx``): profit,
+    swap and commission from the symbol's profit currency and margin from its margin currency
+    into the account's, at the live quote of a pair the venue trades (direct, inverse, or a
+    cross through USD). A symbol no pair converts is refused with 10013 and the reason; one
+    whose conversion pair has no quote yet, with 10021 PRICE_OFF. ``names`` lets broker names
+    (``usdjpy.``, aliases) find the venue's symbols.
+
+    Limits, on purpose: hedged positions' margins are summed, not netted, and held at the
+    rate of the open; swaps accrue at 00:00 UTC; a stop-out may leave a negative balance (no
+    negative-balance protection).
     """
 
     def __init__(
@@ -81,8 +91,9 @@ class PaperVenue:
         order_memory: OrderMemoryConfig | None = None,
         wall_clock: Callable[[], int] = time.time_ns,
         remember_client_orders: bool = True,
+        names: SymbolNames | None = None,
     ) -> None:
-        self._ledger = Ledger(symbols, stop_out_level)
+        self._ledger = Ledger(symbols, stop_out_level, names)
         self.order_memory = order_memory or OrderMemoryConfig()
         self.wall_clock = wall_clock
         self.remember_client_orders = remember_client_orders
@@ -90,6 +101,21 @@ class PaperVenue:
         # again since (or forgotten) is stale and skipped.
         self._remembered: deque[tuple[int, str, str]] = deque()
         self._remembered_count = 0
+
+    @classmethod
+    def from_config(
+        cls,
+        config: PaperVenueConfig,
+        *,
+        order_memory: OrderMemoryConfig | None = None,
+        wall_clock: Callable[[], int] = time.time_ns,
+        remember_client_orders: bool = True,
+    ) -> PaperVenue:
+        """A venue trading what ``[paper.venue]`` lists, under its broker names."""
+        return cls(config.symbol_configs(), stop_out_level=config.stop_out_level,
+                   order_memory=order_memory, wall_clock=wall_clock,
+                   remember_client_orders=remember_client_orders,
+                   names=config.names())  # fmt: skip
 
     # ------------------------------------------------------------------ accounts, queries
 
@@ -153,25 +179,55 @@ class PaperVenue:
         )
 
     def symbol_spec(self, account: str, symbol: str, now_ns: int | None = None) -> SymbolSpec:
-        """The symbol as this account sees it: disabled unless it settles in its currency."""
+        """The symbol as this account sees it, its tick value in the account's currency.
+
+        The tick value is the losing one (MT5's ``SYMBOL_TRADE_TICK_VALUE_LOSS``: what risk
+        sizing needs) at the live conversion quote. Without that quote it is the profit
+        currency's, logged: an order then gets the venue's reason (10021), the symbol is
+        not switched off behind the caller's back.
+        """
         book = self._book(account)
-        cfg = self._ledger.symbols.get(symbol)
+        cfg = self._ledger.symbols.get(self._ledger.resolve(symbol))
         if cfg is None:
             raise UnknownSymbolError(symbol)
-        same_currency = cfg.profit_currency == book.currency
+        tick_value = self._ledger.to_account(book, cfg.profit_currency, -cfg.tick_value)
+        if tick_value is None:
+            log.warning("paper_tick_value_unconverted", account=account, symbol=cfg.symbol,
+                        profit_currency=cfg.profit_currency, currency=book.currency)  # fmt: skip
+            tick_value = -cfg.tick_value
         return SymbolSpec(
             account=account,
-            symbol=symbol,
+            symbol=cfg.symbol,
             ts_ns=self._ts(now_ns),
             contract_size=cfg.contract_size,
             tick_size=cfg.tick_size,
-            tick_value=cfg.tick_value,
+            tick_value=-tick_value,
             digits=cfg.digits,
             volume_min=cfg.volume_min,
             volume_max=cfg.volume_max,
             volume_step=cfg.volume_step,
-            trade_mode=cfg.trade_mode if same_currency else TradeMode.DISABLED,
+            trade_mode=cfg.trade_mode,
         )
+
+    def conversion(self, account: str, symbol: str) -> fx.Conversion | None:
+        """How ``symbol``'s profit becomes ``account``'s money (its pairs), or None when the
+        venue trades no pair for it."""
+        book = self._book(account)
+        cfg = self._ledger.symbols.get(self._ledger.resolve(symbol))
+        if cfg is None:
+            raise UnknownSymbolError(symbol)
+        return self._ledger.conversion(cfg.profit_currency, book.currency)
+
+    def resolve(self, symbol: str) -> str | None:
+        """The venue's symbol a broker name means (suffixes, aliases), or None."""
+        resolved = self._ledger.resolve(symbol)
+        return resolved if resolved in self._ledger.symbols else None
+
+    def floating_profit(self, account: str, position_id: str) -> float:
+        """A position's floating profit in the account currency at the latest quotes (0
+        without them; accrued swap not included)."""
+        position = self._book(account).positions.get(position_id)
+        return 0.0 if position is None else self._ledger.floating(position)
 
     def positions(self, account: str) -> list[Position]:
         """Open positions, oldest ticket first."""
@@ -258,18 +314,22 @@ class PaperVenue:
         *,
         client_order_id: str | None = None,
         now_ns: int | None = None,
+        reason: str = "client",
     ) -> Result:
         """Close a position at the bid (buy) or ask (sell), wholly or in part.
 
         A partial close keeps the position id (MT5 hedging) and reports PositionReduced; a
         remainder below the symbol's minimum is refused with 10014 INVALID_VOLUME, a volume
-        above the held one with 10038 INVALID_CLOSE_VOLUME.
+        above the held one with 10038 INVALID_CLOSE_VOLUME. ``reason`` is what a whole
+        close reports (a replayed statement's ``sl``/``tp``).
         """
         ts = self._ts(now_ns)
         return self._request(
             account,
             client_order_id,
-            lambda book: execution.close_position(self._ledger, book, position_id, volume, ts),
+            lambda book: execution.close_position(
+                self._ledger, book, position_id, volume, ts, reason
+            ),
         )
 
     def close_by(
@@ -393,12 +453,15 @@ class PaperVenue:
         Quotes for symbols the venue does not trade, or with impossible prices, are ignored.
         """
         ledger = self._ledger
-        cfg = ledger.symbols.get(quote.symbol)
+        cfg = ledger.symbols.get(ledger.resolve(quote.symbol))
         sane = math.isfinite(quote.bid) and math.isfinite(quote.ask) and 0 < quote.bid <= quote.ask
         if cfg is None or not sane:
             return []
+        if quote.symbol != cfg.symbol:
+            quote = msgspec.structs.replace(quote, symbol=cfg.symbol)
         ledger.quotes[quote.symbol] = quote
         ledger.clock_ns = quote.ts_ns
+        ledger.rollover(quote.ts_ns)
         return process_quote(ledger, cfg, quote)
 
     def _request(
@@ -457,6 +520,29 @@ class PaperVenue:
     def _ts(self, now_ns: int | None) -> int:
         return self._ledger.clock_ns if now_ns is None else now_ns
 
+    def position(self, account: str, position_id: str) -> Position | None:
+        """One open position of ``account`` (None when it has none of that id)."""
+        return self._book(account).positions.get(position_id)
+
+    def set_position_charges(
+        self, account: str, position_id: str, *, swap: float, commission: float
+    ) -> None:
+        """Set an open position's accrued swap and entry commission, in the account currency
+        (a broker's own charges, e.g. a statement being replayed: no order request sets them).
+        Entry commission is booked to the balance when held, so the balance moves by the
+        change; the swap is booked when the position closes."""
+        book = self._book(account)
+        position = book.positions.get(position_id)
+        if position is None:
+            raise ValueError(f"{account} has no open position {position_id!r}")
+        digits = book.money_digits
+        book.balance_minor += acc.to_minor(commission, digits) - acc.to_minor(
+            position.commission, digits
+        )
+        book.positions[position_id] = msgspec.structs.replace(
+            position, swap=swap, commission=commission
+        )
+
     def _book(self, account: str) -> AccountBook:
         book = self._ledger.accounts.get(account)
         if book is None:
@@ -482,6 +568,7 @@ class PaperVenue:
             stop_out_level=ledger.stop_out_level,
             accounts=accounts,
             quotes=list(ledger.quotes.values()),
+            rollover_day=ledger.rollover_day,
         )
         return msgspec.msgpack.encode(state)
 
@@ -494,14 +581,15 @@ class PaperVenue:
         order_memory: OrderMemoryConfig | None = None,
         wall_clock: Callable[[], int] = time.time_ns,
         remember_client_orders: bool = True,
+        names: SymbolNames | None = None,
     ) -> PaperVenue:
         """The venue a :meth:`snapshot` saved, trading ``symbols`` (they are not saved)."""
         state = _state_decoder.decode(data)
         if state.version != _STATE_VERSION:
             raise ValueError(f"snapshot version {state.version}, this venue reads {_STATE_VERSION}")
         venue = cls(symbols, stop_out_level=state.stop_out_level, order_memory=order_memory,
-                    wall_clock=wall_clock,
-                    remember_client_orders=remember_client_orders)  # fmt: skip
+                    wall_clock=wall_clock, remember_client_orders=remember_client_orders,
+                    names=names)  # fmt: skip
         ledger = venue._ledger
         for book in state.accounts:
             used = {p.symbol for p in book.positions.values()}
@@ -515,6 +603,7 @@ class PaperVenue:
         ledger.quotes = {q.symbol: q for q in state.quotes}
         ledger.next_ticket = state.next_ticket
         ledger.clock_ns = state.clock_ns
+        ledger.rollover_day = state.rollover_day
         venue._recall_memory()
         return venue
 
