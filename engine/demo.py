@@ -24,7 +24,13 @@ from connectors.paper.model import XAUUSD, Result
 from connectors.paper.prices import PriceReplay, load_bars
 from connectors.paper.venue import PaperVenue
 from engine.core.volume import partial_close_volume
+from engine.ledger import store as ledger_store
+from engine.ledger.service import spawn_ledger, wait_for_ledger, wait_for_ledger_drained
+from engine.ledger.store import migrate
 from engine.runtime.eventloop import run_async
+from engine.runtime.natsauth import Role
+from engine.runtime.postgres import start_database
+from engine.runtime.processes import stop_process
 from engine.runtime.stack import LocalStack
 from schemas import codec, subjects
 from schemas.common import OrderType, Side
@@ -414,7 +420,9 @@ def live_view(terminal: PaperTerminal, observed: Observed, log_lines: list[str])
 # ------------------------------------------------------------------------- run
 
 
-async def run_demo(seconds: float, followers: int, speed: float, as_json: bool) -> dict[str, Any]:
+async def run_demo(
+    seconds: float, followers: int, speed: float, as_json: bool, database_url: str | None = None
+) -> dict[str, Any]:
     console = Console(stderr=as_json)
     log_lines: list[str] = []
 
@@ -430,7 +438,20 @@ async def run_demo(seconds: float, followers: int, speed: float, as_json: bool) 
         await stack.add_connector(CONNECTOR, masters=[MASTER], followers=ids)
         await stack.start()
         connector = None
+        ledger = None
+        postgres = None
         try:
+            # PostgreSQL: the configured one (TRADECOPY_DATABASE_URL), else embedded, and one
+            # ledger instance storing everything the demo does.
+            database_url, postgres = await start_database(database_url, root=root / "postgres")
+            await migrate(database_url)
+            started_at = await _database_now(database_url)
+            ledger = spawn_ledger(
+                stack.url,
+                database_url,
+                instance="demo",
+                env=stack.child_env(stack.user(Role.LEDGER)),
+            )
             nc, js = stack.nc, stack.js
             [replicator] = stack.spawn_replicators(instance="demo")
             balances = {f: KINDS[i % len(KINDS)].balance for i, f in enumerate(ids)}
@@ -466,6 +487,7 @@ async def run_demo(seconds: float, followers: int, speed: float, as_json: bool) 
             await nc.subscribe(subjects.MASTER_EVENTS_IN, cb=count_master)
             await connector.start()
             await _wait_ready(stack, connector)
+            await wait_for_ledger(js)
             log(f"NATS {stack.url}; replicator pid {replicator.pid}; {len(ids)} followers")
             trader = ScriptedTrader(connector, log)
             steps = trader.steps()
@@ -516,6 +538,8 @@ async def run_demo(seconds: float, followers: int, speed: float, as_json: bool) 
                 out.print(f"[red]unexpected:[/] {problem}")
             for r in rejected:
                 out.print(f"rejected by the venue: {r.follower} {r.order_id}: {r.reason}")
+            summary["ledger"] = await _ledger_summary(js, database_url, started_at)
+            out.print(_ledger_line(summary["ledger"], postgres is not None))
             out.print(
                 f"{summary['master_events']} master events → {summary['orders']} follower orders, "
                 f"{summary['fills']} fills, {summary['skipped']} skipped, "
@@ -525,7 +549,38 @@ async def run_demo(seconds: float, followers: int, speed: float, as_json: bool) 
         finally:
             if connector is not None:
                 await connector.stop()
+            if ledger is not None:
+                stop_process(ledger)
             await stack.stop()
+            if postgres is not None:
+                await postgres.stop()
+
+
+async def _database_now(database_url: str) -> Any:
+    conn = await ledger_store.connect(database_url)
+    try:
+        return await conn.fetchval("SELECT now()")
+    finally:
+        await conn.close()
+
+
+async def _ledger_summary(js: Any, database_url: str, since: Any) -> dict[str, int]:
+    """Rows the ledger stored during the demo, per kind, once it has caught up."""
+    await wait_for_ledger_drained(js, 10)
+    conn = await ledger_store.connect(database_url)
+    try:
+        counts = await ledger_store.stored_counts(conn, since=since)
+    finally:
+        await conn.close()
+    return {kind.value: n for kind, n in counts.items()}
+
+
+def _ledger_line(counts: dict[str, int], embedded: bool) -> str:
+    names = {"master_event": "master events", "follower_order": "orders",
+             "execution_report": "reports", "decision": "decisions",
+             "rejection": "rejections", "account_state": "account states"}  # fmt: skip
+    stored = ", ".join(f"{counts.get(kind, 0)} {name}" for kind, name in names.items())
+    return f"ledger ({'embedded ' if embedded else ''}PostgreSQL): {stored}"
 
 
 async def _wait_ready(stack: LocalStack, connector: PaperConnector) -> None:
@@ -564,8 +619,10 @@ async def _wait_all_reported(
                 return
 
 
-def main(seconds: float, followers: int, speed: float, as_json: bool) -> int:
-    summary = run_async(run_demo(seconds, followers, speed, as_json))
+def main(
+    seconds: float, followers: int, speed: float, as_json: bool, database_url: str | None = None
+) -> int:
+    summary = run_async(run_demo(seconds, followers, speed, as_json, database_url))
     if as_json:
         sys.stdout.write(json.dumps(summary) + "\n")
     return 0 if summary["unexpected_positions"] == 0 else 1

@@ -254,6 +254,7 @@ async def test_the_quotes_user_publishes_quotes_and_nothing_else(stack: LocalSta
     await stack.nc.subscribe(subjects.QUOTES, cb=on_quote)
     await stack.nc.flush()
     await quotes.nc.publish(subjects.quotes("XAUUSD"), b"q")
+    await quotes.nc.flush()  # the server has it before we wait (no flusher timing under load)
     await wait_until(lambda: seen == [subjects.quotes("XAUUSD")], "the quote to arrive")
     events_before = await stream_last_seq(stack, MASTER_EVENTS_STREAM)
     for subject in (

@@ -29,6 +29,7 @@ from schemas.common import is_account_id
 from schemas.streams import (
     FOLLOWER_ORDERS_STREAM,
     KV_BUCKETS,
+    LEDGER_CONSUMERS,
     MASTER_EVENTS_STREAM,
     all_streams,
 )
@@ -95,6 +96,8 @@ class Role(enum.StrEnum):
     QUOTES = "quotes"
     API = "api"
     """The HTTP facade: reads, plus the operator's writes (links, stops)."""
+    LEDGER = "ledger"
+    """The ledger: its own durable consumers on the streams it stores, nothing else."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,6 +237,16 @@ def replicator_permissions() -> Permissions:
     return Permissions(tuple(dict.fromkeys(publish)), subscribe)
 
 
+def ledger_permissions() -> Permissions:
+    """Its durable consumers on the streams it stores (create, inspect, pull, acknowledge) and
+    its inbox: no publish on any contract subject, no other consumer."""
+    publish: list[str] = []
+    for stream, durable in LEDGER_CONSUMERS:
+        publish += _durable_owner(stream, durable)
+        publish.append(_api("CONSUMER", "MSG", "NEXT", stream, durable))
+    return Permissions(tuple(dict.fromkeys(publish)), (f"{inbox_prefix(Role.LEDGER)}.>",))
+
+
 def connector_permissions(
     connector_id: str, masters: Iterable[str] = (), followers: Iterable[str] = ()
 ) -> Permissions:
@@ -277,11 +290,15 @@ def permissions_for(role: Role) -> Permissions:
             return _controller(role.value)
         case Role.QUOTES:
             return quotes_permissions()
+        case Role.LEDGER:
+            return ledger_permissions()
     raise NatsCredentialsError(f"role {role.value!r} has one user per connector id")
 
 
 #: Roles with one shared user each, in the order the configs list them.
-SINGLE_USER_ROLES = (Role.ADMIN, Role.REPLICATOR, Role.OPERATOR, Role.API, Role.QUOTES)
+SINGLE_USER_ROLES = (
+    Role.ADMIN, Role.REPLICATOR, Role.OPERATOR, Role.API, Role.QUOTES, Role.LEDGER,
+)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- keys
