@@ -10,7 +10,13 @@ the replicator, the simulated connectors as connectors), as in production.
 ``--sync default,always`` runs everything once per JetStream fsync setting, one server each:
 the cost of ``sync_interval: always`` (fsync before every ack) next to the default.
 
-    python -m benchmarks.fanout [--followers 1,100,1000] [--events 200] [--sync default] [--json]
+``--instances 1,2`` runs every case once per number of replicator processes: with n > 1 the
+master's links are split into n link shards (``tradecopy replicator run --shard i/n``), each
+process planning one, so one master's fan-out is planned in parallel. A batched fan-out is
+then one batch per connector and shard; the floor publishes as many messages.
+
+    python -m benchmarks.fanout [--followers 1,100,1000] [--events 200] [--instances 1]
+                                [--sync default] [--json]
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from typing import Any
 import nats
 
 from engine.core.errors import TradecopyError
+from engine.replicator.config import link_shard
 from engine.runtime.eventloop import run_async
 from engine.runtime.jetstream import ensure_buckets
 from engine.runtime.natsauth import Role
@@ -90,6 +97,20 @@ def connectors_for(n: int) -> int:
     return -(-n // FOLLOWERS_PER_CONNECTOR)
 
 
+def case_link_id(n: int, batched: bool, i: int) -> str:
+    return f"bench-{'b' if batched else 's'}{n}-{i:04d}"
+
+
+def case_messages(n: int, batched: bool, shards: int) -> int:
+    """Messages one event of a case becomes: one per order, or one per connector and shard."""
+    if not batched:
+        return n
+    return len(
+        {(i // FOLLOWERS_PER_CONNECTOR, link_shard(case_link_id(n, batched, i), shards))
+         for i in range(n)}
+    )  # fmt: skip
+
+
 def case_accounts(n: int, batched: bool) -> tuple[str, str, list[str]]:
     """The master, the floor's master and the followers of a case (names fixed up front, so
     every simulated connector's NATS user can be made before the server starts)."""
@@ -111,13 +132,12 @@ async def _seed_case(
     Batched followers name their connector in their account state (100 per connector), so
     the replicator groups their orders; the others get one message per order.
     """
-    tag = "b" if batched else "s"
     master, floor_master, followers = case_accounts(n, batched)
     now = time.time_ns()
 
     async def seed_follower(i: int, follower: str) -> None:
         link = CopyLink(
-            link_id=f"bench-{tag}{n}-{i:04d}",
+            link_id=case_link_id(n, batched, i),
             master=master,
             follower=follower,
             sizing=Multiplier(factor=1.0 + (i % 5) * 0.5),
@@ -154,6 +174,18 @@ async def _seed_case(
             *(seed_follower(i, f) for i, f in enumerate(followers[start : start + 100], start))
         )
     return master, floor_master, followers
+
+
+def _cpu_s(pids: list[int]) -> float | None:
+    """User + system CPU seconds of these processes so far (None where /proc is missing)."""
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def _event(master: str, seq: int) -> bytes:
@@ -207,8 +239,10 @@ async def run(
     modes: list[str],
     partitions: int = 16,
     sync: str = "default",
+    instances: int = 1,
 ) -> dict[str, Any]:
-    """One server (``sync``: its JetStream fsync setting), every case on it."""
+    """One server (``sync``: its JetStream fsync setting), every case on it, planned by
+    ``instances`` replicator processes (one link shard each)."""
     with tempfile.TemporaryDirectory(prefix="tc-bench-") as tmp:
         stack = LocalStack(
             Path(tmp) / "nats", partitions=partitions, name="bench",
@@ -227,7 +261,7 @@ async def run(
             js = stack.js
             debug = bool(os.environ.get("TC_BENCH_DEBUG"))
             stack.spawn_replicators(
-                instance="bench", batch_by_connector=True,
+                instances, instance="bench", batch_by_connector=True, shards=instances,
                 log_level="debug" if debug else "warning", quiet=not debug,
             )  # fmt: skip
             # The floor consumes and publishes exactly what the replicator does, as it.
@@ -247,12 +281,14 @@ async def run(
                 master, floor_master, followers = await _seed_case(
                     stack.buckets[subjects.KV_LINKS], accounts, n, batched
                 )
-                messages = connectors_for(n) if batched else n
+                messages = case_messages(n, batched, instances)
+                followers_file = Path(tmp) / f"followers-{mode}-{n}.txt"
+                followers_file.write_text("\n".join(followers), encoding="utf-8")
                 floor = subprocess.Popen(
                     [sys.executable, "-m", "benchmarks.floor_relay", "--nats-url", stack.url,
-                     "--master", floor_master, "--followers", ",".join(followers),
+                     "--master", floor_master, "--followers-file", str(followers_file),
                      "--durable", f"floor-{mode}-{n}",
-                     "--batches", str(connectors_for(n) if batched else 0)],
+                     "--batches", str(messages if batched else 0)],
                     env=floor_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 )  # fmt: skip
                 procs.append(floor)
@@ -260,16 +296,25 @@ async def run(
                 await _wait_ready(nc, counter, floor_master, messages)
                 ours: list[int] = []
                 bare: list[int] = []
-                case_events = events if n < 1000 else max(events // 2, 20)
+                # Large fan-outs store megabytes per event: fewer events, still ≥ 20.
+                case_events = events if n < 1000 else max(events // (2 if n < 10_000 else 10), 20)
+                replicators = [proc.pid for proc in stack.replicators]
+                cpu_before = (_cpu_s(replicators), _cpu_s([floor.pid]))
                 for seq in range(case_events):
                     ours.append(await _one(nc, counter, master, seq, messages))
                     bare.append(await _one(nc, counter, floor_master, seq, messages))
+                cpu_after = (_cpu_s(replicators), _cpu_s([floor.pid]))
                 floor.terminate()
                 p, f = percentiles(ours), percentiles(bare)
+                cpu = [
+                    None if a is None or b is None else round((a - b) / case_events * 1e6)
+                    for a, b in zip(cpu_after, cpu_before, strict=True)
+                ]
                 cases.append(
                     {
                         "mode": mode,
                         "followers": n,
+                        "instances": instances,
                         "sync": sync,
                         "messages_per_event": messages,
                         "events": case_events,
@@ -279,8 +324,14 @@ async def run(
                         "floor_p50_us": round(f.p50_us, 1),
                         "floor_p99_us": round(f.p99_us, 1),
                         "floor_max_us": round(f.max_us, 1),
+                        # CPU the processes used per event, whatever else runs on the machine
+                        # (Linux; coarse: the kernel counts in clock ticks).
+                        "cpu_us_per_event": cpu[0],
+                        "floor_cpu_us_per_event": cpu[1],
                         "ratio_p50": round(p.p50_us / f.p50_us, 3),
                         "ratio_p99": round(p.p99_us / f.p99_us, 3),
+                        "per_link_us": round(p.p50_us / n, 3),
+                        "excess_per_link_us": round((p.p50_us - f.p50_us) / n, 3),
                     }
                 )
             return {"cases": cases}
@@ -298,6 +349,7 @@ async def run(
 _COLUMNS = (
     ("mode", "mode", "{:>9}"),
     ("followers", "followers", "{:>9}"),
+    ("procs", "instances", "{:>5}"),
     ("msgs", "messages_per_event", "{:>5}"),
     ("events", "events", "{:>6}"),
     ("p50 µs", "p50_us", "{:>9.1f}"),
@@ -307,6 +359,7 @@ _COLUMNS = (
     ("floor p99", "floor_p99_us", "{:>9.1f}"),
     ("ratio p50", "ratio_p50", "{:>9.2f}"),
     ("ratio p99", "ratio_p99", "{:>9.2f}"),
+    ("µs/link", "per_link_us", "{:>9.3f}"),
 )
 
 
@@ -355,6 +408,12 @@ def main(argv: list[str] | None = None) -> int:
         help="JetStream fsync settings, comma-separated: default (the server's), always, or a "
         "duration (1s); each runs every case on a server of its own",
     )
+    parser.add_argument(
+        "--instances",
+        default="1",
+        help="replicator processes, comma-separated (2: the links split into 2 link shards); "
+        "each runs every case on a server of its own",
+    )
     args = parser.parse_args(argv)
     counts = [int(x) for x in args.followers.split(",") if x.strip()]
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -365,9 +424,15 @@ def main(argv: list[str] | None = None) -> int:
         syncs = sync_settings(args.sync)
     except TradecopyError as exc:
         parser.error(str(exc))
+    instance_counts = [int(x) for x in args.instances.split(",") if x.strip()]
+    if not instance_counts or min(instance_counts) < 1:
+        parser.error("--instances wants counts of 1 or more")
     cases: list[dict[str, Any]] = []
     for sync in syncs:
-        cases += run_async(run(counts, args.events, modes, sync=sync))["cases"]
+        for instances in instance_counts:
+            cases += run_async(run(counts, args.events, modes, sync=sync, instances=instances))[
+                "cases"
+            ]
     result = {"cases": cases}
     print(render(result))
     if args.json:

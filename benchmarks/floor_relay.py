@@ -120,12 +120,20 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--nats-url", required=True)
     parser.add_argument("--master", required=True)
-    parser.add_argument("--followers", required=True, help="comma-separated follower ids")
+    followers = parser.add_mutually_exclusive_group(required=True)
+    followers.add_argument("--followers", help="comma-separated follower ids")
+    followers.add_argument(
+        "--followers-file", help="a file of follower ids, one a line (10,000 ids outgrow argv)"
+    )
     parser.add_argument("--durable", default="floor-relay")
     parser.add_argument("--batches", type=int, default=0, help="connector batches (0: none)")
     args = parser.parse_args()
-    run_async(relay(args.nats_url, args.master, args.followers.split(","), args.durable,
-                    args.batches))  # fmt: skip
+    if args.followers_file:
+        with open(args.followers_file, encoding="utf-8") as ids:
+            accounts = [line.strip() for line in ids if line.strip()]
+    else:
+        accounts = args.followers.split(",")
+    run_async(relay(args.nats_url, args.master, accounts, args.durable, args.batches))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ from typing import Any
 
 import pytest
 
+from benchmarks.fanout_profile import STAGES
+
 
 def bench(*args: str) -> dict[str, Any]:
     done = subprocess.run(
@@ -58,6 +60,32 @@ def test_e2e_fills_every_trade_and_times_every_hop() -> None:
         whole = case["hops"]["master fill → follower fill"]
         assert 0 < whole["p50_us"] <= whole["p99_us"]
         assert len(case["hops"]) == 6
+        assert (case["p50_us"], case["p99_us"]) == (whole["p50_us"], whole["p99_us"])
+        assert 0 < case["floor_p50_us"] <= case["floor_p99_us"]
+
+
+def test_e2e_measures_sparse_trades_next_to_a_relay_woken_the_same_way() -> None:
+    result = bench("e2e", "--trades", "4", "--gap-ms", "30")
+    [case] = result["cases"]
+    assert (case["gap_ms"], case["fills"]) == (30.0, 4)
+    # The last line leads with the case's numbers and the floor beside them.
+    assert list(result)[:5] == ["p50_us", "p99_us", "floor_p50_us", "floor_p99_us", "ratio_p50"]
+    assert 0 < result["floor_p50_us"] <= result["floor_p99_us"]
+    assert result["p50_us"] == case["hops"]["master fill → follower fill"]["p50_us"]
+    assert result["ratio_p50"] == pytest.approx(result["p50_us"] / result["floor_p50_us"], 0.01)
+
+
+def test_fanout_over_two_link_shards_measures_every_batch() -> None:
+    result = bench("fanout", "--events", "3", "--followers", "150", "--modes", "batch",
+                   "--instances", "2")  # fmt: skip
+    [case] = result["cases"]
+    assert (case["instances"], case["followers"], case["events"]) == (2, 150, 3)
+    # Two connectors (100 followers each), each with links in both shards: 4 batches.
+    assert case["messages_per_event"] == 4
+    assert 0 < case["p50_us"] <= case["p99_us"] and case["floor_p50_us"] > 0
+    assert case["per_link_us"] == pytest.approx(case["p50_us"] / 150, abs=0.001)
+    # The processes' CPU per event (clock ticks: may round to 0 on a tiny case).
+    assert case["cpu_us_per_event"] >= 0 and case["floor_cpu_us_per_event"] >= 0
 
 
 def test_a_bad_sync_setting_is_a_usage_error() -> None:
@@ -75,3 +103,15 @@ def test_bridge_loses_and_repeats_nothing(link: str) -> None:
     assert (result["orders"], result["fills"], result["lost"], result["duplicates"]) == (6, 6, 0, 0)
     assert 0 < result["p50_us"] <= result["p99_us"]
     assert len(result["hops_p50_us"]) == 5
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_every_profiled_stage_runs(stage: str) -> None:
+    # What callgrind counts (`python -m benchmarks.fanout_profile --callgrind`), without it.
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.fanout_profile", "--stage", stage,
+         "--followers", "150", "--repeat", "2"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stderr.startswith(f"{stage}: ")

@@ -1048,14 +1048,17 @@ async def test_an_event_whose_copy_rules_raise_is_rejected_and_its_partition_mov
 ) -> None:
     from engine.replicator import service
 
-    plan_event = service.plan_event
+    def defective(planner: Any) -> Any:
+        def plan(event: MasterEvent, *args: Any) -> Any:
+            if event.event_id == "ev-defect":
+                raise ZeroDivisionError("float division by zero")
+            return planner(event, *args)
 
-    def defective(event: MasterEvent, *args: Any) -> Any:
-        if event.event_id == "ev-defect":
-            raise ZeroDivisionError("float division by zero")
-        return plan_event(event, *args)
+        return plan
 
-    monkeypatch.setattr(service, "plan_event", defective)
+    # Whichever planner the service uses (the fan-out planner unless configured otherwise).
+    monkeypatch.setattr(service, "plan_event", defective(service.plan_event))
+    monkeypatch.setattr(service, "plan_fan_out", defective(service.plan_fan_out))
     await env.follower(CopyLink(link_id="l1", master="m1", follower="f1"))
     await env.start()
     before = rejections_metric(RejectionReason.PLANNING_FAILED)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import socket
-from typing import Annotated
+import zlib
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -40,7 +41,30 @@ class ReplicatorConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     clock_skew_s: Annotated[float, msgspec.Meta(ge=0)] = 5.0
     """How far in the future an event's timestamp may be; an event dated later is judged by
     its arrival time (signal age, trading hours), never by the time it claims."""
+    shard: Annotated[int, msgspec.Meta(ge=0)] = 0
+    """Which link shard this instance plans (``0 … shards-1``)."""
+    shards: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 1
+    """Link shards: one master's links split by ``crc32(link_id) % shards``, each shard with
+    its own durable consumer per partition, so one master's fan-out is planned by several
+    processes in parallel. Every follower's link is in exactly one shard, so its orders keep
+    the master's event order. Run at least one instance per shard."""
+    planner: Literal["fan_out", "reference"] = "fan_out"
+    """``fan_out``: every link of an event in one pass over links compiled per master symbol
+    (``fanout.py``); ``reference``: each link through ``rules.plan_event``. Same plans."""
     stall_after_s: Annotated[float, msgspec.Meta(gt=0)] = 30.0
     """A partition with master events pending whose acknowledgements have not advanced for
     this long is stalled: ``/healthz`` answers 503. Keep it above ``publish_timeout_s ×
     publish_attempts``, the longest a healthy fan-out can take."""
+
+    def __post_init__(self) -> None:
+        if self.shard >= self.shards:
+            raise ValueError(f"shard {self.shard} does not exist among {self.shards} shards")
+
+
+def link_shard(link_id: str, shards: int) -> int:
+    """The link shard of ``link_id``: a stable hash, the same in every process and release."""
+    return zlib.crc32(link_id.encode()) % shards
+
+
+def owns_link(config: ReplicatorConfig, link_id: str) -> bool:
+    return config.shards == 1 or link_shard(link_id, config.shards) == config.shard

@@ -12,6 +12,7 @@ import structlog
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from engine.replicator.facts import CompiledLink, MarketView
+from engine.replicator.fanout import FanOutCache
 from engine.replicator.metrics import BAD_MESSAGES
 from engine.replicator.state import LinkState, link_state_decoder
 from schemas import codec, subjects
@@ -22,13 +23,25 @@ log = structlog.get_logger("tradecopy.replicator.live")
 AccountListener = Callable[[AccountState], Awaitable[None]]
 
 
+LinkFilter = Callable[[str], bool]
+
+
 class LiveView:
-    def __init__(self, buckets: dict[str, KeyValue]) -> None:
+    def __init__(self, buckets: dict[str, KeyValue], owns_link: LinkFilter | None = None) -> None:
+        """``owns_link(link_id)``: the links this instance plans (its link shard); every link
+        when None. The others are not even compiled."""
         self.buckets = buckets
         self.view = MarketView()
+        self.owns_link = owns_link
         self.links: dict[str, CompiledLink] = {}
-        self.links_by_master: dict[str, tuple[CompiledLink, ...]] = {}
-        self.links_by_follower: dict[str, tuple[CompiledLink, ...]] = {}
+        self._links_by_master: dict[str, tuple[CompiledLink, ...]] = {}
+        self._links_by_follower: dict[str, tuple[CompiledLink, ...]] = {}
+        # Indexes are rebuilt on first use after a change, not once per changed link: loading
+        # or applying 10,000 links then costs one sort, not 10,000.
+        self._stale = False
+        #: Each master's links compiled per symbol for the fan-out planner; rebuilt on demand
+        #: after any link change.
+        self.fan_outs = FanOutCache(lambda: self.links_by_master)
         self.link_revisions: dict[str, int] = {}
         self._watchers: list[Any] = []
         self._tasks: list[asyncio.Task[None]] = []
@@ -97,6 +110,8 @@ class LiveView:
     # Handlers: one per bucket. A bad value is logged and counted, the old one is kept.
 
     def _apply_link(self, key: str, value: bytes | None, revision: int) -> None:
+        if self.owns_link is not None and not self.owns_link(key):
+            return  # another shard's link
         if value is None:
             self.links.pop(key, None)
         else:
@@ -105,16 +120,31 @@ class LiveView:
                 raise ValueError(f"link stored under key {key!r} has link_id {link.link_id!r}")
             self.links[key] = CompiledLink(link)
             self.link_revisions[key] = revision
-        self._reindex()
+        self._stale = True
+        self.fan_outs.clear()
+
+    @property
+    def links_by_master(self) -> dict[str, tuple[CompiledLink, ...]]:
+        if self._stale:
+            self._reindex()
+        return self._links_by_master
+
+    @property
+    def links_by_follower(self) -> dict[str, tuple[CompiledLink, ...]]:
+        if self._stale:
+            self._reindex()
+        return self._links_by_follower
 
     def _reindex(self) -> None:
+        self._stale = False
         by_master: dict[str, list[CompiledLink]] = {}
         by_follower: dict[str, list[CompiledLink]] = {}
         for cl in sorted(self.links.values(), key=lambda c: c.link_id):
             by_master.setdefault(cl.link.master, []).append(cl)
             by_follower.setdefault(cl.link.follower, []).append(cl)
-        self.links_by_master = {k: tuple(v) for k, v in by_master.items()}
-        self.links_by_follower = {k: tuple(v) for k, v in by_follower.items()}
+        self._links_by_master = {k: tuple(v) for k, v in by_master.items()}
+        self._links_by_follower = {k: tuple(v) for k, v in by_follower.items()}
+        self.fan_outs.clear()
 
     def _apply_account(self, key: str, value: bytes | None, revision: int) -> None:
         if value is None:

@@ -8,7 +8,9 @@ service does all I/O.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+
+import msgspec
 
 from engine.replicator.facts import CompiledLink, EventFacts, MarketView
 from engine.replicator.gates import admit_follow_up, admit_new_copy, daily_limit_skip
@@ -21,10 +23,12 @@ from schemas.master import MasterEvent, PendingOrderPlaced, PendingOrderTriggere
 from schemas.orders import FollowerOrder
 
 
-@dataclass(slots=True)
-class CopyPlan:
+class CopyPlan(msgspec.Struct, gc=False):
+    """What one link makes of one event (a Struct: built in C, thousands per fan-out)."""
+
     order: FollowerOrder | None = None
-    decisions: list[CopyDecision] = field(default_factory=list)
+    decisions: Sequence[CopyDecision] = []
+    """A list; the fan-out planner's plain orders share one empty tuple."""
     daily_key: str | None = None
     """Set when the order is a new copy that counts toward the link's daily trade limit."""
 
@@ -93,9 +97,14 @@ def plan_event(
     view: MarketView,
     now_ns: int,
     trace: Trace,
+    facts: EventFacts | None = None,
 ) -> list[tuple[CompiledLink, CopyPlan]]:
-    """Every link's plan for one event, leaving out links with nothing to publish."""
-    facts = EventFacts(event, now_ns)
+    """Every link's plan for one event, leaving out links with nothing to publish.
+
+    The reference planner: each link through every gate, one after another. The service
+    plans with ``fanout.plan_fan_out``, which gives exactly the same plans."""
+    if facts is None:
+        facts = EventFacts(event, now_ns)
     plans = []
     for cl in links:
         try:
@@ -137,9 +146,13 @@ def _plan_new_copy(
     )
     if sized.skip is not None:
         return skipped(event, cl, now_ns, sized.skip)
-    plan = CopyPlan(daily_key=facts.daily_key)
-    for note in sized.reductions:
-        plan.decisions.append(copy_decision(event, cl, now_ns, note, DecisionOutcome.REDUCED))
+    plan = CopyPlan(
+        daily_key=facts.daily_key,
+        decisions=[
+            copy_decision(event, cl, now_ns, note, DecisionOutcome.REDUCED)
+            for note in sized.reductions
+        ],
+    )
     plan.order = new_copy_order(
         event, facts, cl, symbol=symbol, side=side, volume=sized.volume,
         now_ns=now_ns, trace=trace,

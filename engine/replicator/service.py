@@ -25,8 +25,9 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType
 
 from engine.core.calendar import trading_day
 from engine.replicator import metrics
-from engine.replicator.config import ReplicatorConfig
+from engine.replicator.config import ReplicatorConfig, owns_link
 from engine.replicator.facts import CompiledLink
+from engine.replicator.fanout import fan_out_publications, plan_fan_out
 from engine.replicator.live import LiveView
 from engine.replicator.protection import has_equity_protection, track_equity
 from engine.replicator.rules import CopyPlan, daily_limit_reached, plan_event
@@ -40,7 +41,7 @@ from schemas import codec, subjects
 from schemas.account import AccountState
 from schemas.decisions import CopyDecision, DecisionOutcome
 from schemas.master import MasterEvent
-from schemas.orders import FollowerCloseAll, FollowerOrder, FollowerOrderBatch
+from schemas.orders import FollowerCloseAll
 from schemas.rejections import MasterEventRejected, RejectionReason
 from schemas.streams import MASTER_EVENTS_STREAM, replicator_consumer
 
@@ -58,9 +59,23 @@ _MESSAGE_MAX = 1_000
 DELIVER_GROUP = "tc-replicators"
 
 
-def deliver_subject(partition: int) -> str:
-    """Where partition ``partition``'s consumer pushes; outside every stream's subjects."""
-    return f"{subjects.PREFIX}.deliver.replicator.p{partition}"
+def deliver_subject(partition: int, shard: int = 0, shards: int = 1) -> str:
+    """Where partition ``partition``'s consumer (of one link shard) pushes; outside every
+    stream's subjects."""
+    base = f"{subjects.PREFIX}.deliver.replicator.p{partition}"
+    return base if shards == 1 else f"{base}.s{shard}of{shards}"
+
+
+def consumer_name(partition: int, shard: int = 0, shards: int = 1) -> str:
+    """The durable consumer of one partition for one link shard: each shard reads every event
+    of the partition, in order, at its own pace (unsharded: the contract's name)."""
+    base = replicator_consumer(partition)
+    return base if shards == 1 else f"{base}-s{shard}of{shards}"
+
+
+def deliver_group(shard: int = 0, shards: int = 1) -> str:
+    """The queue group of one link shard's instances."""
+    return DELIVER_GROUP if shards == 1 else f"{DELIVER_GROUP}-s{shard}of{shards}"
 
 
 class Replicator:
@@ -78,6 +93,10 @@ class Replicator:
         # the event this instance is working on right now (monotonic start time).
         self._partition_progress = {p: ProgressWatch() for p in range(config.partitions)}
         self._in_flight: dict[int, float] = {}
+        self._link_decisions = metrics.LinkDecisionCounters()
+        # Two link shards may both batch for one connector: their batch ids must differ, or
+        # JetStream's dedup would drop one shard's batch as the other's copy.
+        self._batch_suffix = "" if config.shards == 1 else f"#s{config.shard}of{config.shards}"
 
     async def start(self) -> None:
         cfg = self.config
@@ -87,9 +106,12 @@ class Replicator:
         storage = StorageType.MEMORY if cfg.memory_storage else StorageType.FILE
         await ensure_streams(self.js, cfg.partitions, storage)
         buckets = await ensure_buckets(self.js, storage)
-        self.live = LiveView(buckets)
+        self.live = LiveView(
+            buckets, None if cfg.shards == 1 else lambda link_id: owns_link(cfg, link_id)
+        )
         self.live.on_follower_account(self._on_follower_account)
         await self.live.start()
+        self._sync_link_metrics()
         for partition in range(cfg.partitions):
             await self._subscribe(partition)
         for partition in range(cfg.partitions):
@@ -103,6 +125,7 @@ class Replicator:
             "replicator_started",
             instance=cfg.instance,
             partitions=cfg.partitions,
+            shard=f"{cfg.shard}/{cfg.shards}",
             links=len(self.live.links),
             nats=cfg.nats_url,
         )
@@ -142,12 +165,22 @@ class Replicator:
         return stalled
 
     def health(self) -> dict[str, object]:
-        """Up, connected, and every partition with work moving: a stalled one is not ok."""
-        connected = self.nc is not None and self.nc.is_connected
+        """Up, connected, and every partition with work moving: a stalled one is not ok, and
+        ``reason`` says why (``/healthz`` answers 503 with it)."""
+        connected = bool(self.nc is not None and self.nc.is_connected)
         stalls = {p: self.partition_stall_s(p) for p in range(self.config.partitions)}
         stalled = [p for p, seconds in stalls.items() if seconds >= self.config.stall_after_s]
+        reasons = []
+        if not connected:
+            reasons.append("NATS is not connected")
+        if self.live is None:
+            reasons.append("not started")
+        if stalled:
+            reasons.append(f"partitions {stalled} have had master events pending without "
+                           f"progress for {self.config.stall_after_s:g} s or more")  # fmt: skip
         return {
-            "ok": bool(connected and self.live is not None and not stalled),
+            "ok": not reasons,
+            "reason": "; ".join(reasons),
             "instance": self.config.instance,
             "nats_connected": connected,
             "links": 0 if self.live is None else len(self.live.links),
@@ -158,11 +191,12 @@ class Replicator:
 
     async def _ensure_consumer(self, partition: int) -> None:
         """The partition's durable push consumer, shared by every instance's queue group."""
-        name = replicator_consumer(partition)
+        shard, shards = self.config.shard, self.config.shards
+        name = consumer_name(partition, shard, shards)
         config = ConsumerConfig(
             durable_name=name,
-            deliver_subject=deliver_subject(partition),
-            deliver_group=DELIVER_GROUP,
+            deliver_subject=deliver_subject(partition, shard, shards),
+            deliver_group=deliver_group(shard, shards),
             filter_subject=subjects.master_partition_filter(partition),
             ack_policy=AckPolicy.EXPLICIT,
             deliver_policy=DeliverPolicy.ALL,
@@ -199,9 +233,11 @@ class Replicator:
             finally:
                 del in_flight[partition]
 
+        shard, shards = self.config.shard, self.config.shards
         sub = await self.nc.subscribe(
-            deliver_subject(partition), queue=DELIVER_GROUP, cb=on_message
-        )
+            deliver_subject(partition, shard, shards), queue=deliver_group(shard, shards),
+            cb=on_message,
+        )  # fmt: skip
         self._subscriptions.append(sub)
 
     async def _on_master_message(self, msg: Any) -> None:
@@ -255,12 +291,16 @@ class Replicator:
             if refusal is None:
                 if arrival_judged(event.ts_ns, now_ns, self._skew_ns):
                     event = self._judged_by_arrival(event, now_ns)
-                links = self.live.links_by_master.get(event.master, ())
-                if links:
+                fan_out = self.live.fan_outs.get(event.master, event.symbol)
+                if fan_out is not None:
+                    links = fan_out.links
                     trace = msgspec.structs.replace(
                         event.trace, replicator_in_ns=t_in, replicator_out_ns=time.time_ns()
                     )
-                    plans = plan_event(event, links, view, now_ns, trace)
+                    if self.config.planner == "reference":
+                        plans = plan_event(event, links, view, now_ns, trace)
+                    else:
+                        plans = plan_fan_out(event, fan_out, view, now_ns, trace)
         except Exception as exc:
             log.exception("copy_rules_failed", event_id=event.event_id)
             await self._refuse(
@@ -409,34 +449,11 @@ class Replicator:
     ) -> None:
         """Store every order and decision: all sent at once, their acks awaited together,
         each wait bounded (``publish_stored``)."""
-        encode = codec.encode
-        messages: list[Publication] = []
-        batches: dict[str, list[FollowerOrder]] = {}
         accounts = self.live.view.accounts if self.config.batch_by_connector else None
-        for cl, plan in plans:
-            order = plan.order
-            if order is not None:
-                state = None if accounts is None else accounts.get(cl.link.follower)
-                if state is not None and state.connector:
-                    batches.setdefault(state.connector, []).append(order)
-                else:
-                    messages.append((cl.order_subject, encode(order), order.order_id))
-            for decision in plan.decisions:
-                messages.append((cl.decision_subject, encode(decision), decision.decision_id))
-        if batches:
-            now_ns = time.time_ns()
-            for connector, orders in batches.items():
-                batch = FollowerOrderBatch(
-                    batch_id=f"{event.event_id}@{connector}",
-                    connector=connector,
-                    master=event.master,
-                    master_event_id=event.event_id,
-                    ts_ns=now_ns,
-                    orders=orders,
-                )
-                messages.append(
-                    (subjects.connector_orders(connector), encode(batch), batch.batch_id)
-                )
+        published: dict[str, int] = {}
+        messages = fan_out_publications(
+            event, plans, accounts, self._batch_suffix, time.time_ns(), published
+        )
         if not messages:
             return
         cfg = self.config
@@ -446,11 +463,20 @@ class Replicator:
             retried=metrics.PUBLISH_RETRIES.inc,
             before_retry=None if msg is None else msg.in_progress,
         )  # fmt: skip
+        self._count_published(plans, published)
+
+    def _count_published(
+        self, plans: list[tuple[CompiledLink, CopyPlan]], published: dict[str, int]
+    ) -> None:
+        """Metrics and logs of a stored fan-out: decisions one by one (they are few), orders
+        once per kind."""
         for cl, plan in plans:
-            if plan.order is not None:
-                metrics.ORDERS_PUBLISHED.labels(plan.order.__struct_config__.tag).inc()
+            if not plan.decisions:
+                continue
+            by_outcome = self._link_decisions.of(cl.link_id, cl.link.follower)
             for decision in plan.decisions:
-                metrics.DECISIONS.labels(decision.rule.value, decision.outcome.value).inc()
+                metrics.DECISIONS_BY_RULE[decision.rule, decision.outcome].inc()
+                by_outcome[decision.outcome].inc()
                 log.info(
                     "copy_decision",
                     link=cl.link_id,
@@ -458,6 +484,9 @@ class Replicator:
                     outcome=decision.outcome.value,
                     message=decision.message,
                 )
+        # Counted once per kind of order and fan-out, not once per follower.
+        for tag, count in published.items():
+            metrics.ORDERS_PUBLISHED.labels(tag).inc(count)
 
     async def _count_daily_trades(
         self, event: MasterEvent, plans: list[tuple[CompiledLink, CopyPlan]], now_ns: int
@@ -599,7 +628,8 @@ class Replicator:
                 numbers=trigger.numbers,
             )
             await self._store(cl.decision_subject, codec.encode(decision), decision.decision_id)
-            metrics.DECISIONS.labels(trigger.rule.value, outcome.value).inc()
+            metrics.DECISIONS_BY_RULE[trigger.rule, outcome].inc()
+            self._link_decisions.of(cl.link_id, cl.link.follower)[outcome].inc()
             log.warning(
                 "link_paused", link=cl.link_id, rule=trigger.rule.value, message=trigger.message
             )
@@ -627,13 +657,20 @@ class Replicator:
 
         await self._update_link_state(cl.link_id, sent)
 
+    def _sync_link_metrics(self) -> None:
+        """Every known link's decision series at 0 from the start; gone links' removed."""
+        if self.live is not None:
+            self._link_decisions.sync((k, cl.link.follower) for k, cl in self.live.links.items())
+
     async def _poll_lag(self) -> None:
         """Each partition's backlog and progress, as the shared consumer sees it."""
         while not self._stopping.is_set():
+            self._sync_link_metrics()
             for partition in range(self.config.partitions):
                 try:
+                    name = consumer_name(partition, self.config.shard, self.config.shards)
                     info = await asyncio.wait_for(
-                        self.js.consumer_info(MASTER_EVENTS_STREAM, replicator_consumer(partition)),
+                        self.js.consumer_info(MASTER_EVENTS_STREAM, name),
                         self.config.publish_timeout_s,
                     )
                 except Exception:

@@ -43,6 +43,9 @@ from engine.runtime.processes import spawn_replicator, stop_process, wait_for_re
 from schemas import subjects
 from schemas.links import CopyLink
 
+#: The link shard ``i/n`` a replicator process plans (``tradecopy replicator run --shard``).
+ENV_REPLICATOR_SHARD = "TRADECOPY_REPLICATOR_SHARD"
+
 
 class LocalStack:
     """One embedded NATS with the contract's streams and buckets, and the processes on it."""
@@ -191,12 +194,17 @@ class LocalStack:
         log_level: str = "warning",
         quiet: bool = True,
         batch_by_connector: bool = False,
+        shards: int = 1,
     ) -> list[subprocess.Popen[bytes]]:
         """``count`` more replicator processes, named ``<instance>-<n>`` (n counts from 1 across
-        calls); a metrics port > 0 is counted up per process. Each runs as the replicator."""
+        calls); a metrics port > 0 is counted up per process. Each runs as the replicator.
+
+        ``shards`` > 1 splits every master's links into that many link shards; process i
+        plans shard ``i % shards`` (so ``count`` should be a multiple of ``shards``)."""
         started = []
         for i in range(count):
             args: dict[str, Any] = {
+                "shard": f"{i % shards}/{shards}",
                 "instance": f"{instance}-{len(self.replicators) + i + 1}",
                 "metrics_port": metrics_port + i if metrics_port > 0 else metrics_port,
                 "log_level": log_level,
@@ -210,7 +218,9 @@ class LocalStack:
 
     def _spawn_replicator(self, args: dict[str, Any]) -> subprocess.Popen[bytes]:
         env = self.child_env(self.user(Role.REPLICATOR))
-        return spawn_replicator(self.server.url, partitions=self.partitions, env=env, **args)
+        options = dict(args)
+        env[ENV_REPLICATOR_SHARD] = options.pop("shard")
+        return spawn_replicator(self.server.url, partitions=self.partitions, env=env, **options)
 
     # ------------------------------------------------------------------ supervision
 

@@ -1,0 +1,460 @@
+"""The fan-out planner: one master event × every link of its master, in one pass.
+
+The same decisions as ``rules.plan_event`` (the reference, one link at a time through every
+gate), computed the way a fan-out of thousands of links can afford. What does not depend on
+the event is compiled once per (master, symbol) when the links change (``LiveView`` drops the
+compiled fan-outs on every link change): the follower's symbol, the key of its symbol spec,
+which gates can speak on the link at all, the sizing constants, and the *shape* of its orders
+(the link fields an order carries besides its ids). Per event, one pass over the links does
+what is left: the account and spec lookups (kept live by the KV watches), the sizing and the
+step rounding, and the order, copied from the first order of the same shape with only the
+per-link fields replaced.
+
+The fast pass handles the common case only: a link whose every gate passes and whose volume
+fits its symbol without a reduction. Any link where a rule could speak — a decision, a skip,
+a cap, a forced minimum, an emergency stop in the view, a link-state rule — is planned by the
+reference ``plan_link`` instead, so every decision comes from one place and the fast pass can
+only ever produce the orders the reference would (``tests/test_fast_path.py`` proves it on
+random links, events and views).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from msgspec.structs import replace
+
+from engine.core.volume import STEP_EPSILON, decimals
+from engine.replicator.facts import CompiledLink, EventFacts, MarketView
+from engine.replicator.fx import conversion_rate
+from engine.replicator.orders import follow_up_order, new_copy_order
+from engine.replicator.rules import CopyPlan, plan_event
+from engine.runtime.publishing import Publication
+from schemas import codec, subjects
+from schemas.account import AccountState, TradeMode
+from schemas.common import Trace
+from schemas.links import (
+    BalanceRatio,
+    CopyLink,
+    EquityRatio,
+    FixedLot,
+    FreeMarginRatio,
+    Multiplier,
+)
+from schemas.master import (
+    MasterEvent,
+    PendingOrderCancelled,
+    PendingOrderModified,
+    PositionModified,
+    PositionReduced,
+)
+from schemas.orders import FollowerOrder, FollowerOrderBatch
+
+# Sizing modes the fast pass computes itself; the risk modes go through the reference.
+_FIXED, _MULTIPLIER, _BALANCE, _EQUITY, _FREE_MARGIN, _REFERENCE = range(6)
+_FULL = TradeMode.FULL
+
+
+class LinkProgram:
+    """One link compiled for one master symbol: everything its plan needs that no event
+    changes."""
+
+    __slots__ = (
+        "cl",
+        "copy_modifications",
+        "copy_partial_closes",
+        "copy_pending",
+        "factor",
+        "follow_up_fast",
+        "follow_up_shape",
+        "follower",
+        "link_cap",
+        "link_id",
+        "max_open_positions",
+        "max_signal_age_ms",
+        "new_copy_shape",
+        "open_fast",
+        "pending_fast",
+        "sizing_kind",
+        "spec_key",
+        "symbol",
+    )
+
+    def __init__(self, cl: CompiledLink, master_symbol: str) -> None:
+        link = cl.link
+        self.cl = cl
+        self.link_id = cl.link_id
+        self.follower = link.follower
+        self.symbol = cl.follower_symbol(master_symbol)
+        self.spec_key = (link.follower, self.symbol)
+        # Gates that can speak on a new copy whatever the event: such a link always goes
+        # through the reference (disabled, static filters, trading hours, link-state rules).
+        simple = (
+            link.enabled
+            and not cl.has_static_filters
+            and link.trading_hours is None
+            and not cl.uses_link_state
+        )
+        self.open_fast = simple
+        self.pending_fast = simple and link.copy_pending
+        self.max_signal_age_ms = link.max_signal_age_ms
+        self.max_open_positions = link.max_open_positions
+        self.link_cap = link.max_lot
+        self.factor = 0.0
+        self.sizing_kind = _sizing_kind(link)
+        sizing = link.sizing
+        if isinstance(sizing, FixedLot):
+            self.factor = sizing.lots
+        elif isinstance(sizing, Multiplier | BalanceRatio | EquityRatio | FreeMarginRatio):
+            self.factor = sizing.factor
+        # Numbered by SymbolFanOut: links of one shape build orders equal but for their ids.
+        self.new_copy_shape = 0
+        self.follow_up_shape = 0
+        self.follow_up_fast = not cl.has_static_filters
+        self.copy_partial_closes = link.copy_partial_closes
+        self.copy_modifications = link.copy_sl_tp and link.copy_sl_tp_modifications
+        self.copy_pending = link.copy_pending
+
+
+def _new_copy_shape(link: CopyLink) -> tuple[Any, ...]:
+    """Everything ``new_copy_order`` reads from the link besides its ids (``follow_up_order``
+    reads ``copy_sl_tp`` and ``reverse``)."""
+    return (
+        link.reverse, link.copy_sl_tp, link.magic, link.max_price_deviation,
+        link.deviation_policy, link.deviation_wait_ms, link.max_signal_age_ms,
+    )  # fmt: skip
+
+
+def _sizing_kind(link: CopyLink) -> int:
+    sizing = link.sizing
+    if isinstance(sizing, FixedLot):
+        return _FIXED
+    if isinstance(sizing, Multiplier):
+        return _MULTIPLIER
+    if isinstance(sizing, BalanceRatio):
+        return _BALANCE
+    if isinstance(sizing, EquityRatio):
+        return _EQUITY
+    if isinstance(sizing, FreeMarginRatio):
+        return _FREE_MARGIN
+    return _REFERENCE
+
+
+class SymbolFanOut:
+    """Every link of one master, compiled for one of its symbols, in link order."""
+
+    __slots__ = ("links", "programs")
+
+    def __init__(self, links: Sequence[CompiledLink], master_symbol: str) -> None:
+        self.links = tuple(links)
+        self.programs = tuple(LinkProgram(cl, master_symbol) for cl in links)
+        # Shapes numbered once here: hashing a shape per link and event would cost more
+        # than the rest of the link's plan (an enum's hash is Python code).
+        new_copy: dict[tuple[Any, ...], int] = {}
+        follow_up: dict[tuple[Any, ...], int] = {}
+        for program in self.programs:
+            link = program.cl.link
+            program.new_copy_shape = new_copy.setdefault(_new_copy_shape(link), len(new_copy))
+            program.follow_up_shape = follow_up.setdefault(
+                (link.copy_sl_tp, link.reverse), len(follow_up)
+            )
+
+
+class FanOutCache:
+    """Compiled fan-outs by (master, symbol); dropped whole when any link changes."""
+
+    __slots__ = ("_by_key", "_links_by_master")
+
+    def __init__(self, links_by_master: Callable[[], dict[str, tuple[CompiledLink, ...]]]):
+        self._links_by_master = links_by_master
+        self._by_key: dict[tuple[str, str], SymbolFanOut] = {}
+
+    def clear(self) -> None:
+        self._by_key = {}
+
+    def get(self, master: str, symbol: str) -> SymbolFanOut | None:
+        key = (master, symbol)
+        fan_out = self._by_key.get(key)
+        if fan_out is None:
+            links = self._links_by_master().get(master)
+            if not links:
+                return None
+            fan_out = self._by_key[key] = SymbolFanOut(links, symbol)
+        return fan_out
+
+
+_EMPTY: tuple[()] = ()
+
+
+def plan_fan_out(
+    event: MasterEvent,
+    fan_out: SymbolFanOut,
+    view: MarketView,
+    now_ns: int,
+    trace: Trace,
+) -> list[tuple[CompiledLink, CopyPlan]]:
+    """Every link's plan for one event — exactly ``rules.plan_event``'s, in the same order."""
+    facts = EventFacts(event, now_ns)
+    programs = fan_out.programs
+    if view.stops:
+        # An emergency stop (even an inactive entry) is rare: let the reference judge it.
+        return _reference(event, facts, programs, view, now_ns, trace)
+    if facts.is_new_copy:
+        return _plan_new_copies(event, facts, programs, view, now_ns, trace)
+    return _plan_follow_ups(event, facts, programs, view, now_ns, trace)
+
+
+def _reference(
+    event: MasterEvent,
+    facts: EventFacts,
+    programs: Sequence[LinkProgram],
+    view: MarketView,
+    now_ns: int,
+    trace: Trace,
+) -> list[tuple[CompiledLink, CopyPlan]]:
+    plans = []
+    for program in programs:
+        plan = _reference_plan(event, facts, program.cl, view, now_ns, trace)
+        if plan is not None:
+            plans.append((program.cl, plan))
+    return plans
+
+
+def _reference_plan(
+    event: MasterEvent,
+    facts: EventFacts,
+    cl: CompiledLink,
+    view: MarketView,
+    now_ns: int,
+    trace: Trace,
+) -> CopyPlan | None:
+    """``rules.plan_event``'s treatment of one link, including its internal-error skip."""
+    plans = plan_event(event, (cl,), view, now_ns, trace, facts)
+    return plans[0][1] if plans else None
+
+
+def _plan_new_copies(
+    event: Any,
+    facts: EventFacts,
+    programs: Sequence[LinkProgram],
+    view: MarketView,
+    now_ns: int,
+    trace: Trace,
+) -> list[tuple[CompiledLink, CopyPlan]]:
+    accounts = view.accounts
+    symbols = view.symbols
+    is_pending = facts.is_pending
+    age_ms = (now_ns - event.ts_ns) / 1e6
+    master_volume = event.volume
+    daily_key = facts.daily_key
+    event_id = event.event_id
+    master_state: AccountState | None = accounts.get(event.master)
+    rates: dict[str, float | None] = {}
+    templates: dict[int, Any] = {}
+    on_step: dict[tuple[float, float], float] = {}
+    plans: list[tuple[CompiledLink, CopyPlan]] = []
+    append = plans.append
+    floor = math.floor
+    isfinite = math.isfinite
+    for p in programs:
+        try:
+            volume = -1.0
+            if p.pending_fast if is_pending else p.open_fast:
+                follower_state = accounts.get(p.follower)
+                spec = symbols.get(p.spec_key)
+                if (
+                    follower_state is not None
+                    and spec is not None
+                    and spec.trade_mode is _FULL
+                    and (p.max_signal_age_ms is None or not age_ms > p.max_signal_age_ms)
+                    and (
+                        p.max_open_positions is None
+                        or is_pending
+                        or follower_state.open_positions < p.max_open_positions
+                    )
+                ):
+                    kind = p.sizing_kind
+                    if kind == _MULTIPLIER:
+                        volume = master_volume * p.factor
+                    elif kind == _FIXED:
+                        volume = p.factor
+                    else:
+                        volume = _ratio_volume(p, master_volume, master_state, follower_state,
+                                               view, rates)  # fmt: skip
+                    link_caps = p.link_cap is not None and p.link_cap < spec.volume_max
+                    # Not finite, capped, nothing, or below the minimum: the reference tells
+                    # the follower why (a skip or a reduction).
+                    if (
+                        volume > 0.0
+                        and isfinite(volume)
+                        and not volume > (p.link_cap if link_caps else spec.volume_max)
+                    ):
+                        step = spec.volume_step
+                        key = (volume, step)
+                        rounded = on_step.get(key)
+                        if rounded is None:
+                            # Followers of one sizing share their raw volume: rounded once.
+                            rounded = on_step[key] = round(
+                                floor(volume / step + STEP_EPSILON) * step, decimals(step)
+                            )
+                        volume = rounded
+                        if not volume >= spec.volume_min:
+                            volume = -1.0
+                    else:
+                        volume = -1.0
+            if volume < 0.0:
+                plan = _reference_plan(event, facts, p.cl, view, now_ns, trace)
+                if plan is not None:
+                    append((p.cl, plan))
+                continue
+            template = templates.get(p.new_copy_shape)
+            if template is None:
+                cl = p.cl
+                link = cl.link
+                side = facts.master_side.flipped() if link.reverse else facts.master_side
+                order = templates[p.new_copy_shape] = new_copy_order(
+                    event, facts, cl, symbol=p.symbol, side=side, volume=volume,
+                    now_ns=now_ns, trace=trace,
+                )  # fmt: skip
+            else:
+                order = replace(
+                    template, order_id=f"{event_id}:{p.link_id}", link_id=p.link_id,
+                    follower=p.follower, symbol=p.symbol, volume=volume,
+                )  # fmt: skip
+            append((p.cl, CopyPlan(order, _EMPTY, daily_key)))
+        except Exception:
+            # Whatever went wrong, the reference decides (and names an internal error).
+            plan = _reference_plan(event, facts, p.cl, view, now_ns, trace)
+            if plan is not None:
+                append((p.cl, plan))
+    return plans
+
+
+def _ratio_volume(
+    p: LinkProgram,
+    master_volume: float,
+    master_state: AccountState | None,
+    follower_state: AccountState,
+    view: MarketView,
+    rates: dict[str, float | None],
+) -> float:
+    """``sizing.raw_volume`` of the ratio modes, the same float operations in the same order;
+    -1.0 where the reference has something to say (and for the risk modes)."""
+    kind = p.sizing_kind
+    if kind == _REFERENCE or master_state is None:
+        return -1.0
+    if kind == _BALANCE:
+        f_value, m_value = follower_state.balance, master_state.balance
+    elif kind == _EQUITY:
+        f_value, m_value = follower_state.equity, master_state.equity
+    else:
+        f_value, m_value = follower_state.free_margin, master_state.free_margin
+    currency = follower_state.currency
+    if currency in rates:
+        rate = rates[currency]
+    else:
+        rate = rates[currency] = conversion_rate(view.fx_rates, currency, master_state.currency)
+    if rate is None or not m_value > 0 or not math.isfinite(m_value):
+        return -1.0
+    return master_volume * max(f_value, 0.0) * rate / m_value * p.factor
+
+
+def _plan_follow_ups(
+    event: MasterEvent,
+    facts: EventFacts,
+    programs: Sequence[LinkProgram],
+    view: MarketView,
+    now_ns: int,
+    trace: Trace,
+) -> list[tuple[CompiledLink, CopyPlan]]:
+    """Closes, modifications and pending changes: no stop in the view, so a link either sends
+    the change, stays silent, or (a kind of change it does not copy) is told why."""
+    reduced = isinstance(event, PositionReduced)
+    modified = isinstance(event, PositionModified)
+    pending_change = isinstance(event, PendingOrderModified | PendingOrderCancelled)
+    event_id = event.event_id
+    templates: dict[int, Any] = {}
+    plans: list[tuple[CompiledLink, CopyPlan]] = []
+    append = plans.append
+    for p in programs:
+        if (
+            not p.follow_up_fast
+            or (reduced and not p.copy_partial_closes)
+            or (modified and not p.copy_modifications)
+            or (pending_change and not p.copy_pending)
+        ):
+            plan = _reference_plan(event, facts, p.cl, view, now_ns, trace)
+            if plan is not None:
+                append((p.cl, plan))
+            continue
+        try:
+            template = templates.get(p.follow_up_shape)
+            if template is None:
+                order = templates[p.follow_up_shape] = follow_up_order(
+                    event, p.cl, now_ns=now_ns, trace=trace
+                )
+            else:
+                order = replace(
+                    template, order_id=f"{event_id}:{p.link_id}", link_id=p.link_id,
+                    follower=p.follower, symbol=p.symbol,
+                )  # fmt: skip
+        except Exception:
+            plan = _reference_plan(event, facts, p.cl, view, now_ns, trace)
+            if plan is not None:
+                append((p.cl, plan))
+            continue
+        append((p.cl, CopyPlan(order, _EMPTY)))
+    return plans
+
+
+def fan_out_publications(
+    event: MasterEvent,
+    plans: Sequence[tuple[CompiledLink, CopyPlan]],
+    accounts: dict[str, AccountState] | None,
+    batch_suffix: str,
+    now_ns: int,
+    counted: dict[str, int] | None = None,
+) -> list[Publication]:
+    """Every message of one fan-out, each encoded once: with ``accounts`` (batching by
+    connector), one ``FollowerOrderBatch`` per connector named in a follower's account state
+    and single orders for the others; every decision on its own subject. ``counted`` gets
+    the number of orders of each type (for the metrics, bumped once per fan-out)."""
+    encode = codec.encode
+    messages: list[Publication] = []
+    batches: dict[str, list[FollowerOrder]] = {}
+    every_order: list[FollowerOrder] = []
+    for cl, plan in plans:
+        order = plan.order
+        if order is not None:
+            every_order.append(order)
+            state = None if accounts is None else accounts.get(cl.link.follower)
+            if state is not None and state.connector:
+                orders = batches.get(state.connector)
+                if orders is None:
+                    orders = batches[state.connector] = []
+                orders.append(order)
+            else:
+                messages.append((cl.order_subject, encode(order), order.order_id))
+        if plan.decisions:
+            for decision in plan.decisions:
+                messages.append((cl.decision_subject, encode(decision), decision.decision_id))
+    for connector, orders in batches.items():
+        batch_id = f"{event.event_id}@{connector}{batch_suffix}"
+        batch = FollowerOrderBatch(
+            batch_id=batch_id, connector=connector, master=event.master,
+            master_event_id=event.event_id, ts_ns=now_ns, orders=orders,
+        )  # fmt: skip
+        messages.append((subjects.connector_orders(connector), encode(batch), batch_id))
+    if counted is not None and every_order:
+        kinds = set(map(type, every_order))  # one kind per event, unless the rules change
+        for kind in kinds:
+            tag = kind.__struct_config__.tag  # type: ignore[attr-defined]
+            count = (
+                len(every_order)
+                if len(kinds) == 1
+                else sum(type(order) is kind for order in every_order)
+            )
+            counted[tag] = counted.get(tag, 0) + count
+    return messages
