@@ -1,0 +1,1 @@
+"""The platform API: the HTTP facade for web frontends and platform backends."""

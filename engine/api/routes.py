@@ -1,0 +1,20 @@
+"""Every endpoint of the API, in one table: the router and the OpenAPI document read it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from engine.api import accounts, links, people
+from engine.api.handling import Context, Route
+
+
+async def openapi_document(ctx: Context) -> tuple[int, Any]:
+    return 200, ctx.state.openapi
+
+
+ROUTES: list[Route] = [
+    *people.ROUTES,
+    *accounts.ROUTES,
+    *links.ROUTES,
+    Route("GET", "/v1/openapi.json", openapi_document, "This document", "meta"),
+]

@@ -1,0 +1,354 @@
+"""Tenant isolation, generated over every route of the app: provider A can neither read nor
+change anything of provider B, a follower nothing of another follower; and each wall holds on
+its own (application scoping alone, row-level security alone), while without both the same
+matrix finds the leaks (so it can fail)."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+import pytest
+from test_api_support import (
+    CREDENTIALS,
+    PASSWORD,
+    Api,
+    Person,
+    api_config,
+    running_api,
+    serve,
+)
+
+from engine.api.routes import ROUTES
+from engine.runtime.jetstream import ensure_buckets
+from schemas import subjects
+
+
+@pytest.fixture
+async def api(database_url: str, nc: Any, js: Any) -> AsyncIterator[Api]:
+    async with running_api(database_url, nc, js) as running:
+        yield running
+
+
+_PARAM = re.compile(r"\{([a-z_]+)\}")
+
+
+@dataclass
+class Holdings:
+    """What one party owns: the ids a request would name, and the markers a leak would show."""
+
+    person: Person
+    tenant: str
+    user_id: str
+    master: str
+    follower: str
+    link: str
+    key_id: str
+    markers: list[str] = field(default_factory=list)
+    follower_only: bool = False
+
+    def param(self, name: str) -> str:
+        return {"account_id": self.follower, "link_id": self.link, "user_id": self.user_id,
+                "key_id": self.key_id}[name]  # fmt: skip
+
+
+@dataclass
+class World:
+    provider_a: Holdings
+    provider_b: Holdings
+    follower_a1: Holdings
+    follower_a2: Holdings
+    backend_a: Holdings
+    """Provider A's platform backend, calling with A's API key."""
+
+
+async def _key(api: Api, who: Person) -> tuple[str, str, str]:
+    status, body = await api.call("POST", "/v1/api-keys", who, json={"name": "backend"})
+    assert status == 201, body
+    return body["key_id"], body["prefix"], body["key"]
+
+
+async def build_world(api: Api) -> World:
+    pa = await api.provider("tenant-alfa-3q")
+    pb = await api.provider("tenant-bravo-7x")
+    fa1 = await api.follower(pa, "fiona-a1")
+    fa2 = await api.follower(pa, "felix-a2")
+    fb = await api.follower(pb, "frank-b1")
+    am = (await api.account(pa, "master", name="alfa-master"))["account_id"]
+    af1 = (await api.account(pa, "follower", owner=fa1, name="fiona-acc"))["account_id"]
+    af2 = (await api.account(pa, "follower", owner=fa2, name="felix-acc"))["account_id"]
+    bm = (await api.account(pb, "master", name="bravo-master"))["account_id"]
+    bf = (await api.account(pb, "follower", owner=fb, name="bravo-acc"))["account_id"]
+    l1 = (await api.link(pa, am, af1))["link_id"]
+    l2 = (await api.link(pa, am, af2))["link_id"]
+    lb = (await api.link(pb, bm, bf))["link_id"]
+    for account in (af2, bf):
+        status, _ = await api.call("POST", f"/v1/accounts/{account}/terminal-token",
+                                   pb if account == bf else pa)  # fmt: skip
+        assert status == 201
+    ka, _, ka_secret = await _key(api, pa)
+    kb, kb_prefix, _ = await _key(api, pb)
+    b = Holdings(pb, "tenant-bravo-7x", pb.user_id, bm, bf, lb, kb)
+    b.markers = ["tenant-bravo-7x", pb.email, fb.email, fb.user_id, pb.user_id, bm, bf, lb, kb,
+                 kb_prefix, "bravo-master", "bravo-acc"]  # fmt: skip
+    a2 = Holdings(fa2, "tenant-alfa-3q", fa2.user_id, am, af2, l2, ka, follower_only=True)
+    a2.markers = [fa2.email, fa2.user_id, af2, l2, "felix-acc"]
+    return World(
+        provider_a=Holdings(pa, "tenant-alfa-3q", pa.user_id, am, af1, l1, ka),
+        provider_b=b,
+        follower_a1=Holdings(fa1, "tenant-alfa-3q", fa1.user_id, am, af1, l1, ka),
+        follower_a2=a2,
+        backend_a=Holdings(
+            dataclasses.replace(pa, api_key=ka_secret),
+            "tenant-alfa-3q",
+            pa.user_id,
+            am,
+            af1,
+            l1,
+            ka,
+        ),
+    )
+
+
+def hostile_bodies(path: str, method: str, me: Holdings, victim: Holdings) -> list[Any] | None:
+    """Bodies aimed at the victim, for every route that takes one (None: no body)."""
+    new = uuid.uuid4().hex[:8]
+    bodies: dict[tuple[str, str], list[Any]] = {
+        ("POST", "/v1/auth/login"): [{"identifier": victim.person.email, "password": "guess-1"}],
+        ("POST", "/v1/auth/refresh"): [{"refresh_token": victim.person.refresh + "x"}],
+        ("POST", "/v1/auth/logout"): [{"refresh_token": victim.person.refresh + "x"}],
+        ("POST", "/v1/tenants"): [{"tenant_id": victim.tenant, "name": "x",
+                                   "provider_email": f"{new}@x.example.com",
+                                   "provider_password": PASSWORD}],
+        ("POST", "/v1/users"): [{"email": f"{new}@x.example.com", "password": PASSWORD}],
+        ("POST", "/v1/api-keys"): [{"name": "probe"}],
+        ("PUT", "/v1/me/password"): [{"current_password": "guess-1", "new_password": "x" * 12}],
+        ("POST", "/v1/accounts"): [{"name": "x", "platform": "mt5", "role": "follower",
+                                    "credentials": CREDENTIALS,
+                                    "owner_user_id": victim.user_id}],
+        ("PATCH", "/v1/accounts/{account_id}"): [{"name": "taken over",
+                                                  "credentials": CREDENTIALS}],
+        ("POST", "/v1/links"): [
+            {"master": victim.master, "follower": victim.follower},
+            {"master": me.master, "follower": victim.follower},
+            {"master": victim.master, "follower": me.follower},
+        ],
+        ("PUT", "/v1/links/{link_id}"): [
+            {"master": me.master, "follower": me.follower},
+            {"master": victim.master, "follower": victim.follower},
+        ],
+        ("POST", "/v1/stops"): [{"scope": "link", "target": victim.link, "force": True}],
+    }  # fmt: skip
+    return bodies.get((method, path))
+
+
+async def victim_snapshot(api: Api, victim: Holdings) -> Any:
+    """Every row and bucket entry of the victim's, read past every wall (superuser)."""
+    owner = uuid.UUID(victim.user_id) if victim.follower_only else None
+    conn = await asyncpg.connect(api.database_url)
+    try:
+        rows = {}
+        for table, owner_column in (
+            ("api_tenants", None), ("api_users", "user_id"), ("api_refresh_tokens", "user_id"),
+            ("api_keys", "user_id"), ("api_accounts", "owner_user_id"),
+            ("api_links", "owner_user_id"),
+        ):  # fmt: skip
+            where = "tenant_id = $1"
+            if owner_column is not None:
+                where += f" AND ($2::uuid IS NULL OR {owner_column} = $2)"
+            else:
+                where += " AND $2::uuid IS NULL"
+            found = await conn.fetch(
+                f"SELECT to_jsonb(t)::text FROM {table} t WHERE {where} ORDER BY 1",
+                victim.tenant, owner,
+            )  # fmt: skip
+            rows[table] = [r[0] for r in found]
+        rows["audit"] = await conn.fetchval(
+            "SELECT count(*) FROM api_audit_log WHERE entity_id = ANY($1::text[])",
+            victim.markers,
+        )
+    finally:
+        await conn.close()
+    assert rows["api_accounts"] and rows["api_links"], "the victim owns nothing to protect"
+    buckets = await ensure_buckets(api.js)
+    rows["kv_link"] = (await buckets[subjects.KV_LINKS].get(victim.link)).value
+    return rows
+
+
+def app_routes(api: Api) -> list[tuple[str, str]]:
+    found = []
+    for route in api.client.app.router.routes():
+        if route.method in ("HEAD", "OPTIONS"):
+            continue
+        found.append((route.method, route.resource.canonical))
+    return sorted(set(found))
+
+
+async def attack(
+    api: Api, client_api: Api, me: Holdings, victim: Holdings
+) -> tuple[list[str], int]:
+    """Every route, aimed at the victim; the violations found and the requests made."""
+    violations: list[str] = []
+    made = 0
+    for method, path in app_routes(api):
+        params = _PARAM.findall(path)
+        concrete = path
+        for name in params:
+            concrete = concrete.replace("{" + name + "}", victim.param(name))
+        bodies = hostile_bodies(path, method, me, victim)
+        declared = next(r for r in ROUTES if (r.method, r.path) == (method, path))
+        if declared.request is not None:
+            assert bodies, f"add hostile bodies for {method} {path}"
+        for body in bodies or [None]:
+            status, answer = await client_api.call(method, concrete, me.person, json=body)
+            made += 1
+            text = "" if answer is None else str(answer)
+            sent = concrete + str(body)  # echoing what the attacker sent reveals nothing
+            leaked = [m for m in victim.markers if m in text and m not in sent]
+            if leaked:
+                violations.append(f"{method} {concrete} -> {status} shows {leaked}")
+            if params and 200 <= status < 300:
+                violations.append(f"{method} {concrete} -> {status}: reached the victim's resource")
+    return violations, made
+
+
+PAIRS = [
+    ("provider A vs provider B", "provider_a", "provider_b"),
+    ("follower vs follower", "follower_a1", "follower_a2"),
+    ("follower A vs provider B", "follower_a1", "provider_b"),
+    ("API key of A vs provider B", "backend_a", "provider_b"),
+]
+
+#: (app scoping, database role): which walls stand.
+WALLS = {
+    "both walls": (True, "tradecopy_api"),
+    "row-level security alone": (False, "tradecopy_api"),
+    "application scoping alone": (True, None),
+}
+
+
+@pytest.mark.parametrize("walls", list(WALLS))
+async def test_no_route_lets_one_party_reach_another(api: Api, nc: Any, walls: str) -> None:
+    app_scoping, role = WALLS[walls]
+    world = await build_world(api)
+    client, pool = await serve(
+        api.database_url, nc, api_config(database_role=role), app_scoping=app_scoping
+    )
+    attacker_api = Api(client=client, pool=pool, database_url=api.database_url, js=api.js)
+    try:
+        total = 0
+        for label, me_name, victim_name in PAIRS:
+            me, victim = getattr(world, me_name), getattr(world, victim_name)
+            before = await victim_snapshot(api, victim)
+            violations, made = await attack(api, attacker_api, me, victim)
+            total += made
+            assert violations == [], f"{walls}, {label}:\n" + "\n".join(violations)
+            assert await victim_snapshot(api, victim) == before, f"{walls}, {label}: changed"
+        assert total >= len(PAIRS) * len(app_routes(api))
+        print(f"{walls}: {total} requests over {len(app_routes(api))} routes")
+    finally:
+        await client.close()
+        await pool.close()
+
+
+async def test_with_both_walls_down_the_matrix_finds_the_leaks(api: Api, nc: Any) -> None:
+    """The matrix can fail: without scoping and as a role that bypasses RLS, it must."""
+    world = await build_world(api)
+    client, pool = await serve(api.database_url, nc, api_config(database_role=None),
+                               app_scoping=False)  # fmt: skip
+    attacker_api = Api(client=client, pool=pool, database_url=api.database_url, js=api.js)
+    try:
+        violations, _ = await attack(api, attacker_api, world.provider_a, world.provider_b)
+    finally:
+        await client.close()
+        await pool.close()
+    reached = "\n".join(violations)
+    b = world.provider_b
+    assert "GET /v1/accounts -> 200 shows" in reached, reached
+    assert f"PATCH /v1/accounts/{b.follower} -> 200: reached" in reached, reached
+    assert f"DELETE /v1/links/{b.link} -> 204: reached" in reached, reached
+
+
+async def test_the_matrix_covers_every_route_and_own_resources_answer(api: Api) -> None:
+    world = await build_world(api)
+    routes = app_routes(api)
+    assert routes == sorted({(r.method, r.path) for r in ROUTES})
+    # Positive control: the same by-id reads of one's own resources succeed.
+    me = world.provider_a
+    for method, path in routes:
+        if method != "GET" or not _PARAM.findall(path):
+            continue
+        concrete = path
+        for name in _PARAM.findall(path):
+            concrete = concrete.replace("{" + name + "}", me.param(name))
+        status, body = await api.call("GET", concrete, me.person)
+        assert status == 200, (concrete, body)
+
+
+# ------------------------------------------------------------------ the database wall
+
+
+async def _as_api_role(url: str, tenant: str, follower: str = "") -> asyncpg.Connection:
+    conn = await asyncpg.connect(url)
+    await conn.execute("SET ROLE tradecopy_api")
+    await conn.execute(
+        "SELECT set_config('tradecopy.tenant', $1, false),"
+        " set_config('tradecopy.follower', $2, false)",
+        tenant,
+        follower,
+    )
+    return conn
+
+
+async def test_row_level_security_refuses_other_tenants_on_every_table(api: Api) -> None:
+    world = await build_world(api)
+    tables = ["api_tenants", "api_users", "api_refresh_tokens", "api_keys", "api_accounts",
+              "api_links", "api_audit_log"]  # fmt: skip
+    conn = await _as_api_role(api.database_url, world.provider_a.tenant)
+    try:
+        for table in tables:
+            tenants = {r[0] for r in await conn.fetch(f"SELECT tenant_id FROM {table}")}
+            assert tenants == {world.provider_a.tenant}, (table, tenants)
+        updated = await conn.execute(
+            "UPDATE api_accounts SET name = 'x' WHERE account_id = $1", world.provider_b.master
+        )
+        assert updated == "UPDATE 0"
+        deleted = await conn.execute(
+            "DELETE FROM api_links WHERE link_id = $1", world.provider_b.link
+        )
+        assert deleted == "DELETE 0"
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await conn.execute(
+                "INSERT INTO api_audit_log (tenant_id, action, entity, entity_id)"
+                " VALUES ($1, 'x', 'x', 'x')",
+                world.provider_b.tenant,
+            )
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await conn.execute("DELETE FROM api_audit_log")
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await conn.execute(
+                "UPDATE api_accounts SET tenant_id = $1 WHERE account_id = $2",
+                world.provider_b.tenant, world.provider_a.master,
+            )  # fmt: skip
+    finally:
+        await conn.close()
+    conn = await _as_api_role(api.database_url, world.follower_a1.tenant, world.follower_a1.user_id)
+    try:
+        accounts = {r[0] for r in await conn.fetch("SELECT account_id FROM api_accounts")}
+        assert accounts == {world.follower_a1.follower}
+        users = {str(r[0]) for r in await conn.fetch("SELECT user_id FROM api_users")}
+        assert users == {world.follower_a1.user_id}
+        assert await conn.fetchval("SELECT count(*) FROM api_audit_log") == 0
+    finally:
+        await conn.close()
+    conn = await _as_api_role(api.database_url, "")
+    try:
+        for table in tables:
+            assert await conn.fetchval(f"SELECT count(*) FROM {table}") == 0, table
+    finally:
+        await conn.close()
