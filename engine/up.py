@@ -5,19 +5,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
 import msgspec
 import structlog
 
+from connectors.paper.config import PaperVenueConfig
 from engine.core.errors import TradecopyError
 from engine.runtime.files import load_toml
 from engine.runtime.natsauth import ENV_CREDS, ENV_USER
+from engine.runtime.natsconn import ENV_NATS_URL
 
 log = structlog.get_logger("tradecopy.up")
 
 DEFAULT_CONFIG = Path(__file__).with_name("up.toml")
+#: Where the CLI finds the NATS URL when no --nats-url is given (up prints it to export).
 
 
 class _Section(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -41,6 +45,16 @@ class ReplicatorSection(_Section):
     metrics_port: Annotated[int, msgspec.Meta(ge=-1, le=65535)] = 9464
 
 
+class LedgerSection(_Section):
+    database_url: str | None = None
+    """PostgreSQL; unset: ``TRADECOPY_DATABASE_URL``, else the embedded server under the state
+    directory (started with the stack, data kept across restarts)."""
+    instances: Annotated[int, msgspec.Meta(ge=0, le=8)] = 1
+    """Ledger processes sharing the work (0: no ledger, no PostgreSQL)."""
+    metrics_port: Annotated[int, msgspec.Meta(ge=-1, le=65535)] = 9465
+    """First instance's /metrics and /healthz; the next ones count up (-1: none)."""
+
+
 class PaperAccount(_Section):
     id: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}(?!\n)$")]
     role: Annotated[str, msgspec.Meta(pattern=r"^(master|follower)$")]
@@ -58,12 +72,19 @@ class PaperSection(_Section):
     """replay: the shipped real XAUUSD bars; nats: quotes a live source publishes on
     tc.v1.quotes.<symbol> (e.g. ``tradecopy quotes publish``)."""
     state_dir: str | None = None
+    metrics_port: Annotated[int, msgspec.Meta(ge=-1, le=65535)] = 0
+    """The paper connector's /metrics and /healthz on 127.0.0.1 (0 picks a free port, -1
+    disables); up prints where."""
     accounts: list[PaperAccount] = []
+    venue: PaperVenueConfig = msgspec.field(default_factory=PaperVenueConfig)
+    """Symbols, their specs, broker suffixes and aliases (the shipped defaults cover majors,
+    JPY crosses, metals, oil and the main indices; a list here replaces them)."""
 
 
 class UpConfig(_Section):
     nats: NatsSection = NatsSection()
     replicator: ReplicatorSection = ReplicatorSection()
+    ledger: LedgerSection = LedgerSection()
     paper: PaperSection = PaperSection()
     links: list[dict[str, Any]] = []
 
@@ -93,17 +114,31 @@ def load_config(path: Path) -> UpConfig:
     return load_toml(path, UpConfig)
 
 
-async def run_up(config_path: Path) -> None:
+async def run_up(config_path: Path, *, nats_port: int | None = None) -> None:
+    """Run the stack until Ctrl-C. ``nats_port`` overrides the config's [nats] port (0 picks
+    a free one)."""
     from connectors.paper.connector import PaperConnector, PaperTerminal
     from connectors.paper.prices import PriceReplay, load_bars
     from connectors.paper.quotes import NatsQuotes
     from engine.core.errors import LinkFileError
+    from engine.ledger.service import spawn_ledger
+    from engine.ledger.store import migrate
+    from engine.runtime.http import OpsServer
     from engine.runtime.links import validate_link
+    from engine.runtime.natsauth import Role
     from engine.runtime.natsserver import default_state_dir
+    from engine.runtime.postgres import EmbeddedPostgres, start_database
+    from engine.runtime.processes import stop_process
     from engine.runtime.stack import LocalStack
-    from engine.runtime.supervisor import StackSupervisor
+    from engine.runtime.supervisor import Backoff, StackSupervisor
 
     config = load_config(config_path)
+    if nats_port is not None:
+        if not 0 <= nats_port <= 65535:
+            raise TradecopyError(f"NATS port {nats_port} is not a port (0 to 65535)")
+        config = msgspec.structs.replace(
+            config, nats=msgspec.structs.replace(config.nats, port=nats_port)
+        )
     links, errors = [], []
     for index, raw in enumerate(config.links):
         link, link_errors = validate_link(raw, index)
@@ -143,8 +178,26 @@ async def run_up(config_path: Path) -> None:
             loop.add_signal_handler(sig, stop.set)
     await stack.start()
     connector = None
+    paper_ops: OpsServer | None = None
+    postgres: EmbeddedPostgres | None = None
+    ledgers: list[Any] = []
     try:
         result = await stack.apply_links(links)
+        database_url = None
+        if config.ledger.instances:
+            # PostgreSQL (configured, or embedded under the state directory) and the ledger,
+            # which stores every event, order, report, decision and account state.
+            database_url, postgres = await start_database(
+                config.ledger.database_url, root=state / "postgres"
+            )
+            await migrate(database_url)
+            ledger_port = config.ledger.metrics_port
+            for i in range(config.ledger.instances):
+                ledgers.append(spawn_ledger(
+                    stack.url, database_url, instance=f"up-{i + 1}",
+                    metrics_port=ledger_port + i if ledger_port > 0 else ledger_port,
+                    env=stack.child_env(stack.user(Role.LEDGER)), quiet=False,
+                ))  # fmt: skip
         metrics_port = config.replicator.metrics_port
         replicators = stack.spawn_replicators(
             config.replicator.instances, instance="up", metrics_port=metrics_port, quiet=False
@@ -152,7 +205,10 @@ async def run_up(config_path: Path) -> None:
         if paper.accounts:
             paper_dir = Path(paper.state_dir) if paper.state_dir else state / "paper"
             rows = [(a.id, a.currency, a.balance, a.leverage, a.role) for a in paper.accounts]
-            terminal = PaperTerminal.open(paper_dir / f"{paper.connector_id}.state", rows)
+            terminal = PaperTerminal.open(
+                paper_dir / f"{paper.connector_id}.state", rows,
+                paper.venue.symbol_configs(), names=paper.venue.names(),
+            )  # fmt: skip
             venue_nc = await stack.connect(
                 f"tradecopy-up-{paper.connector_id}", stack.connector_user(paper.connector_id)
             )
@@ -166,20 +222,46 @@ async def run_up(config_path: Path) -> None:
                 )  # fmt: skip
             connector = PaperConnector(venue_nc, paper.connector_id, terminal, feed)
             await connector.start()
+            if paper.metrics_port >= 0:
+                ops = OpsServer("127.0.0.1", paper.metrics_port, connector.runtime.health)
+                try:
+                    await ops.start()
+                except OSError as exc:
+                    raise TradecopyError(
+                        f"the paper connector's metrics port {paper.metrics_port} on 127.0.0.1 "
+                        f"cannot be used ({exc.strerror}). Set [paper] metrics_port to a free "
+                        "port (0 picks one, -1 disables)."
+                    ) from exc
+                paper_ops = ops
         print(f"NATS (JetStream)   {stack.url}   store {store}", flush=True)
         if stack.server.http_port:
             print(f"NATS monitoring    http://{config.nats.host}:{stack.server.http_port}/",
                   flush=True)  # fmt: skip
         logins = _write_logins(stack, state / "credentials")
+        url = f"{ENV_NATS_URL}={stack.url}"
         for role, path in logins.items():
-            print(f"{role + ' login':<18} export {ENV_USER}={role} {ENV_CREDS}={path}", flush=True)
+            print(f"{role + ' login':<18} export {url} {ENV_USER}={role} {ENV_CREDS}={path}",
+                  flush=True)  # fmt: skip
+        if not logins:
+            print(f"{'NATS login':<18} export {url}", flush=True)
         for i, proc in enumerate(replicators):
             where = (f"http://127.0.0.1:{metrics_port + i}/metrics, /healthz"
                      if metrics_port > 0 else "no metrics")  # fmt: skip
             print(f"replicator up-{i + 1}    pid {proc.pid}   {where}", flush=True)
+        if database_url is not None:
+            where = "embedded, data under " + str(state / "postgres") if postgres else "configured"
+            print(f"PostgreSQL         {where} (tradecopy history/stats read it)", flush=True)
+        ledger_port = config.ledger.metrics_port
+        for i, proc in enumerate(ledgers):
+            where = (f"http://127.0.0.1:{ledger_port + i}/metrics, /healthz"
+                     if ledger_port > 0 else "no metrics")  # fmt: skip
+            print(f"ledger up-{i + 1}        pid {proc.pid}   {where}", flush=True)
         if connector is not None:
             roles = ", ".join(f"{a.id} ({a.role})" for a in config.paper.accounts)
             print(f"paper venue        {roles}; prices: {config.paper.prices}", flush=True)
+            where = ("no metrics" if paper_ops is None
+                     else f"http://127.0.0.1:{paper_ops.port}/metrics, /healthz")  # fmt: skip
+            print(f"paper connector    {paper.connector_id}   {where}", flush=True)
         print(
             f"links              {len(links)} ({len(result.created)} new, "
             f"{len(result.updated)} updated)\nCtrl-C stops everything.",
@@ -188,12 +270,32 @@ async def run_up(config_path: Path) -> None:
         # NATS and the replicators are brought back when they die (with backoff, a log line per
         # change); Ctrl-C is the only way out.
         supervisor = StackSupervisor(stack)
+        ledger_backoff = [Backoff(up_since=time.monotonic()) for _ in ledgers]
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 1.0)
             await supervisor.check()
+            now = time.monotonic()
+            for i, proc in enumerate(ledgers):
+                ledger_backoff[i].check_stable(now)
+                if proc.poll() is not None and ledger_backoff[i].due(now):
+                    # Restarted like the replicators: at once, then with a doubling delay.
+                    log.warning("ledger_exited", instance=f"up-{i + 1}", code=proc.returncode)
+                    ledger_backoff[i].failed(now)
+                    ledger_backoff[i].started(now)
+                    ledgers[i] = spawn_ledger(
+                        stack.url, str(database_url), instance=f"up-{i + 1}",
+                        metrics_port=ledger_port + i if ledger_port > 0 else ledger_port,
+                        env=stack.child_env(stack.user(Role.LEDGER)), quiet=False,
+                    )  # fmt: skip
     finally:
         print("stopping…", flush=True)
+        if paper_ops is not None:
+            await paper_ops.stop()
         if connector is not None:
             await connector.stop()
+        for proc in ledgers:
+            stop_process(proc)
         await stack.stop()
+        if postgres is not None:
+            await postgres.stop()

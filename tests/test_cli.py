@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
+import os
+import signal
+import socket
 import subprocess
 import sys
 import textwrap
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import nats.js.errors
 import pytest
+from conftest import wait_until
 from nats.js import JetStreamContext
 
-from engine.cli import main
+from engine.cli import ENV_NATS_URL, main
 from engine.core.errors import LinkFileError
 from engine.runtime.links import load_links
 from engine.runtime.natsserver import EmbeddedNats
@@ -65,7 +72,7 @@ def test_top_level_help_lists_the_commands(capsys: pytest.CaptureFixture[str]) -
     assert info.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: tradecopy")
-    for command in ("schema", "links", "stop", "replicator", "nats", "bench"):
+    for command in ("schema", "links", "stop", "decisions", "status", "replicator", "nats"):
         assert command in out, command
 
 
@@ -75,7 +82,11 @@ def test_top_level_help_lists_the_commands(capsys: pytest.CaptureFixture[str]) -
         (["links", "--help"], ["validate", "apply"]),
         (["schema", "export", "--help"], ["--dir", "--check"]),
         (["links", "apply", "--help"], ["--nats-url", "--prune"]),
-        (["stop", "--help"], ["set", "clear", "global", "account", "link", "--reason"]),
+        (["stop", "--help"], ["set", "clear", "list"]),
+        (["stop", "set", "--help"], ["global", "account", "link", "--reason", "--force"]),
+        (["decisions", "--help"], ["--follower", "--link", "--rule", "--master", "--follow"]),
+        (["status", "--help"], ["--watch", "--json", "TRADECOPY_NATS_URL"]),
+        (["up", "--help"], ["--nats-port", "--log-level"]),
     ],
 )
 def test_sub_command_help(
@@ -322,7 +333,7 @@ async def test_stop_set_and_clear_an_account(
     nats_server: EmbeddedNats, js: JetStreamContext, capsys: pytest.CaptureFixture[str]
 ) -> None:
     url = nats_server.url
-    argv = ["stop", "set", "account", "acc-1", "--reason", "x", "--nats-url", url]
+    argv = ["stop", "set", "account", "acc-1", "--reason", "x", "--nats-url", url, "--force"]
     assert await _run(argv) == 0
     assert capsys.readouterr().out.strip() == "emergency stop account.acc-1: ACTIVE"
     stop = await _control(js, "account.acc-1")
@@ -346,6 +357,7 @@ async def test_stop_global_and_link(
 ) -> None:
     url = nats_server.url
     assert await _run(["stop", "set", "global", "--reason", "news", "--nats-url", url]) == 0
+    assert await _run(["links", "apply", str(EXAMPLE), "--nats-url", url]) == 0
     assert await _run(["stop", "set", "link", "gold-x2", "--nats-url", url]) == 0
     out = capsys.readouterr().out
     assert "emergency stop global: ACTIVE" in out
@@ -378,6 +390,13 @@ def test_stop_without_target_exits_2(
     assert captured.out == ""
 
 
+def test_the_global_stop_takes_no_id(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["stop", "set", "global", "everything", "--nats-url", NO_NATS]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip() == "the global emergency stop takes no id"
+    assert captured.out == ""
+
+
 def test_stop_with_an_unknown_scope_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         main(["stop", "set", "planet", "earth", "--nats-url", NO_NATS])
@@ -389,8 +408,9 @@ def test_stop_with_an_unknown_scope_is_a_usage_error(capsys: pytest.CaptureFixtu
 async def test_stop_rejects_a_target_that_is_not_an_id(
     target: str, nats_server: EmbeddedNats, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    argv = ["stop", "set", "account", target, "--nats-url", nats_server.url]
+    argv = ["stop", "set", "account", target, "--nats-url", nats_server.url, "--force"]
     assert await _run(argv) == 2
+    assert "is not a valid account id" in capsys.readouterr().err
 
 
 # --- links resume ---------------------------------------------------------------------------
@@ -585,3 +605,595 @@ def test_bench_state_forwards_to_the_connector_state_benchmark(
         ["--orders", "500", "--batch", "10", "--fsync", "--json"],
         ["--orders", "100000", "--batch", "3", "--no-fsync"],
     ]
+
+
+# --------------------------------------------------------------------------------------------
+# Help on everything; argument errors, never tracebacks
+# --------------------------------------------------------------------------------------------
+
+
+def _actions(
+    parser: argparse.ArgumentParser, path: tuple[str, ...] = ()
+) -> Iterator[tuple[str, argparse.Action]]:
+    """Every action of the parser tree, named by its command path; sub-commands as theirs."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            listed = {choice.dest: choice for choice in action._choices_actions}
+            for name, sub in action.choices.items():
+                where = " ".join((*path, name))
+                # A sub-command added without help is not listed at all: report it as missing.
+                yield where, listed.get(name, argparse.Action([], name, help=None))
+                yield from _actions(sub, (*path, name))
+        else:
+            yield " ".join(path) or "tradecopy", action
+
+
+def test_every_option_and_subcommand_has_help() -> None:
+    from engine.cli import build_parser
+
+    seen = list(_actions(build_parser()))
+    missing = [
+        f"{where}: {'/'.join(action.option_strings) or action.dest}"
+        for where, action in seen
+        if not action.help or action.help == argparse.SUPPRESS
+    ]
+    assert missing == []
+    commands = {where for where, _ in seen}
+    for command in ("links list", "stop list", "decisions", "status", "up", "stop set"):
+        assert command in commands, command
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["replicator", "run", "--log-level", "verbose"],
+        ["up", "--log-level", "verbose"],
+        ["bridge", "run", "--config", "x.toml", "--log-level", "verbose"],
+        ["up", "--nats-port", "70000"],
+        ["up", "--nats-port", "four"],
+        ["decisions", "--rule", "no_such_rule"],
+        ["decisions", "--last", "-1"],
+        ["decisions", "--follower", "f.1"],
+        ["decisions", "--link", "a b"],
+        ["status", "--watch", "0"],
+    ],
+)
+def test_a_bad_argument_is_a_usage_error_not_a_traceback(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"usage: tradecopy {argv[0]}" in err
+    assert "error: argument" in err
+    assert "Traceback" not in err
+
+
+def test_log_level_verbose_names_the_choices(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["replicator", "run", "--log-level", "verbose"])
+    err = capsys.readouterr().err
+    assert "invalid choice: 'verbose'" in err
+    for level in ("debug", "info", "warning", "error"):
+        assert f"'{level}'" in err
+
+
+# --------------------------------------------------------------------------------------------
+# Which NATS: --nats-url or $TRADECOPY_NATS_URL, never a silent default
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["stop", "set", "global"],
+        ["stop", "list"],
+        ["links", "list"],
+        ["links", "apply", str(EXAMPLE)],
+        ["links", "resume", "gold-x2"],
+        ["decisions"],
+        ["status"],
+        ["nats", "bootstrap"],
+        ["replicator", "run"],
+        ["quotes", "publish"],
+    ],
+)
+def test_a_nats_command_without_url_or_variable_refuses_naming_both(
+    argv: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(ENV_NATS_URL, raising=False)
+    started = time.monotonic()
+    assert main(argv) == 2
+    assert time.monotonic() - started < 2.0  # refused before any connection attempt
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert "--nats-url" in lines[0] and ENV_NATS_URL in lines[0]
+    assert "4222" not in captured.err
+
+
+async def test_the_nats_url_comes_from_the_environment_and_is_said(
+    nats_server: EmbeddedNats,
+    js: JetStreamContext,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(ENV_NATS_URL, nats_server.url)
+    assert await _run(["stop", "set", "global", "--reason", "env"]) == 0
+    captured = capsys.readouterr()
+    assert f"tradecopy: NATS {nats_server.url}" in captured.err
+    assert "emergency stop global: ACTIVE" in captured.out
+    assert (await _control(js, "global")).reason == "env"
+    # --nats-url wins over the variable.
+    monkeypatch.setenv(ENV_NATS_URL, f"nats://127.0.0.1:{_free_port()}")
+    assert await _run(["stop", "clear", "global", "--nats-url", nats_server.url]) == 0
+    assert f"tradecopy: NATS {nats_server.url}" in capsys.readouterr().err
+    assert (await _control(js, "global")).active is False
+
+
+# --------------------------------------------------------------------------------------------
+# One-shot commands fail fast when NATS is away
+# --------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    """A port nothing listens on (bound, then released)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+ONE_SHOT = [
+    ["stop", "set", "global"],
+    ["stop", "clear", "link", "gold-x2"],
+    ["stop", "list"],
+    ["links", "list"],
+    ["links", "apply", str(EXAMPLE)],
+    ["links", "resume", "gold-x2"],
+    ["decisions", "--follower", "icm-2002"],
+    ["status"],
+    ["nats", "bootstrap"],
+]
+
+
+@pytest.mark.parametrize("argv", ONE_SHOT, ids=[" ".join(a[:2]) for a in ONE_SHOT])
+def test_a_one_shot_command_fails_fast_and_in_one_line_when_nats_is_down(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"nats://127.0.0.1:{_free_port()}"
+    started = time.monotonic()
+    assert main([*argv, "--nats-url", url]) == 2
+    assert time.monotonic() - started < 5.0
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [
+        f"tradecopy: NATS {url}",
+        f"cannot reach NATS at {url}: connection refused (is a nats-server running there?)",
+    ]
+
+
+def test_stop_against_a_dead_port_exits_within_5_s_without_a_traceback() -> None:
+    """The program as an operator runs it: no retry loop, no reconnect spam, one error line."""
+    url = f"nats://127.0.0.1:{_free_port()}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRADECOPY_NATS_")}
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "engine.cli", "stop", "set", "global", "--nats-url", url],
+        capture_output=True, text=True, timeout=60, env=env, cwd=ROOT,
+    )  # fmt: skip
+    assert time.monotonic() - started < 5.0
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert done.stderr.splitlines() == [
+        f"tradecopy: NATS {url}",
+        f"cannot reach NATS at {url}: connection refused (is a nats-server running there?)",
+    ]
+
+
+def test_a_server_that_accepts_but_never_speaks_times_out_within_5_s(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        url = f"nats://127.0.0.1:{silent.getsockname()[1]}"
+        started = time.monotonic()
+        assert main(["links", "list", "--nats-url", url]) == 2
+        assert time.monotonic() - started < 5.0
+    err = capsys.readouterr().err
+    assert f"cannot reach NATS at {url}: no answer" in err
+    assert "Traceback" not in err
+
+
+# --------------------------------------------------------------------------------------------
+# stop: known targets only (unless --force); stop list
+# --------------------------------------------------------------------------------------------
+
+
+async def _put_account_state(
+    js: JetStreamContext, account: str, ts_ns: int, **extra: object
+) -> None:
+    from engine.runtime.jetstream import ensure_buckets
+    from schemas.account import AccountState
+
+    kv = (await ensure_buckets(js))[subjects.KV_ACCOUNTS]
+    state = AccountState(account=account, ts_ns=ts_ns, currency="USD", balance=1_000.0,
+                         equity=1_000.0, **extra)  # type: ignore[arg-type]  # fmt: skip
+    await kv.put(account, codec.encode(state))
+
+
+async def test_stop_set_refuses_an_unknown_link_or_account_and_says_what_is_known(
+    nats_server: EmbeddedNats, js: JetStreamContext, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = nats_server.url
+    assert await _run(["links", "apply", str(EXAMPLE), "--nats-url", url]) == 0
+    link_ids = sorted(link.link_id for link in load_links(EXAMPLE))
+    capsys.readouterr()
+
+    assert await _run(["stop", "set", "link", "no-such-link", "--nats-url", url]) == 2
+    captured = capsys.readouterr()
+    assert "ACTIVE" not in captured.out
+    error = captured.err.strip().splitlines()[-1]
+    assert error == (
+        f"unknown link 'no-such-link'; known links: {', '.join(link_ids)} "
+        "(--force sets the stop anyway)"
+    )
+    kv = await js.key_value(subjects.KV_CONTROL)
+    with pytest.raises(nats.js.errors.KeyNotFoundError):
+        await kv.get("link.no-such-link")
+
+    assert await _run(["stop", "set", "account", "nobody-9", "--nats-url", url]) == 2
+    err = capsys.readouterr().err
+    assert "unknown account 'nobody-9'; known accounts: alpari-1001," in err
+    assert "icm-2002" in err
+
+    # A master or follower named by a link is known; so is an account with a state.
+    assert await _run(["stop", "set", "account", "icm-2002", "--nats-url", url]) == 0
+    await _put_account_state(js, "solo-5", 1)
+    assert await _run(["stop", "set", "account", "solo-5", "--nats-url", url]) == 0
+    assert await _run(["stop", "set", "link", "gold-x2", "--nats-url", url]) == 0
+    # --force: for a link about to be applied.
+    assert await _run(["stop", "set", "link", "next-link", "--force", "--nats-url", url]) == 0
+    out = capsys.readouterr().out
+    for key in ("account.icm-2002", "account.solo-5", "link.gold-x2", "link.next-link"):
+        assert f"emergency stop {key}: ACTIVE" in out
+    assert (await _control(js, "link.next-link")).active is True
+
+
+async def test_stop_list_shows_every_stop_in_force_with_when_and_why(
+    nats_server: EmbeddedNats, js: JetStreamContext, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = nats_server.url
+    assert await _run(["stop", "list", "--nats-url", url]) == 0
+    assert capsys.readouterr().out.strip() == "no emergency stop in force"
+    assert await _run(["links", "apply", str(EXAMPLE), "--nats-url", url]) == 0
+    for argv in (
+        ["stop", "set", "global", "--reason", "NFP release"],
+        ["stop", "set", "account", "icm-2002", "--reason", "margin call"],
+        ["stop", "set", "link", "fx-fixed"],
+        ["stop", "clear", "link", "fx-fixed"],
+    ):
+        assert await _run([*argv, "--nats-url", url]) == 0
+    capsys.readouterr()
+
+    assert await _run(["stop", "list", "--nats-url", url]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].split() == ["SCOPE", "TARGET", "STATE", "SINCE", "REASON"]
+    assert len(lines) == 3
+    account, glob = lines[1], lines[2]  # by key: account.icm-2002, global
+    assert account.split()[:3] == ["account", "icm-2002", "ACTIVE"]
+    assert account.endswith("margin call") and " UTC (" in account and "s ago)" in account
+    assert glob.split()[:3] == ["global", "-", "ACTIVE"] and glob.endswith("NFP release")
+
+    assert await _run(["stop", "list", "--all", "--json", "--nats-url", url]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["scope"], r["target"], r["active"]) for r in rows] == [
+        ("account", "icm-2002", True), ("global", "", True), ("link", "fx-fixed", False),
+    ]  # fmt: skip
+    assert all(r["ts_ns"] > 0 for r in rows)
+
+
+# --------------------------------------------------------------------------------------------
+# links list
+# --------------------------------------------------------------------------------------------
+
+
+async def test_links_list_shows_each_link_its_sizing_and_whether_it_copies(
+    nats_server: EmbeddedNats, js: JetStreamContext, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from engine.replicator.state import LinkState, link_state_encoder
+    from engine.runtime.jetstream import ensure_buckets
+
+    url = nats_server.url
+    assert await _run(["links", "list", "--nats-url", url]) == 0
+    assert "no links" in capsys.readouterr().out
+    assert await _run(["links", "apply", str(EXAMPLE), "--nats-url", url]) == 0
+    state_kv = (await ensure_buckets(js))[subjects.KV_LINK_STATE]
+    await state_kv.put(
+        "fx-fixed", link_state_encoder.encode(LinkState(paused=True, paused_rule="max_drawdown"))
+    )
+    assert await _run(["stop", "set", "link", "gold-x2", "--nats-url", url]) == 0
+    capsys.readouterr()
+
+    assert await _run(["links", "list", "--nats-url", url]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["LINK", "MASTER", "→", "FOLLOWER", "SIZING", "STATE"]
+    rows = {line.split()[0]: line for line in out[1:]}
+    assert set(rows) == {link.link_id for link in load_links(EXAMPLE)}
+    assert "alpari-1001 → icm-2002" in rows["gold-x2"]
+    assert "multiplier ×2" in rows["gold-x2"] and rows["gold-x2"].endswith("STOPPED (link.gold-x2)")
+    assert "fixed_lot 0.1" in rows["fx-fixed"] and rows["fx-fixed"].endswith(
+        "paused (max_drawdown)"
+    )
+    assert rows["risk-250eur"].endswith("disabled")  # enabled = false in the file
+    others = set(rows) - {"gold-x2", "fx-fixed", "risk-250eur"}
+    assert others and all(rows[i].endswith("copying") for i in others)
+
+    assert await _run(["links", "list", "--json", "--nats-url", url]) == 0
+    listed = {r["link_id"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert listed["gold-x2"]["stopped_by"] == ["link.gold-x2"]
+    assert listed["fx-fixed"]["paused_by"] == "max_drawdown"
+    assert listed["fx-fixed"]["state"] == "paused (max_drawdown)"
+    assert listed["gold-x2"]["master"] == "alpari-1001"
+
+
+# --------------------------------------------------------------------------------------------
+# decisions
+# --------------------------------------------------------------------------------------------
+
+
+def _decision(n: int, follower: str, link: str, rule: str, master: str = "m-1") -> Any:
+    from schemas.decisions import CopyDecision, DecisionOutcome, DecisionRule
+
+    return CopyDecision(
+        decision_id=f"d-{n}", link_id=link, master=master, follower=follower,
+        outcome=DecisionOutcome.SKIPPED, rule=DecisionRule(rule),
+        message=f"decision {n}: {rule.replace('_', ' ')}", ts_ns=1_700_000_000_000_000_000 + n,
+        numbers={"volume": 0.004, "volume_min": 0.01} if rule == "below_min_volume" else {},
+    )  # fmt: skip
+
+
+async def _publish_decisions(js: JetStreamContext, decisions: Sequence[Any]) -> None:
+    from engine.runtime.jetstream import ensure_streams
+
+    await ensure_streams(js)
+    for d in decisions:
+        await js.publish(subjects.decisions(d.follower, d.link_id), codec.encode(d))
+
+
+async def test_decisions_shows_the_last_ones_filtered_with_the_reason_in_words(
+    nats_server: EmbeddedNats, js: JetStreamContext, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = nats_server.url
+    decisions = [
+        _decision(1, "f-1", "l-1", "symbol_not_included"),
+        _decision(2, "f-2", "l-2", "below_min_volume", master="m-2"),
+        _decision(3, "f-1", "l-1", "daily_trade_limit"),
+        _decision(4, "f-1", "l-3", "below_min_volume"),
+        _decision(5, "f-2", "l-2", "direction", master="m-2"),
+    ]
+    await _publish_decisions(js, decisions)
+
+    def shown(argv: list[str]) -> list[str]:
+        assert main([*argv, "--nats-url", url]) == 0
+        return [line.split(": ", 1)[1].split("  [")[0]
+                for line in capsys.readouterr().out.splitlines()]  # fmt: skip
+
+    everything = await asyncio.to_thread(shown, ["decisions"])
+    assert everything == [d.message for d in decisions]
+    assert await asyncio.to_thread(shown, ["decisions", "--last", "2"]) == [
+        "decision 4: below min volume", "decision 5: direction",
+    ]  # fmt: skip
+    assert await asyncio.to_thread(shown, ["decisions", "--follower", "f-1"]) == [
+        "decision 1: symbol not included", "decision 3: daily trade limit",
+        "decision 4: below min volume",
+    ]  # fmt: skip
+    assert await asyncio.to_thread(shown, ["decisions", "--follower", "f-1", "--link", "l-3"]) == [
+        "decision 4: below min volume"
+    ]
+    assert await asyncio.to_thread(shown, ["decisions", "--rule", "below_min_volume"]) == [
+        "decision 2: below min volume", "decision 4: below min volume",
+    ]  # fmt: skip
+    assert await asyncio.to_thread(shown, ["decisions", "--master", "m-2", "--last", "1"]) == [
+        "decision 5: direction"
+    ]
+    assert await _run(["decisions", "--follower", "nobody", "--nats-url", url]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "" and "no copy decision matches" in captured.err
+
+    # The line: when, outcome, rule, link (master → follower), the words, the numbers.
+    assert await _run(["decisions", "--link", "l-2", "--last", "1", "--rule",
+                       "below_min_volume", "--nats-url", url]) == 0  # fmt: skip
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("2023-11-14 22:13:20.000 UTC  skipped    below_min_volume")
+    assert "l-2 (m-2 → f-2): decision 2: below min volume  [volume=0.004, volume_min=0.01]" in line
+
+    assert await _run(["decisions", "--json", "--follower", "f-2", "--nats-url", url]) == 0
+    rows = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [r["decision_id"] for r in rows] == ["d-2", "d-5"]
+    assert rows[0]["numbers"] == {"volume": 0.004, "volume_min": 0.01}
+    assert rows[0]["rule"] == "below_min_volume" and rows[0]["outcome"] == "skipped"
+
+
+async def test_decisions_last_reaches_back_past_many_newer_ones(
+    nats_server: EmbeddedNats, js: JetStreamContext, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The reading window grows backwards until it has enough matches."""
+    old = [_decision(i, "rare", "l-r", "magic") for i in range(3)]
+    noise = [_decision(10 + i, "busy", "l-b", "direction") for i in range(700)]
+    await _publish_decisions(js, [*old, *noise])
+    argv = ["decisions", "--follower", "rare", "--last", "2", "--json", "--nats-url"]
+    assert await _run([*argv, nats_server.url]) == 0
+    rows = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [r["decision_id"] for r in rows] == ["d-1", "d-2"]
+
+
+async def test_decisions_follow_prints_new_decisions_as_they_are_stored(
+    nats_server: EmbeddedNats, js: JetStreamContext
+) -> None:
+    await _publish_decisions(js, [_decision(1, "f-1", "l-1", "magic")])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRADECOPY_NATS_")}
+    env |= {ENV_NATS_URL: nats_server.url, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "engine.cli", "decisions", "--follow", "--follower", "f-1",
+         "--last", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        first = await asyncio.to_thread(proc.stdout.readline)
+        assert "decision 1: magic" in first
+        said = await asyncio.to_thread(proc.stderr.readline)
+        assert said.strip() == f"tradecopy: NATS {nats_server.url}"
+        following = await asyncio.to_thread(proc.stderr.readline)
+        assert following.startswith("following decisions after stream sequence 1")
+        await _publish_decisions(js, [_decision(2, "f-2", "l-2", "direction"),
+                                      _decision(3, "f-1", "l-1", "daily_trade_limit")])  # fmt: skip
+        new = await asyncio.to_thread(proc.stdout.readline)
+        assert "decision 3: daily trade limit" in new  # decision 2 is another follower's
+        proc.send_signal(signal.SIGINT)
+        assert await asyncio.to_thread(proc.wait, 30) == 0
+        assert "Traceback" not in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+async def test_decisions_follow_count_stops_after_that_many(
+    nats_server: EmbeddedNats, js: JetStreamContext, capsys: pytest.CaptureFixture[str]
+) -> None:
+    await _publish_decisions(js, [_decision(i, "f-1", "l-1", "magic") for i in range(1, 4)])
+    # --last 0: nothing from before; the follow starts after the newest stored decision.
+    task = asyncio.create_task(
+        _run(["decisions", "--last", "0", "--follow", "--count", "2", "--json",
+              "--nats-url", nats_server.url])
+    )  # fmt: skip
+    await wait_until(lambda: "following decisions" in capsys.readouterr().err or task.done(),
+                     "the follow to start")  # fmt: skip
+    await _publish_decisions(js, [_decision(i, "f-1", "l-1", "magic") for i in range(4, 7)])
+    assert await asyncio.wait_for(task, 30) == 0
+    rows = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [r["decision_id"] for r in rows] == ["d-4", "d-5"]
+
+
+# --------------------------------------------------------------------------------------------
+# status
+# --------------------------------------------------------------------------------------------
+
+
+async def test_status_shows_streams_consumers_lag_and_silent_connectors(
+    nats_server: EmbeddedNats, js: JetStreamContext, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from nats.js.api import AckPolicy, ConsumerConfig
+
+    from schemas.account import TerminalStatus
+    from schemas.streams import FOLLOWER_ORDERS_STREAM
+
+    url = nats_server.url
+    await _publish_decisions(js, [_decision(1, "f-1", "l-1", "magic")])
+    # A connector's durable order consumer with two orders waiting, nobody bound.
+    await js.add_consumer(FOLLOWER_ORDERS_STREAM, ConsumerConfig(
+        durable_name="connector-farm-1", deliver_subject="_INBOX.farm-1",
+        ack_policy=AckPolicy.EXPLICIT,
+    ))  # fmt: skip
+    for n in range(2):
+        await js.publish(
+            subjects.follower_orders("f-1"), b"order", headers={"Nats-Msg-Id": f"o{n}"}
+        )
+    now = time.time_ns()
+    terminal = TerminalStatus(connected=True, synchronised=False)
+    await _put_account_state(js, "f-1", now, connector="farm-1", terminal=terminal)
+    await _put_account_state(js, "m-9", now - 3_600 * 10**9, connector="farm-9")
+
+    assert await _run(["status", "--nats-url", url]) == 0
+    captured = capsys.readouterr()
+    assert f"tradecopy: NATS {url}" in captured.err
+    out = captured.out
+    sections = {"streams", "consumers and lag", "replicators", "connectors", "accounts"}
+    assert sections <= {line.strip() for line in out.splitlines()}
+    lines = out.splitlines()
+    decisions = next(line for line in lines if line.strip().startswith("TC_DECISIONS"))
+    assert decisions.split()[1] == "1"  # messages
+    consumer = next(line for line in lines if "connector-farm-1" in line)
+    assert consumer.split()[:6] == ["TC_FOLLOWER_ORDERS", "connector-farm-1", "2", "0", "0", "NO"]
+    replicators = lines[lines.index("replicators") + 2].split()
+    assert replicators[:2] == ["DOWN", "0/0"]
+    farm1 = next(line for line in lines if line.strip().startswith("farm-1"))
+    assert farm1.split()[1] == "alive" and farm1.rstrip().endswith("NO")
+    farm9 = next(line for line in lines if line.strip().startswith("farm-9"))
+    assert farm9.split()[1:3] == ["SILENT", "1.0h"]
+    account = next(line for line in lines if line.strip().startswith("f-1 "))
+    assert "connected, NOT synchronised" in account
+
+    assert await _run(["status", "--json", "--nats-url", url]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert {s["name"] for s in status["streams"]} >= {"TC_MASTER_EVENTS", "TC_DECISIONS"}
+    [farm] = [c for c in status["consumers"] if c["name"] == "connector-farm-1"]
+    assert (farm["num_pending"], farm["push_bound"]) == (2, False)
+    connectors = {c["connector"]: c for c in status["connectors"]}
+    assert connectors["farm-1"]["alive"] is True and connectors["farm-9"]["alive"] is False
+    assert connectors["farm-1"]["order_consumer_bound"] is False
+    accounts = {a["account"]: a for a in status["accounts"]}
+    assert accounts["f-1"]["terminal"]["synchronised"] is False
+    assert status["replicators"]["alive"] is False
+
+
+async def test_status_watch_refreshes_until_ctrl_c(
+    nats_server: EmbeddedNats, js: JetStreamContext
+) -> None:
+    from engine.runtime.jetstream import ensure_streams
+
+    await ensure_streams(js)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRADECOPY_NATS_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "engine.cli", "status", "--watch", "0.2", "--json",
+         "--nats-url", nats_server.url],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        first = json.loads(await asyncio.to_thread(proc.stdout.readline))
+        await _publish_decisions(js, [_decision(1, "f-1", "l-1", "magic")])
+
+        def decisions_seen(snapshot: dict[str, Any]) -> int:
+            return next(s["messages"] for s in snapshot["streams"] if s["name"] == "TC_DECISIONS")
+
+        assert decisions_seen(first) in (0, 1)
+        deadline = time.monotonic() + 20
+        while True:
+            snapshot = json.loads(await asyncio.to_thread(proc.stdout.readline))
+            if decisions_seen(snapshot) == 1 and snapshot["ts_ns"] > first["ts_ns"]:
+                break
+            assert time.monotonic() < deadline, snapshot
+        proc.send_signal(signal.SIGINT)
+        assert await asyncio.to_thread(proc.wait, 30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_every_command_the_readme_shows_parses() -> None:
+    """The README's command lines are real: each one parses (nothing is run)."""
+    import re
+    import shlex
+
+    from engine.cli import build_parser
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```sh\n(.*?)```", readme, flags=re.S)
+    commands = [
+        line.split("  #")[0].strip()
+        for block in blocks
+        for line in block.splitlines()
+        if line.startswith("tradecopy ")
+    ]
+    assert len(commands) > 20
+    for spoken in ("links list", "stop list", "decisions --follower", "status --watch",
+                   "up --nats-port"):  # fmt: skip
+        assert any(c.startswith(f"tradecopy {spoken}") for c in commands), spoken
+    parser = build_parser()
+    for command in commands:
+        argv = [a.replace("…", "x") for a in shlex.split(command)[1:]]
+        assert callable(parser.parse_args(argv).func), command

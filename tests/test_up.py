@@ -67,11 +67,11 @@ def test_up_refuses_a_taken_port_with_a_clear_message(tmp_path: Path) -> None:
 
 
 def _start_up(
-    tmp_path: Path, *args: str, log: Path | None = None
+    tmp_path: Path, *args: str, log: Path | None = None, config_text: str = CONFIG
 ) -> tuple[subprocess.Popen[str], list[str]]:
     """``tradecopy up`` on CONFIG, until it says Ctrl-C works; its stdout lines so far."""
     config = tmp_path / "up.toml"
-    config.write_text(CONFIG)
+    config.write_text(config_text)
     env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state"), "PYTHONUNBUFFERED": "1"}
     with contextlib.ExitStack() as files:
         stderr = subprocess.DEVNULL if log is None else files.enter_context(log.open("w"))
@@ -114,6 +114,43 @@ def test_up_secures_nats_and_gives_the_operator_a_login(tmp_path: Path) -> None:
         )
         assert done.returncode == 0, done.stderr
         assert "emergency stop global: ACTIVE" in done.stdout
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+
+
+def test_up_nats_port_overrides_the_config_and_the_printed_login_drives_the_cli(
+    tmp_path: Path,
+) -> None:
+    """The config's port is taken; --nats-port puts NATS elsewhere, and the operator's exports
+    (URL and credentials) are all the CLI needs: no --nats-url anywhere."""
+    with socket.socket() as busy, socket.socket() as probe:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+        probe.close()
+        taken = CONFIG.replace("port = 0", f"port = {busy.getsockname()[1]}", 1)
+        proc, lines = _start_up(tmp_path, "--nats-port", str(port), config_text=taken)
+    try:
+        assert f"NATS (JetStream)   nats://127.0.0.1:{port}   store" in "\n".join(lines)
+        login = next(line for line in lines if line.startswith("operator login"))
+        exports = dict(item.split("=", 1) for item in login.split("export ", 1)[1].split())
+        assert exports["TRADECOPY_NATS_URL"] == f"nats://127.0.0.1:{port}"
+        bare = {k: v for k, v in os.environ.items() if not k.startswith("TRADECOPY_NATS_")}
+        cli = [sys.executable, "-m", "engine.cli"]
+        listed = subprocess.run([*cli, "links", "list"], env={**bare, **exports},
+                                capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert listed.returncode == 0, listed.stderr
+        assert (
+            listed.stderr.splitlines()[0] == f"tradecopy: NATS nats://127.0.0.1:{port} as operator"
+        )
+        assert listed.stdout.splitlines()[1].split()[:4] == ["mf", "m", "→", "f"]
+        # Without the URL: refused by name, never a guess at 4222.
+        refused = subprocess.run([*cli, "links", "list"], env=bare, capture_output=True,
+                                 text=True, timeout=60)  # fmt: skip
+        assert refused.returncode == 2
+        assert "TRADECOPY_NATS_URL" in refused.stderr and "4222" not in refused.stderr
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
@@ -190,3 +227,42 @@ def test_up_brings_back_a_dead_nats_server_and_replicator_and_says_so_once(
         assert text.count(event) == 1, (event, text[-3000:])
     assert "Traceback" not in text
     assert code == 0
+
+
+def test_up_runs_the_ledger_on_embedded_postgres_and_history_reads_it(tmp_path: Path) -> None:
+    """`up` starts PostgreSQL under the state directory and a ledger; `history` and `stats`
+    (no URL given) find that same server while `up` runs, and Ctrl-C stops it."""
+    proc, lines = _start_up(tmp_path)
+    env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state")}
+    env.pop("TRADECOPY_DATABASE_URL", None)
+    data = tmp_path / "state" / "tradecopy" / "postgres" / "data"
+    try:
+        text = "\n".join(lines)
+        assert "PostgreSQL         embedded, data under" in text
+        assert "ledger up-1" in text
+        history = [sys.executable, "-m", "engine.cli", "history", "--account", "f"]
+        deadline = time.monotonic() + 60
+        while True:  # the follower's account state reaches the ledger within a second or two
+            done = subprocess.run(history, env=env, capture_output=True, text=True, timeout=60)
+            if done.returncode == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.startswith("account f (USD)")
+        assert "open positions: 0" in done.stdout
+        stats = subprocess.run(
+            [sys.executable, "-m", "engine.cli", "stats", "--account", "f", "--json"],
+            env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert stats.returncode == 0, stats.stderr
+        assert '"trades":0' in stats.stdout and '"currency":"USD"' in stats.stdout
+        unknown = subprocess.run(
+            [*history[:-1], "nobody"], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert unknown.returncode == 2
+        assert "the ledger holds nothing for account 'nobody'" in unknown.stderr
+        assert (data / "postmaster.pid").exists()  # the CLI adopted up's server, left it up
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+    assert not (data / "postmaster.pid").exists()  # stopped with the stack

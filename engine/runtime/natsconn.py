@@ -1,8 +1,9 @@
 """One way to connect to NATS: credentials and TLS from the environment, reconnect forever, and
-log connection changes in one line each."""
+log connection changes in one line each; or, for a one-shot command, connect once or fail fast."""
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from typing import Any
 
@@ -10,6 +11,7 @@ import nats.errors
 import structlog
 from nats.aio.client import Client
 
+from engine.core.errors import TradecopyError
 from engine.runtime.natsauth import (
     ENV_CREDS,
     ENV_SEED,
@@ -21,6 +23,17 @@ from engine.runtime.natsauth import (
 
 log = structlog.get_logger("tradecopy.nats")
 
+#: The NATS server of every command that is given no ``--nats-url`` (never a guessed default).
+ENV_NATS_URL = "TRADECOPY_NATS_URL"
+#: How long a one-shot command waits for a server before it says the server is unreachable.
+ONE_SHOT_CONNECT_TIMEOUT_S = 3.0
+_ONE_SHOT_ATTEMPTS = 3
+
+
+class NatsUnreachable(TradecopyError):
+    """A one-shot command could not reach NATS (refused, timed out, no route, bad URL)."""
+
+
 _AUTH_FAILED = "authorization violation"
 
 
@@ -30,6 +43,7 @@ async def connect(
     *,
     credentials: NatsCredentials | None = None,
     tls: ssl.SSLContext | None = None,
+    fail_fast: bool = False,
     **options: Any,
 ) -> Any:
     """A nats-py client that keeps reconnecting and logs state changes without tracebacks.
@@ -39,11 +53,16 @@ async def connect(
     with neither the client is anonymous, which only an open server accepts. A server that
     refuses the credentials (or their absence) fails the first connect at once with
     ``NatsCredentialsError`` naming the variables, instead of retrying forever.
+
+    ``fail_fast`` (one-shot commands, see ``connect_once``): a few quick attempts, then
+    ``NatsUnreachable`` naming the first failure; nothing is logged, and a lost connection is
+    not pursued for long.
     """
     creds = credentials if credentials is not None else NatsCredentials.from_env()
     context = tls if tls is not None else tls_context_from_env()
     client = Client()
     connected = False
+    failures: list[Exception] = []
     refused_logged = False
     last_error = ""
 
@@ -58,6 +77,9 @@ async def connect(
                 refused_logged = True
                 log.error("nats_auth_refused", client=name, hint=_refused(url, creds))
             return
+        if fail_fast and not connected:
+            failures.append(exc)  # said once, by the caller, if no attempt succeeds
+            return
         nonlocal last_error
         # While the server is away every reconnect attempt fails the same way: say it once.
         if repr(exc) != last_error:
@@ -65,7 +87,7 @@ async def connect(
             log.warning("nats_error", client=name, error=last_error)
 
     async def on_disconnected() -> None:
-        if not client.is_closed:  # a close of our own is no news
+        if not client.is_closed and not fail_fast:  # a close of our own is no news
             log.warning("nats_disconnected", client=name)
 
     async def on_reconnected() -> None:
@@ -86,13 +108,48 @@ async def connect(
     if context is not None:
         settings["tls"] = context
     settings.update(options)
+    if fail_fast:
+        # A few quick attempts, never a loop: a server that is starting up or refuses the
+        # credentials after a reset still gets its word in, a dead port fails at once.
+        settings.update(max_reconnect_attempts=_ONE_SHOT_ATTEMPTS - 1, reconnect_time_wait=0.1)
     try:
         await client.connect(url, **settings)
-    except BaseException:
+    except (TradecopyError, asyncio.CancelledError, KeyboardInterrupt):
         await client.close()
+        raise
+    except BaseException as exc:
+        await client.close()
+        if fail_fast:
+            raise NatsUnreachable(_unreachable(url, failures[0] if failures else exc)) from None
         raise
     connected = True
     return client
+
+
+async def connect_once(
+    url: str, name: str, *, timeout: float = ONE_SHOT_CONNECT_TIMEOUT_S, **options: Any
+) -> Any:
+    """A one-shot command's client: ``NatsUnreachable`` within ``timeout`` (+1) seconds when the
+    server is away (no retry loop, no log lines), and no lasting reconnect later: a command
+    that loses its server fails instead of hanging."""
+    try:
+        return await asyncio.wait_for(
+            connect(url, name, fail_fast=True, connect_timeout=timeout, **options),
+            timeout + 1.0,
+        )
+    except TimeoutError:
+        raise NatsUnreachable(
+            f"cannot reach NATS at {url}: no answer within {timeout:g} s"
+        ) from None
+
+
+def _unreachable(url: str, exc: BaseException) -> str:
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else (str(exc) or repr(exc))
+    if isinstance(exc, ConnectionRefusedError):
+        reason = "connection refused (is a nats-server running there?)"
+    elif isinstance(exc, TimeoutError | asyncio.TimeoutError):
+        reason = "no answer in time"
+    return f"cannot reach NATS at {url}: {reason}"
 
 
 def _refused(url: str, creds: NatsCredentials | None) -> str:
