@@ -251,3 +251,26 @@ def test_misnamed_or_doubly_numbered_migration_files_are_errors(tmp_path: Path) 
         load_migrations(
             write_migrations(tmp_path / "b", {"0001_a.sql": "SELECT 1;", "0001_b.sql": ""})
         )
+
+
+def test_a_folder_without_migrations_is_a_broken_install_not_an_empty_history(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "m").mkdir()
+    with pytest.raises(MigrationError, match="no migrations in"):
+        load_migrations(tmp_path / "m")
+
+
+def test_every_services_migrations_and_contract_files_ship_in_the_package() -> None:
+    """`pip install .` (not editable) copies only package data: each service's migrations and
+    the API's OpenAPI document must be declared, or an installed `demo` finds no tables."""
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    declared = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"
+    ]
+    for folder in sorted((root / "engine").glob("*/migrations")):
+        package = f"engine.{folder.parent.name}"
+        assert "migrations/*.sql" in declared.get(package, []), package
+    assert "openapi.json" in declared.get("engine.api", [])

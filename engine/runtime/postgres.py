@@ -452,6 +452,10 @@ def load_migrations(directory: Path) -> list[Migration]:
         numbers[match.group(1)] = path.name
         data = path.read_bytes()
         found.append(Migration(path.stem, data.decode("utf-8"), hashlib.sha256(data).hexdigest()))
+    if not found:
+        # A component always ships its migrations: none found is a broken install, and
+        # applying "nothing" would leave every table missing until the first write fails.
+        raise MigrationError(f"no migrations in {directory}: the installation is incomplete")
     return found
 
 
