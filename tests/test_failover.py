@@ -30,12 +30,14 @@ ACK_WAIT_S = 1.0
 MIN_KILLS = 8
 
 
-def _spawn(url: str, name: str) -> subprocess.Popen[bytes]:
+def _spawn(url: str, name: str, shard: str | None = None) -> subprocess.Popen[bytes]:
+    """One replicator instance; ``shard`` ("i/n") plans only that link shard."""
     return subprocess.Popen(
         [
             *(sys.executable, "-m", "engine.cli", "replicator", "run", "--nats-url", url),
             *("--partitions", str(PARTITIONS), "--ack-wait", str(ACK_WAIT_S)),
             *("--metrics-port", "-1", "--instance", name, "--log-level", "error"),
+            *(() if shard is None else ("--shard", shard)),
         ],
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
         stdout=subprocess.DEVNULL,
@@ -86,22 +88,25 @@ async def _seed(buckets: dict[str, Any]) -> list[CopyLink]:
     return links
 
 
-@pytest.mark.slow
-async def test_sigkilled_replicators_lose_and_duplicate_no_order(nats_server: Any, js: Any) -> None:
+async def _burst_under_kills(
+    nats_server: Any, js: Any, shards: dict[str, str | None], seed: int, settle_s: float
+) -> None:
+    """Every master's events published while instances (name → shard) are SIGKILLed and
+    respawned at random; then every order is stored once, and in event order per follower."""
     await ensure_streams(js, PARTITIONS)
     links = await _seed(await ensure_buckets(js))
     links_by_master: dict[str, list[CopyLink]] = defaultdict(list)
     for link in links:
         links_by_master[link.master].append(link)
 
-    rng = random.Random(20261121)
-    instances = {name: _spawn(nats_server.url, name) for name in ("r1", "r2")}
+    rng = random.Random(seed)
+    instances = {name: _spawn(nats_server.url, name, shard) for name, shard in shards.items()}
     kills = 0
     stop_killing = asyncio.Event()
 
     async def killer() -> None:
         nonlocal kills
-        await asyncio.sleep(1.5)  # let the first instances come up
+        await asyncio.sleep(settle_s)  # let the first instances come up
         while not (stop_killing.is_set() and kills >= MIN_KILLS):
             await asyncio.sleep(rng.uniform(0.15, 0.6))
             name = rng.choice(sorted(instances))
@@ -109,7 +114,7 @@ async def test_sigkilled_replicators_lose_and_duplicate_no_order(nats_server: An
             instances[name].wait()
             kills += 1
             await asyncio.sleep(rng.uniform(0.0, 0.3))
-            instances[name] = _spawn(nats_server.url, name)
+            instances[name] = _spawn(nats_server.url, name, shards[name])
 
     killing = asyncio.create_task(killer())
     expected: list[str] = []
@@ -176,21 +181,12 @@ async def test_sigkilled_replicators_lose_and_duplicate_no_order(nats_server: An
         assert len(event_ids) == EVENTS_PER_MASTER
 
 
+@pytest.mark.slow
+async def test_sigkilled_replicators_lose_and_duplicate_no_order(nats_server: Any, js: Any) -> None:
+    await _burst_under_kills(nats_server, js, {"r1": None, "r2": None}, 20261121, 1.5)
+
+
 SHARDS = 2
-
-
-def _spawn_shard(url: str, name: str, shard: int) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [
-            *(sys.executable, "-m", "engine.cli", "replicator", "run", "--nats-url", url),
-            *("--partitions", str(PARTITIONS), "--ack-wait", str(ACK_WAIT_S)),
-            *("--metrics-port", "-1", "--instance", name, "--log-level", "error"),
-            *("--shard", f"{shard}/{SHARDS}"),
-        ],
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
 
 
 @pytest.mark.slow
@@ -199,88 +195,5 @@ async def test_sigkilled_sharded_replicators_lose_and_duplicate_no_order(
 ) -> None:
     """The same, with every master's links split over two link shards, two instances each:
     a killed instance's shard is taken over by its twin, and per follower the order holds."""
-    await ensure_streams(js, PARTITIONS)
-    links = await _seed(await ensure_buckets(js))
-    links_by_master: dict[str, list[CopyLink]] = defaultdict(list)
-    for link in links:
-        links_by_master[link.master].append(link)
-
-    rng = random.Random(20261129)
-    shard_of = {f"r{i}": i % SHARDS for i in range(2 * SHARDS)}
-    instances = {name: _spawn_shard(nats_server.url, name, s) for name, s in shard_of.items()}
-    kills = 0
-    stop_killing = asyncio.Event()
-
-    async def killer() -> None:
-        nonlocal kills
-        await asyncio.sleep(2.5)  # let the first instances come up
-        while not (stop_killing.is_set() and kills >= MIN_KILLS):
-            await asyncio.sleep(rng.uniform(0.15, 0.6))
-            name = rng.choice(sorted(instances))
-            instances[name].kill()
-            instances[name].wait()
-            kills += 1
-            await asyncio.sleep(rng.uniform(0.0, 0.3))
-            instances[name] = _spawn_shard(nats_server.url, name, shard_of[name])
-
-    killing = asyncio.create_task(killer())
-    expected: list[str] = []
-    try:
-        for seq in range(EVENTS_PER_MASTER):
-            for m in range(MASTERS):
-                event = _master_event(f"ma-{m}", seq)
-                await js.publish(
-                    subjects.master_events(event.master),
-                    codec.encode(event),
-                    headers={"Nats-Msg-Id": event.event_id},
-                )
-                expected += [
-                    f"{event.event_id}:{link.link_id}" for link in links_by_master[event.master]
-                ]
-            await asyncio.sleep(rng.uniform(0.02, 0.08))
-    finally:
-        stop_killing.set()
-        await killing
-
-    try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            info = await js.stream_info(FOLLOWER_ORDERS_STREAM)
-            if info.state.messages >= len(expected):
-                break
-            await asyncio.sleep(0.25)
-        await asyncio.sleep(ACK_WAIT_S * 2)
-        info = await js.stream_info(FOLLOWER_ORDERS_STREAM)
-
-        received: list[Any] = []
-        done = asyncio.Event()
-
-        async def collect(msg: Any) -> None:
-            received.append(codec.follower_order_decoder.decode(msg.data))
-            if len(received) >= info.state.messages:
-                done.set()
-
-        sub = await js.subscribe(
-            subjects.FOLLOWER_ORDERS,
-            stream=FOLLOWER_ORDERS_STREAM,
-            cb=collect,
-            ordered_consumer=True,
-            deliver_policy=DeliverPolicy.ALL,
-        )
-        await asyncio.wait_for(done.wait(), timeout=30)
-        await sub.unsubscribe()
-    finally:
-        for proc in instances.values():
-            proc.kill()
-            proc.wait()
-
-    assert kills >= MIN_KILLS
-    ids = [order.order_id for order in received]
-    assert len(ids) == len(set(ids)), "an order was stored twice"
-    assert sorted(ids) == sorted(expected), "orders missing or unexpected"
-    seen: dict[tuple[str, str], list[str]] = defaultdict(list)
-    for order in received:
-        seen[(order.master, order.follower)].append(order.master_event_id)
-    for key, event_ids in seen.items():
-        assert event_ids == sorted(event_ids), f"out of order for {key}"
-        assert len(event_ids) == EVENTS_PER_MASTER
+    shards = {f"r{i}": f"{i % SHARDS}/{SHARDS}" for i in range(2 * SHARDS)}
+    await _burst_under_kills(nats_server, js, shards, 20261129, 2.5)
