@@ -2,7 +2,7 @@
 store every id exactly once; and the same check catches a ledger that acknowledges before it
 commits.
 
-The ledgers are processes of their own (``python -m engine.ledger``); this file is also the
+The ledgers are processes of their own (``tradecopy ledger run``); this file is also the
 entry point of the broken variant (``python tests/test_ledger_faults.py --early-ack …``),
 which acknowledges each batch, then writes it: a kill in between loses the batch for good.
 """
@@ -143,7 +143,11 @@ class Ledgers:
     kills: int = 0
 
     def start(self, index: int) -> None:
-        entry = [str(Path(__file__)), "--early-ack"] if self.early_ack else ["-m", "engine.ledger"]
+        entry = (
+            [str(Path(__file__)), "--early-ack"]
+            if self.early_ack
+            else ["-m", "engine.cli", "ledger", "run"]
+        )
         self.procs[index] = subprocess.Popen(
             [sys.executable, *entry, "--nats-url", self.nats_url,
              "--database-url", self.database_url, "--instance", f"fault-{index}",
@@ -261,9 +265,8 @@ async def test_the_same_burst_loses_rows_when_acks_go_out_before_the_commit(
 def _run_early_ack(argv: list[str]) -> int:
     """The ledger with its order inverted: acknowledge, then write (a slow write makes the
     window a kill falls into wide enough to hit every time)."""
-    from engine.ledger import __main__ as entry
+    from engine.cli import build_parser
     from engine.ledger import service
-    from engine.runtime.eventloop import run_async
 
     class EarlyAckLedger(service.Ledger):
         async def _settle(self, taken: list[tuple[Any, Any]]) -> None:
@@ -278,9 +281,8 @@ def _run_early_ack(argv: list[str]) -> int:
                     await msg.ack()
 
     service.Ledger = EarlyAckLedger  # type: ignore[misc]
-    config, _ = entry.parse_config(argv)
-    run_async(service.run_ledger(config))
-    return 0
+    args = build_parser().parse_args(["ledger", "run", *argv])
+    return int(args.func(args) or 0)
 
 
 if __name__ == "__main__":

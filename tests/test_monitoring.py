@@ -7,7 +7,7 @@ The services run for real: ``tradecopy up`` (NATS, a replicator and the paper co
 with its own ``/metrics``), ``tradecopy bridge run`` serving a paper terminal over the bridge
 protocol (CURVE), the MT5 connector over the paper MetaTrader5 api (in this process: the
 package exists only on Windows, so only its series for its own account count), and a ledger
-process (``python -m engine.ledger``) on the same NATS and a PostgreSQL database.
+process (``tradecopy ledger run``) on the same NATS and a PostgreSQL database.
 """
 
 from __future__ import annotations
@@ -275,7 +275,7 @@ async def _ledger(nats_url: str, database_url: str, tmp_path: Path,
     await store.migrate(database_url)
     port, log = _port(), tmp_path / "ledger.log"
     processes.append(subprocess.Popen(
-        [sys.executable, "-m", "engine.ledger", "--nats-url", nats_url, "--instance",
+        [sys.executable, "-m", "engine.cli", "ledger", "run", "--nats-url", nats_url, "--instance",
          "monitoring", "--metrics-port", str(port), "--log-level", "info"],
         env={**os.environ, ENV_DATABASE_URL: database_url},
         stdout=subprocess.DEVNULL, stderr=log.open("ab"),

@@ -462,10 +462,11 @@ def spawn_ledger(
     env: Mapping[str, str] | None = None,
     quiet: bool = True,
 ) -> subprocess.Popen[bytes]:
-    """Start ``python -m engine.ledger`` with this interpreter. ``env`` (default: ours) carries
+    """Start ``tradecopy ledger run`` with this interpreter. ``env`` (default: ours) carries
     its NATS credentials; the database URL (it may hold a password) goes there too, never on
     the command line."""
-    args = [sys.executable, "-m", "engine.ledger", "--nats-url", nats_url, "--instance", instance,
+    args = [sys.executable, "-m", "engine.cli", "ledger", "run", "--nats-url", nats_url,
+            "--instance", instance,
             "--metrics-port", str(metrics_port), "--log-level", log_level, *extra_args]  # fmt: skip
     child_env = {**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"}
     child_env[ENV_DATABASE_URL] = database_url
