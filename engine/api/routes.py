@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine.api import accounts, links, people
+from engine.api import accounts, history, identity, links, people, stream, trading
 from engine.api.handling import Context, Route
 
 
@@ -16,5 +16,9 @@ ROUTES: list[Route] = [
     *people.ROUTES,
     *accounts.ROUTES,
     *links.ROUTES,
+    *identity.ROUTES,
+    *trading.ROUTES,
+    *history.ROUTES,
+    *stream.ROUTES,
     Route("GET", "/v1/openapi.json", openapi_document, "This document", "meta"),
 ]

@@ -1,0 +1,1 @@
+"""Signal sources beyond terminals: TradingView alerts and candle strategies driving paper masters."""
