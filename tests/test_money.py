@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from engine.core.money import (
     InexactMoneyError,
+    amount_for,
     divide,
     exponent,
     format_money,
@@ -59,6 +60,28 @@ def test_proration_divides_with_explicit_rounding() -> None:
     assert divide(1000, 2, 3) == 667
     with pytest.raises(ZeroDivisionError):
         divide(1000, 1, 0)
+
+
+def test_a_quantity_times_a_unit_price_rounds_once_with_the_named_rounding() -> None:
+    # 0.05 lot at 125 cents a lot is 6.25 cents: one rounding of the exact product.
+    assert amount_for("0.05", 125) == 6
+    assert amount_for(Decimal("0.05"), "125", ROUND_HALF_UP) == 6
+    assert amount_for("0.3", "2.5") == 1  # 0.75 → 1
+    assert amount_for("0.5", "5") == 2  # 2.5 → 2, half-even
+    assert amount_for("0.5", "5", ROUND_HALF_UP) == 3
+    with pytest.raises(InexactMoneyError):
+        amount_for(0.05, 125)  # type: ignore[arg-type]
+
+
+@given(
+    lots=st.lists(st.decimals(min_value=0, max_value=1000, places=2), min_size=1, max_size=10),
+    price=st.decimals(min_value=0, max_value=10**6, places=3),
+)
+def test_a_product_of_a_sum_is_within_half_a_unit_of_the_exact_amount(
+    lots: list[Decimal], price: Decimal
+) -> None:
+    quantity = sum(lots, Decimal(0))
+    assert abs(amount_for(quantity, price) - quantity * price) <= Decimal("0.5")
 
 
 def test_amounts_print_with_the_currency_decimals() -> None:

@@ -77,6 +77,17 @@ def multiply(units: int, factor: Exact, rounding: str = ROUND_HALF_EVEN) -> int:
         return round_to_int(Decimal(units) * exact(factor), rounding)
 
 
+def amount_for(quantity: Exact, unit_price: Exact, rounding: str = ROUND_HALF_EVEN) -> int:
+    """``quantity × unit_price`` in whole minor units, rounded once (lots × a rate per lot).
+
+    ``unit_price`` is in minor units per unit of ``quantity`` and may have decimals (1.25 cents
+    per lot); the product is exact until this one rounding.
+    """
+    with localcontext() as ctx:
+        ctx.prec = 60
+        return round_to_int(exact(quantity) * exact(unit_price), rounding)
+
+
 def divide(units: int, numerator: int, denominator: int, rounding: str = ROUND_HALF_EVEN) -> int:
     """``units × numerator / denominator`` in whole minor units (e.g. days used / days in plan)."""
     if denominator == 0:
