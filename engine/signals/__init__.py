@@ -1,1 +1,1 @@
-"""Signal sources beyond terminals: TradingView alerts and candle strategies driving paper masters."""
+"""Signal sources beyond terminals: TradingView alerts and strategies run once per candle."""

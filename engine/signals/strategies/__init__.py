@@ -1,0 +1,1 @@
+"""The strategies shipped with the platform: SMA crossover and Wilder's RSI."""
