@@ -20,6 +20,10 @@ FOLLOWER_ORDERS_STREAM = "TC_FOLLOWER_ORDERS"
 EXECUTION_REPORTS_STREAM = "TC_EXECUTION_REPORTS"
 DECISIONS_STREAM = "TC_DECISIONS"
 REJECTIONS_STREAM = "TC_REJECTIONS"
+SIGNALS_STREAM = "TC_SIGNALS"
+#: A worker that takes over a candle whose first runner died after publishing publishes the
+#: same Nats-Msg-Id again, up to a claim lease plus a run later: an hour covers any lease.
+SIGNALS_DUPLICATE_WINDOW_S = 3_600.0
 
 DAY_S = 86_400.0
 
@@ -115,6 +119,19 @@ def rejections_stream(storage: StorageType = StorageType.FILE) -> StreamConfig:
     )
 
 
+def signals_stream(storage: StorageType = StorageType.FILE) -> StreamConfig:
+    """Strategy runs: each closed candle's signal and each failed run, one message id per
+    (strategy version, symbol, timeframe, candle), so a candle never signals twice."""
+    return StreamConfig(
+        name=SIGNALS_STREAM,
+        subjects=[subjects.STRATEGY_RUNS],
+        retention=RetentionPolicy.LIMITS,
+        storage=storage,
+        max_age=30 * DAY_S,
+        duplicate_window=SIGNALS_DUPLICATE_WINDOW_S,
+    )
+
+
 def all_streams(
     partitions: int = DEFAULT_PARTITIONS, storage: StorageType = StorageType.FILE
 ) -> list[StreamConfig]:
@@ -124,6 +141,7 @@ def all_streams(
         execution_reports_stream(storage),
         decisions_stream(storage),
         rejections_stream(storage),
+        signals_stream(storage),
     ]
 
 
@@ -135,4 +153,5 @@ KV_BUCKETS: dict[str, int] = {
     subjects.KV_FX: 1,
     subjects.KV_CONTROL: 10,
     subjects.KV_LINK_STATE: 1,
+    subjects.KV_SIGNAL_CLAIMS: 1,
 }

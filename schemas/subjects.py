@@ -21,6 +21,10 @@ CONNECTOR_ORDERS = f"{PREFIX}.connector.*.orders"
 EXECUTION_REPORTS = f"{PREFIX}.follower.*.reports"
 DECISIONS = f"{PREFIX}.decision.*.*"
 QUOTES = f"{PREFIX}.quotes.>"
+# Strategy runs (engine/signals), stored in TC_SIGNALS: tc.v1.signal.<version>.signals carries
+# what a strategy version decided on a closed candle, tc.v1.signal.<version>.failures its
+# failed runs (crash, timeout, memory, forbidden, bad output).
+STRATEGY_RUNS = f"{PREFIX}.signal.*.*"
 
 # KV buckets (JetStream key-value): the replicator caches and watches all of them.
 KV_LINKS = "tc_links"
@@ -29,6 +33,9 @@ KV_SYMBOLS = "tc_symbols"
 KV_FX = "tc_fx"
 KV_CONTROL = "tc_control"
 KV_LINK_STATE = "tc_link_state"
+# Who runs a strategy version on a closed candle: created once per candle by the first worker
+# (the signal workers' only; the replicator does not watch it).
+KV_SIGNAL_CLAIMS = "tc_signal_claims"
 
 
 def master_events(master: str) -> str:
@@ -66,6 +73,16 @@ def execution_reports(follower: str) -> str:
 
 def decisions(follower: str, link_id: str) -> str:
     return f"{PREFIX}.decision.{follower}.{link_id}"
+
+
+def strategy_signals(version_id: str) -> str:
+    """What strategy version ``version_id`` decided on each closed candle it acted on."""
+    return f"{PREFIX}.signal.{version_id}.signals"
+
+
+def strategy_failures(version_id: str) -> str:
+    """The runs of strategy version ``version_id`` that failed, with the kind and the reason."""
+    return f"{PREFIX}.signal.{version_id}.failures"
 
 
 def quotes(symbol: str) -> str:

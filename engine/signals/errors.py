@@ -20,3 +20,8 @@ class AlertError(TradecopyError, ValueError):
 
 class CandleError(TradecopyError, ValueError):
     """A quote or setting the candle builder cannot accept (another symbol, an unknown zone)."""
+
+
+class StrategyVersionError(TradecopyError, ValueError):
+    """A strategy upload that cannot become a version (bad source, unknown shipped strategy,
+    parameters its strategy refuses), or a stored version whose hashes do not match."""
