@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from engine.core.book import CloseReason, CopyRef, fold_account
 from engine.core.comments import copy_comment
-from engine.ledger.positions import CloseReason, CopyRef, fold_account
 from schemas.account import AccountState
 from schemas.common import OrderType, Side, Trace
 from schemas.decisions import CopyDecision, DecisionOutcome, DecisionRule

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.ledger.positions import fold_account
-from engine.ledger.stats import (
+from engine.core.book import fold_account
+from engine.core.performance import (
     AccountStats,
     ClosedTrade,
     EquitySample,

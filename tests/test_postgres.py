@@ -172,7 +172,7 @@ async def columns(database_url: str, table: str) -> list[str]:
 async def test_an_empty_database_gets_every_ledger_migration_and_a_second_run_is_a_no_op(
     database_url: str,
 ) -> None:
-    assert await migrate(database_url) == ["0001_ledger"]
+    assert await migrate(database_url) == ["0001_ledger", "0002_read_views"]
     assert "payload" in await columns(database_url, "ledger_follower_orders")
     assert await migrate(database_url) == []
 

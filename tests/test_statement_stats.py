@@ -9,22 +9,22 @@ from pathlib import Path
 
 import pytest
 
+from engine.core.book import AccountBook, CloseReason, fold_account
 from engine.core.money import divide, exponent
-from engine.core.statements import (
-    Mt4Statement,
-    StatementTrade,
-    minor_units,
-    parse_mt4_statement,
-    server_time_ns,
-)
-from engine.ledger.positions import AccountBook, CloseReason, fold_account
-from engine.ledger.stats import (
+from engine.core.performance import (
     AccountStats,
     ClosedTrade,
     EquitySample,
     account_stats,
     compute_stats,
     max_drawdown,
+)
+from engine.core.statements import (
+    Mt4Statement,
+    StatementTrade,
+    minor_units,
+    parse_mt4_statement,
+    server_time_ns,
 )
 from schemas.account import AccountState
 from schemas.master import PositionClosed, PositionOpened, PositionReduced

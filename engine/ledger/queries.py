@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import time
 
+from engine.core.book import AccountBook, fold_account
+from engine.core.performance import AccountStats, account_stats, link_stats
 from engine.ledger import store
-from engine.ledger.positions import AccountBook, fold_account
-from engine.ledger.stats import AccountStats, account_stats, link_stats
 
 
 class UnknownAccount(LookupError):
