@@ -619,6 +619,35 @@ def _cmd_replicator_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_signals_run(args: argparse.Namespace) -> int:
+    import msgspec
+
+    from engine.runtime.logging import configure_logging
+    from engine.signals.config import load_config
+    from engine.signals.worker import run_worker
+
+    configure_logging(args.log_level, json=not args.console_logs)
+    try:
+        config = load_config(args.config)
+    except (OSError, msgspec.ValidationError, msgspec.DecodeError) as exc:
+        print(f"{args.config}: {exc}", file=sys.stderr)
+        return 2
+    if args.nats_url or os.environ.get(ENV_NATS_URL, "").strip() or not config.nats_url:
+        config = msgspec.structs.replace(config, nats_url=_nats_url(args))
+
+    async def run() -> None:
+        import signal
+
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await run_worker(config, stop)
+
+    run_async(run())
+    return 0
+
+
 def _cmd_nats_run(args: argparse.Namespace) -> int:
     from engine.core.errors import TradecopyError
     from engine.runtime.natsserver import EmbeddedNats, NatsTls, default_state_dir
@@ -850,6 +879,18 @@ def _cmd_bench_ledger(args: argparse.Namespace) -> int:
     if args.json:
         forwarded.append("--json")
     return ledger_main(forwarded)
+
+
+def _cmd_bench_api(args: argparse.Namespace) -> int:
+    from benchmarks.api import main as api_main
+
+    forwarded = ["--rps", str(args.rps), "--seconds", str(args.seconds),
+                 "--sse-samples", str(args.sse_samples)]  # fmt: skip
+    if args.database_url:
+        forwarded += ["--database-url", args.database_url]
+    if args.json:
+        forwarded.append("--json")
+    return api_main(forwarded)
 
 
 def _cmd_bridge_keys(args: argparse.Namespace) -> int:
@@ -1127,6 +1168,18 @@ def _add_service_commands(commands: Any) -> None:
     run.add_argument("--console-logs", action="store_true", help="human-readable logs")
     run.set_defaults(func=_cmd_replicator_run)
 
+    signals = commands.add_parser(
+        "signals", help="signal sources: strategies run once per closed candle"
+    ).add_subparsers(dest="signals_command", required=True)
+    worker = signals.add_parser(
+        "run", help="run one strategy worker (run several: each candle still runs once)"
+    )
+    worker.add_argument("--config", required=True, help="the worker's JSON file")
+    _add_nats_url(worker)
+    _add_log_level(worker, "info")
+    worker.add_argument("--console-logs", action="store_true", help="human-readable logs")
+    worker.set_defaults(func=_cmd_signals_run)
+
     for name, helptext, func in (
         ("bridge", "bridge-EA connector: one ZeroMQ ROUTER for many terminals", _cmd_bridge_run),
         ("mt5", "MetaTrader5-package connector (Windows)", _cmd_mt5_run),
@@ -1306,6 +1359,16 @@ def _add_bench_commands(commands: Any) -> None:
     _add_database_url(ledger)
     _add_json(ledger, "one JSON object on the last line")
     ledger.set_defaults(func=_cmd_bench_ledger)
+    api = bench.add_parser(
+        "api", help="a follower's positions at a fixed rate through the API vs a bare aiohttp "
+        "handler; SSE decision latency",
+    )  # fmt: skip
+    api.add_argument("--rps", type=float, default=500.0, help="requests per second (open loop)")
+    api.add_argument("--seconds", type=float, default=10.0, help="measured seconds per target")
+    api.add_argument("--sse-samples", type=int, default=200, help="decisions timed over SSE")
+    _add_database_url(api)
+    _add_json(api, "one JSON object on the last line")
+    api.set_defaults(func=_cmd_bench_api)
 
 
 # ------------------------------------------------------------------------ the ledger

@@ -23,12 +23,14 @@ from connectors.paper.connector import PaperConnector, PaperTerminal, master_ref
 from connectors.paper.model import XAUUSD, Result
 from connectors.paper.prices import PriceReplay, load_bars
 from connectors.paper.venue import PaperVenue
+from engine.api.service import LocalApi, start_local_api
 from engine.core.volume import partial_close_volume
 from engine.ledger import store as ledger_store
 from engine.ledger.service import spawn_ledger, wait_for_ledger, wait_for_ledger_drained
 from engine.ledger.store import migrate
 from engine.runtime.eventloop import run_async
 from engine.runtime.natsauth import Role
+from engine.runtime.natsserver import free_port
 from engine.runtime.postgres import start_database
 from engine.runtime.processes import stop_process
 from engine.runtime.stack import LocalStack
@@ -439,6 +441,7 @@ async def run_demo(
         await stack.start()
         connector = None
         ledger = None
+        api: LocalApi | None = None
         postgres = None
         try:
             # PostgreSQL: the configured one (TRADECOPY_DATABASE_URL), else embedded, and one
@@ -451,6 +454,20 @@ async def run_demo(
                 database_url,
                 instance="demo",
                 env=stack.child_env(stack.user(Role.LEDGER)),
+            )
+            # The platform API over the same database: the demo's accounts under their venue
+            # ids, an API key per follower (in the demo's temporary directory).
+            api = await start_local_api(
+                stack.url, database_url, root / "api", port=free_port(), masters=[MASTER],
+                followers=ids, env=stack.child_env(stack.user(Role.API)), tenant_id="demo",
+            )  # fmt: skip
+            first = ids[0]
+            console.print(
+                f"API {api.url}  (a follower's positions while the demo runs: curl -s -H "
+                f'"X-API-Key: $(cat {api.key_files[first]})" '
+                f"{api.url}/v1/accounts/{first}/positions)",
+                highlight=False,
+                soft_wrap=True,
             )
             nc, js = stack.nc, stack.js
             [replicator] = stack.spawn_replicators(instance="demo")
@@ -539,6 +556,7 @@ async def run_demo(
             for r in rejected:
                 out.print(f"rejected by the venue: {r.follower} {r.order_id}: {r.reason}")
             summary["ledger"] = await _ledger_summary(js, database_url, started_at)
+            summary["api"] = api.url
             out.print(_ledger_line(summary["ledger"], postgres is not None))
             out.print(
                 f"{summary['master_events']} master events → {summary['orders']} follower orders, "
@@ -549,6 +567,8 @@ async def run_demo(
         finally:
             if connector is not None:
                 await connector.stop()
+            if api is not None:
+                stop_process(api.proc)
             if ledger is not None:
                 stop_process(ledger)
             await stack.stop()

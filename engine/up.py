@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import signal
 import time
 from pathlib import Path
@@ -55,6 +56,12 @@ class LedgerSection(_Section):
     """First instance's /metrics and /healthz; the next ones count up (-1: none)."""
 
 
+class ApiSection(_Section):
+    port: Annotated[int, msgspec.Meta(ge=-1, le=65535)] = 8470
+    """The platform API on 127.0.0.1 (0 picks a free port, -1: no API). It needs the ledger's
+    PostgreSQL: without a ledger there is no API either."""
+
+
 class PaperAccount(_Section):
     id: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}(?!\n)$")]
     role: Annotated[str, msgspec.Meta(pattern=r"^(master|follower)$")]
@@ -85,6 +92,7 @@ class UpConfig(_Section):
     nats: NatsSection = NatsSection()
     replicator: ReplicatorSection = ReplicatorSection()
     ledger: LedgerSection = LedgerSection()
+    api: ApiSection = ApiSection()
     paper: PaperSection = PaperSection()
     links: list[dict[str, Any]] = []
 
@@ -120,13 +128,14 @@ async def run_up(config_path: Path, *, nats_port: int | None = None) -> None:
     from connectors.paper.connector import PaperConnector, PaperTerminal
     from connectors.paper.prices import PriceReplay, load_bars
     from connectors.paper.quotes import NatsQuotes
+    from engine.api.service import LocalApi, spawn_api, start_local_api
     from engine.core.errors import LinkFileError
     from engine.ledger.service import spawn_ledger
     from engine.ledger.store import migrate
     from engine.runtime.http import OpsServer
     from engine.runtime.links import validate_link
     from engine.runtime.natsauth import Role
-    from engine.runtime.natsserver import default_state_dir
+    from engine.runtime.natsserver import default_state_dir, free_port
     from engine.runtime.postgres import EmbeddedPostgres, start_database
     from engine.runtime.processes import stop_process
     from engine.runtime.stack import LocalStack
@@ -152,6 +161,12 @@ async def run_up(config_path: Path, *, nats_port: int | None = None) -> None:
         raise TradecopyError(
             f"port {config.nats.port} on {config.nats.host} is already in use (another NATS?). "
             f"Stop it, or run with --config FILE whose [nats] port is free (0 picks one)."
+        )
+    api_port = config.api.port if config.ledger.instances else -1
+    if api_port > 0 and _port_taken("127.0.0.1", api_port):
+        raise TradecopyError(
+            f"port {api_port} on 127.0.0.1 is already in use (another API?). Stop it, or run "
+            "with --config FILE whose [api] port is free (0 picks one, -1: no API)."
         )
     state = default_state_dir()
     store = Path(config.nats.store_dir) if config.nats.store_dir else state / "nats"
@@ -181,6 +196,7 @@ async def run_up(config_path: Path, *, nats_port: int | None = None) -> None:
     paper_ops: OpsServer | None = None
     postgres: EmbeddedPostgres | None = None
     ledgers: list[Any] = []
+    api: LocalApi | None = None
     try:
         result = await stack.apply_links(links)
         database_url = None
@@ -198,6 +214,15 @@ async def run_up(config_path: Path, *, nats_port: int | None = None) -> None:
                     metrics_port=ledger_port + i if ledger_port > 0 else ledger_port,
                     env=stack.child_env(stack.user(Role.LEDGER)), quiet=False,
                 ))  # fmt: skip
+        if database_url is not None and api_port >= 0:
+            # The platform API over the same database and NATS: the paper accounts registered
+            # under their venue ids, an API key per follower in the state directory.
+            api = await start_local_api(
+                stack.url, database_url, state / "api", port=api_port or free_port(),
+                masters=[a.id for a in paper.accounts if a.role == "master"],
+                followers=[a.id for a in paper.accounts if a.role == "follower"],
+                env=stack.child_env(stack.user(Role.API)), quiet=False,
+            )  # fmt: skip
         metrics_port = config.replicator.metrics_port
         replicators = stack.spawn_replicators(
             config.replicator.instances, instance="up", metrics_port=metrics_port, quiet=False
@@ -256,6 +281,12 @@ async def run_up(config_path: Path, *, nats_port: int | None = None) -> None:
             where = (f"http://127.0.0.1:{ledger_port + i}/metrics, /healthz"
                      if ledger_port > 0 else "no metrics")  # fmt: skip
             print(f"ledger up-{i + 1}        pid {proc.pid}   {where}", flush=True)
+        if api is not None:
+            print(f"API                {api.url}   pid {api.proc.pid}   (tradecopy api)",
+                  flush=True)  # fmt: skip
+            for account, path in api.key_files.items():
+                print(f"{account + ' key':<18} curl -s -H \"X-API-Key: $(cat {path})\" "
+                      f"{api.url}/v1/accounts/{account}/positions", flush=True)  # fmt: skip
         if connector is not None:
             roles = ", ".join(f"{a.id} ({a.role})" for a in config.paper.accounts)
             print(f"paper venue        {roles}; prices: {config.paper.prices}", flush=True)
@@ -271,6 +302,7 @@ async def run_up(config_path: Path, *, nats_port: int | None = None) -> None:
         # change); Ctrl-C is the only way out.
         supervisor = StackSupervisor(stack)
         ledger_backoff = [Backoff(up_since=time.monotonic()) for _ in ledgers]
+        api_backoff = Backoff(up_since=time.monotonic())
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 1.0)
@@ -288,12 +320,25 @@ async def run_up(config_path: Path, *, nats_port: int | None = None) -> None:
                         metrics_port=ledger_port + i if ledger_port > 0 else ledger_port,
                         env=stack.child_env(stack.user(Role.LEDGER)), quiet=False,
                     )  # fmt: skip
+            if api is not None:
+                api_backoff.check_stable(now)
+                if api.proc.poll() is not None and api_backoff.due(now):
+                    log.warning("api_exited", code=api.proc.returncode)
+                    api_backoff.failed(now)
+                    api_backoff.started(now)
+                    port = int(api.url.rsplit(":", 1)[1])
+                    api = dataclasses.replace(api, proc=spawn_api(
+                        stack.url, str(database_url), api.secrets, port=port,
+                        env=stack.child_env(stack.user(Role.API)), quiet=False,
+                    ))  # fmt: skip
     finally:
         print("stopping…", flush=True)
         if paper_ops is not None:
             await paper_ops.stop()
         if connector is not None:
             await connector.stop()
+        if api is not None:
+            stop_process(api.proc)
         for proc in ledgers:
             stop_process(proc)
         await stack.stop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import hashlib
 
 import msgspec
 
@@ -16,18 +17,39 @@ class DeviationPolicy(enum.StrEnum):
     """Wait up to ``deviation_wait_ms`` for a price within the limit, then reject."""
 
 
+#: The ``link_id`` of every manual order: ``LINK_ID_PATTERN`` refuses ``@``, so no copy link
+#: can carry it.
+MANUAL_LINK_ID = "@manual"
+
+
+def manual_order_id(follower: str, client_order_id: str) -> str:
+    """A manual order's id: the same for every retry of one request (``client_order_id``) on
+    one account, so JetStream's dedup and the connector's idempotency trade it once."""
+    digest = hashlib.sha256(f"{follower}\x00{client_order_id}".encode()).hexdigest()
+    return f"manual-{digest[:40]}"
+
+
 class _FollowerOrderBase(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
     order_id: str
-    """Deterministic from master event id and link id: the idempotency key end to end."""
+    """Deterministic from master event id and link id: the idempotency key end to end
+    (manual orders: from the account and the client's ``client_order_id``)."""
     link_id: str
+    """The copy link (manual orders: ``MANUAL_LINK_ID``)."""
     follower: AccountId
     master: AccountId
+    """The master account copied (manual orders: the follower itself, which no link's
+    master can be)."""
     master_event_id: str
+    """The master event copied (manual orders: the order id)."""
     symbol: str
     """The follower's symbol (after mapping)."""
     ts_ns: int
-    """When the replicator created the order (UTC ns)."""
+    """When the replicator (or, for a manual order, the API) created the order (UTC ns)."""
     trace: Trace = Trace()
+    manual: bool = False
+    """Placed by a person (the platform API), not copied: billing never counts it. A manual
+    order's ``master_position_id`` names the follower's own position (modify and close; an
+    open names its own order id), which the connector looks up directly."""
 
 
 class FollowerOpen(_FollowerOrderBase, tag="open"):

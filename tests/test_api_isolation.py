@@ -5,8 +5,11 @@ matrix finds the leaks (so it can fail)."""
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import dataclasses
 import re
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -14,6 +17,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from test_api_history import copy_facts, store_facts
 from test_api_support import (
     CREDENTIALS,
     PASSWORD,
@@ -25,12 +29,16 @@ from test_api_support import (
 )
 
 from engine.api.routes import ROUTES
-from engine.runtime.jetstream import ensure_buckets
+from engine.api.totp import totp
+from engine.ledger import store as ledger_store
+from engine.runtime.jetstream import ensure_buckets, ensure_streams
 from schemas import subjects
 
 
 @pytest.fixture
 async def api(database_url: str, nc: Any, js: Any) -> AsyncIterator[Api]:
+    await ledger_store.migrate(database_url)  # the history routes read the ledger's views
+    await ensure_streams(js)  # the live stream reads them
     async with running_api(database_url, nc, js) as running:
         yield running
 
@@ -51,10 +59,15 @@ class Holdings:
     key_id: str
     markers: list[str] = field(default_factory=list)
     follower_only: bool = False
+    invite_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    risk_template_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    order_template_id: str = field(default_factory=lambda: str(uuid.uuid4()))
 
     def param(self, name: str) -> str:
         return {"account_id": self.follower, "link_id": self.link, "user_id": self.user_id,
-                "key_id": self.key_id}[name]  # fmt: skip
+                "key_id": self.key_id, "invite_id": self.invite_id,
+                "position_id": "1", "risk_template_id": self.risk_template_id,
+                "order_template_id": self.order_template_id}[name]  # fmt: skip
 
 
 @dataclass
@@ -71,6 +84,24 @@ async def _key(api: Api, who: Person) -> tuple[str, str, str]:
     status, body = await api.call("POST", "/v1/api-keys", who, json={"name": "backend"})
     assert status == 201, body
     return body["key_id"], body["prefix"], body["key"]
+
+
+async def _identity_rows(api: Api, who: Person, invitee: str) -> str:
+    """An invite, an email verification and a confirmed TOTP of ``who``: rows in every
+    identity table (and the outbox) of its tenant. Returns the invite's id."""
+    status, invite = await api.call(
+        "POST", "/v1/invites", who, json={"email": invitee, "role": "follower"}
+    )
+    assert status == 201, invite
+    assert (await api.call("POST", "/v1/me/email-verification", who))[0] == 202
+    status, enrolment = await api.call("POST", "/v1/me/totp", who)
+    assert status == 201, enrolment
+    secret = base64.b32decode(enrolment["secret"] + "=" * (-len(enrolment["secret"]) % 8))
+    status, _ = await api.call(
+        "POST", "/v1/me/totp/confirm", who, json={"code": totp(secret, time.time())}
+    )
+    assert status == 200
+    return str(invite["invite_id"])
 
 
 async def build_world(api: Api) -> World:
@@ -91,15 +122,36 @@ async def build_world(api: Api) -> World:
         status, _ = await api.call("POST", f"/v1/accounts/{account}/terminal-token",
                                    pb if account == bf else pa)  # fmt: skip
         assert status == 201
+    # ledger rows of the victims' accounts, through the ledger's own store
+    await store_facts(api.database_url, copy_facts(bf, bm, lb, "-bravo-fact"))
+    await store_facts(api.database_url, copy_facts(af2, am, l2, "-felix-fact"))
     ka, _, ka_secret = await _key(api, pa)
     kb, kb_prefix, _ = await _key(api, pb)
     b = Holdings(pb, "tenant-bravo-7x", pb.user_id, bm, bf, lb, kb)
     b.markers = ["tenant-bravo-7x", pb.email, fb.email, fb.user_id, pb.user_id, bm, bf, lb, kb,
-                 kb_prefix, "bravo-master", "bravo-acc"]  # fmt: skip
+                 kb_prefix, "bravo-master", "bravo-acc", "-bravo-fact"]  # fmt: skip
     a2 = Holdings(fa2, "tenant-alfa-3q", fa2.user_id, am, af2, l2, ka, follower_only=True)
-    a2.markers = [fa2.email, fa2.user_id, af2, l2, "felix-acc"]
+    a2.markers = [fa2.email, fa2.user_id, af2, l2, "felix-acc", "-felix-fact"]
+    a2.invite_id = await _identity_rows(api, pa, "invitee-a@alfa.example.com")
+    b.invite_id = await _identity_rows(api, pb, "invitee-b@bravo.example.com")
+    b.markers += [b.invite_id, "invitee-b@bravo.example.com"]
+    a = Holdings(pa, "tenant-alfa-3q", pa.user_id, am, af1, l1, ka)
+    for owner, holder, label in ((pa, a, "alfa"), (pb, b, "bravo"), (fa2, a2, "felix")):
+        if owner is not fa2:  # risk templates are a provider's
+            status, body = await api.call("POST", "/v1/risk-templates", owner,
+                                          json={"name": f"{label}-risk",
+                                                "settings": {"max_lot": 1.0}})  # fmt: skip
+            assert status == 201, body
+            holder.risk_template_id = body["template_id"]
+        status, body = await api.call("POST", "/v1/order-templates", owner,
+                                      json={"name": f"{label}-preset", "symbol": "XAUUSD",
+                                            "side": "buy", "volume": 0.1})  # fmt: skip
+        assert status == 201, body
+        holder.order_template_id = body["template_id"]
+    b.markers += [b.risk_template_id, b.order_template_id, "bravo-risk", "bravo-preset"]
+    a2.markers += [a2.order_template_id, "felix-preset"]
     return World(
-        provider_a=Holdings(pa, "tenant-alfa-3q", pa.user_id, am, af1, l1, ka),
+        provider_a=a,
         provider_b=b,
         follower_a1=Holdings(fa1, "tenant-alfa-3q", fa1.user_id, am, af1, l1, ka),
         follower_a2=a2,
@@ -143,6 +195,31 @@ def hostile_bodies(path: str, method: str, me: Holdings, victim: Holdings) -> li
             {"master": victim.master, "follower": victim.follower},
         ],
         ("POST", "/v1/stops"): [{"scope": "link", "target": victim.link, "force": True}],
+        ("POST", "/v1/accounts/{account_id}/orders"): [
+            {"symbol": "XAUUSD", "side": "buy", "volume": 0.1, "client_order_id": new}],
+        ("PATCH", "/v1/accounts/{account_id}/positions/{position_id}"): [{"sl": 1.0}],
+        ("POST", "/v1/accounts/{account_id}/positions/{position_id}/close"): [{}],
+        ("POST", "/v1/risk-templates"): [{"name": f"probe-{new}", "settings": {"max_lot": 2.0}}],
+        ("PUT", "/v1/risk-templates/{risk_template_id}"): [
+            {"name": f"taken-{new}", "settings": {}}],
+        ("POST", "/v1/links/{link_id}/apply-template"): [
+            {"template_id": victim.risk_template_id}, {"template_id": me.risk_template_id}],
+        ("POST", "/v1/order-templates"): [{"name": f"probe-{new}", "symbol": "XAUUSD",
+                                           "side": "sell", "volume": 0.2}],
+        ("PUT", "/v1/order-templates/{order_template_id}"): [
+            {"name": f"taken-{new}", "symbol": "XAUUSD", "side": "sell", "volume": 0.2}],
+        ("POST", "/v1/invites"): [
+            {"email": f"{new}@x.example.com", "role": "follower", "tenant_id": victim.tenant},
+            {"email": f"{new}@x.example.com", "role": "provider", "tenant_id": victim.tenant},
+        ],
+        ("POST", "/v1/invites/accept"): [{"token": "x" * 43, "password": PASSWORD}],
+        ("POST", "/v1/auth/password-reset"): [{"email": f"{new}@x.example.com"}],
+        ("POST", "/v1/auth/password-reset/confirm"): [{"token": "x" * 43,
+                                                       "new_password": PASSWORD}],
+        ("POST", "/v1/auth/verify-email"): [{"token": "x" * 43}],
+        ("POST", "/v1/me/totp/confirm"): [{"code": "000000"}],
+        ("DELETE", "/v1/me/totp"): [{"password": "guess-1"}, {"code": "000000"}],
+        ("PUT", "/v1/security/totp-policy"): [{"required_roles": ["provider", "follower"]}],
     }  # fmt: skip
     return bodies.get((method, path))
 
@@ -156,7 +233,9 @@ async def victim_snapshot(api: Api, victim: Holdings) -> Any:
         for table, owner_column in (
             ("api_tenants", None), ("api_users", "user_id"), ("api_refresh_tokens", "user_id"),
             ("api_keys", "user_id"), ("api_accounts", "owner_user_id"),
-            ("api_links", "owner_user_id"),
+            ("api_links", "owner_user_id"), ("api_invites", None), ("api_user_tokens", "user_id"),
+            ("api_email_outbox", None), ("api_totp", "user_id"), ("api_recovery_codes", "user_id"),
+            ("api_risk_templates", None), ("api_order_templates", "owner_user_id"),
         ):  # fmt: skip
             where = "tenant_id = $1"
             if owner_column is not None:
@@ -189,6 +268,20 @@ def app_routes(api: Api) -> list[tuple[str, str]]:
     return sorted(set(found))
 
 
+async def _stream_opening(client_api: Api, path: str, who: Person) -> tuple[int, Any]:
+    """A live stream never ends: its answer is its opening event (the accounts it follows)."""
+    response = await client_api.client.get(path, headers=who.headers)
+    try:
+        if response.status != 200:
+            return response.status, await response.json(content_type=None)
+        head = b""
+        while not head.endswith(b"\n\n"):
+            head += await asyncio.wait_for(response.content.readline(), 5)
+        return response.status, head.decode()
+    finally:
+        response.close()
+
+
 async def attack(
     api: Api, client_api: Api, me: Holdings, victim: Holdings
 ) -> tuple[list[str], int]:
@@ -205,7 +298,10 @@ async def attack(
         if declared.request is not None:
             assert bodies, f"add hostile bodies for {method} {path}"
         for body in bodies or [None]:
-            status, answer = await client_api.call(method, concrete, me.person, json=body)
+            if declared.media_type == "text/event-stream":
+                status, answer = await _stream_opening(client_api, concrete, me.person)
+            else:
+                status, answer = await client_api.call(method, concrete, me.person, json=body)
             made += 1
             text = "" if answer is None else str(answer)
             sent = concrete + str(body)  # echoing what the attacker sent reveals nothing
@@ -308,7 +404,9 @@ async def _as_api_role(url: str, tenant: str, follower: str = "") -> asyncpg.Con
 async def test_row_level_security_refuses_other_tenants_on_every_table(api: Api) -> None:
     world = await build_world(api)
     tables = ["api_tenants", "api_users", "api_refresh_tokens", "api_keys", "api_accounts",
-              "api_links", "api_audit_log"]  # fmt: skip
+              "api_links", "api_audit_log", "api_invites", "api_user_tokens", "api_email_outbox",
+              "api_totp", "api_recovery_codes", "api_risk_templates",
+              "api_order_templates"]  # fmt: skip
     conn = await _as_api_role(api.database_url, world.provider_a.tenant)
     try:
         for table in tables:

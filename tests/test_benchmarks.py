@@ -115,3 +115,13 @@ def test_every_profiled_stage_runs(stage: str) -> None:
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stderr.startswith(f"{stage}: ")
+
+
+def test_api_measures_the_read_next_to_a_bare_handler_and_sse() -> None:
+    result = bench("api", "--seconds", "1", "--rps", "50", "--sse-samples", "5")
+    assert list(result) == ["rps", "p50_ms", "p99_ms", "floor_p50_ms", "floor_p99_ms",
+                            "sse_p50_ms"]  # fmt: skip
+    assert result["rps"] > 0
+    assert 0 < result["p50_ms"] <= result["p99_ms"]
+    assert 0 < result["floor_p50_ms"] <= result["floor_p99_ms"]
+    assert result["sse_p50_ms"] > 0

@@ -607,6 +607,22 @@ def test_bench_state_forwards_to_the_connector_state_benchmark(
     ]
 
 
+def test_bench_api_forwards_rate_seconds_and_json_to_the_api_benchmark(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import benchmarks.api
+
+    seen: list[list[str]] = []
+    monkeypatch.setattr(benchmarks.api, "main", lambda argv: seen.append(argv) or 0)
+    monkeypatch.delenv("TRADECOPY_DATABASE_URL", raising=False)
+    assert main(["bench", "api", "--json", "--seconds", "3", "--rps", "250"]) == 0
+    assert main(["bench", "api"]) == 0
+    assert seen == [
+        ["--rps", "250.0", "--seconds", "3.0", "--sse-samples", "200", "--json"],
+        ["--rps", "500.0", "--seconds", "10.0", "--sse-samples", "200"],
+    ]
+
+
 # --------------------------------------------------------------------------------------------
 # Help on everything; argument errors, never tracebacks
 # --------------------------------------------------------------------------------------------

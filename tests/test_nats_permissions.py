@@ -409,11 +409,38 @@ def test_a_connector_owns_exactly_its_accounts() -> None:
 def test_only_the_replicator_publishes_orders_and_decisions() -> None:
     order_subjects = (subjects.follower_orders("f"), subjects.connector_orders("c"),
                       subjects.decisions("f", "l"))  # fmt: skip
-    for role in (Role.ADMIN, Role.OPERATOR, Role.API, Role.QUOTES):
+    for role in (Role.ADMIN, Role.OPERATOR, Role.QUOTES, Role.LEDGER):
         assert not any(permissions_for(role).may_publish(s) for s in order_subjects), role
     assert all(permissions_for(Role.REPLICATOR).may_publish(s) for s in order_subjects)
     assert permissions_for(Role.REPLICATOR).may_publish("tc.v1.master.m.rejections")
     assert not permissions_for(Role.REPLICATOR).may_publish(subjects.master_events("m"))
+
+
+def test_the_api_publishes_manual_orders_to_follower_subjects_only() -> None:
+    api, operator = permissions_for(Role.API), permissions_for(Role.OPERATOR)
+    assert api.may_publish(subjects.follower_orders("any-follower"))
+    for subject in (subjects.connector_orders("c"), subjects.decisions("f", "l"),
+                    subjects.execution_reports("f"), subjects.master_events("m"),
+                    "tc.v1.follower.f.orders.x", "tc.v1.follower.orders"):  # fmt: skip
+        assert not api.may_publish(subject), subject
+    # Exactly the operator's rights and the follower orders subject, nothing more.
+    assert set(api.publish) - set(operator.publish) == {subjects.FOLLOWER_ORDERS}
+    assert api.subscribe == tuple(s.replace("operator", "api") for s in operator.subscribe)
+
+
+async def test_the_api_user_places_manual_orders_and_nothing_a_service_says(
+    stack: LocalStack,
+) -> None:
+    api = await client_of(stack, stack.user(Role.API))
+    before = await stream_last_seq(stack, FOLLOWER_ORDERS_STREAM)
+    await api.js.publish(subjects.follower_orders("f-a"), order("f-a", "manual-1"),
+                         headers={"Nats-Msg-Id": "manual-1"})  # fmt: skip
+    assert await stream_last_seq(stack, FOLLOWER_ORDERS_STREAM) == before + 1
+    await api.refused(subjects.connector_orders(FARM_A))
+    await api.refused(subjects.decisions("f-a", "l"))
+    await api.refused(subjects.execution_reports("f-a"))
+    await api.refused(subjects.master_events("m-a"))
+    assert await stream_last_seq(stack, FOLLOWER_ORDERS_STREAM) == before + 1
 
 
 def test_every_role_has_its_variable_in_the_rendered_block() -> None:

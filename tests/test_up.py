@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -20,6 +21,8 @@ http_port = -1
 [replicator]
 metrics_port = -1
 partitions = 4
+[api]
+port = 0
 [paper]
 speed = 600
 [[paper.accounts]]
@@ -266,3 +269,57 @@ def test_up_runs_the_ledger_on_embedded_postgres_and_history_reads_it(tmp_path: 
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0
     assert not (data / "postmaster.pid").exists()  # stopped with the stack
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
+def test_up_serves_the_api_and_its_printed_curl_shows_a_followers_positions(
+    tmp_path: Path,
+) -> None:
+    """`up` starts `tradecopy api run` over the ledger's database with the paper accounts
+    registered under their venue ids; the printed curl (the follower's key from a 0600 file)
+    answers that follower's positions, and a dead API is brought back."""
+    proc, lines = _start_up(tmp_path)
+    try:
+        api_line = next(line for line in lines if line.startswith("API "))
+        base = api_line.split()[1]
+        assert base.startswith("http://127.0.0.1:")
+        curl = next(line for line in lines if line.startswith("f key")).split(" ", 2)[2].strip()
+        assert curl.startswith('curl -s -H "X-API-Key: $(cat ') and curl.endswith(
+            f"{base}/v1/accounts/f/positions"
+        )
+        key_file = Path(curl.split("$(cat ", 1)[1].split(")", 1)[0])
+        assert key_file.parent == tmp_path / "state" / "tradecopy" / "api"
+        assert key_file.stat().st_mode & 0o077 == 0
+        done = subprocess.run(["bash", "-c", curl], capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout) == {"items": [], "next_cursor": None}
+        # the follower's key reaches its own account only
+        master = curl.replace("/accounts/f/", "/accounts/m/")
+        refused = subprocess.run(["bash", "-c", master], capture_output=True, text=True,
+                                 timeout=30)  # fmt: skip
+        assert json.loads(refused.stdout)["status"] == 404
+        equity = curl.replace("/positions", "/equity")
+        deadline = time.monotonic() + 60
+        while True:  # the paper venue's account states reach the ledger within seconds
+            answer = subprocess.run(["bash", "-c", equity], capture_output=True, text=True,
+                                    timeout=30)  # fmt: skip
+            items = json.loads(answer.stdout)["items"]
+            if items or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert items and items[0]["currency"] == "USD" and items[0]["balance"] == 1_000_000
+
+        api_pid = _child(proc.pid, "api run")
+        os.kill(api_pid, signal.SIGKILL)
+        _child(proc.pid, "api run", not_pid=api_pid)
+        deadline = time.monotonic() + 30
+        while True:  # back on the same port, same key
+            done = subprocess.run(["bash", "-c", curl], capture_output=True, text=True,
+                                  timeout=30)  # fmt: skip
+            if done.stdout.startswith("{") or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert json.loads(done.stdout)["items"] == []
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0

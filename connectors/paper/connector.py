@@ -278,9 +278,7 @@ class PaperTerminal:
         if isinstance(order, FollowerOpen):
             return await self._open(order, reports)
         if isinstance(order, FollowerClose):
-            position = venue.position_by_master_ref(
-                account, master_ref(order.master, order.master_position_id)
-            )
+            position = self._position_of(order)
             if position is None:
                 return reports.done(NO_POSITION_COPY)
             spec = venue.symbol_spec(account, position.symbol)
@@ -301,9 +299,7 @@ class PaperTerminal:
                 )
             return _filled(reports, result, position.symbol, position.side.flipped(), closing=True)
         if isinstance(order, FollowerModify):
-            position = venue.position_by_master_ref(
-                account, master_ref(order.master, order.master_position_id)
-            )
+            position = self._position_of(order)
             if position is None:
                 return reports.done(NO_POSITION_COPY)
             result = venue.modify_position(
@@ -351,6 +347,14 @@ class PaperTerminal:
             )  # fmt: skip
             return _outcome(reports, result, "pending order modified", [])
         raise TypeError(f"unhandled follower order {type(order).__name__}")  # pragma: no cover
+
+    def _position_of(self, order: FollowerClose | FollowerModify) -> Position | None:
+        """The follower position an order acts on: a copy by its master's position, a manual
+        order's by the follower's own position id (``schemas.orders``, ``manual``)."""
+        if order.manual:
+            return self.venue.position(order.follower, order.master_position_id)
+        ref = master_ref(order.master, order.master_position_id)
+        return self.venue.position_by_master_ref(order.follower, ref)
 
     async def _open(self, order: FollowerOpen, reports: OrderReports) -> ExecutionReport:
         venue, account = self.venue, order.follower

@@ -15,7 +15,7 @@ import jwt
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
-from engine.api.errors import Unauthorized
+from engine.api.errors import BadRequest, Forbidden, Unauthorized
 
 #: The only algorithm an access token may use: a token naming any other is refused.
 JWT_ALGORITHM = "HS256"
@@ -42,6 +42,28 @@ class Caller:
     role: Role
     tenant_id: str | None
     key_id: uuid.UUID | None = None
+    totp_enrolment_pending: bool = False
+    """The user's role must use TOTP and the user has not enrolled: the access token says so
+    (claim ``enrol_totp``), and only enrolment, ``GET /v1/me`` and logout are open to it."""
+
+
+class SecondFactorRequired(Unauthorized):
+    """The password was right; the account also needs its TOTP or a recovery code."""
+
+    slug, title = "second-factor-required", "Second factor required"
+
+
+class InvalidToken(BadRequest):
+    """An emailed token (invite, reset, verification) that is unknown, used, revoked or
+    expired: one answer for all, so it tells a guesser nothing."""
+
+    slug, title = "invalid-token", "Invalid or expired token"
+
+
+class TotpEnrolmentRequired(Forbidden):
+    """The role must use TOTP: enrol (``POST /v1/me/totp``) before anything else."""
+
+    slug, title = "totp-enrolment-required", "Enrol in TOTP first"
 
 
 def hash_password(password: str) -> str:
@@ -75,6 +97,8 @@ def issue_access_token(
         "exp": now + ttl_s,
         "jti": secrets.token_hex(8),
     }
+    if caller.totp_enrolment_pending:
+        claims["enrol_totp"] = True
     return jwt.encode(claims, secret, algorithm=JWT_ALGORITHM)
 
 
@@ -91,13 +115,14 @@ def verify_access_token(token: str, *, secret: bytes, issuer: str, audience: str
         role = Role(claims["role"])
         tenant = claims.get("tid")
         user_id = uuid.UUID(claims["sub"])
+        pending = claims.get("enrol_totp", False) is True
     except (jwt.InvalidTokenError, KeyError, ValueError, TypeError):
         raise Unauthorized("invalid or expired access token") from None
     if (role is Role.OPERATOR) != (tenant is None) or not (
         tenant is None or isinstance(tenant, str)
     ):
         raise Unauthorized("invalid or expired access token")
-    return Caller(user_id=user_id, role=role, tenant_id=tenant)
+    return Caller(user_id=user_id, role=role, tenant_id=tenant, totp_enrolment_pending=pending)
 
 
 def token_hash(token: str) -> bytes:
@@ -106,6 +131,11 @@ def token_hash(token: str) -> bytes:
 
 
 def new_refresh_token() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def new_email_token() -> str:
+    """A token mailed as a link (invites, password resets, verifications): 256 random bits."""
     return secrets.token_urlsafe(32)
 
 

@@ -14,6 +14,7 @@ from typing import Annotated
 import msgspec
 
 from engine.core.errors import TradecopyError
+from engine.runtime.mail import SmtpSettings
 
 #: HMAC key of the access tokens (HS256): at least 32 bytes of randomness.
 ENV_JWT_SECRET = "TRADECOPY_API_JWT_SECRET"
@@ -21,6 +22,19 @@ ENV_JWT_SECRET = "TRADECOPY_API_JWT_SECRET"
 ENV_MASTER_KEY = "TRADECOPY_API_MASTER_KEY"
 #: The id recorded beside every ciphertext made with ``ENV_MASTER_KEY`` (default ``k1``).
 ENV_MASTER_KEY_ID = "TRADECOPY_API_MASTER_KEY_ID"
+
+#: Where people reach the dashboards (``ApiConfig.public_url`` when the file leaves it unset).
+ENV_PUBLIC_URL = "TRADECOPY_API_PUBLIC_URL"
+#: The SMTP server of the emails (``ApiConfig.smtp`` when the file leaves it unset): host,
+#: port, security (starttls, tls, none), username and From address; the password is
+#: ``TRADECOPY_SMTP_PASSWORD``, read only when an email is sent.
+ENV_SMTP = {
+    "host": "TRADECOPY_SMTP_HOST",
+    "port": "TRADECOPY_SMTP_PORT",
+    "security": "TRADECOPY_SMTP_SECURITY",
+    "username": "TRADECOPY_SMTP_USERNAME",
+    "from_address": "TRADECOPY_SMTP_FROM",
+}
 
 _KEY_ID = re.compile(r"^[A-Za-z0-9_.-]{1,32}\Z")
 _MIN_JWT_SECRET = 32
@@ -53,8 +67,68 @@ class ApiConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     """Browser origins allowed to call the API (exact ``scheme://host[:port]``); none by default."""
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1024, le=16 * 1024 * 1024)] = 64 * 1024
     page_max: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 200
+    sse_queue_max: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 1000
+    """Events one live stream (``GET /v1/stream``) may hold unsent; more drops the client."""
+    sse_write_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=300)] = 5.0
+    """A write to a live stream that takes longer drops the client (it stopped reading)."""
+    sse_keepalive_s: Annotated[float, msgspec.Meta(gt=0, le=300)] = 15.0
+    """A comment line after this long without an event keeps proxies from closing the stream."""
+    sse_streams_per_caller: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 5
+    """Live streams one user (token or API key) may hold open at once."""
     metrics_host: str = "127.0.0.1"
     metrics_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] | None = 9466
+    public_url: str | None = None
+    """Where people reach the dashboards: links in emails are ``public_url`` + path + token.
+    None: ``http://<host>:<port>`` (right for local use only)."""
+    smtp: SmtpSettings | None = None
+    """The SMTP server emails go through; None: they wait in the outbox (a warning says so)."""
+    email_language: str = "en"
+    """The catalogue emails are written from (``emails/<language>.toml``)."""
+    email_poll_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 2.0
+    """How often the outbox is looked at for due emails."""
+    email_retry_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 10.0
+    """The wait after a first failed attempt; doubled after each further one (up to an hour)."""
+    email_max_attempts: Annotated[int, msgspec.Meta(ge=1, le=100)] = 10
+    invite_ttl_s: Annotated[int, msgspec.Meta(ge=3600, le=30 * 86400)] = 7 * 86400
+    password_reset_ttl_s: Annotated[int, msgspec.Meta(ge=300, le=86400)] = 3600
+    verify_email_ttl_s: Annotated[int, msgspec.Meta(ge=3600, le=30 * 86400)] = 2 * 86400
+
+    @property
+    def link_base(self) -> str:
+        base = self.public_url or f"http://{self.host}:{self.port}"
+        return base.rstrip("/")
+
+
+def smtp_from_env(env: dict[str, str] | None = None) -> SmtpSettings | None:
+    """SMTP settings from ``TRADECOPY_SMTP_*``; None when no host is set."""
+    env = dict(os.environ) if env is None else env
+    values: dict[str, object] = {
+        field: env[name] for field, name in ENV_SMTP.items() if env.get(name)
+    }
+    if "host" not in values:
+        return None
+    if "port" in values:
+        try:
+            values["port"] = int(str(values["port"]))
+        except ValueError:
+            raise ApiConfigError(f"{ENV_SMTP['port']} must be a port number") from None
+    if "from_address" not in values:
+        raise ApiConfigError(f"{ENV_SMTP['host']} is set: set {ENV_SMTP['from_address']} too")
+    try:
+        return msgspec.convert(values, SmtpSettings)
+    except msgspec.ValidationError as exc:
+        raise ApiConfigError(f"SMTP settings from the environment: {exc}") from None
+
+
+def with_environment(config: ApiConfig, env: dict[str, str] | None = None) -> ApiConfig:
+    """``config`` with what it leaves unset taken from the environment (``smtp``,
+    ``public_url``): a deployment sets them where it sets the secrets."""
+    env = dict(os.environ) if env is None else env
+    return msgspec.structs.replace(
+        config,
+        smtp=config.smtp if config.smtp is not None else smtp_from_env(env),
+        public_url=config.public_url or env.get(ENV_PUBLIC_URL) or None,
+    )
 
 
 @dataclass(frozen=True, slots=True, repr=False)

@@ -10,12 +10,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import asyncpg
 import msgspec
 import structlog
 from aiohttp import web
 
 from engine.api import metrics
-from engine.api.auth import Caller, Role, verify_access_token
+from engine.api.auth import Caller, Role, TotpEnrolmentRequired, verify_access_token
 from engine.api.errors import (
     ApiError,
     BadRequest,
@@ -26,6 +27,7 @@ from engine.api.errors import (
     PayloadTooLarge,
     RateLimited,
     Unauthorized,
+    Unavailable,
     UnsupportedMediaType,
     ValidationFailed,
     field_of,
@@ -86,6 +88,10 @@ class Route:
     query: tuple[str, ...] = ()
     rate_limited: bool = False
     errors: tuple[int, ...] = field(default=())
+    before_totp: bool = False
+    """Open to a caller whose role must use TOTP and who has not enrolled yet."""
+    media_type: str = "application/json"
+    """Of the answer: ``text/event-stream`` for a live stream."""
 
     @property
     def operation_id(self) -> str:
@@ -222,7 +228,14 @@ def endpoint(route: Route) -> Callable[[web.Request], Awaitable[web.StreamRespon
             caller = await authenticate(request)
             if caller.role not in route.roles:
                 raise Forbidden(f"{route.method} {route.path} is not open to a {caller.role}")
+            if caller.totp_enrolment_pending and not route.before_totp:
+                raise TotpEnrolmentRequired(
+                    "your role must use a second factor: enrol with POST /v1/me/totp, confirm,"
+                    " then refresh your tokens"
+                )
         status, body = await route.handler(Context(state, caller, request))
+        if isinstance(body, web.StreamResponse):  # a live stream, already written and ended
+            return body
         if body is None:
             return web.Response(status=status)
         return web.Response(
@@ -284,6 +297,16 @@ async def api_middleware(request: web.Request, handler: Any) -> web.StreamRespon
             response = problem_response(exc, request)
         except web.HTTPException as exc:
             response = problem_response(_from_http(exc), request)
+        except (asyncpg.UndefinedTableError, asyncpg.UndefinedFunctionError) as exc:
+            # A database the ledger (or the API) was never migrated in: say so, not "500".
+            log.error("api_database_not_migrated", path=request.path, error=str(exc))
+            response = problem_response(
+                Unavailable(
+                    "the database lacks a table or view this request reads: run `tradecopy db"
+                    " migrate` (the ledger's and the API's migrations) against it"
+                ),
+                request,
+            )
         except Exception:
             log.exception("api_request_failed", method=request.method, path=request.path)
             response = problem_response(ApiError("the request failed; it is logged"), request)

@@ -11,7 +11,7 @@ import msgspec
 import nats.errors
 import nats.js.errors
 
-from engine.api.errors import FieldProblem, NotFound, Unavailable, ValidationFailed
+from engine.api.errors import Conflict, FieldProblem, NotFound, Unavailable, ValidationFailed
 from engine.api.handling import (
     OPERATORS,
     PROVIDERS,
@@ -28,6 +28,7 @@ from engine.api.handling import (
 from engine.api.models import LinkView, Page, StopRequest
 from engine.api.store import Scope
 from engine.runtime.links import apply_links, validate_link
+from engine.runtime.links import resume_link as lift_protection_pause
 from engine.runtime.operator import UnknownStopTarget, check_stop_target, read_stops
 from schemas import codec, subjects
 from schemas.common import is_account_id
@@ -199,7 +200,26 @@ async def _set_enabled(ctx: Context, enabled: bool) -> tuple[int, Any]:
             after={"enabled": enabled},
         )  # fmt: skip
         await _put(kv, link)
+        if enabled:
+            await _lift_protection_pause(ctx, conn, row)
     return 200, _view(row, link)
+
+
+async def _lift_protection_pause(ctx: Context, conn: Any, row: Any) -> None:
+    """Lift a replicator protection's pause (``tc_link_state``) of the link, audited."""
+    state_kv = await _kv(ctx, subjects.KV_LINK_STATE)
+    try:
+        lifted = await lift_protection_pause(state_kv, row["link_id"])
+    except nats.js.errors.KeyWrongLastSequenceError:
+        raise Conflict("the replicator changed the link's state meanwhile; resume again") from None
+    except (nats.errors.Error, TimeoutError) as exc:
+        raise Unavailable(f"NATS: {exc}") from None
+    if lifted:
+        await ctx.state.store.audit(
+            conn, ctx.who, tenant_id=row["tenant_id"], action="resume_protection",
+            entity="link", entity_id=row["link_id"], before={"protection_paused": True},
+            after={"protection_paused": False},
+        )  # fmt: skip
 
 
 async def pause_link(ctx: Context) -> tuple[int, Any]:
@@ -208,7 +228,8 @@ async def pause_link(ctx: Context) -> tuple[int, Any]:
 
 
 async def resume_link(ctx: Context) -> tuple[int, Any]:
-    """Copy again (``enabled = true``)."""
+    """Copy again (``enabled = true``), and lift a protection's pause (``tc_link_state``,
+    as ``tradecopy links resume`` does) if one holds the link."""
     return await _set_enabled(ctx, True)
 
 
@@ -296,7 +317,7 @@ ROUTES = [
     Route("POST", "/v1/links/{link_id}/pause", pause_link, "Pause a link (no new copies)",
           "links", roles=TENANT_USERS, response=LinkView, errors=(404, 503)),
     Route("POST", "/v1/links/{link_id}/resume", resume_link, "Resume a paused link", "links",
-          roles=TENANT_USERS, response=LinkView, errors=(404, 503)),
+          roles=TENANT_USERS, response=LinkView, errors=(404, 409, 503)),
     Route("DELETE", "/v1/links/{link_id}", delete_link, "Delete a link", "links",
           roles=PROVIDERS, status=204, errors=(404, 503)),
     Route("GET", "/v1/stops", list_stops, "Emergency stops", "stops", roles=OPERATORS,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 REQUESTS = Counter(
     "tradecopy_api_requests_total", "HTTP requests answered", ["method", "route", "status"]
@@ -22,4 +22,24 @@ RATE_LIMITED = Counter(
 REFRESH_REUSE = Counter(
     "tradecopy_api_refresh_reuse_total",
     "Refresh tokens presented again after use: their whole family is revoked",
+)
+EMAILS_SENT = Counter(
+    "tradecopy_api_emails_sent_total", "Emails of the outbox accepted by the SMTP server", ["kind"]
+)
+EMAILS_FAILED = Counter(
+    "tradecopy_api_emails_failed_total",
+    "Failed attempts to send an email of the outbox (outcome: retry, or gave_up for good)",
+    ["kind", "outcome"],
+)
+STREAMS_OPEN = Gauge("tradecopy_api_streams_open", "Live (SSE) streams open now")
+STREAM_EVENTS = Counter(
+    "tradecopy_api_stream_events_total", "Events sent on live streams", ["event"]
+)
+STREAMS_DROPPED = Counter(
+    "tradecopy_api_streams_dropped_total",
+    "Live streams closed by the server because the client fell behind",
+    ["reason"],
+)
+MANUAL_ORDERS = Counter(
+    "tradecopy_api_manual_orders_total", "Manual orders published to a connector", ["type"]
 )

@@ -44,6 +44,10 @@ class LoginRequest(_Body, kw_only=True):
     identifier: Annotated[str, msgspec.Meta(min_length=1, max_length=254)]
     """Email or username."""
     password: Annotated[str, msgspec.Meta(min_length=1, max_length=1024)]
+    totp_code: Annotated[str, msgspec.Meta(min_length=1, max_length=16)] | None = None
+    """The current code of the authenticator app, for an account with TOTP."""
+    recovery_code: Annotated[str, msgspec.Meta(min_length=1, max_length=64)] | None = None
+    """One of the account's recovery codes instead of a TOTP code (each works once)."""
 
 
 class RefreshRequest(_Body, kw_only=True):
@@ -65,6 +69,9 @@ class UserView(_View, kw_only=True):
     email: str
     username: str | None = None
     created_at: str
+    email_verified: bool = False
+    totp_enabled: bool | None = None
+    """Whether the user signs in with a second factor (``GET /v1/me`` only; null elsewhere)."""
 
 
 class PasswordChange(_Body, kw_only=True):

@@ -26,7 +26,7 @@ _PATH_PARAM = re.compile(r"\{([a-z_]+)\}")
 _LINK_SETTINGS = "LinkSettings"
 
 _STATUS_TEXT = {
-    200: "OK", 201: "Created", 204: "No content", 400: "Bad request",
+    200: "OK", 201: "Created", 202: "Accepted", 204: "No content", 400: "Bad request",
     401: "Not authenticated", 403: "Not allowed", 404: "Not found", 409: "Conflict",
     413: "Request body too large", 415: "Unsupported media type", 422: "Invalid request",
     429: "Too many requests", 503: "NATS or the database is unavailable",
@@ -42,6 +42,16 @@ _QUERY = {
         "name": "limit", "in": "query", "required": False,
         "description": "Items per page (default 50).",
         "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
+    },
+    "account_id": {
+        "name": "account_id", "in": "query", "required": False,
+        "description": "Only what concerns this account.",
+        "schema": {"type": "string", "maxLength": 128},
+    },
+    "link_id": {
+        "name": "link_id", "in": "query", "required": False,
+        "description": "Only what concerns this link.",
+        "schema": {"type": "string", "maxLength": 128},
     },
 }  # fmt: skip
 
@@ -77,6 +87,10 @@ def document(routes: Sequence[Any]) -> dict[str, Any]:
     paths: dict[str, dict[str, Any]] = {}
     for route in routes:
         paths.setdefault(route.path, {})[route.method.lower()] = _operation(route, refs)
+    for route in routes:
+        links = _links(route, routes)
+        if links:
+            paths[route.path][route.method.lower()]["responses"][str(route.status)]["links"] = links
     return {
         "openapi": "3.1.0",
         "info": {
@@ -98,6 +112,43 @@ def document(routes: Sequence[Any]) -> dict[str, Any]:
             },
         },
     }
+
+
+def _links(creator: Any, routes: Sequence[Any]) -> dict[str, Any]:
+    """OpenAPI links from a creating operation to every operation whose path parameters its
+    answer names (``POST /v1/accounts`` answers ``account_id`` -> ``GET
+    /v1/accounts/{account_id}``, ...): clients and stateful tests follow them."""
+    answer = creator.response
+    if creator.method != "POST" or answer is None or isinstance(answer, str):
+        return {}
+    pointers = _id_pointers(answer)
+    links: dict[str, Any] = {}
+    for route in routes:
+        names = _PATH_PARAM.findall(route.path)
+        if route is creator or not names or not set(names) <= pointers.keys():
+            continue
+        if not route.path.startswith(creator.path.rstrip("/") + "/"):
+            continue
+        links[route.operation_id] = {
+            "operationId": route.operation_id,
+            "parameters": {name: f"$response.body#{pointers[name]}" for name in names},
+        }
+    return dict(sorted(links.items()))
+
+
+def _id_pointers(tp: Any) -> dict[str, str]:
+    """Field name -> JSON pointer for the fields of a Struct and of the Structs it holds
+    (``LinkView.link.link_id`` -> ``/link/link_id``); the outer field wins."""
+    found: dict[str, str] = {}
+    hints = msgspec.structs.fields(tp) if hasattr(tp, "__struct_fields__") else ()
+    for info in hints:
+        inner = info.type
+        if hasattr(inner, "__struct_fields__"):
+            for sub in msgspec.structs.fields(inner):
+                found.setdefault(sub.encode_name, f"/{info.encode_name}/{sub.encode_name}")
+    for info in hints:
+        found[info.encode_name] = f"/{info.encode_name}"
+    return found
 
 
 def _content(schema: dict[str, Any], media: str = "application/json") -> dict[str, Any]:
@@ -132,13 +183,17 @@ def _operation(route: Any, refs: dict[Any, dict[str, Any]]) -> dict[str, Any]:
     responses: dict[str, Any] = {}
     ok: dict[str, Any] = {"description": _STATUS_TEXT[route.status]}
     if route.response is not None:
-        ok["content"] = _content(refs[route.response])
+        ok["content"] = _content(refs[route.response], route.media_type)
     responses[str(route.status)] = ok
     errors = set(route.errors)
     if route.roles is not None:
         errors |= {401, 403}
     if route.request is not None:
         errors |= {400, 413, 415, 422}
+    if route.query:
+        errors |= {400, 422}  # a malformed cursor or limit, or NUL in the query
+    elif _PATH_PARAM.search(route.path):
+        errors.add(400)  # NUL in a path parameter
     if route.rate_limited:
         errors.add(429)
     for status in sorted(errors):

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from typing import Any
 
 import msgspec
 import structlog
 
-from engine.api import metrics
+from engine.api import metrics, secondfactor
 from engine.api.auth import (
     Caller,
     Role,
@@ -62,11 +63,15 @@ def user_view(row: Any) -> UserView:
         email=row["email"],
         username=row["username"],
         created_at=iso(row["created_at"]),
+        email_verified=row["email_verified_at"] is not None,
     )
 
 
 async def _issue_tokens(ctx: Context, conn: Any, caller: Caller, family_id: uuid.UUID) -> TokenPair:
+    """A new token pair; ``conn`` is in platform scope (the TOTP policy is platform-wide)."""
     cfg = ctx.state.config
+    pending = await ctx.state.store.totp_enrolment_pending(conn, caller.user_id, caller.role)
+    caller = dataclasses.replace(caller, totp_enrolment_pending=pending)
     refresh = new_refresh_token()
     await ctx.state.store.add_refresh_token(
         conn, user_id=caller.user_id, tenant_id=caller.tenant_id, family_id=family_id,
@@ -89,6 +94,9 @@ async def login(ctx: Context) -> tuple[int, Any]:
         if row is None or not ok or row["disabled"]:
             metrics.AUTH_FAILURES.labels("login").inc()
             raise Unauthorized(_BAD_LOGIN)
+        await secondfactor.check_login(
+            ctx, conn, row, body.totp_code, body.recovery_code, "login:" + body.identifier.lower()
+        )
         if password_needs_rehash(row["password_hash"]):
             await store.set_password_hash(conn, row["user_id"], hash_password(body.password))
         caller = Caller(user_id=row["user_id"], role=Role(row["role"]), tenant_id=row["tenant_id"])
@@ -148,9 +156,11 @@ async def me(ctx: Context) -> tuple[int, Any]:
     store = ctx.state.store
     async with store.tx(Scope.of(caller)) as conn:
         row = await store.get_user(conn, Scope.of(caller), caller.user_id)
+        totp = await store.get_totp(conn, Scope.of(caller), caller.user_id)
     if row is None:
         raise Unauthorized("the user of this token no longer exists")
-    return 200, user_view(row)
+    enabled = totp is not None and totp["confirmed_at"] is not None
+    return 200, msgspec.structs.replace(user_view(row), totp_enabled=enabled)
 
 
 async def change_password(ctx: Context) -> tuple[int, Any]:
@@ -358,7 +368,8 @@ ROUTES = [
           errors=(401, 422, 429)),
     Route("POST", "/v1/auth/logout", logout, "Revoke a refresh token and its family", "auth",
           request=RefreshRequest, status=204, rate_limited=True, errors=(422, 429)),
-    Route("GET", "/v1/me", me, "The calling user", "users", roles=ANY_USER, response=UserView),
+    Route("GET", "/v1/me", me, "The calling user", "users", roles=ANY_USER, response=UserView,
+          before_totp=True),
     Route("PUT", "/v1/me/password", change_password, "Change one's own password", "users",
           roles=ANY_USER, request=PasswordChange, status=204, rate_limited=True,
           errors=(422, 429)),

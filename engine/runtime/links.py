@@ -189,3 +189,47 @@ async def apply_links(kv: KeyValue, links: list[CopyLink], prune: bool = False) 
                 await kv.delete(key)
                 removed.append(key)
     return ApplyResult(created, updated, unchanged, removed)
+
+
+def validate_link_fragment(raw: Any, allowed: frozenset[str]) -> list[LinkError]:
+    """Every invalid field of a partial link (only the ``allowed`` fields of ``CopyLink``,
+    each checked as the link itself checks it), located from the fragment's root."""
+    if not isinstance(raw, dict):
+        return [LinkError("", f"must be an object, got {type(raw).__name__}")]
+    fields = {f.name: f for f in msgspec.structs.fields(CopyLink)}
+    errors: list[LinkError] = []
+    for name, value in raw.items():
+        if name not in allowed:
+            errors.append(LinkError(name, "not a field a template may set"))
+            continue
+        errors.extend(_check_value(value, fields[name].type, name))
+    return [LinkError(e.where.lstrip("."), e.message) for e in errors]
+
+
+#: What lifting a protection pause resets in ``tc_link_state`` (the replicator's
+#: ``LinkState``, which omits defaults): paused, its rule and day, a pending close-all, and
+#: the equity peak, so the drawdown is measured from the equity at resumption.
+_PAUSE_FIELDS = ("paused", "paused_rule", "paused_day", "close_all_pending", "peak_equity")
+
+
+async def resume_link(kv: KeyValue, link_id: str) -> bool:
+    """Lift a protection's pause on ``link_id`` (``tc_link_state`` bucket); False if not paused.
+
+    The equity peak is reset too: the drawdown is measured from the equity at resumption, or
+    the same drawdown would pause the link again at once. Compare-and-set: a replicator that
+    changes the state meanwhile makes this fail rather than be overwritten.
+
+    The state is read as a plain msgpack map (this floor does not know the replicator's
+    ``LinkState``); the replicator writes it with defaults omitted, so removing a field sets
+    it to its default, and fields this function does not know are kept as they are.
+    """
+    try:
+        entry = await kv.get(link_id)
+    except nats.js.errors.KeyNotFoundError:
+        return False
+    state = msgspec.msgpack.decode(entry.value or b"\x80")
+    if not isinstance(state, dict) or not state.get("paused"):
+        return False
+    resumed = {k: v for k, v in state.items() if k not in _PAUSE_FIELDS}
+    await kv.update(link_id, msgspec.msgpack.encode(resumed), last=entry.revision)
+    return True

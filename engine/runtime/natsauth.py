@@ -95,7 +95,8 @@ class Role(enum.StrEnum):
     """The CLI: links, emergency stops, resumes, reads."""
     QUOTES = "quotes"
     API = "api"
-    """The HTTP facade: reads, plus the operator's writes (links, stops)."""
+    """The HTTP facade: reads, the operator's writes (links, stops), and manual orders on
+    follower accounts."""
     LEDGER = "ledger"
     """The ledger: its own durable consumers on the streams it stores, nothing else."""
 
@@ -275,6 +276,14 @@ def _controller(user: str) -> Permissions:
     return Permissions(tuple(dict.fromkeys(publish)), tuple(subscribe))
 
 
+def api_permissions() -> Permissions:
+    """The controller's, plus manual orders: a follower's own orders subject (which its
+    connector consumes); never a connector's batch subject, decisions or reports."""
+    controller = _controller(Role.API.value)
+    publish = (*controller.publish, subjects.FOLLOWER_ORDERS)
+    return Permissions(tuple(dict.fromkeys(publish)), controller.subscribe)
+
+
 def quotes_permissions() -> Permissions:
     return Permissions((subjects.QUOTES,), ())
 
@@ -286,8 +295,10 @@ def permissions_for(role: Role) -> Permissions:
             return admin_permissions()
         case Role.REPLICATOR:
             return replicator_permissions()
-        case Role.OPERATOR | Role.API:
+        case Role.OPERATOR:
             return _controller(role.value)
+        case Role.API:
+            return api_permissions()
         case Role.QUOTES:
             return quotes_permissions()
         case Role.LEDGER:
