@@ -1421,12 +1421,14 @@ def _cmd_ledger_run(args: argparse.Namespace) -> int:
 
 def _cmd_db_migrate(args: argparse.Namespace) -> int:
     from engine.api.store import migrate as migrate_api
+    from engine.billing.store import migrate as migrate_billing
     from engine.ledger.store import migrate as migrate_ledger
 
     async def work(url: str) -> list[str]:
         # Each service owns its tables and its migrations (a history per component).
         ledger = [f"ledger {v}" for v in await migrate_ledger(url)]
-        return ledger + [f"api {v}" for v in await migrate_api(url)]
+        api = [f"api {v}" for v in await migrate_api(url)]
+        return ledger + api + [f"billing {v}" for v in await migrate_billing(url)]
 
     applied = run_async(_with_database(args, work))
     print(f"applied {', '.join(applied)}" if applied else "the database is up to date")
@@ -1542,6 +1544,83 @@ def _cmd_stats(args: argparse.Namespace) -> int:
         print("\nmonthly P&L (months with trades, last 24)")
         print(_table(("MONTH", "P&L"), months))
     return 0
+
+
+# ------------------------------------------------------------------------ billing
+
+
+def _billing_config(args: argparse.Namespace) -> Any:
+    import msgspec
+
+    from engine.billing.config import BillingConfig
+
+    config = (
+        msgspec.toml.decode(Path(args.config).read_bytes(), type=BillingConfig)
+        if args.config
+        else BillingConfig()
+    )
+    if args.database_url:
+        config = msgspec.structs.replace(config, database_url=args.database_url)
+    return config
+
+
+def _cmd_billing_run(args: argparse.Namespace) -> int:
+    from engine.billing.service import run_billing
+    from engine.runtime.logging import configure_logging
+
+    configure_logging(args.log_level, json=not args.console_logs)
+    run_async(run_billing(_billing_config(args)))
+    return 0
+
+
+def _cmd_billing_run_job(args: argparse.Namespace) -> int:
+    import msgspec
+
+    from engine.billing.service import parse_at, run_billing_job
+    from engine.runtime.logging import configure_logging
+
+    configure_logging(args.log_level, json=False)
+    at_ns = parse_at(args.at) if args.at else time.time_ns()
+    summary = run_async(run_billing_job(_billing_config(args), args.name, at_ns))
+    print(json.dumps(msgspec.to_builtins(summary), sort_keys=True))
+    return 0
+
+
+def _cmd_billing_seal(args: argparse.Namespace) -> int:
+    from engine.billing.config import seal_secret
+
+    # Read from stdin, not argv: a key on the command line stays in the shell's history.
+    print(seal_secret(sys.stdin.readline().strip()))
+    return 0
+
+
+def _add_billing_commands(commands: Any) -> None:
+    billing = commands.add_parser(
+        "billing", help="the billing service: fees, invoices, Stripe Connect charges"
+    ).add_subparsers(dest="billing_command", required=True)
+    run = billing.add_parser(
+        "run", help="serve Stripe webhooks and run the billing jobs (one instance leads)"
+    )
+    run.add_argument("--config", help="a billing TOML file (engine/billing/README.md)")
+    _add_database_url(run)
+    _add_log_level(run, "info")
+    run.add_argument("--console-logs", action="store_true", help="human log lines, not JSON")
+    run.set_defaults(func=_cmd_billing_run)
+    job = billing.add_parser("run-job", help="run one billing job once, as of a given instant")
+    job.add_argument(
+        "name", choices=["weekly_fees", "hourly_sync", "daily_recheck", "prune"], help="the job"
+    )
+    job.add_argument(
+        "--at", help="the instant the job runs as of, ISO 8601 with offset (default: now)"
+    )
+    job.add_argument("--config", help="a billing TOML file (engine/billing/README.md)")
+    _add_database_url(job)
+    _add_log_level(job, "warning")
+    job.set_defaults(func=_cmd_billing_run_job)
+    seal = billing.add_parser(
+        "seal-secret", help="seal a Stripe key read from stdin with $TRADECOPY_BILLING_KEY"
+    )
+    seal.set_defaults(func=_cmd_billing_seal)
 
 
 def _add_ledger_commands(commands: Any) -> None:
@@ -1740,6 +1819,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_read_commands,
         _add_service_commands,
         _add_ledger_commands,
+        _add_billing_commands,
         _add_api_commands,
         _add_nats_commands,
         _add_schema_commands,

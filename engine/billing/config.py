@@ -1,0 +1,115 @@
+"""Billing configuration: the database, Stripe's mode and sealed keys, the jobs' timing."""
+
+from __future__ import annotations
+
+import base64
+import enum
+import os
+from typing import Annotated
+
+import msgspec
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from engine.core.errors import TradecopyError
+
+#: The AES-256 key (32 bytes, base64) that opens the sealed Stripe keys of the config file.
+ENV_BILLING_KEY = "TRADECOPY_BILLING_KEY"
+_VERSION = b"\x01"
+_NONCE = 12
+_PURPOSE = b"tradecopy-billing-secret"
+
+
+class BillingConfigError(TradecopyError):
+    """The billing configuration cannot be used as given (a key that does not open, a live key
+    in test mode)."""
+
+
+class StripeMode(enum.StrEnum):
+    TEST = "test"
+    LIVE = "live"
+
+
+class BillingConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    database_url: str | None = None
+    """PostgreSQL; None: ``TRADECOPY_DATABASE_URL``, else the embedded server."""
+    stripe_mode: StripeMode = StripeMode.TEST
+    """Chosen by the operator: a key of the other mode is refused at start."""
+    stripe_api_key_sealed: str | None = None
+    """The Stripe secret key sealed with ``seal_secret`` (never stored in clear)."""
+    stripe_webhook_secret_sealed: str | None = None
+    """The webhook endpoint's signing secret (``whsec_…``), sealed the same way."""
+    stripe_api_base: str | None = None
+    """Where the Stripe API is; None: Stripe's own. Tests point it at the local peer."""
+    stripe_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 30.0
+    webhook_tolerance_s: Annotated[int, msgspec.Meta(ge=1, le=3600)] = 300
+    webhook_host: str = "127.0.0.1"
+    webhook_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 9470
+    send_lease_s: Annotated[float, msgspec.Meta(gt=0)] = 120.0
+    """How long a job holds a charge while it calls Stripe; a crashed job's charge is sent
+    again (same key) once this has passed."""
+    event_poll_s: Annotated[float, msgspec.Meta(gt=0)] = 1.0
+    recovery_interval_s: Annotated[float, msgspec.Meta(gt=0)] = 3600.0
+    """How often missed events are listed from Stripe (the hourly sync)."""
+    event_retention_days: Annotated[int, msgspec.Meta(ge=1)] = 90
+    migrate: bool = False
+    metrics_host: str = "127.0.0.1"
+    metrics_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] | None = 9469
+
+
+def _master_key(encoded: str | None = None) -> bytes:
+    encoded = encoded or os.environ.get(ENV_BILLING_KEY)
+    if not encoded:
+        raise BillingConfigError(f"{ENV_BILLING_KEY} is not set: sealed keys cannot be opened")
+    try:
+        key = base64.b64decode(encoded, validate=True)
+    except ValueError as exc:
+        raise BillingConfigError(f"{ENV_BILLING_KEY} is not base64") from exc
+    if len(key) != 32:
+        raise BillingConfigError(f"{ENV_BILLING_KEY} must be 32 bytes (AES-256)")
+    return key
+
+
+def seal_secret(plaintext: str, master_key: str | None = None) -> str:
+    """``plaintext`` (a Stripe key) encrypted with AES-256-GCM, as base64 for a config file."""
+    nonce = os.urandom(_NONCE)
+    sealed = AESGCM(_master_key(master_key)).encrypt(nonce, plaintext.encode(), _PURPOSE)
+    return base64.b64encode(_VERSION + nonce + sealed).decode()
+
+
+def open_secret(sealed: str, master_key: str | None = None) -> str:
+    """The inverse of ``seal_secret``; a wrong key or a changed byte is refused."""
+    blob = base64.b64decode(sealed)
+    if len(blob) < 1 + _NONCE + 16 or blob[:1] != _VERSION:
+        raise BillingConfigError("not a sealed billing secret (version 1)")
+    try:
+        plain = AESGCM(_master_key(master_key)).decrypt(
+            blob[1 : 1 + _NONCE], blob[1 + _NONCE :], _PURPOSE
+        )
+    except InvalidTag:
+        raise BillingConfigError("a sealed billing secret does not open with this key") from None
+    return plain.decode()
+
+
+def stripe_api_key(config: BillingConfig, master_key: str | None = None) -> str:
+    """The Stripe secret key, opened, and checked to belong to the configured mode."""
+    if config.stripe_api_key_sealed is None:
+        raise BillingConfigError("no Stripe key configured (stripe_api_key_sealed)")
+    key = open_secret(config.stripe_api_key_sealed, master_key)
+    check_key_mode(key, config.stripe_mode)
+    return key
+
+
+def check_key_mode(key: str, mode: StripeMode) -> None:
+    """Refuse a live key in test mode and a test key in live mode: the operator chooses."""
+    prefix = key.split("_", 2)[:2]
+    if len(prefix) < 2 or prefix[0] not in ("sk", "rk") or prefix[1] not in ("test", "live"):
+        raise BillingConfigError("a Stripe secret key starts with sk_test_/sk_live_ (or rk_)")
+    if prefix[1] != mode.value:
+        raise BillingConfigError(f"a {prefix[1]} Stripe key given in {mode.value} mode")
+
+
+def webhook_secret(config: BillingConfig, master_key: str | None = None) -> str:
+    if config.stripe_webhook_secret_sealed is None:
+        raise BillingConfigError("no webhook secret configured (stripe_webhook_secret_sealed)")
+    return open_secret(config.stripe_webhook_secret_sealed, master_key)

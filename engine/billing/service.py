@@ -1,0 +1,171 @@
+"""The billing service's wiring: the webhook endpoint, the event worker, the job scheduler.
+
+``BillingService`` serves Stripe's webhooks (verify, store, answer), applies stored events in
+a background worker, and runs the scheduler, which does the jobs only while this instance holds
+the leader lock; any number of instances may run. ``run_billing`` runs it until signalled;
+``run_billing_job`` runs one job once (``tradecopy billing run-job NAME --at TIME``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from datetime import datetime
+
+import asyncpg
+import structlog
+from aiohttp import web
+
+from engine.billing import store
+from engine.billing.config import BillingConfig, stripe_api_key, webhook_secret
+from engine.billing.gateway import StripeGateway
+from engine.billing.jobs import JobContext, JobSummary, Scheduler, run_job
+from engine.billing.ledgerfacts import LedgerViewFacts
+from engine.billing.webhooks import process_stored_events, webhook_routes
+from engine.runtime.http import OpsServer
+from engine.runtime.postgres import start_database
+
+log = structlog.get_logger("tradecopy.billing.service")
+
+_EPOCH = datetime.fromisoformat("1970-01-01T00:00:00+00:00")
+
+
+def parse_at(text: str) -> int:
+    """``2026-03-27T22:00:00Z`` (any ISO 8601 instant with an offset) as UTC nanoseconds."""
+    moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    if moment.tzinfo is None:
+        raise ValueError(f"{text!r} has no UTC offset: say which instant (…Z or +01:00)")
+    delta = moment - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 10**9 + delta.microseconds * 1000
+
+
+class BillingService:
+    def __init__(
+        self, config: BillingConfig, database_url: str, gateway: StripeGateway, secret: str
+    ) -> None:
+        self.config = config
+        self.database_url = database_url
+        self.gateway = gateway
+        self.secret = secret
+        self.pool: asyncpg.Pool | None = None
+        self.scheduler: Scheduler | None = None
+        self.webhook_port = 0
+        self._runner: web.AppRunner | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stop = asyncio.Event()
+
+    async def start(self) -> None:
+        if self.config.migrate:
+            await store.migrate(self.database_url)
+        self.pool = await asyncpg.create_pool(self.database_url, min_size=1, max_size=8)
+        ctx = JobContext(
+            pool=self.pool,
+            gateway=self.gateway,
+            facts=LedgerViewFacts(self.pool),
+            send_lease_s=self.config.send_lease_s,
+            event_retention_days=self.config.event_retention_days,
+        )
+        app = web.Application()
+        app.add_routes(webhook_routes(self.pool, self.secret))
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, self.config.webhook_host, self.config.webhook_port).start()
+        self.webhook_port = int(self._runner.addresses[0][1])
+        self.scheduler = Scheduler(ctx, self.database_url)
+        self._tasks = [
+            asyncio.create_task(self._apply_events(), name="billing-events"),
+            asyncio.create_task(self.scheduler.run(self._stop), name="billing-scheduler"),
+        ]
+        log.info("billing_started", webhook_port=self.webhook_port)
+
+    async def _apply_events(self) -> None:
+        """Apply stored events as they come; a failing pass is logged and tried again."""
+        while not self._stop.is_set():
+            assert self.pool is not None
+            try:
+                await process_stored_events(self.pool)
+            except (
+                OSError,
+                asyncpg.PostgresError,
+                asyncpg.InterfaceError,
+                store.SerializableRetriesExhausted,
+            ) as exc:
+                log.warning("billing_event_pass_failed", error=str(exc))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), self.config.event_poll_s)
+
+    def health(self) -> dict[str, object]:
+        running = bool(self._tasks) and not any(t.done() for t in self._tasks)
+        return {
+            "ok": running,
+            "leader": bool(self.scheduler and self.scheduler.leader),
+            **({} if running else {"reason": "a billing task stopped"}),
+        }
+
+    async def stop(self) -> None:
+        self._stop.set()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self.pool is not None:
+            await self.pool.close()
+
+
+async def run_billing(config: BillingConfig) -> None:
+    """Run until SIGINT/SIGTERM; serves /metrics and /healthz when a port is set."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    database_url, embedded = await start_database(config.database_url)
+    gateway = StripeGateway(
+        stripe_api_key(config), api_base=config.stripe_api_base, timeout_s=config.stripe_timeout_s
+    )
+    service = BillingService(config, database_url, gateway, webhook_secret(config))
+    try:
+        await service.start()
+        ops = None
+        if config.metrics_port is not None:
+            ops = OpsServer(config.metrics_host, config.metrics_port, service.health)
+            await ops.start()
+        try:
+            await stop.wait()
+        finally:
+            if ops is not None:
+                await ops.stop()
+            await service.stop()
+    finally:
+        await gateway.close()
+        if embedded is not None:
+            await embedded.stop()
+
+
+async def run_billing_job(config: BillingConfig, name: str, at_ns: int) -> JobSummary:
+    """Run one job once, as of ``at_ns``: what operators and tests call."""
+    database_url, embedded = await start_database(config.database_url)
+    gateway = StripeGateway(
+        stripe_api_key(config), api_base=config.stripe_api_base, timeout_s=config.stripe_timeout_s
+    )
+    try:
+        if config.migrate:
+            await store.migrate(database_url)
+        pool = await asyncpg.create_pool(database_url, min_size=1, max_size=4)
+        try:
+            ctx = JobContext(
+                pool=pool,
+                gateway=gateway,
+                facts=LedgerViewFacts(pool),
+                send_lease_s=config.send_lease_s,
+                event_retention_days=config.event_retention_days,
+            )
+            return await run_job(ctx, name, at_ns)
+        finally:
+            await pool.close()
+    finally:
+        await gateway.close()
+        if embedded is not None:
+            await embedded.stop()

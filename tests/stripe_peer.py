@@ -1,0 +1,650 @@
+"""A local HTTP peer of the Stripe API: the subset billing calls, with the semantics it relies on.
+
+The real ``stripe`` SDK talks to it as it talks to Stripe (form-encoded requests, Stripe-shaped
+JSON objects and errors). What it enforces, as Stripe does:
+
+- **Idempotency.** A POST with an ``Idempotency-Key`` already answered gets the first answer
+  again (same status, same body) and changes nothing; the same key with different parameters
+  is refused (400, ``idempotency_error``); the same key while its first request is still being
+  served is refused (409, ``idempotency_key_in_use``). Like Stripe, a request refused by
+  validation (400) stores no result, so it may be retried under the same key.
+- **Destination charges.** ``application_fee_amount`` may not exceed ``amount``; the
+  ``transfer_data[destination]`` account must exist; the customer must exist and the payment
+  method must be attached to it.
+- **Test payment methods**, named as Stripe's own test tokens and attached to a customer:
+  ``pm_card_visa`` succeeds; ``pm_card_chargeDeclined`` is declined (402 ``card_declined``,
+  ``generic_decline``); ``pm_card_chargeDeclinedInsufficientFunds`` (``insufficient_funds``);
+  ``pm_card_authenticationRequired`` needs the customer (402 ``authentication_required``,
+  the PaymentIntent left in ``requires_payment_method``); ``pm_card_createDispute`` succeeds and
+  is then disputed (``charge.dispute.created``).
+- **Events.** Every change above makes Stripe's event (``payment_intent.succeeded``,
+  ``payment_intent.payment_failed``, ``charge.succeeded``, ``charge.refunded``,
+  ``charge.dispute.created``, ``checkout.session.completed`` is not sent: no browser here),
+  listed newest first by ``GET /v1/events`` with ``created[gte]``, ``starting_after`` and
+  ``limit``, as Stripe pages them. Tests deliver them to the webhook endpoint themselves, signed
+  with the SDK's ``WebhookSignature``.
+
+Fault injection: ``lose_responses`` drops the connection of the next N POSTs *after* their
+result is stored (the caller cannot tell whether the request happened, like a network cut).
+What it cannot prove is said in ``engine/billing/README.md`` ("The Stripe peer").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import re
+import time
+from typing import Any
+from urllib.parse import parse_qsl
+
+import orjson
+from aiohttp import web
+
+_PATH_PART = re.compile(r"\[([^\]]*)\]")
+
+#: Stripe's test tokens and what a charge on each does.
+SUCCEEDS = "pm_card_visa"
+DECLINED = "pm_card_chargeDeclined"
+INSUFFICIENT_FUNDS = "pm_card_chargeDeclinedInsufficientFunds"
+AUTHENTICATION_REQUIRED = "pm_card_authenticationRequired"
+DISPUTED = "pm_card_createDispute"
+TEST_TOKENS = (SUCCEEDS, DECLINED, INSUFFICIENT_FUNDS, AUTHENTICATION_REQUIRED, DISPUTED)
+
+
+def decode_form(body: str) -> dict[str, Any]:
+    """Stripe's form encoding (``a[b][0]=x``) back to nested dicts and lists."""
+    root: dict[str, Any] = {}
+    for key, value in parse_qsl(body, keep_blank_values=True):
+        head = key.split("[", 1)[0]
+        parts = [head, *_PATH_PART.findall(key)]
+        node: Any = root
+        for part, nxt in itertools.pairwise(parts):
+            container: Any = [] if nxt.isdigit() else {}
+            if isinstance(node, list):
+                index = int(part)
+                while len(node) <= index:
+                    node.append(None)
+                if node[index] is None:
+                    node[index] = container
+                node = node[index]
+            else:
+                node = node.setdefault(part, container)
+        last = parts[-1]
+        if isinstance(node, list):
+            index = int(last)
+            while len(node) <= index:
+                node.append(None)
+            node[index] = value
+        else:
+            node[last] = value
+    return root
+
+
+class PeerError(Exception):
+    def __init__(self, status: int, type_: str, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body: dict[str, Any] = {"error": {"type": type_, "message": message, **extra}}
+
+
+class StripePeer:
+    """The peer's state (accounts, customers, payment methods, PaymentIntents, events) and its
+    aiohttp application. ``await start()`` serves it on 127.0.0.1 at a free port."""
+
+    def __init__(self, api_key: str = "sk_test_peer") -> None:
+        self.api_key = api_key
+        self.accounts: dict[str, dict[str, Any]] = {}
+        self.customers: dict[str, dict[str, Any]] = {}
+        self.payment_methods: dict[str, dict[str, Any]] = {}
+        self.payment_intents: dict[str, dict[str, Any]] = {}
+        self.charges: dict[str, dict[str, Any]] = {}
+        self.subscriptions: dict[str, dict[str, Any]] = {}
+        self.checkout_sessions: dict[str, dict[str, Any]] = {}
+        self.events: list[dict[str, Any]] = []
+        self.requests: list[tuple[str, str, str | None]] = []
+        """Every request seen: (method, path, idempotency key)."""
+        self.lose_responses = 0
+        self._ids = itertools.count(1)
+        self._idempotent: dict[str, tuple[str, int, bytes]] = {}
+        self._in_flight: set[str] = set()
+        self._runner: web.AppRunner | None = None
+        self.url = ""
+
+    # ------------------------------------------------------------------ serving
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_route("*", "/{path:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.url = f"http://127.0.0.1:{port}"
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    def _id(self, prefix: str) -> str:
+        return f"{prefix}_peer{next(self._ids):06d}"
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        raw = (await request.read()).decode()
+        key = request.headers.get("Idempotency-Key")
+        self.requests.append((request.method, request.path, key))
+        if request.headers.get("Authorization") != f"Bearer {self.api_key}":
+            return self._json(
+                401, PeerError(401, "invalid_request_error", "Invalid API Key provided").body
+            )
+        params = decode_form(raw if request.method == "POST" else request.query_string)
+        if request.method != "POST" or key is None:
+            status, body = await self._serve(request.method, request.path, params)
+            return self._json(status, body)
+        fingerprint = hashlib.sha256(f"{request.method} {request.path}\n{raw}".encode())
+        stored = self._idempotent.get(key)
+        if stored is not None:
+            if stored[0] != fingerprint.hexdigest():
+                return self._json(
+                    400,
+                    PeerError(
+                        400,
+                        "idempotency_error",
+                        "Keys for idempotent requests can only be used with the same parameters "
+                        f"they were first used with. Try using a key other than '{key}' if you "
+                        "meant to execute a different request.",
+                    ).body,
+                )
+            return self._raw(stored[1], stored[2], replayed=True)
+        if key in self._in_flight:
+            return self._json(
+                409,
+                PeerError(
+                    409,
+                    "invalid_request_error",
+                    "There is currently another in-progress request using this Stripe token "
+                    "(probably the same idempotency key).",
+                    code="idempotency_key_in_use",
+                ).body,
+            )
+        self._in_flight.add(key)
+        try:
+            await asyncio.sleep(0)  # a request is served over time, not atomically
+            status, body = await self._serve(request.method, request.path, params)
+            encoded = orjson.dumps(body)
+            # Stripe keeps the result of a request that ran (200, a card error), not of one
+            # refused before running (validation), which may be corrected and sent again.
+            if status in (200, 402):
+                self._idempotent[key] = (fingerprint.hexdigest(), status, encoded)
+        finally:
+            self._in_flight.discard(key)
+        if self.lose_responses > 0:
+            self.lose_responses -= 1
+            if request.transport is not None:
+                request.transport.close()
+            raise ConnectionResetError("peer dropped the response on purpose")
+        return self._raw(status, encoded)
+
+    def _json(self, status: int, body: dict[str, Any]) -> web.Response:
+        return self._raw(status, orjson.dumps(body))
+
+    @staticmethod
+    def _raw(status: int, body: bytes, replayed: bool = False) -> web.Response:
+        headers = {"Request-Id": f"req_{hashlib.sha1(body).hexdigest()[:14]}"}
+        if replayed:
+            headers["Idempotent-Replayed"] = "true"
+        return web.Response(
+            status=status, body=body, content_type="application/json", headers=headers
+        )
+
+    async def _serve(self, method: str, path: str, params: dict[str, Any]) -> tuple[int, Any]:
+        routes: list[tuple[str, str, Any]] = [
+            ("POST", r"/v1/accounts", self._create_account),
+            ("POST", r"/v1/account_links", self._create_account_link),
+            ("POST", r"/v1/customers", self._create_customer),
+            ("POST", r"/v1/setup_intents", self._create_setup_intent),
+            ("POST", r"/v1/payment_methods/(?P<pm>[^/]+)/attach", self._attach_payment_method),
+            ("POST", r"/v1/payment_intents", self._create_payment_intent),
+            ("GET", r"/v1/payment_intents/(?P<pi>[^/]+)", self._get_payment_intent),
+            ("POST", r"/v1/refunds", self._create_refund),
+            ("POST", r"/v1/checkout/sessions", self._create_checkout_session),
+            ("POST", r"/v1/subscriptions", self._create_subscription),
+            ("POST", r"/v1/subscriptions/(?P<sub>[^/]+)", self._update_subscription),
+            ("GET", r"/v1/events", self._list_events),
+        ]
+        for route_method, pattern, handler in routes:
+            match = re.fullmatch(pattern, path)
+            if match and route_method == method:
+                try:
+                    return 200, handler(params, **match.groupdict())
+                except PeerError as exc:
+                    return exc.status, exc.body
+        return 404, PeerError(
+            404, "invalid_request_error", f"Unrecognized request URL ({method}: {path})"
+        ).body
+
+    # ------------------------------------------------------------------ objects
+
+    def _event(self, type_: str, obj: dict[str, Any]) -> None:
+        self.events.append(
+            {
+                "id": self._id("evt"),
+                "object": "event",
+                "type": type_,
+                "api_version": None,
+                "created": int(time.time()),
+                "livemode": False,
+                "pending_webhooks": 1,
+                "data": {"object": dict(obj)},
+            }
+        )
+
+    @staticmethod
+    def _require(params: dict[str, Any], name: str) -> Any:
+        if name not in params or params[name] == "":
+            raise PeerError(
+                400,
+                "invalid_request_error",
+                f"Missing required param: {name}.",
+                param=name,
+                code="parameter_missing",
+            )
+        return params[name]
+
+    @staticmethod
+    def _int(params: dict[str, Any], name: str) -> int:
+        value = params.get(name)
+        if value is None or not re.fullmatch(r"\d+", str(value)):
+            raise PeerError(
+                400,
+                "invalid_request_error",
+                f"Invalid integer: {value}",
+                param=name,
+                code="parameter_invalid_integer",
+            )
+        return int(value)
+
+    def _create_account(self, params: dict[str, Any]) -> dict[str, Any]:
+        if params.get("type") != "express" and "controller" not in params:
+            raise PeerError(
+                400, "invalid_request_error", "the peer creates Express accounts", param="type"
+            )
+        account = {
+            "id": self._id("acct"),
+            "object": "account",
+            "type": "express",
+            "email": params.get("email"),
+            "country": params.get("country", "US"),
+            "charges_enabled": False,
+            "metadata": params.get("metadata", {}),
+        }
+        self.accounts[account["id"]] = account
+        return account
+
+    def _create_account_link(self, params: dict[str, Any]) -> dict[str, Any]:
+        account = self._require(params, "account")
+        if account not in self.accounts:
+            raise PeerError(
+                400,
+                "invalid_request_error",
+                f"No such account: '{account}'",
+                param="account",
+                code="resource_missing",
+            )
+        if params.get("type") != "account_onboarding":
+            raise PeerError(
+                400, "invalid_request_error", "type must be account_onboarding", param="type"
+            )
+        self._require(params, "refresh_url")
+        self._require(params, "return_url")
+        return {
+            "object": "account_link",
+            "created": int(time.time()),
+            "expires_at": int(time.time()) + 300,
+            "url": f"{self.url}/express/onboarding/{account}",
+        }
+
+    def _create_customer(self, params: dict[str, Any]) -> dict[str, Any]:
+        customer = {
+            "id": self._id("cus"),
+            "object": "customer",
+            "email": params.get("email"),
+            "metadata": params.get("metadata", {}),
+            "invoice_settings": {"default_payment_method": None},
+        }
+        self.customers[customer["id"]] = customer
+        return customer
+
+    def _customer(self, params: dict[str, Any]) -> dict[str, Any]:
+        customer = self._require(params, "customer")
+        if customer not in self.customers:
+            raise PeerError(
+                400,
+                "invalid_request_error",
+                f"No such customer: '{customer}'",
+                param="customer",
+                code="resource_missing",
+            )
+        return self.customers[customer]
+
+    def _create_setup_intent(self, params: dict[str, Any]) -> dict[str, Any]:
+        customer = self._customer(params)
+        setup_id = self._id("seti")
+        return {
+            "id": setup_id,
+            "object": "setup_intent",
+            "customer": customer["id"],
+            "usage": params.get("usage", "off_session"),
+            "status": "requires_payment_method",
+            "client_secret": f"{setup_id}_secret_peer",
+        }
+
+    def _attach_payment_method(self, params: dict[str, Any], pm: str) -> dict[str, Any]:
+        customer = self._customer(params)
+        if pm not in TEST_TOKENS:
+            raise PeerError(
+                400,
+                "invalid_request_error",
+                f"No such PaymentMethod: '{pm}'",
+                param="payment_method",
+                code="resource_missing",
+            )
+        method = {
+            "id": self._id("pm"),
+            "object": "payment_method",
+            "type": "card",
+            "customer": customer["id"],
+            "card": {"brand": "visa", "last4": "4242"},
+            "behaviour": pm,
+        }
+        self.payment_methods[method["id"]] = method
+        return {k: v for k, v in method.items() if k != "behaviour"}
+
+    def _create_payment_intent(self, params: dict[str, Any]) -> dict[str, Any]:
+        amount = self._int(params, "amount")
+        if amount < 1:
+            raise PeerError(
+                400,
+                "invalid_request_error",
+                "Amount must be at least 1",
+                param="amount",
+                code="amount_too_small",
+            )
+        currency = str(self._require(params, "currency")).lower()
+        customer = self._customer(params)
+        fee = (
+            self._int(params, "application_fee_amount")
+            if "application_fee_amount" in params
+            else None
+        )
+        if fee is not None and fee > amount:
+            raise PeerError(
+                400,
+                "invalid_request_error",
+                "The application fee amount must not exceed the amount.",
+                param="application_fee_amount",
+            )
+        destination = params.get("transfer_data", {}).get("destination")
+        if destination is not None and destination not in self.accounts:
+            raise PeerError(
+                400,
+                "invalid_request_error",
+                f"No such destination: '{destination}'",
+                param="transfer_data[destination]",
+                code="resource_missing",
+            )
+        if fee is not None and destination is None:
+            raise PeerError(
+                400,
+                "invalid_request_error",
+                "application_fee_amount needs a connected account "
+                "(transfer_data[destination] or Stripe-Account)",
+                param="application_fee_amount",
+            )
+        pm_id = self._require(params, "payment_method")
+        method = self.payment_methods.get(pm_id)
+        if method is None or method["customer"] != customer["id"]:
+            raise PeerError(
+                400,
+                "invalid_request_error",
+                f"The payment method '{pm_id}' does not belong to the customer",
+                param="payment_method",
+                code="resource_missing",
+            )
+        intent = {
+            "id": self._id("pi"),
+            "object": "payment_intent",
+            "amount": amount,
+            "currency": currency,
+            "customer": customer["id"],
+            "payment_method": pm_id,
+            "application_fee_amount": fee,
+            "transfer_data": {"destination": destination},
+            "metadata": params.get("metadata", {}),
+            "status": "requires_confirmation",
+            "latest_charge": None,
+            "last_payment_error": None,
+            "off_session": params.get("off_session") == "true",
+        }
+        self.payment_intents[intent["id"]] = intent
+        if params.get("confirm") != "true":
+            return intent
+        behaviour = method["behaviour"]
+        if behaviour in (DECLINED, INSUFFICIENT_FUNDS, AUTHENTICATION_REQUIRED):
+            code, decline = {
+                DECLINED: ("card_declined", "generic_decline"),
+                INSUFFICIENT_FUNDS: ("card_declined", "insufficient_funds"),
+                AUTHENTICATION_REQUIRED: ("authentication_required", "authentication_required"),
+            }[behaviour]
+            intent["status"] = "requires_payment_method"
+            intent["last_payment_error"] = {
+                "type": "card_error",
+                "code": code,
+                "decline_code": decline,
+            }
+            self._event("payment_intent.payment_failed", intent)
+            raise PeerError(
+                402,
+                "card_error",
+                "Your card was declined."
+                if code == "card_declined"
+                else "This payment requires authentication.",
+                code=code,
+                decline_code=decline,
+                payment_intent=dict(intent),
+            )
+        charge = {
+            "id": self._id("ch"),
+            "object": "charge",
+            "amount": amount,
+            "currency": currency,
+            "payment_intent": intent["id"],
+            "paid": True,
+            "refunded": False,
+            "disputed": False,
+            "metadata": intent["metadata"],
+            "application_fee_amount": fee,
+            "destination": destination,
+        }
+        self.charges[charge["id"]] = charge
+        intent["status"] = "succeeded"
+        intent["latest_charge"] = charge["id"]
+        self._event("charge.succeeded", charge)
+        self._event("payment_intent.succeeded", intent)
+        if behaviour == DISPUTED:
+            charge["disputed"] = True
+            self._event(
+                "charge.dispute.created",
+                {
+                    "id": self._id("dp"),
+                    "object": "dispute",
+                    "amount": amount,
+                    "charge": charge["id"],
+                    "payment_intent": intent["id"],
+                    "status": "needs_response",
+                    "reason": "fraudulent",
+                },
+            )
+        return intent
+
+    def _get_payment_intent(self, params: dict[str, Any], pi: str) -> dict[str, Any]:
+        if pi not in self.payment_intents:
+            raise PeerError(
+                404,
+                "invalid_request_error",
+                f"No such payment_intent: '{pi}'",
+                code="resource_missing",
+            )
+        return self.payment_intents[pi]
+
+    def _create_refund(self, params: dict[str, Any]) -> dict[str, Any]:
+        intent = self._get_payment_intent(params, self._require(params, "payment_intent"))
+        if intent["status"] != "succeeded":
+            raise PeerError(
+                400,
+                "invalid_request_error",
+                "This PaymentIntent has no charge to refund",
+                code="charge_not_refundable",
+            )
+        charge = self.charges[intent["latest_charge"]]
+        if charge["refunded"]:
+            raise PeerError(
+                400,
+                "invalid_request_error",
+                f"Charge {charge['id']} has already been refunded.",
+                code="charge_already_refunded",
+            )
+        charge["refunded"] = True
+        self._event("charge.refunded", charge)
+        return {
+            "id": self._id("re"),
+            "object": "refund",
+            "amount": charge["amount"],
+            "charge": charge["id"],
+            "payment_intent": intent["id"],
+            "status": "succeeded",
+        }
+
+    def _create_checkout_session(self, params: dict[str, Any]) -> dict[str, Any]:
+        if params.get("mode") not in ("payment", "subscription", "setup"):
+            raise PeerError(400, "invalid_request_error", "Invalid mode", param="mode")
+        customer = self._customer(params)
+        self._require(params, "success_url")
+        items = params.get("line_items") or []
+        if params["mode"] != "setup" and not items:
+            raise PeerError(
+                400,
+                "invalid_request_error",
+                "line_items is required",
+                param="line_items",
+                code="parameter_missing",
+            )
+        session = {
+            "id": self._id("cs"),
+            "object": "checkout.session",
+            "mode": params["mode"],
+            "customer": customer["id"],
+            "status": "open",
+            "line_items": items,
+            "metadata": params.get("metadata", {}),
+            "subscription_data": params.get("subscription_data", {}),
+            "payment_intent_data": params.get("payment_intent_data", {}),
+        }
+        session["url"] = f"{self.url}/checkout/{session['id']}"
+        self.checkout_sessions[session["id"]] = session
+        return session
+
+    def _create_subscription(self, params: dict[str, Any]) -> dict[str, Any]:
+        customer = self._customer(params)
+        items = params.get("items") or []
+        if not items:
+            raise PeerError(
+                400,
+                "invalid_request_error",
+                "Missing required param: items.",
+                param="items",
+                code="parameter_missing",
+            )
+        destination = params.get("transfer_data", {}).get("destination")
+        if destination is not None and destination not in self.accounts:
+            raise PeerError(
+                400,
+                "invalid_request_error",
+                f"No such destination: '{destination}'",
+                param="transfer_data[destination]",
+                code="resource_missing",
+            )
+        sub_id = self._id("sub")
+        subscription = {
+            "id": sub_id,
+            "object": "subscription",
+            "customer": customer["id"],
+            "status": "active",
+            "metadata": params.get("metadata", {}),
+            "application_fee_percent": params.get("application_fee_percent"),
+            "transfer_data": {"destination": destination},
+            "items": {
+                "object": "list",
+                "data": [
+                    {
+                        "id": f"si_{sub_id}_{n}",
+                        "object": "subscription_item",
+                        "price": {"id": item["price"]},
+                    }
+                    for n, item in enumerate(items)
+                ],
+            },
+        }
+        self.subscriptions[sub_id] = subscription
+        self._event("customer.subscription.created", subscription)
+        return subscription
+
+    def _update_subscription(self, params: dict[str, Any], sub: str) -> dict[str, Any]:
+        subscription = self.subscriptions.get(sub)
+        if subscription is None:
+            raise PeerError(
+                404,
+                "invalid_request_error",
+                f"No such subscription: '{sub}'",
+                code="resource_missing",
+            )
+        behaviour = params.get("proration_behavior", "create_prorations")
+        if behaviour not in ("create_prorations", "none", "always_invoice"):
+            raise PeerError(
+                400,
+                "invalid_request_error",
+                "Invalid proration_behavior",
+                param="proration_behavior",
+            )
+        known = {i["id"]: i for i in subscription["items"]["data"]}
+        for item in params.get("items") or []:
+            if item.get("id") not in known:
+                raise PeerError(
+                    400,
+                    "invalid_request_error",
+                    f"No such subscription item: '{item.get('id')}'",
+                    code="resource_missing",
+                )
+            known[item["id"]]["price"] = {"id": item["price"]}
+        subscription["last_proration_behavior"] = behaviour
+        self._event("customer.subscription.updated", subscription)
+        return subscription
+
+    def _list_events(self, params: dict[str, Any]) -> dict[str, Any]:
+        created = params.get("created", {})
+        gte = int(created.get("gte", 0)) if isinstance(created, dict) else 0
+        limit = min(int(params.get("limit", 10)), 100)
+        newest_first = [e for e in reversed(self.events) if e["created"] >= gte]
+        after = params.get("starting_after")
+        if after:
+            ids = [e["id"] for e in newest_first]
+            newest_first = newest_first[ids.index(after) + 1 :] if after in ids else []
+        page = newest_first[:limit]
+        return {
+            "object": "list",
+            "url": "/v1/events",
+            "data": page,
+            "has_more": len(newest_first) > limit,
+        }
