@@ -311,3 +311,69 @@ async def test_every_list_pages_through_all_its_items(api: Api) -> None:
             if cursor is None:
                 break
         assert paged == whole["items"], route.path
+
+
+# ------------------------------------------------------------------- the account pool
+
+
+async def _on_operator_plan(url: str, tenant: str, pool: int) -> None:
+    """Billing's own tables, written by billing's own store: the provider on a plan."""
+    from engine.billing import store as billing
+
+    await billing.migrate(url)
+    conn = await asyncpg.connect(url)
+    try:
+        await billing.upsert_operator_plan(
+            conn, plan_id=f"pool-{pool}", currency="EUR", platform_fee_percent="10",
+            account_pool_limit=pool, modules=["subscription"],
+        )  # fmt: skip
+        await billing.upsert_provider(
+            conn, provider=tenant, operator_plan=f"pool-{pool}", stripe_account=None
+        )
+    finally:
+        await conn.close()
+
+
+async def test_the_operator_plans_account_pool_is_enforced_before_an_account_is_made(
+    api: Api,
+) -> None:
+    provider = await api.provider("alpha")
+    follower = await api.follower(provider, "fiona")
+    other = await api.provider("beta")  # on no plan: no limit
+    await _on_operator_plan(api.database_url, "alpha", pool=2)
+    await api.account(provider, "master")
+    await api.account(follower, "follower")  # a follower's account counts in its provider's pool
+    for who in (provider, follower):
+        status, body = await api.call(
+            "POST", "/v1/accounts", who,
+            json={"name": "x", "platform": "mt5", "role": "follower",
+                  "credentials": CREDENTIALS},
+        )  # fmt: skip
+        assert status == 409, body
+        assert "2 of 2 accounts" in body["detail"]
+    for _ in range(3):
+        await api.account(other, "follower")
+    status, page = await api.call("GET", "/v1/accounts", provider)
+    assert len(page["items"]) == 2
+    # Deleting one frees its place.
+    status, _ = await api.call("DELETE", f"/v1/accounts/{page['items'][0]['account_id']}",
+                               provider)  # fmt: skip
+    assert status == 204
+    await api.account(provider, "master")
+
+
+async def test_concurrent_creations_never_overfill_the_pool(api: Api) -> None:
+    import asyncio
+
+    provider = await api.provider("alpha")
+    await _on_operator_plan(api.database_url, "alpha", pool=3)
+    body = {"name": "x", "platform": "mt5", "role": "master", "credentials": CREDENTIALS}
+    answers = await asyncio.gather(
+        *(api.call("POST", "/v1/accounts", provider, json=body) for _ in range(8))
+    )
+    assert sorted(status for status, _ in answers) == [201] * 3 + [409] * 5
+    conn = await asyncpg.connect(api.database_url)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM api_accounts") == 3
+    finally:
+        await conn.close()

@@ -11,7 +11,9 @@ from typing import Any
 import msgspec
 import nats.errors
 import nats.js.errors
+import structlog
 
+from engine.api import metrics
 from engine.api.auth import Role, new_terminal_token, token_hash
 from engine.api.crypto import seal_credentials
 from engine.api.errors import Conflict, FieldProblem, NotFound, ValidationFailed
@@ -39,6 +41,8 @@ from engine.api.models import (
 from engine.api.store import Scope
 from engine.runtime.operator import STALE_AFTER_S
 from schemas import codec, subjects
+
+log = structlog.get_logger("tradecopy.api")
 
 
 def new_account_id() -> str:
@@ -119,6 +123,14 @@ async def create_account(ctx: Context) -> tuple[int, Any]:
     async with store.tx(scope) as conn:
         if body.owner_user_id is not None and caller.role is Role.PROVIDER:
             owner = await _follower_of_tenant(ctx, conn, scope, body.owner_user_id)
+        limit, used = await store.account_pool(conn, str(caller.tenant_id))
+        if limit is not None and used >= limit:
+            metrics.ACCOUNT_POOL_FULL.inc()
+            log.info("api_account_pool_full", tenant=caller.tenant_id, limit=limit)
+            raise Conflict(
+                f"the operator plan's account pool is full: {used} of {limit} accounts"
+                " (master and follower); delete one or move to a larger plan"
+            )
         row = await store.create_account(
             conn, account_id=account_id, tenant_id=str(caller.tenant_id), owner_user_id=owner,
             name=body.name, platform=body.platform.value, role=body.role.value,
@@ -235,7 +247,7 @@ async def delete_account(ctx: Context) -> tuple[int, Any]:
 ROUTES = [
     Route("POST", "/v1/accounts", create_account, "Add a trading account", "accounts",
           roles=TENANT_USERS, request=NewAccount, response=AccountView, status=201,
-          errors=(422,)),
+          errors=(409, 422)),
     Route("GET", "/v1/accounts", list_accounts, "The caller's accounts, with connection status",
           "accounts", roles=TENANT_USERS, response=Page[AccountView], query=("cursor", "limit")),
     Route("GET", "/v1/accounts/{account_id}", get_account, "One account and its connection",

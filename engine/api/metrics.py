@@ -19,6 +19,10 @@ AUTH_FAILURES = Counter(
 RATE_LIMITED = Counter(
     "tradecopy_api_rate_limited_total", "Requests refused by an auth rate limit", ["route"]
 )
+ACCOUNT_POOL_FULL = Counter(
+    "tradecopy_api_account_pool_full_total",
+    "Accounts refused because the provider's operator plan's account pool was full",
+)
 REFRESH_REUSE = Counter(
     "tradecopy_api_refresh_reuse_total",
     "Refresh tokens presented again after use: their whole family is revoked",

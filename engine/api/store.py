@@ -286,6 +286,22 @@ class Store:
 
     # ------------------------------------------------------------------------ accounts
 
+    async def account_pool(self, conn: Any, tenant_id: str) -> tuple[int | None, int]:
+        """``(limit, used)`` of the tenant's account pool, under a lock held until the
+        transaction ends, so concurrent creations cannot both take the last place. No limit
+        (None) when billing is not in this database or the provider is on no operator plan."""
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtext('api-account-pool:' || $1))",
+                           tenant_id)  # fmt: skip
+        limit = None
+        if await conn.fetchval("SELECT to_regclass('billing_account_pool_limits') IS NOT NULL"):
+            limit = await conn.fetchval(
+                "SELECT account_pool_limit FROM billing_account_pool_limits WHERE tenant_id = $1",
+                tenant_id,
+            )
+        # The tenant's whole pool, also when a follower (who sees its own rows) adds one.
+        used = await conn.fetchval("SELECT api_tenant_account_count()")
+        return limit, int(used)
+
     async def create_account(
         self,
         conn: Any,
