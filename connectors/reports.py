@@ -26,6 +26,13 @@ RETCODE_EXPIRED = 90001
 #: (after waiting for a better one, when the link says so).
 RETCODE_PRICE_DEVIATION = 90002
 EXPIRED_REASON = "signal expired before execution (max signal age)"
+#: A manual modify or close named a position id the account does not hold: a person chose the
+#: id (``schemas.orders``, ``manual``), so unlike a copy's missing target it is an error to show.
+RETCODE_NO_SUCH_POSITION = 90003
+NO_SUCH_POSITION = "this account holds no open position with that id"
+#: A partial close on a symbol whose volume step the terminal never said: unsized, it would
+#: close the whole position.
+RETCODE_NO_SYMBOL_SPEC = 90004
 #: ``done`` details of an order whose target this follower never copied: nothing to do.
 NO_POSITION_COPY = "no copy of that master position on this account"
 NO_PENDING_COPY = "no copy of that pending order on this account"

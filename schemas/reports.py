@@ -63,7 +63,8 @@ class OrderRejected(_ReportBase, tag="rejected"):
     """Definitive rejection, with its reason: by the venue (its own code, e.g. a MetaTrader
     retcode 10004–10068), or by a rule the order carries, decided by the connector (codes
     from 90000: 90001 signal older than the link's max signal age, 90002 price further from
-    the master's fill than the link's max deviation)."""
+    the master's fill than the link's max deviation, 90003 a manual order names a position
+    the account does not hold, 90004 a partial close that cannot be sized)."""
 
     code: int
     reason: str

@@ -17,13 +17,14 @@ from test_api_support import Api, running_api
 
 from connectors.paper.connector import PaperConnector, PaperTerminal
 from connectors.paper.prices import bar_to_ticks, load_bars
+from connectors.reports import RETCODE_NO_SUCH_POSITION
 from engine.replicator.state import LinkState, link_state_decoder, link_state_encoder
 from engine.runtime.jetstream import ensure_buckets, ensure_streams
 from engine.runtime.links import resume_link
 from schemas import codec, subjects
 from schemas.common import Side
 from schemas.orders import MANUAL_LINK_ID, FollowerOpen, manual_order_id
-from schemas.reports import ExecutionReport, OrderDone, OrderFilled
+from schemas.reports import ExecutionReport, OrderDone, OrderFilled, OrderRejected
 from schemas.streams import EXECUTION_REPORTS_STREAM, FOLLOWER_ORDERS_STREAM
 
 SYMBOL = "XAUUSD"
@@ -183,6 +184,19 @@ async def test_a_copied_position_is_closed_manually_by_its_own_id(api: Api, desk
     assert status == 202
     assert isinstance(await desk.report(accepted["order_id"]), OrderFilled)
     assert desk.venue.position(desk.account, copy_id) is None
+
+
+async def test_closing_a_position_the_account_does_not_hold_is_rejected_clearly(
+    api: Api, desk: Desk
+) -> None:
+    status, accepted = await api.call(
+        "POST", f"/v1/accounts/{desk.account}/positions/no-such-position/close", desk.fiona,
+        json={},
+    )  # fmt: skip
+    assert status == 202, accepted
+    report = await desk.report(accepted["order_id"])
+    assert isinstance(report, OrderRejected), report
+    assert report.code == RETCODE_NO_SUCH_POSITION and "no open position" in report.reason
 
 
 async def test_a_manual_pending_order_is_placed(api: Api, desk: Desk) -> None:

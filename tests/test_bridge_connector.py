@@ -33,7 +33,12 @@ from connectors.bridge.paper_terminal import BridgeDenied, PaperBridgeTerminal
 from connectors.journal import MAGIC
 from connectors.paper.prices import Quote, bar_to_ticks, load_bars
 from connectors.paper.venue import PaperVenue
-from connectors.reports import EXPIRED_REASON, RETCODE_EXPIRED
+from connectors.reports import (
+    EXPIRED_REASON,
+    NO_SUCH_POSITION,
+    RETCODE_EXPIRED,
+    RETCODE_NO_SUCH_POSITION,
+)
 from engine.core.comments import copy_comment
 from engine.replicator.config import ReplicatorConfig
 from engine.replicator.service import Replicator
@@ -43,8 +48,14 @@ from schemas.bridge import PROTOCOL_VERSION, EventKind, Hello, TradeEvent, frame
 from schemas.common import Side
 from schemas.links import CopyLink
 from schemas.master import PositionOpened
-from schemas.orders import FollowerClose, FollowerOpen
-from schemas.reports import ExecutionReport, OrderFilled, OrderRejected, OrderUnknown
+from schemas.orders import (
+    MANUAL_LINK_ID,
+    FollowerClose,
+    FollowerModify,
+    FollowerOpen,
+    manual_order_id,
+)
+from schemas.reports import ExecutionReport, OrderDone, OrderFilled, OrderRejected, OrderUnknown
 from schemas.streams import (
     DUPLICATE_WINDOW_S,
     EXECUTION_REPORTS_STREAM,
@@ -687,6 +698,106 @@ def commands_sent() -> float:
     return REGISTRY.get_sample_value("tradecopy_bridge_frames_total", labels) or 0.0
 
 
+def manual(kind: type[Any], client_order_id: str, **fields: Any) -> Any:
+    """A person's order from the platform API: ``master`` is the account itself."""
+    order_id = manual_order_id("bf", client_order_id)
+    return kind(order_id=order_id, link_id=MANUAL_LINK_ID, follower="bf", master="bf",
+                master_event_id=order_id, symbol="XAUUSD", ts_ns=time.time_ns(), manual=True,
+                **fields)  # fmt: skip
+
+
+async def executed(rig: Rig, order: Any, msg_id: str | None = None) -> ExecutionReport:
+    await rig.js.publish(subjects.follower_orders("bf"), codec.encode(order),
+                         headers={"Nats-Msg-Id": msg_id or order.order_id})  # fmt: skip
+    await until(lambda: any(r.order_id == order.order_id for r in rig.reports), order.order_id)
+    return next(r for r in rig.reports if r.order_id == order.order_id)
+
+
+async def hand_opened(rig: Rig, side: Side, volume: float) -> str:
+    """A position the person opened at the follower's terminal: its ticket, once mirrored."""
+    assert rig.term_f is not None and rig.followers is not None
+    result = await rig.term_f.trade(lambda v: v.market_order("bf", "XAUUSD", side, volume))
+    ticket = rig.term_f.ticket_of(result.position_id or "")
+    await until(lambda: rig.followers is not None and ticket in rig.followers.positions["bf"],
+                "the hand-opened position in the mirror")  # fmt: skip
+    return ticket
+
+
+@pytest.mark.parametrize("platform", ["paper", "mt4"])
+async def test_manual_modify_and_closes_act_on_the_accounts_own_position_by_its_ticket(
+    rig: Rig, platform: str
+) -> None:
+    """By the terminal's own ticket: SL/TP of a hand-opened position, half of a copy (MT4
+    renews the remainder's ticket), then all of the hand-opened one; each once. The master's
+    close still finds its reduced copy afterwards."""
+    assert rig.term_m is not None and rig.term_f is not None and rig.followers is not None
+    if platform == "mt4":
+        await rig.term_f.stop()
+        rig.term_f = rig.terminal("bf", platform="mt4")
+        await rig.term_f.start()
+        await until(lambda: rig.followers is not None and
+                    rig.followers.sessions["bf"].ready.is_set(), "the mt4 snapshot")  # fmt: skip
+    opened = await rig.term_m.trade(lambda v: v.market_order("bm", "XAUUSD", Side.BUY, 0.2))
+    await until(lambda: len(rig.filled()) == 1, "the copy")
+    [copy] = rig.venue_f.positions("bf")
+    copy_ticket = rig.term_f.ticket_of(copy.position_id)
+    own = await hand_opened(rig, Side.SELL, 0.3)
+
+    held = {p.position_id: p for p in rig.venue_f.positions("bf")}
+    sl, tp = round(held[rig.term_f.venue_id_of(own) or ""].open_price + 100, 2), 1500.0
+    modify = manual(FollowerModify, "web-sl-1", master_position_id=own, sl=sl, tp=tp)
+    report = await executed(rig, modify)
+    assert isinstance(report, OrderDone), report
+    assert report.position_ids == [own]
+    held = {p.position_id: p for p in rig.venue_f.positions("bf")}
+    mine = held[rig.term_f.venue_id_of(own) or ""]
+    assert (mine.sl, mine.tp) == (sl, tp)
+    assert (held[copy.position_id].sl, held[copy.position_id].tp) == (None, None)
+
+    partial = manual(FollowerClose, "web-close-1", master_position_id=copy_ticket, ratio=0.5)
+    report = await executed(rig, partial)
+    assert isinstance(report, OrderFilled), report
+    assert (report.position_id, report.side, report.volume) == (copy_ticket, Side.SELL, 0.1)
+    sent = commands_sent()
+    again = await executed(rig, partial, msg_id="a-retried-request")  # the API asked again
+    assert again == report
+    await asyncio.sleep(0.2)
+    assert commands_sent() == sent
+    assert sorted(p.volume for p in rig.venue_f.positions("bf")) == [0.1, 0.3]
+
+    full = manual(FollowerClose, "web-close-2", master_position_id=own)
+    report = await executed(rig, full)
+    assert isinstance(report, OrderFilled), report
+    assert (report.position_id, report.side, report.volume) == (own, Side.BUY, 0.3)
+    [left] = rig.venue_f.positions("bf")
+    assert (left.position_id, left.volume) == (copy.position_id, 0.1)
+
+    await rig.term_m.trade(lambda v: v.close_position("bm", opened.position_id))
+    await until(lambda: not rig.venue_f.positions("bf"), "the master's close of its copy")
+    assert rig.filled()[partial.order_id] == rig.filled()[full.order_id] == 1
+
+
+async def test_a_manual_order_for_a_position_the_account_does_not_hold_is_rejected(
+    rig: Rig,
+) -> None:
+    assert rig.term_m is not None and rig.term_f is not None
+    await rig.term_m.trade(lambda v: v.market_order("bm", "XAUUSD", Side.BUY, 0.2))
+    await until(lambda: len(rig.filled()) == 1, "the copy")
+    [copy] = rig.venue_f.positions("bf")
+    sent = commands_sent()
+    for order in (
+        # The copy's comment is no ticket: a manual order never looks a copy up by its master.
+        manual(FollowerClose, "web-close-9", master_position_id=copy.comment),
+        manual(FollowerClose, "web-close-8", master_position_id="424242", ratio=0.5),
+        manual(FollowerModify, "web-sl-9", master_position_id="424242", sl=1990.0),
+    ):
+        report = await executed(rig, order)
+        assert isinstance(report, OrderRejected), report
+        assert (report.code, report.reason) == (RETCODE_NO_SUCH_POSITION, NO_SUCH_POSITION)
+    assert commands_sent() == sent
+    assert [p.volume for p in rig.venue_f.positions("bf")] == [0.2]
+
+
 @pytest.mark.parametrize("age_s", [DUPLICATE_WINDOW_S + 1, follower_orders_stream().max_age - 60])
 async def test_an_order_redone_after_the_dedup_window_and_a_restart_sends_no_command(
     rig: Rig, age_s: float
@@ -827,3 +938,29 @@ async def test_the_account_state_says_whether_its_terminal_is_connected(rig: Rig
     assert after is not None and after.terminal is not None
     assert after.terminal.reason == "the terminal is not connected to the bridge"
     rig.term_f = None  # already stopped
+
+
+async def test_a_copy_partial_close_that_rounds_to_nothing_closes_nothing(rig: Rig) -> None:
+    """A close command without a volume closes the whole position: a ratio that rounds to
+    nothing on the copy is done with nothing sent, never sent unsized."""
+    assert rig.term_m is not None and rig.followers is not None
+    await rig.term_m.trade(lambda v: v.market_order("bm", "XAUUSD", Side.BUY, 0.2))
+    await until(lambda: len(rig.filled()) == 1, "the copy")
+    [copy] = rig.venue_f.positions("bf")
+    [(ref, _)] = rig.followers.copies["bf"].items()
+    master_position_id = ref.rpartition(".")[2]
+    assert copy_comment("bm", master_position_id) == ref
+    sent = commands_sent()
+    tiny = FollowerClose(
+        order_id="close-tiny", link_id="bl", follower="bf", master="bm",
+        master_event_id="close-tiny", symbol="XAUUSD", ts_ns=time.time_ns(),
+        master_position_id=master_position_id, ratio=0.01,
+    )  # fmt: skip
+    report = await executed(rig, tiny)
+    assert isinstance(report, OrderDone), report
+    assert "rounds to nothing" in report.detail
+    await asyncio.sleep(0.2)
+    assert commands_sent() == sent
+    assert [(p.position_id, p.volume) for p in rig.venue_f.positions("bf")] == [
+        (copy.position_id, copy.volume)
+    ]

@@ -37,7 +37,12 @@ from connectors.mt5.paper import PaperMt5Api, PaperMt5Server
 from connectors.mt5.parsing import symbol_spec
 from connectors.paper.model import XAUUSD
 from connectors.paper.venue import PaperVenue
-from connectors.reports import EXPIRED_REASON, RETCODE_EXPIRED
+from connectors.reports import (
+    EXPIRED_REASON,
+    NO_SUCH_POSITION,
+    RETCODE_EXPIRED,
+    RETCODE_NO_SUCH_POSITION,
+)
 from engine.core.comments import copy_comment, order_marker
 from schemas import codec, subjects
 from schemas.account import TradeMode
@@ -51,6 +56,7 @@ from schemas.master import (
     PositionReduced,
 )
 from schemas.orders import (
+    MANUAL_LINK_ID,
     FollowerClose,
     FollowerCloseAll,
     FollowerCloseBy,
@@ -60,6 +66,7 @@ from schemas.orders import (
     FollowerPendingCancel,
     FollowerPendingModify,
     FollowerPendingPlace,
+    manual_order_id,
 )
 from schemas.reports import (
     ExecutionReport,
@@ -275,6 +282,85 @@ async def test_full_close_and_modify_act_on_the_copy() -> None:
     report = await run(terminal, close)
     assert isinstance(report, OrderFilled)
     assert report.volume == 0.1
+    assert positions(api) == []
+
+
+def manual(kind: type[Any], client_order_id: str, **fields: Any) -> Any:
+    """A person's order from the platform API: ``master`` is the account itself."""
+    order_id = manual_order_id(FOLLOWER, client_order_id)
+    return kind(order_id=order_id, link_id=MANUAL_LINK_ID, follower=FOLLOWER, master=FOLLOWER,
+                master_event_id=order_id, symbol=SYMBOL, ts_ns=time.time_ns(), manual=True,
+                **fields)  # fmt: skip
+
+
+async def test_manual_modify_and_closes_act_on_the_accounts_own_position_by_its_ticket() -> None:
+    terminal, api = follower(paper_server())
+    copied = await run(terminal, open_order(volume=0.3))
+    by_hand = api.order_send({"action": mt5.TRADE_ACTION_DEAL, "symbol": SYMBOL, "volume": 0.2,
+                              "type": mt5.ORDER_TYPE_SELL, "price": BID,
+                              "type_filling": mt5.ORDER_FILLING_IOC})  # fmt: skip
+    own = str(by_hand.order)
+    assert isinstance(copied, OrderFilled) and own != copied.position_id
+
+    modify = manual(FollowerModify, "web-sl-1", master_position_id=own, sl=2050.0, tp=1950.0)
+    report = await run(terminal, modify)
+    assert isinstance(report, OrderDone), report
+    assert report.position_ids == [own]
+    held = {str(p.ticket): p for p in positions(api)}
+    assert (held[own].sl, held[own].tp) == (2050.0, 1950.0)
+    assert (held[copied.position_id].sl, held[copied.position_id].tp) == (0.0, 0.0)
+
+    partial = manual(FollowerClose, "web-close-1", master_position_id=copied.position_id,
+                     ratio=0.5)  # fmt: skip
+    report = await run(terminal, partial)
+    assert isinstance(report, OrderFilled), report
+    assert (report.position_id, report.side, report.volume) == (copied.position_id, Side.SELL,
+                                                                0.15)  # fmt: skip
+    sent = len(api.sent)
+    assert await run(terminal, partial) == report  # a retried request trades once
+    assert len(api.sent) == sent
+    held = {str(p.ticket): p for p in positions(api)}
+    assert (held[copied.position_id].volume, held[own].volume) == (0.15, 0.2)
+
+    full = manual(FollowerClose, "web-close-2", master_position_id=own)
+    report = await run(terminal, full)
+    assert isinstance(report, OrderFilled), report
+    assert (report.position_id, report.side, report.volume) == (own, Side.BUY, 0.2)
+    assert [str(p.ticket) for p in positions(api)] == [copied.position_id]
+
+    # The copy path is unchanged: the master's close still finds its (reduced) copy.
+    close = FollowerClose(**base("m1-501-closed:L1"), master_position_id="501")
+    report = await run(terminal, close)
+    assert isinstance(report, OrderFilled)
+    assert (report.position_id, report.volume) == (copied.position_id, 0.15)
+    assert positions(api) == []
+
+
+async def test_a_manual_order_for_a_position_the_account_does_not_hold_is_rejected() -> None:
+    terminal, api = follower(paper_server())
+    copied = await run(terminal, open_order())
+    sent = len(api.sent)
+    for order in (
+        # The master's position id is no ticket here: a manual order never means a copy.
+        manual(FollowerClose, "web-close-9", master_position_id="501"),
+        manual(FollowerClose, "web-close-8", master_position_id="424242", ratio=0.5),
+        manual(FollowerModify, "web-sl-9", master_position_id="424242", sl=1990.0),
+    ):
+        report = await run(terminal, order)
+        assert isinstance(report, OrderRejected), report
+        assert (report.code, report.reason) == (RETCODE_NO_SUCH_POSITION, NO_SUCH_POSITION)
+    assert len(api.sent) == sent
+    assert [str(p.ticket) for p in positions(api)] == [copied.position_id]
+
+
+async def test_a_manual_close_whose_answer_was_lost_settles_from_its_marker() -> None:
+    terminal, api = follower(paper_server(), AnswerLost)
+    copied = await run(terminal, open_order())
+    assert isinstance(copied, OrderFilled)
+    report = await run(terminal, manual(FollowerClose, "web-close-3",
+                                        master_position_id=copied.position_id))  # fmt: skip
+    assert isinstance(report, OrderFilled), report
+    assert (report.position_id, report.volume) == (copied.position_id, 0.1)
     assert positions(api) == []
 
 

@@ -52,7 +52,15 @@ from connectors.bridge.hashing import state_hash
 from connectors.bridge.parsing import master_event, missed_events
 from connectors.contract import ConnectorRuntime
 from connectors.journal import OrderJournal, OrderMemoryConfig
-from connectors.reports import NO_PENDING_COPY, NO_POSITION_COPY, NOT_BOTH_COPIES, OrderReports
+from connectors.reports import (
+    NO_PENDING_COPY,
+    NO_POSITION_COPY,
+    NO_SUCH_POSITION,
+    NOT_BOTH_COPIES,
+    RETCODE_NO_SUCH_POSITION,
+    RETCODE_NO_SYMBOL_SPEC,
+    OrderReports,
+)
 from engine.core.comments import copy_comment, is_copy, is_copy_of
 from engine.core.volume import partial_close_volume
 from schemas import codec
@@ -810,6 +818,8 @@ class BridgeConnector:
                                       result.price,
                                       terminal_ns=result.time or time.time_ns())  # fmt: skip
             return reports.rejected(result.retcode, result.reason)
+        if isinstance(order, FollowerClose | FollowerModify) and order.manual:
+            return await self._manual(session, order, reports)
         if isinstance(order, FollowerClose | FollowerModify):
             ticket = copies.get(ref)
             position = self.positions.get(account, {}).get(ticket or "")
@@ -819,11 +829,23 @@ class BridgeConnector:
                 result = await self._command(session, order.order_id, CommandOp.MODIFY,
                     symbol=order.symbol, ticket=ticket, sl=order.sl, tp=order.tp)  # fmt: skip
                 return _outcome(reports, result, "SL/TP modified", [ticket])
-            volume = 0.0
+            volume = 0.0  # the whole position
             spec = session.symbols.get(order.symbol)
-            if position is not None and spec is not None and order.ratio < 1.0:
+            if order.ratio < 1.0:
+                # A close command without a volume closes everything: a partial close that
+                # cannot be sized, or rounds to nothing, must never be sent as one.
+                if position is None or spec is None:
+                    return reports.rejected(
+                        RETCODE_NO_SYMBOL_SPEC,
+                        f"cannot size a partial close of {order.symbol}: the terminal has not"
+                        " sent the position or the symbol's specification yet",
+                    )
                 volume = partial_close_volume(position.volume, order.ratio,
                                               self._spec(account, spec))  # fmt: skip
+                if volume <= 0:
+                    return reports.done("the ratio rounds to nothing on this position")
+                if volume >= position.volume:
+                    volume = 0.0
             result = await self._command(session, order.order_id, CommandOp.CLOSE,
                 symbol=order.symbol, ticket=ticket, volume=volume)  # fmt: skip
             if result is not None and result.ok:
@@ -883,6 +905,58 @@ class BridgeConnector:
         if result is not None and result.ok:
             pendings.pop(order_ref, None)
         return _outcome(reports, result, "pending order cancelled", [])
+
+    async def _manual(
+        self, session: TerminalSession, order: FollowerClose | FollowerModify,
+        reports: OrderReports,
+    ) -> ExecutionReport:  # fmt: skip
+        """A person's modify or close of the account's own position: ``master_position_id``
+        is the terminal's ticket (``schemas.orders``, ``manual``), looked up in the mirror."""
+        account, ticket = order.follower, order.master_position_id
+        position = self.positions.get(account, {}).get(ticket)
+        if position is None and order.order_id in self.unsettled:
+            # Sent before and unanswered: the position may be gone by that very command, and
+            # only the terminal's first result (the same corr) says so.
+            op = CommandOp.MODIFY if isinstance(order, FollowerModify) else CommandOp.CLOSE
+            result = await self._command(session, order.order_id, op, symbol=order.symbol,
+                                         ticket=ticket)  # fmt: skip
+            return _outcome(reports, result, "SL/TP modified" if op is CommandOp.MODIFY
+                            else "closed", [ticket])  # fmt: skip
+        if position is None:
+            return reports.rejected(RETCODE_NO_SUCH_POSITION, NO_SUCH_POSITION)
+        if isinstance(order, FollowerModify):
+            result = await self._command(session, order.order_id, CommandOp.MODIFY,
+                symbol=position.symbol, ticket=ticket, sl=order.sl, tp=order.tp)  # fmt: skip
+            return _outcome(reports, result, "SL/TP modified", [ticket])
+        volume = 0.0  # the whole position
+        symbol = session.symbols.get(position.symbol)
+        if order.ratio < 1.0:
+            if symbol is None:
+                # Unsized, a partial close would close everything: refuse it instead.
+                return reports.rejected(
+                    RETCODE_NO_SYMBOL_SPEC, f"no symbol specification for {position.symbol}"
+                )
+            volume = partial_close_volume(position.volume, order.ratio,
+                                          self._spec(account, symbol))  # fmt: skip
+            if volume <= 0:
+                return reports.done("the ratio rounds to nothing on this position")
+            if volume >= position.volume:
+                volume = 0.0
+        result = await self._command(session, order.order_id, CommandOp.CLOSE,
+            symbol=position.symbol, ticket=ticket, volume=volume)  # fmt: skip
+        if result is None or not result.ok:
+            return _outcome(reports, result, "closed", [ticket])
+        # A copy closed by hand: the copy's entry follows the position (gone, or the
+        # remainder's ticket, which MT4 renews), so the master's own close finds no stale ticket.
+        copies = self.copies.setdefault(account, {})
+        for comment in [c for c, t in copies.items() if t == ticket]:
+            if volume:
+                copies[comment] = result.ticket or ticket
+            else:
+                copies.pop(comment)
+        return reports.filled(position.symbol, ticket, position.side.flipped(),
+                              result.volume or (volume or position.volume), result.price,
+                              terminal_ns=result.time or time.time_ns())  # fmt: skip
 
     @staticmethod
     def _spec(account: str, s: BridgeSymbol) -> SymbolSpec:

@@ -32,7 +32,9 @@ from connectors.mt5.parsing import (
 from connectors.reports import (
     NO_PENDING_COPY,
     NO_POSITION_COPY,
+    NO_SUCH_POSITION,
     NOT_BOTH_COPIES,
+    RETCODE_NO_SUCH_POSITION,
     RETCODE_PRICE_DEVIATION,
     OrderReports,
 )
@@ -155,8 +157,7 @@ class Mt5Execution:
             return None if found is None else reports.done(
                 "pending order placed", [str(found.ticket)])  # fmt: skip
         if isinstance(order, FollowerModify):
-            comment = self.memory.comment_for(order.master, order.master_position_id)
-            found = self._find(self._positions(), comment)
+            found = self._position_of(order, self._positions())
             if found is not None and (level(found.sl), level(found.tp)) == (order.sl, order.tp):
                 return reports.done("SL/TP modified", [str(found.ticket)])
             return None
@@ -250,8 +251,13 @@ class Mt5Execution:
         done_before = self.memory.markers.get(marker)
         if done_before:
             return _filled_from_deals(reports, done_before)
-        comment = self.memory.comment_for(order.master, order.master_position_id)
-        position = self._find(self._positions(), comment)
+        position = self._position_of(order, self._positions())
+        if position is None and order.manual:
+            # Closed by this very order before its answer was lost? Its marker says so.
+            deals = self._marker_deals(marker)
+            if deals:
+                return _filled_from_deals(reports, deals)
+            return reports.rejected(RETCODE_NO_SUCH_POSITION, NO_SUCH_POSITION)
         if position is None:
             return reports.done(NO_POSITION_COPY)
         info = self._symbol(position.symbol)
@@ -270,7 +276,7 @@ class Mt5Execution:
             price = self._fill_price(result)
             self.memory.remember_deals([self._own_deal(result, position, side, volume, price,
                                                        marker)])  # fmt: skip
-            if order.new_master_position_id and volume < held:
+            if order.new_master_position_id and volume < held and not order.manual:
                 renewed = copy_comment(order.master, order.new_master_position_id)
                 self.memory.aliases[renewed] = position.comment
             return reports.filled(position.symbol, str(position.ticket), side.flipped(),
@@ -280,8 +286,9 @@ class Mt5Execution:
         return self._decide(reports, result, filled, lambda: self.evidence(order, reports))
 
     def _modify(self, order: FollowerModify, reports: OrderReports) -> ExecutionReport:
-        comment = self.memory.comment_for(order.master, order.master_position_id)
-        position = self._find(self._positions(), comment)
+        position = self._position_of(order, self._positions())
+        if position is None and order.manual:
+            return reports.rejected(RETCODE_NO_SUCH_POSITION, NO_SUCH_POSITION)
         if position is None:
             return reports.done(NO_POSITION_COPY)
         ticket = str(position.ticket)
@@ -583,6 +590,16 @@ class Mt5Execution:
         if orders is None:
             raise TerminalNotReady(f"orders_get failed: {self.api.last_error()}")
         return orders
+
+    def _position_of(self, order: FollowerClose | FollowerModify, positions: Sequence[Any]) -> Any:
+        """The follower position an order acts on: a copy by its comment, a manual order's
+        by the account's own position ticket (``schemas.orders``, ``manual``)."""
+        if order.manual:
+            ticket = order.master_position_id
+            return next((p for p in positions if str(p.ticket) == ticket), None)
+        return self._find(
+            positions, self.memory.comment_for(order.master, order.master_position_id)
+        )
 
     @staticmethod
     def _find(records: Iterable[Any], comment: str) -> Any:

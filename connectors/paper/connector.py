@@ -23,7 +23,9 @@ from connectors.paper.venue import PaperVenue
 from connectors.reports import (
     NO_PENDING_COPY,
     NO_POSITION_COPY,
+    NO_SUCH_POSITION,
     NOT_BOTH_COPIES,
+    RETCODE_NO_SUCH_POSITION,
     RETCODE_PRICE_DEVIATION,
     OrderReports,
 )
@@ -280,6 +282,8 @@ class PaperTerminal:
         if isinstance(order, FollowerClose):
             position = self._position_of(order)
             if position is None:
+                if order.manual:
+                    return reports.rejected(RETCODE_NO_SUCH_POSITION, NO_SUCH_POSITION)
                 return reports.done(NO_POSITION_COPY)
             spec = venue.symbol_spec(account, position.symbol)
             volume = partial_close_volume(position.volume, order.ratio, spec)
@@ -301,6 +305,8 @@ class PaperTerminal:
         if isinstance(order, FollowerModify):
             position = self._position_of(order)
             if position is None:
+                if order.manual:
+                    return reports.rejected(RETCODE_NO_SUCH_POSITION, NO_SUCH_POSITION)
                 return reports.done(NO_POSITION_COPY)
             result = venue.modify_position(
                 account, position.position_id, order.sl, order.tp, client_order_id=order.order_id

@@ -474,6 +474,48 @@ async def test_follower_commands_execute_with_one_result_each(rig: Rig) -> None:
     assert snapshot_state_hash(final) == mirror.state_hash(), "events alone track the state"
 
 
+async def test_commands_by_ticket_act_on_a_position_opened_by_hand(rig: Rig) -> None:
+    """What a person's modify and close from the platform send: the ticket of a position the
+    trader opened at the terminal, without a copy comment. Each command trades once and is
+    told by one event; a ticket the account does not hold is refused as closed."""
+    peer = rig.peer
+    terminal, _, snapshot = await rig.connect()
+    mirror = Mirror()
+    mirror.apply_snapshot(snapshot)
+    opened = await terminal.trade(lambda v: v.market_order(ACCOUNT, SYMBOL, Side.SELL, 0.10))
+    assert opened.position_id is not None
+    mirror.apply(await peer.event(EventKind.OPENED))
+    ticket = terminal.ticket_of(opened.position_id)
+
+    async def command(corr: str, kind: EventKind, **fields: Any) -> CommandResult:
+        result = await peer.command(corr, symbol=SYMBOL, ticket=ticket, **fields)
+        mirror.apply(await peer.event(kind))
+        await peer.wait_quiet(0.05)
+        assert peer.pending(TradeEvent) == [], "one event per command"
+        return result
+
+    sl, tp = round(FIRST.ask + 20, 2), round(FIRST.ask - 30, 2)
+    modified = await command("m-1", EventKind.MODIFIED, op=CommandOp.MODIFY, sl=sl, tp=tp)
+    assert (modified.ok, modified.ticket) == (True, ticket)
+    [held] = rig.venue.positions(ACCOUNT)
+    assert (held.sl, held.tp, held.comment) == (sl, tp, "")
+
+    reduced = await command("m-2", EventKind.REDUCED, op=CommandOp.CLOSE, volume=0.04)
+    assert (reduced.ok, reduced.volume, reduced.price) == (True, 0.04, FIRST.ask)
+    assert (reduced.ticket != ticket) == rig.impl.renews_tickets
+    ticket = reduced.ticket
+    closed = await command("m-3", EventKind.CLOSED, op=CommandOp.CLOSE)
+    assert (closed.ok, closed.volume) == (True, 0.06)
+    assert rig.venue.positions(ACCOUNT) == []
+
+    for corr, op in (("m-4", CommandOp.CLOSE), ("m-5", CommandOp.MODIFY)):
+        gone = await peer.command(corr, op=op, symbol=SYMBOL, ticket=ticket, sl=sl)
+        assert (gone.ok, gone.retcode) == (False, Retcode.POSITION_CLOSED)
+    await peer.expect_nothing(TradeEvent)
+    final = await peer.snapshot("final")
+    assert snapshot_state_hash(final) == mirror.state_hash() == EMPTY_STATE_HASH
+
+
 async def test_a_repeated_corr_gets_the_identical_result_and_trades_once(rig: Rig) -> None:
     await rig.connect()
     first = rig.peer.send(Command, corr="dup-1", **open_cmd(comment="copy:m1:7"))
