@@ -2,7 +2,7 @@
 # Make the secrets a tradecopy cluster needs, into a directory OUTSIDE git:
 #   - a CA and one certificate for the NATS nodes (clients and routes), valid for the compose
 #     hostnames, the Kubernetes service names and this machine;
-#   - one nkey per role (admin, replicator, operator, api, quotes, ledger): <role>.nk holds the SEED
+#   - one nkey per role (admin, replicator, operator, api, quotes, ledger, billing): <role>.nk holds the SEED
 #     (the secret), nkeys.env the PUBLIC keys (TC_NKEY_*) that the NATS servers admit;
 #   - one for the compose bridge connector (connector-bridge-1.nk, TC_NKEY_CONNECTOR_BRIDGE_1);
 #   - the PostgreSQL password (postgres-password) and database.env, the ledger's
@@ -44,7 +44,7 @@ if [ ! -f tls.crt ]; then
 fi
 
 : > nkeys.env.tmp
-for role in admin replicator operator api quotes ledger; do
+for role in admin replicator operator api quotes ledger billing; do
     if [ ! -f "$role.nk" ]; then
         # shellcheck disable=SC2086  # TRADECOPY may be a command with arguments
         $tradecopy nats nkey --seed-file "$role.nk" > /dev/null

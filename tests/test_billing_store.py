@@ -52,7 +52,11 @@ def draft(
 
 
 async def test_migrations_apply_once(database_url: str) -> None:
-    assert await store.migrate(database_url) == ["0001_billing", "0002_pool_limits"]
+    assert await store.migrate(database_url) == [
+        "0001_billing",
+        "0002_pool_limits",
+        "0003_enforcement",
+    ]
     assert await store.migrate(database_url) == []
 
 

@@ -786,7 +786,7 @@ def test_nats_statefulset():
 
 AUTH_CONF = DEPLOY / "nats" / "auth.conf"
 K8S_AUTH_CONF = K8S_DIR / "nats-auth.conf"
-ROLES = ("admin", "replicator", "operator", "api", "quotes", "ledger")
+ROLES = ("admin", "replicator", "operator", "api", "quotes", "ledger", "billing")
 # Where each config expects its TLS files (compose secrets, the Kubernetes Secret mount).
 TLS_PATHS = {
     "compose": {"cert": "/run/secrets/nats-tls-cert", "key": "/run/secrets/nats-tls-key",

@@ -287,6 +287,25 @@ async def test_the_operator_controls_but_cannot_trade(stack: LocalStack) -> None
     assert not [e for e in operator.errors if "$KV" in str(e)]
 
 
+async def test_billing_switches_links_and_nothing_else(stack: LocalStack) -> None:
+    """Enforcement is close-only: it may read a link and set ``enabled``, never stop
+    everything (an emergency stop freezes closes too) nor trade."""
+    operator = await client_of(stack, stack.user(Role.OPERATOR))
+    link = CopyLink(link_id="bill-link", master="m-a", follower="f-a")
+    await (await operator.js.key_value(subjects.KV_LINKS)).put(link.link_id, codec.encode(link))
+    billing = await client_of(stack, stack.user(Role.BILLING))
+    links = await billing.js.key_value(subjects.KV_LINKS)
+    entry = await links.get(link.link_id)
+    paused = msgspec.structs.replace(link, enabled=False)
+    await links.update(link.link_id, codec.encode(paused), last=entry.revision)
+    assert codec.copy_link_decoder.decode((await links.get(link.link_id)).value).enabled is False
+    await billing.refused(f"$KV.{subjects.KV_CONTROL}.global")
+    await billing.refused(f"$KV.{subjects.KV_LINK_STATE}.bill-link")
+    await billing.refused(subjects.follower_orders("f-a"), order("f-a"))
+    await billing.refused(subjects.master_events("m-a"))
+    assert not [e for e in billing.errors if f"$KV.{subjects.KV_LINKS}" in str(e)]
+
+
 async def test_the_replicator_cannot_forge_master_events_or_links(stack: LocalStack) -> None:
     replicator = await client_of(stack, stack.user(Role.REPLICATOR))
     await replicator.refused(subjects.master_events("m-a"))

@@ -53,6 +53,18 @@ class BillingConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     """How often missed events are listed from Stripe (the hourly sync)."""
     event_retention_days: Annotated[int, msgspec.Meta(ge=1)] = 90
     migrate: bool = False
+    nats_url: str | None = None
+    """Where enforcement writes the links (``tc_links``); None: causes are recorded in
+    PostgreSQL but no link is written by this instance (run one instance with it set)."""
+    enforcement_attempts: Annotated[int, msgspec.Meta(ge=1, le=5)] = 5
+    """Tries per link write before it is recorded as failed for the daily recheck."""
+    enforcement_base_delay_s: Annotated[float, msgspec.Meta(gt=0, le=60)] = 1.0
+    """The first wait between tries; each next one doubles."""
+    portal_url: str = "http://127.0.0.1:8080/billing"
+    """Where emails send a follower to pay or confirm a charge (``…/charges/<key>``)."""
+    email_base_delay_s: Annotated[float, msgspec.Meta(gt=0)] = 30.0
+    """The first wait after an email was not accepted; each next one doubles (at most 1 h)."""
+    email_max_attempts: Annotated[int, msgspec.Meta(ge=1, le=50)] = 8
     metrics_host: str = "127.0.0.1"
     metrics_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] | None = 9469
 

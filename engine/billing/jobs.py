@@ -24,13 +24,14 @@ import msgspec
 import structlog
 
 from engine.billing import metrics, store
+from engine.billing.enforcement import Enforcer
 from engine.billing.facts import EquitySample
 from engine.billing.fees import FeeModule, idempotency_key, platform_fee, volume_fee
 from engine.billing.gateway import PaymentOutcome, PaymentResult, StripeGateway
 from engine.billing.hwm import HighWaterMark, settle_window
 from engine.billing.ledgerfacts import FactsSource
 from engine.billing.store import ChargeDraft, ChargeState, IllegalChargeTransition
-from engine.billing.webhooks import process_stored_events, recover_missed_events
+from engine.billing.webhooks import charge_moved, process_stored_events, recover_missed_events
 from engine.billing.windows import (
     BillingWindow,
     completed_windows_since,
@@ -63,6 +64,9 @@ class JobContext:
     facts: FactsSource
     send_lease_s: float = 120.0
     event_retention_days: int = 90
+    enforcer: Enforcer | None = None
+    """Writes the links' stops; None where billing runs without NATS (one-off jobs): the
+    causes are still recorded and the service applies them."""
 
 
 class JobSummary(msgspec.Struct, frozen=True, kw_only=True):
@@ -309,15 +313,10 @@ async def record_result(pool: asyncpg.Pool, charge: store.Charge, result: Paymen
             )
         except IllegalChargeTransition:
             return  # a webhook already moved the charge further
-        if outcome == "applied" and target is not ChargeState.SUCCEEDED:
-            kind = (
-                "authentication_required"
-                if target is ChargeState.REQUIRES_ACTION
-                else "payment_failed"
-            )
-            await store.notify_follower(
-                conn, kind=kind, charge=charge, payment_intent=result.payment_intent
-            )
+        if outcome == "applied":
+            # The follower is told, and a failure stops (a success lifts) the follower's links
+            # to the provider; the links are written after the commit (``Enforcer``).
+            await charge_moved(conn, charge, target, result.payment_intent)
 
     await store.serializable(pool, record)
 
@@ -353,6 +352,13 @@ async def run_job(ctx: JobContext, name: str, at_ns: int) -> JobSummary:
             applied = await process_stored_events(ctx.pool)
             sent = await send_pending_charges(ctx)
             summary = msgspec.structs.replace(summary, events=new + len(applied), sent=sent)
+            if ctx.enforcer is not None:
+                # Every active cause applied again and every link no cause holds released:
+                # what a missed webhook or a NATS outage left undone is healed here.
+                if job is Job.DAILY_RECHECK:
+                    await ctx.enforcer.recheck()
+                else:
+                    await ctx.enforcer.apply_pending()
         else:
             before_s = at_ns // 10**9 - ctx.event_retention_days * 86_400
             async with ctx.pool.acquire() as conn:

@@ -29,4 +29,12 @@ WEBHOOKS_REFUSED = Counter(
 )
 JOB_RUNS = Counter("tradecopy_billing_job_runs_total", "Billing job runs", ["job", "result"])
 JOB_SECONDS = Histogram("tradecopy_billing_job_seconds", "Billing job duration", ["job"])
+ENFORCEMENT_WRITES = Counter(
+    "tradecopy_billing_enforcement_writes_total",
+    "Link writes of enforcement (stop: enabled=false, resume: enabled=true), by result",
+    ["action", "result"],
+)
+EMAILS = Counter(
+    "tradecopy_billing_emails_total", "Billing emails handed to SMTP, by result", ["result"]
+)
 LEADER = Gauge("tradecopy_billing_scheduler_leader", "1 while this instance leads the jobs")

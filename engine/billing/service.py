@@ -12,19 +12,24 @@ import asyncio
 import contextlib
 import signal
 from datetime import datetime
+from typing import Any
 
 import asyncpg
 import structlog
 from aiohttp import web
 
-from engine.billing import store
+from engine.billing import notifications, store
 from engine.billing.config import BillingConfig, stripe_api_key, webhook_secret
+from engine.billing.enforcement import EnforcementFailed, Enforcer
 from engine.billing.gateway import StripeGateway
 from engine.billing.jobs import JobContext, JobSummary, Scheduler, run_job
 from engine.billing.ledgerfacts import LedgerViewFacts
 from engine.billing.webhooks import process_stored_events, webhook_routes
 from engine.runtime.http import OpsServer
+from engine.runtime.jetstream import ensure_buckets
+from engine.runtime.natsconn import connect
 from engine.runtime.postgres import start_database
+from schemas import subjects
 
 log = structlog.get_logger("tradecopy.billing.service")
 
@@ -50,6 +55,8 @@ class BillingService:
         self.secret = secret
         self.pool: asyncpg.Pool | None = None
         self.scheduler: Scheduler | None = None
+        self.enforcer: Enforcer | None = None
+        self.nc: Any = None
         self.webhook_port = 0
         self._runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -58,8 +65,22 @@ class BillingService:
     async def start(self) -> None:
         if self.config.migrate:
             await store.migrate(self.database_url)
+        # A catalogue missing a kind, a key or a placeholder fails here, at start.
+        notifications.check_catalogues()
         self.pool = await asyncpg.create_pool(self.database_url, min_size=1, max_size=8)
+        if self.config.nats_url is not None:
+            self.nc = await connect(self.config.nats_url, "tradecopy-billing")
+            js = self.nc.jetstream()
+            links = (await ensure_buckets(js))[subjects.KV_LINKS]
+            self.enforcer = Enforcer(
+                self.pool,
+                js,
+                links,
+                attempts=self.config.enforcement_attempts,
+                base_delay_s=self.config.enforcement_base_delay_s,
+            )
         ctx = JobContext(
+            enforcer=self.enforcer,
             pool=self.pool,
             gateway=self.gateway,
             facts=LedgerViewFacts(self.pool),
@@ -85,6 +106,18 @@ class BillingService:
             assert self.pool is not None
             try:
                 await process_stored_events(self.pool)
+                # What the events caused, after their transactions committed: the links'
+                # stops and lifts, then the emails.
+                if self.enforcer is not None:
+                    await self.enforcer.apply_pending()
+                await notifications.queue_notifications(self.pool, self.config.portal_url)
+                await notifications.drain_outbox(
+                    self.pool,
+                    base_delay_s=self.config.email_base_delay_s,
+                    max_attempts=self.config.email_max_attempts,
+                )
+            except EnforcementFailed as exc:
+                log.warning("billing_enforcement_pass_failed", error=str(exc))
             except (
                 OSError,
                 asyncpg.PostgresError,
@@ -110,6 +143,8 @@ class BillingService:
                 await task
         if self._runner is not None:
             await self._runner.cleanup()
+        if self.nc is not None:
+            await self.nc.close()
         if self.pool is not None:
             await self.pool.close()
 

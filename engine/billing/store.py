@@ -856,3 +856,384 @@ async def last_finished_run(conn: asyncpg.Connection, job: str) -> str | None:
         job,
     )
     return value
+
+
+# --------------------------------------------------------------- enforcement (0003)
+
+
+class EnforcementCause(msgspec.Struct, frozen=True, kw_only=True):
+    """One reason to stop copying (``billing_enforcement``)."""
+
+    scope: str
+    """provider | follower | account"""
+    subject: str
+    cause: str
+    provider: str | None = None
+    """For a follower: only links into this provider's masters (None: all of its links)."""
+
+
+class EnforcementRow(msgspec.Struct, frozen=True, kw_only=True):
+    scope: str
+    subject: str
+    cause: str
+    provider: str | None
+    state: str
+    needs_apply: bool
+
+
+_ENFORCEMENT_COLUMNS = "scope, subject, cause, provider, state, needs_apply"
+
+
+async def upsert_account_owner(
+    conn: asyncpg.Connection, *, account_id: str, provider: str, follower: str | None
+) -> None:
+    """Record which provider (and, for a follower account, which follower) owns an account."""
+    await conn.execute(
+        "INSERT INTO billing_accounts (account_id, provider, follower) VALUES ($1, $2, $3)"
+        " ON CONFLICT (account_id) DO UPDATE SET provider = EXCLUDED.provider,"
+        " follower = EXCLUDED.follower",
+        account_id,
+        provider,
+        follower,
+    )
+
+
+async def delete_account_owner(conn: asyncpg.Connection, account_id: str) -> None:
+    await conn.execute("DELETE FROM billing_accounts WHERE account_id = $1", account_id)
+
+
+async def account_owners(conn: asyncpg.Connection) -> dict[str, tuple[str, str | None]]:
+    """account id → (provider, follower or None)."""
+    rows = await conn.fetch("SELECT account_id, provider, follower FROM billing_accounts")
+    return {row["account_id"]: (row["provider"], row["follower"]) for row in rows}
+
+
+async def set_enforcement(conn: asyncpg.Connection, cause: EnforcementCause, state: str) -> bool:
+    """Activate or lift ``cause``; True when its state changed (then it waits to be applied).
+    Lifting a cause that was never raised records nothing."""
+    if state == "active":
+        status: str = await conn.execute(
+            "INSERT INTO billing_enforcement (scope, subject, cause, provider, state)"
+            " VALUES ($1, $2, $3, $4, 'active') ON CONFLICT (scope, subject, cause) DO UPDATE"
+            " SET state = 'active', needs_apply = true, lifted_at = NULL, updated_at = now(),"
+            " provider = EXCLUDED.provider WHERE billing_enforcement.state <> 'active'",
+            cause.scope,
+            cause.subject,
+            cause.cause,
+            cause.provider,
+        )
+    else:
+        status = await conn.execute(
+            "UPDATE billing_enforcement SET state = 'lifted', needs_apply = true,"
+            " lifted_at = now(), updated_at = now()"
+            " WHERE scope = $1 AND subject = $2 AND cause = $3 AND state = 'active'",
+            cause.scope,
+            cause.subject,
+            cause.cause,
+        )
+    return status.endswith(" 1")
+
+
+async def enforcement_rows(
+    conn: asyncpg.Connection, *, state: str | None = None, needs_apply: bool | None = None
+) -> list[EnforcementRow]:
+    rows = await conn.fetch(
+        f"SELECT {_ENFORCEMENT_COLUMNS} FROM billing_enforcement"
+        " WHERE ($1::text IS NULL OR state = $1) AND ($2::boolean IS NULL OR needs_apply = $2)"
+        " ORDER BY started_at, scope, subject, cause",
+        state,
+        needs_apply,
+    )
+    return [EnforcementRow(**dict(row)) for row in rows]
+
+
+async def mark_enforcement_applied(
+    conn: asyncpg.Connection, row: EnforcementRow | EnforcementCause
+) -> None:
+    await conn.execute(
+        "UPDATE billing_enforcement SET needs_apply = false"
+        " WHERE scope = $1 AND subject = $2 AND cause = $3",
+        row.scope,
+        row.subject,
+        row.cause,
+    )
+
+
+class EnforcedLink(msgspec.Struct, frozen=True, kw_only=True):
+    link_id: str
+    billing_disabled: bool
+    status: str
+    attempts: int
+    last_error: str | None
+
+
+async def enforced_links(conn: asyncpg.Connection) -> dict[str, EnforcedLink]:
+    rows = await conn.fetch(
+        "SELECT link_id, billing_disabled, status, attempts, last_error FROM billing_enforced_links"
+    )
+    return {row["link_id"]: EnforcedLink(**dict(row)) for row in rows}
+
+
+async def hold_link(
+    conn: asyncpg.Connection, link_id: str, *, billing_disabled: bool, status: str = "applied"
+) -> None:
+    """Record that billing holds ``link_id`` stopped; ``billing_disabled`` only ever turns
+    true here (once billing wrote the stop, a later pass that finds it stopped keeps that)."""
+    await conn.execute(
+        "INSERT INTO billing_enforced_links (link_id, billing_disabled, status)"
+        " VALUES ($1, $2, $3) ON CONFLICT (link_id) DO UPDATE SET"
+        " billing_disabled = billing_enforced_links.billing_disabled OR EXCLUDED.billing_disabled,"
+        " status = EXCLUDED.status, attempts = 0, last_error = NULL, updated_at = now()",
+        link_id,
+        billing_disabled,
+        status,
+    )
+
+
+async def set_link_billing_disabled(
+    conn: asyncpg.Connection, link_id: str, billing_disabled: bool
+) -> None:
+    await conn.execute(
+        "UPDATE billing_enforced_links SET billing_disabled = $2, updated_at = now()"
+        " WHERE link_id = $1",
+        link_id,
+        billing_disabled,
+    )
+
+
+async def link_failed(
+    conn: asyncpg.Connection,
+    link_id: str,
+    *,
+    status: str,
+    attempts: int,
+    error: str,
+    billing_disabled: bool,
+) -> None:
+    """Retries ran out for ``link_id``: recorded for the daily recheck. ``billing_disabled``:
+    billing tried to stop an enabled link, and the write may have landed unseen."""
+    await conn.execute(
+        "INSERT INTO billing_enforced_links (link_id, billing_disabled, status, attempts,"
+        " last_error) VALUES ($1, $5, $2, $3, $4) ON CONFLICT (link_id) DO UPDATE SET"
+        " billing_disabled = billing_enforced_links.billing_disabled OR EXCLUDED.billing_disabled,"
+        " status = EXCLUDED.status, attempts = EXCLUDED.attempts,"
+        " last_error = EXCLUDED.last_error, updated_at = now()",
+        link_id,
+        status,
+        attempts,
+        error,
+        billing_disabled,
+    )
+
+
+async def release_link(conn: asyncpg.Connection, link_id: str) -> None:
+    await conn.execute("DELETE FROM billing_enforced_links WHERE link_id = $1", link_id)
+
+
+async def deletion_state(conn: asyncpg.Connection, account_id: str) -> str | None:
+    value: str | None = await conn.fetchval(
+        "SELECT state FROM billing_account_deletions WHERE account_id = $1", account_id
+    )
+    return value
+
+
+async def set_deletion_state(
+    conn: asyncpg.Connection, account_id: str, state: str, error: str | None = None
+) -> None:
+    await conn.execute(
+        "INSERT INTO billing_account_deletions (account_id, state, error) VALUES ($1, $2, $3)"
+        " ON CONFLICT (account_id) DO UPDATE SET state = EXCLUDED.state,"
+        " error = EXCLUDED.error, updated_at = now()",
+        account_id,
+        state,
+        error,
+    )
+
+
+async def set_subscription_status(
+    conn: asyncpg.Connection, follower: str, plan_id: str, status: str
+) -> str | None:
+    """Set a subscription's status; its plan's provider, or None when there is no such one."""
+    value: str | None = await conn.fetchval(
+        "UPDATE billing_subscriptions s SET status = $3, updated_at = now()"
+        " FROM billing_follower_plans p WHERE p.plan_id = s.plan_id"
+        " AND s.follower = $1 AND s.plan_id = $2 RETURNING p.provider",
+        follower,
+        plan_id,
+        status,
+    )
+    return value
+
+
+async def plan_provider(conn: asyncpg.Connection, plan_id: str) -> str | None:
+    value: str | None = await conn.fetchval(
+        "SELECT provider FROM billing_follower_plans WHERE plan_id = $1", plan_id
+    )
+    return value
+
+
+async def enforcement_failed(
+    conn: asyncpg.Connection, cause: EnforcementRow | EnforcementCause, error: str
+) -> None:
+    """A cause could not be applied (NATS unreachable): it stays to be applied again."""
+    await conn.execute(
+        "UPDATE billing_enforcement SET last_error = $4"
+        " WHERE scope = $1 AND subject = $2 AND cause = $3",
+        cause.scope,
+        cause.subject,
+        cause.cause,
+        error,
+    )
+
+
+# --------------------------------------------------------------- email outbox (0003)
+
+
+class OutboxEmail(msgspec.Struct, frozen=True, kw_only=True):
+    email_id: str
+    provider: str
+    kind: str
+    language: str
+    recipient: str
+    subject: str
+    body_text: str
+    body_html: str
+    attempts: int
+
+
+_OUTBOX_COLUMNS = (
+    "email_id, provider, kind, language, recipient, subject, body_text, body_html, attempts"
+)
+
+
+async def save_contact(conn: asyncpg.Connection, follower: str, email: str, language: str) -> None:
+    await conn.execute(
+        "INSERT INTO billing_contacts (follower, email, language) VALUES ($1, $2, $3)"
+        " ON CONFLICT (follower) DO UPDATE SET email = EXCLUDED.email,"
+        " language = EXCLUDED.language, updated_at = now()",
+        follower,
+        email,
+        language,
+    )
+
+
+async def save_smtp_settings(conn: asyncpg.Connection, provider: str, sealed: str) -> None:
+    await conn.execute(
+        "INSERT INTO billing_smtp_settings (provider, settings_sealed) VALUES ($1, $2)"
+        " ON CONFLICT (provider) DO UPDATE SET settings_sealed = EXCLUDED.settings_sealed,"
+        " updated_at = now()",
+        provider,
+        sealed,
+    )
+
+
+async def smtp_settings_sealed(conn: asyncpg.Connection, provider: str) -> str | None:
+    value: str | None = await conn.fetchval(
+        "SELECT settings_sealed FROM billing_smtp_settings WHERE provider = $1", provider
+    )
+    return value
+
+
+async def queue_email(conn: asyncpg.Connection, email: OutboxEmail) -> bool:
+    """Put a rendered email in the outbox once by its id; False when it is there already."""
+    status: str = await conn.execute(
+        "INSERT INTO billing_email_outbox (email_id, provider, kind, language, recipient,"
+        " subject, body_text, body_html) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+        " ON CONFLICT (email_id) DO NOTHING",
+        email.email_id,
+        email.provider,
+        email.kind,
+        email.language,
+        email.recipient,
+        email.subject,
+        email.body_text,
+        email.body_html,
+    )
+    return status.endswith(" 1")
+
+
+async def claim_due_emails(
+    conn: asyncpg.Connection, *, lease_s: float, limit: int
+) -> list[OutboxEmail]:
+    """Due emails, leased to this caller (its attempt counted): others skip them until the
+    lease runs out, so a sender that crashes mid-send has its emails sent again."""
+    rows = await conn.fetch(
+        f"UPDATE billing_email_outbox SET attempts = attempts + 1,"
+        f" next_attempt_at = now() + make_interval(secs => $1)"
+        f" WHERE email_id IN (SELECT email_id FROM billing_email_outbox"
+        f"  WHERE sent_at IS NULL AND failed_at IS NULL AND next_attempt_at <= now()"
+        f"  ORDER BY created_at, email_id LIMIT $2 FOR UPDATE SKIP LOCKED)"
+        f" RETURNING {_OUTBOX_COLUMNS}",
+        lease_s,
+        limit,
+    )
+    return sorted((OutboxEmail(**dict(r)) for r in rows), key=lambda e: e.email_id)
+
+
+async def email_sent(conn: asyncpg.Connection, email_id: str) -> None:
+    await conn.execute(
+        "UPDATE billing_email_outbox SET sent_at = now(), last_error = NULL WHERE email_id = $1",
+        email_id,
+    )
+
+
+async def email_retry(
+    conn: asyncpg.Connection, email_id: str, *, after_s: float, error: str, give_up: bool
+) -> None:
+    await conn.execute(
+        "UPDATE billing_email_outbox SET last_error = $2,"
+        " next_attempt_at = now() + make_interval(secs => $3),"
+        " failed_at = CASE WHEN $4 THEN now() END WHERE email_id = $1",
+        email_id,
+        error,
+        after_s,
+        give_up,
+    )
+
+
+async def outbox_state(conn: asyncpg.Connection) -> list[tuple[str, int, bool, str | None]]:
+    """(email id, attempts, sent, last error) of every email, in id order."""
+    rows = await conn.fetch(
+        "SELECT email_id, attempts, sent_at IS NOT NULL AS sent, last_error"
+        " FROM billing_email_outbox ORDER BY email_id"
+    )
+    return [(r["email_id"], r["attempts"], r["sent"], r["last_error"]) for r in rows]
+
+
+class PendingNotification(msgspec.Struct, frozen=True, kw_only=True):
+    """A ``billing_notifications`` row not in the outbox yet, with its charge and contact."""
+
+    notification_id: str
+    kind: str
+    follower: str
+    charge_key: str
+    provider: str
+    currency: str
+    amount_minor: int
+    module: str
+    window_id: str
+    email: str
+    language: str
+
+
+async def notifications_to_queue(conn: asyncpg.Connection, limit: int) -> list[PendingNotification]:
+    """Notifications not rendered yet whose follower has a contact (the others wait for one),
+    locked for this transaction."""
+    rows = await conn.fetch(
+        "SELECT n.notification_id, n.kind, n.follower, n.charge_key, c.provider, c.currency,"
+        " c.amount_minor, c.module, c.window_id, k.email, k.language"
+        " FROM billing_notifications n"
+        " JOIN billing_charges c ON c.idempotency_key = n.charge_key"
+        " JOIN billing_contacts k ON k.follower = n.follower"
+        " WHERE n.queued_at IS NULL ORDER BY n.created_at, n.notification_id LIMIT $1"
+        " FOR UPDATE OF n SKIP LOCKED",
+        limit,
+    )
+    return [PendingNotification(**dict(r)) for r in rows]
+
+
+async def notification_queued(conn: asyncpg.Connection, notification_id: str) -> None:
+    await conn.execute(
+        "UPDATE billing_notifications SET queued_at = now() WHERE notification_id = $1",
+        notification_id,
+    )

@@ -20,7 +20,7 @@ import msgspec
 import structlog
 from aiohttp import web
 
-from engine.billing import metrics, store
+from engine.billing import enforcement, metrics, store
 from engine.billing.gateway import StripeGateway
 from engine.billing.store import ChargeState, IllegalChargeTransition
 from engine.core.errors import TradecopyError
@@ -203,14 +203,36 @@ async def apply_event(conn: asyncpg.Connection, event: store.StoredEvent) -> str
         # Stripe delivers in no particular order: this event describes a state the charge
         # has already left (a success after its refund), so it changes nothing.
         return "stale"
-    if outcome == "applied" and target is ChargeState.REQUIRES_ACTION:
-        await store.notify_follower(
-            conn,
-            kind="authentication_required",
-            charge=charge,
-            payment_intent=intent if isinstance(intent, str) else None,
-        )
+    if outcome == "applied":
+        await charge_moved(conn, charge, target, intent if isinstance(intent, str) else None)
     return str(outcome)
+
+
+#: What a follower is told when a charge reaches a state.
+_NOTIFY = {
+    ChargeState.REQUIRES_ACTION: "authentication_required",
+    ChargeState.FAILED: "payment_failed",
+    ChargeState.SUCCEEDED: "payment_succeeded",
+    ChargeState.DISPUTED: "dispute_opened",
+}
+
+
+async def charge_moved(
+    conn: asyncpg.Connection,
+    charge: store.Charge,
+    target: ChargeState,
+    payment_intent: str | None,
+) -> None:
+    """What follows a charge's step, in the transaction that made it: the follower's
+    notification, and enforcement (a failed or disputed charge stops the follower's links to
+    the provider; a payment lifts it). The links themselves are written after the commit."""
+    kind = _NOTIFY.get(target)
+    if kind is not None:
+        await store.notify_follower(conn, kind=kind, charge=charge, payment_intent=payment_intent)
+    if target in (ChargeState.FAILED, ChargeState.DISPUTED):
+        await enforcement.raise_cause(conn, enforcement.charge_cause(charge))
+    elif target is ChargeState.SUCCEEDED:
+        await enforcement.lift_cause(conn, enforcement.charge_cause(charge))
 
 
 async def process_stored_events(pool: asyncpg.Pool, *, limit: int = 500) -> list[EventOutcome]:

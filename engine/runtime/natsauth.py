@@ -99,6 +99,8 @@ class Role(enum.StrEnum):
     follower accounts."""
     LEDGER = "ledger"
     """The ledger: its own durable consumers on the streams it stores, nothing else."""
+    BILLING = "billing"
+    """Billing's enforcement: reads and writes the links bucket (``enabled``), nothing else."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,6 +250,17 @@ def ledger_permissions() -> Permissions:
     return Permissions(tuple(dict.fromkeys(publish)), (f"{inbox_prefix(Role.LEDGER)}.>",))
 
 
+def billing_permissions() -> Permissions:
+    """Enforcement: read ``tc_links`` and write its keys (compare-and-set updates); no
+    emergency stop, no order, no other bucket."""
+    publish = [
+        _kv(subjects.KV_LINKS),
+        *_stream_info_all(),
+        *_reader(f"KV_{subjects.KV_LINKS}"),
+    ]
+    return Permissions(tuple(dict.fromkeys(publish)), (f"{inbox_prefix(Role.BILLING)}.>",))
+
+
 def connector_permissions(
     connector_id: str, masters: Iterable[str] = (), followers: Iterable[str] = ()
 ) -> Permissions:
@@ -303,12 +316,14 @@ def permissions_for(role: Role) -> Permissions:
             return quotes_permissions()
         case Role.LEDGER:
             return ledger_permissions()
+        case Role.BILLING:
+            return billing_permissions()
     raise NatsCredentialsError(f"role {role.value!r} has one user per connector id")
 
 
 #: Roles with one shared user each, in the order the configs list them.
 SINGLE_USER_ROLES = (
-    Role.ADMIN, Role.REPLICATOR, Role.OPERATOR, Role.API, Role.QUOTES, Role.LEDGER,
+    Role.ADMIN, Role.REPLICATOR, Role.OPERATOR, Role.API, Role.QUOTES, Role.LEDGER, Role.BILLING,
 )  # fmt: skip
 
 
