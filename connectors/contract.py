@@ -220,6 +220,10 @@ class ConnectorRuntime:
         self._order_sub: Any = None
         self._order_queue: asyncio.Queue[Any] = asyncio.Queue()
         self._followers = frozenset(terminal.follower_accounts())
+        self._masters = frozenset(terminal.master_accounts())
+        # A master account takes manual orders too (a signal source drives a paper master
+        # through the API): its subject is consumed like a follower's.
+        self._order_accounts = self._followers | self._masters
         # Per follower account, its orders not yet executed, in stream order (see _run_lane).
         self._lanes: dict[str, deque[tuple[FollowerOrder, OrderReports, _Delivery]]] = {}
         self._lane_tasks: dict[str, asyncio.Task[None]] = {}
@@ -255,7 +259,7 @@ class ConnectorRuntime:
         for account in sorted(accounts):
             await self._publish_specs(account)
             await self._publish_state(account)
-        if self._followers:
+        if self._order_accounts:
             await self._subscribe_orders()
             self._tasks.append(asyncio.create_task(self._consume_orders()))
             self._tasks.append(asyncio.create_task(self._settle_orders()))
@@ -470,7 +474,7 @@ class ConnectorRuntime:
         run before the crash come back too, and idempotent execution returns their outcome.
         It pushes to this process's inbox: no pull round trip between an order and its run.
         """
-        filters = [subjects.follower_orders(a) for a in sorted(self._followers)]
+        filters = [subjects.follower_orders(a) for a in sorted(self._order_accounts)]
         filters.append(subjects.connector_orders(self.connector_id))
         config = ConsumerConfig(
             durable_name=self.durable,
@@ -589,7 +593,7 @@ class ConnectorRuntime:
         (``_settle``).
         """
         received_ns = time.time_ns()
-        mine = self._followers
+        mine, masters = self._order_accounts, self._masters
         runs: dict[str, list[tuple[FollowerOrder, OrderReports, _Delivery]]] = {}
         for msg in msgs:
             orders = self._orders_to_execute(msg)
@@ -600,7 +604,8 @@ class ConnectorRuntime:
             delivery = _Delivery(msg)
             for order in orders:
                 follower = order.follower
-                if follower not in mine:
+                if follower not in mine or (follower in masters and not order.manual):
+                    # A master trades what its owner (or the API for it) asks: never a copy.
                     REFUSED_ORDERS.labels(ACCOUNT_NOT_SERVED).inc()
                     log.warning("order_for_unknown_account", follower=follower,
                                 order=order.order_id)  # fmt: skip
@@ -690,6 +695,9 @@ class ConnectorRuntime:
                 attempts=self.publish_attempts, retried=PUBLISH_RETRIES.inc,
             )  # fmt: skip
             self.orders_executed += len(settled)
+            # Manual orders on a master account left master events: publish them now (the
+            # commit above made them durable; a failure leaves them to the periodic retry).
+            await self._retry_outbox()
             done_ns, outcomes = time.time_ns(), self._orders_by_outcome
             latency = self._order_latency
             for report, _ in settled:

@@ -807,6 +807,22 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return demo_main(args.seconds, args.followers, args.speed, args.json, args.database_url)
 
 
+def _cmd_backtest(args: argparse.Namespace) -> int:
+    from engine.backtest import main as backtest_main
+    from engine.runtime.logging import configure_logging
+
+    configure_logging("warning", json=False)
+    return backtest_main(
+        args.strategy,
+        args.bars,
+        timeframe=args.timeframe,
+        params=args.params,
+        volume=args.volume,
+        sandbox=args.sandbox,
+        json=args.json,
+    )
+
+
 def _cmd_bench_e2e(args: argparse.Namespace) -> int:
     from benchmarks.e2e import main as e2e_main
 
@@ -1179,6 +1195,31 @@ def _add_service_commands(commands: Any) -> None:
     _add_log_level(worker, "info")
     worker.add_argument("--console-logs", action="store_true", help="human-readable logs")
     worker.set_defaults(func=_cmd_signals_run)
+
+    backtest = commands.add_parser(
+        "backtest", help="a strategy over bar files through the live candle path and paper venue"
+    )
+    backtest.add_argument(
+        "strategy", help="a shipped strategy (sma_cross, rsi_reversal) or a version's JSON file"
+    )
+    backtest.add_argument(
+        "--bars", default=None, help="an MT5 one-minute bar export (default: the shipped bars)"
+    )
+    backtest.add_argument(
+        "--timeframe",
+        default="15m",
+        choices=["1m", "5m", "15m", "1h", "4h", "1d"],
+        help="the candles the strategy runs on (default 15m)",
+    )
+    backtest.add_argument(
+        "--params", default=None, help="a shipped strategy's parameters, e.g. '{\"fast\": 5}'"
+    )
+    backtest.add_argument("--volume", type=float, default=0.1, help="lots a trade (default 0.1)")
+    backtest.add_argument(
+        "--sandbox", action="store_true", help="run every candle in the worker's sandbox"
+    )
+    backtest.add_argument("--json", action="store_true", help="one JSON line instead of the report")
+    backtest.set_defaults(func=_cmd_backtest)
 
     for name, helptext, func in (
         ("bridge", "bridge-EA connector: one ZeroMQ ROUTER for many terminals", _cmd_bridge_run),

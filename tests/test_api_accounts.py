@@ -277,6 +277,7 @@ async def test_every_list_pages_through_all_its_items(api: Api) -> None:
     provider = await api.provider("alpha")
     await api.provider("beta")
     await api.provider("gamma")
+    sources: list[str] = []
     for n in range(3):
         await api.follower(provider, f"f{n}")
         master = (await api.account(provider, "master"))["account_id"]
@@ -292,19 +293,33 @@ async def test_every_list_pages_through_all_its_items(api: Api) -> None:
         await api.call("POST", "/v1/order-templates", provider,
                        json={"name": f"preset-{n}", "symbol": "XAUUSD", "side": "buy",
                              "volume": 0.1})  # fmt: skip
+        status, paper = await api.call("POST", "/v1/accounts", provider, json={
+            "name": f"paper-{n}", "platform": "paper", "role": "master",
+            "credentials": CREDENTIALS})  # fmt: skip
+        status, source = await api.call("POST", "/v1/signal-sources", provider, json={
+            "name": f"signals-{n}", "master_account_id": paper["account_id"],
+            "symbol_map": {"XAUUSD": "XAUUSD"}, "allowed_ips": []})  # fmt: skip
+        assert status == 201, source
+        # every refusal into the first source's log, so it holds 3 entries
+        source_id = sources[0] if sources else source["source"]["source_id"]
+        sources.append(source_id)
+        await api.call("POST", f"/v1/signals/tradingview/{source_id}", json={
+            "secret": f"wrong-{n}", "ticker": "XAUUSD", "time": "2026-02-16T02:15:00Z",
+            "action": "close"})  # fmt: skip
     # The ledger's lists (an account's positions, history, equity; decisions) page the same
     # way over ledger rows: tests/test_api_history.py fills and pages them.
     listed = [r for r in ROUTES if "cursor" in r.query and r.tag != "history"]
     assert len(listed) >= 7
     for route in listed:
         who = operator if route.roles is not None and route.roles <= {Role.OPERATOR} else provider
-        status, whole = await api.call("GET", route.path, who, params={"limit": "200"})
+        path = route.path.replace("{source_id}", source_id)
+        status, whole = await api.call("GET", path, who, params={"limit": "200"})
         assert status == 200, (route.path, whole)
         assert len(whole["items"]) >= 3 and whole["next_cursor"] is None, route.path
         paged, cursor = [], None
         while True:
             params = {"limit": "1"} | ({"cursor": cursor} if cursor else {})
-            status, page = await api.call("GET", route.path, who, params=params)
+            status, page = await api.call("GET", path, who, params=params)
             assert status == 200 and len(page["items"]) <= 1, (route.path, page)
             paged += page["items"]
             cursor = page["next_cursor"]

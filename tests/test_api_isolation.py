@@ -62,12 +62,14 @@ class Holdings:
     invite_id: str = field(default_factory=lambda: str(uuid.uuid4()))
     risk_template_id: str = field(default_factory=lambda: str(uuid.uuid4()))
     order_template_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    source_id: str = "sig-0000000000000000"
 
     def param(self, name: str) -> str:
         return {"account_id": self.follower, "link_id": self.link, "user_id": self.user_id,
                 "key_id": self.key_id, "invite_id": self.invite_id,
                 "position_id": "1", "risk_template_id": self.risk_template_id,
-                "order_template_id": self.order_template_id}[name]  # fmt: skip
+                "order_template_id": self.order_template_id,
+                "source_id": self.source_id}[name]  # fmt: skip
 
 
 @dataclass
@@ -149,6 +151,9 @@ async def build_world(api: Api) -> World:
         assert status == 201, body
         holder.order_template_id = body["template_id"]
     b.markers += [b.risk_template_id, b.order_template_id, "bravo-risk", "bravo-preset"]
+    for owner, holder, label in ((pa, a, "alfa"), (pb, b, "bravo")):
+        holder.source_id = await _signal_source(api, owner, label)
+    b.markers += [b.source_id, "bravo-signals", "bravo-paper"]
     a2.markers += [a2.order_template_id, "felix-preset"]
     return World(
         provider_a=a,
@@ -165,6 +170,24 @@ async def build_world(api: Api) -> World:
             ka,
         ),
     )
+
+
+async def _signal_source(api: Api, owner: Person, label: str) -> str:
+    """A signal source on a paper master of ``owner``, with a refusal in its log."""
+    status, body = await api.call("POST", "/v1/accounts", owner, json={
+        "name": f"{label}-paper", "platform": "paper", "role": "master",
+        "credentials": CREDENTIALS})  # fmt: skip
+    assert status == 201, body
+    status, body = await api.call("POST", "/v1/signal-sources", owner, json={
+        "name": f"{label}-signals", "master_account_id": body["account_id"],
+        "symbol_map": {"XAUUSD": "XAUUSD"}, "allowed_ips": []})  # fmt: skip
+    assert status == 201, body
+    source_id = body["source"]["source_id"]
+    status, _ = await api.call("POST", f"/v1/signals/tradingview/{source_id}", json={
+        "secret": "wrong", "ticker": "XAUUSD", "time": "2026-02-16T02:15:00Z",
+        "action": "close"})  # fmt: skip
+    assert status == 401
+    return str(source_id)
 
 
 def hostile_bodies(path: str, method: str, me: Holdings, victim: Holdings) -> list[Any] | None:
@@ -220,6 +243,11 @@ def hostile_bodies(path: str, method: str, me: Holdings, victim: Holdings) -> li
         ("POST", "/v1/me/totp/confirm"): [{"code": "000000"}],
         ("DELETE", "/v1/me/totp"): [{"password": "guess-1"}, {"code": "000000"}],
         ("PUT", "/v1/security/totp-policy"): [{"required_roles": ["provider", "follower"]}],
+        ("POST", "/v1/signal-sources"): [{"name": f"probe-{new}", "symbol_map": {"X": "X"},
+                                          "master_account_id": victim.master}],
+        ("POST", "/v1/signals/tradingview/{source_id}"): [
+            {"secret": "guess-1", "ticker": "XAUUSD", "time": "2026-02-16T02:15:00Z",
+             "action": "close"}],
     }  # fmt: skip
     return bodies.get((method, path))
 
@@ -236,6 +264,7 @@ async def victim_snapshot(api: Api, victim: Holdings) -> Any:
             ("api_links", "owner_user_id"), ("api_invites", None), ("api_user_tokens", "user_id"),
             ("api_email_outbox", None), ("api_totp", "user_id"), ("api_recovery_codes", "user_id"),
             ("api_risk_templates", None), ("api_order_templates", "owner_user_id"),
+            ("api_signal_sources", None),
         ):  # fmt: skip
             where = "tenant_id = $1"
             if owner_column is not None:
@@ -247,6 +276,12 @@ async def victim_snapshot(api: Api, victim: Holdings) -> Any:
                 victim.tenant, owner,
             )  # fmt: skip
             rows[table] = [r[0] for r in found]
+        # Anyone may post to a webhook, and its refusals are logged; what must not change is
+        # what the source accepted.
+        rows["signals_accepted"] = await conn.fetchval(
+            "SELECT count(*) FROM api_signal_log WHERE tenant_id = $1 AND outcome = 'accepted'",
+            victim.tenant,
+        )
         rows["audit"] = await conn.fetchval(
             "SELECT count(*) FROM api_audit_log WHERE entity_id = ANY($1::text[])",
             victim.markers,
@@ -406,7 +441,7 @@ async def test_row_level_security_refuses_other_tenants_on_every_table(api: Api)
     tables = ["api_tenants", "api_users", "api_refresh_tokens", "api_keys", "api_accounts",
               "api_links", "api_audit_log", "api_invites", "api_user_tokens", "api_email_outbox",
               "api_totp", "api_recovery_codes", "api_risk_templates",
-              "api_order_templates"]  # fmt: skip
+              "api_order_templates", "api_signal_sources", "api_signal_log"]  # fmt: skip
     conn = await _as_api_role(api.database_url, world.provider_a.tenant)
     try:
         for table in tables:

@@ -402,12 +402,13 @@ def test_a_connector_owns_exactly_its_accounts() -> None:
     perms = connector_permissions("farm", masters=["m1"], followers=["f1"])
     assert perms.may_publish(subjects.master_events("m1"))
     assert perms.may_publish(subjects.execution_reports("f1"))
+    assert perms.may_publish(subjects.execution_reports("m1"))  # its manual orders' reports
     assert perms.may_publish(f"$KV.{subjects.KV_ACCOUNTS}.m1")
     assert perms.may_publish(f"$KV.{subjects.KV_SYMBOLS}.{subjects.symbol_key('f1', 'X.y')}")
     for forbidden in (
         subjects.master_events("f1"),
         subjects.master_events("m2"),
-        subjects.execution_reports("m1"),
+        subjects.execution_reports("m2"),
         subjects.follower_orders("f1"),
         subjects.connector_orders("farm"),
         subjects.decisions("f1", "l"),

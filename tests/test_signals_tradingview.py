@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.signals import tradingview
-from engine.signals.errors import AlertError
-from engine.signals.tradingview import (
+from engine.core import tradingview
+from engine.core.errors import AlertError
+from engine.core.tradingview import (
     AlertAction,
     IntentKind,
     MasterAction,

@@ -270,6 +270,9 @@ class PaperTerminal:
             result = _result_decoder.decode(stored.result)
             self.venue.remember(stored.account, order.order_id, result)
         report = await self._execute(order, reports)
+        # A master account's own trades (manual orders: signal sources drive paper masters
+        # through the API) are master events like any trade of its terminal; _execute
+        # queued them (record) for the runtime to publish after the report.
         # No await between the venue's change and this record: a commit from another
         # account's batch takes both or neither.
         self.journal.record(order.order_id, codec.encode(report))
@@ -295,6 +298,7 @@ class PaperTerminal:
                 None if volume >= position.volume else volume,
                 client_order_id=order.order_id,
             )
+            self.record(result.transactions)
             if result.ok and order.new_master_position_id and volume < position.volume:
                 venue.rekey_master_ref(
                     account,
@@ -311,6 +315,7 @@ class PaperTerminal:
             result = venue.modify_position(
                 account, position.position_id, order.sl, order.tp, client_order_id=order.order_id
             )
+            self.record(result.transactions)
             return _outcome(reports, result, "SL/TP modified", [position.position_id])
         if isinstance(order, FollowerCloseBy):
             first = venue.position_by_master_ref(
@@ -324,6 +329,7 @@ class PaperTerminal:
             result = venue.close_by(
                 account, first.position_id, second.position_id, client_order_id=order.order_id
             )
+            self.record(result.transactions)
             ids = [first.position_id, second.position_id]
             return _outcome(reports, result, "closed by the opposite copy", ids)
         if isinstance(order, FollowerCloseAll):
@@ -335,6 +341,7 @@ class PaperTerminal:
                 comment=order.comment, client_order_id=order.order_id,
                 master_ref=master_ref(order.master, order.master_order_id),
             )  # fmt: skip
+            self.record(result.transactions)
             return _outcome(reports, result, "pending order placed", [result.order_id or ""])
         if isinstance(order, FollowerPendingModify | FollowerPendingCancel):
             pending = venue.pending_by_master_ref(
@@ -346,11 +353,13 @@ class PaperTerminal:
                 result = venue.cancel_pending(
                     account, pending.order_id, client_order_id=order.order_id
                 )
+                self.record(result.transactions)
                 return _outcome(reports, result, "pending order cancelled", [])
             result = venue.modify_pending(
                 account, pending.order_id, order.price, sl=order.sl, tp=order.tp,
                 expiration_ns=order.expiration_ns, client_order_id=order.order_id,
             )  # fmt: skip
+            self.record(result.transactions)
             return _outcome(reports, result, "pending order modified", [])
         raise TypeError(f"unhandled follower order {type(order).__name__}")  # pragma: no cover
 
@@ -392,6 +401,7 @@ class PaperTerminal:
             magic=order.magic, comment=order.comment, client_order_id=order.order_id,
             master_ref=ref,
         )  # fmt: skip
+        self.record(result.transactions)
         return _filled(reports, result, order.symbol, order.side)
 
     async def _price_ok(self, order: FollowerOpen) -> bool:
@@ -421,14 +431,16 @@ class PaperTerminal:
                     account, position.position_id,
                     client_order_id=f"{order.order_id}:{position.position_id}",
                 )  # fmt: skip
+                self.record(result.transactions)
                 if result.ok:
                     closed.append(position.position_id)
         for pending in venue.pending_orders(account):
             if pending.master_ref and pending.master_ref.startswith(prefix):
-                venue.cancel_pending(
+                cancelled = venue.cancel_pending(
                     account, pending.order_id,
                     client_order_id=f"{order.order_id}:{pending.order_id}",
                 )  # fmt: skip
+                self.record(cancelled.transactions)
         return reports.done(f"closed {len(closed)} position(s): {order.reason}", closed)
 
 

@@ -63,6 +63,11 @@ class ApiConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     auth_rate_per_minute: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 10
     """Auth attempts a client (IP, and IP + account name) may make per minute."""
     auth_burst: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 10
+    signal_client_ip_header: Annotated[str, msgspec.Meta(max_length=64)] | None = None
+    """Behind a reverse proxy: the header it sets with the client's address
+    (``X-Forwarded-For``); its last entry is a TradingView webhook's sender, checked against
+    the source's allow-list. None: the TCP peer. Set it only when every request comes
+    through that proxy, or a client can name any address."""
     cors_origins: list[str] = []
     """Browser origins allowed to call the API (exact ``scheme://host[:port]``); none by default."""
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1024, le=16 * 1024 * 1024)] = 64 * 1024

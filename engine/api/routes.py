@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine.api import accounts, history, identity, links, people, stream, trading
+from engine.api import accounts, history, identity, links, people, signals, stream, trading
 from engine.api.handling import Context, Route
 
 
@@ -20,5 +20,6 @@ ROUTES: list[Route] = [
     *trading.ROUTES,
     *history.ROUTES,
     *stream.ROUTES,
+    *signals.ROUTES,
     Route("GET", "/v1/openapi.json", openapi_document, "This document", "meta"),
 ]

@@ -963,6 +963,80 @@ async def register_local_tenant(
     return keys
 
 
+# -------------------------------------------------- signal sources (engine/api/signals.py)
+# Module functions over a Store: the same two walls (each statement filters by the scope's
+# tenant, the policies of 0006_signal_sources.sql hold alone with app_scoping off).
+
+
+async def create_signal_source(
+    store: Store, conn: Any, *, source_id: str, tenant_id: str, fields: dict[str, Any]
+) -> Row:
+    return await conn.fetchrow(
+        "INSERT INTO api_signal_sources (source_id, tenant_id, name, master_account_id,"
+        " symbol_map, volume_scale, allowed_ips, secret_hash)"
+        " VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7::jsonb, $8) RETURNING *",
+        source_id, tenant_id, fields["name"], fields["master_account_id"],
+        _json(fields["symbol_map"]), fields["volume_scale"], _json(fields["allowed_ips"]),
+        fields["secret_hash"],
+    )  # fmt: skip
+
+
+async def get_signal_source(store: Store, conn: Any, scope: Scope, source_id: str) -> Row | None:
+    return await conn.fetchrow(
+        "SELECT * FROM api_signal_sources WHERE source_id = $1"
+        " AND ($2::text IS NULL OR tenant_id = $2)",
+        source_id, store._tenant(scope),
+    )  # fmt: skip
+
+
+async def list_signal_sources(
+    store: Store, conn: Any, scope: Scope, after: str | None, limit: int
+) -> list[Row]:
+    return await conn.fetch(
+        "SELECT * FROM api_signal_sources WHERE ($1::text IS NULL OR tenant_id = $1)"
+        " AND ($2::text IS NULL OR source_id > $2) ORDER BY source_id LIMIT $3",
+        store._tenant(scope), after, limit,
+    )  # fmt: skip
+
+
+async def delete_signal_source(store: Store, conn: Any, source_id: str) -> None:
+    await conn.execute("DELETE FROM api_signal_sources WHERE source_id = $1", source_id)
+
+
+async def add_signal_log(
+    store: Store, conn: Any, *, tenant_id: str, source_id: str, outcome: str, reason: str,
+    alert_id: str | None, remote: str, order_ids: list[str] | None = None,
+) -> bool:  # fmt: skip
+    """False when the alert was accepted before (an ``accepted`` entry of its id exists)."""
+    row = await conn.fetchrow(
+        "INSERT INTO api_signal_log (tenant_id, source_id, outcome, reason, alert_id, remote,"
+        " order_ids) VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb) ON CONFLICT DO NOTHING"
+        " RETURNING log_id",
+        tenant_id, source_id, outcome, reason, alert_id, remote, _json(order_ids),
+    )  # fmt: skip
+    return row is not None
+
+
+async def accepted_signal(store: Store, conn: Any, source_id: str, alert_id: str) -> Row | None:
+    return await conn.fetchrow(
+        "SELECT * FROM api_signal_log WHERE source_id = $1 AND alert_id = $2"
+        " AND outcome = 'accepted'",
+        source_id, alert_id,
+    )  # fmt: skip
+
+
+async def list_signal_log(
+    store: Store, conn: Any, scope: Scope, source_id: str, after: int | None, limit: int
+) -> list[Row]:
+    """Newest first."""
+    return await conn.fetch(
+        "SELECT * FROM api_signal_log WHERE source_id = $1"
+        " AND ($2::text IS NULL OR tenant_id = $2)"
+        " AND ($3::bigint IS NULL OR log_id < $3) ORDER BY log_id DESC LIMIT $4",
+        source_id, store._tenant(scope), after, limit,
+    )  # fmt: skip
+
+
 def _json(value: Any) -> str | None:
     return None if value is None else msgspec.json.encode(value).decode()
 

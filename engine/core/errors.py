@@ -22,3 +22,16 @@ class LinkFileError(TradecopyError):
         self.errors = errors
         lines = "\n".join(f"  - {e}" for e in errors)
         super().__init__(f"{path}: {len(errors)} invalid field(s)\n{lines}")
+
+
+class AlertError(TradecopyError, ValueError):
+    """A TradingView alert that cannot be traded: ``field`` says where, ``reason`` says why.
+
+    ``field`` is the JSON key as the alert message spells it (``"$"`` for the body as a whole),
+    so the message an endpoint returns points the author at the line of the alert to fix.
+    """
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason

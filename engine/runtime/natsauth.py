@@ -272,7 +272,8 @@ def connector_permissions(
                 f"{account!r} cannot name a NATS subject token (letters, digits, _ and -)"
             )
     publish = [subjects.master_events(m) for m in masters]
-    publish += [subjects.execution_reports(f) for f in followers]
+    # A master's reports too: it executes manual orders (a signal source drives it).
+    publish += [subjects.execution_reports(a) for a in (*masters, *followers)]
     for account in sorted({*masters, *followers}):
         publish += [_kv(subjects.KV_ACCOUNTS, account), _kv(subjects.KV_SYMBOLS, f"{account}.>")]
     publish += _stream_info_all()

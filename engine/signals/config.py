@@ -25,6 +25,8 @@ class StrategyDeployment(msgspec.Struct, frozen=True, kw_only=True, forbid_unkno
     timeframe: Timeframe
     history: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 500
     """The most candles the strategy sees (the latest ones)."""
+    volume: Annotated[float, msgspec.Meta(gt=0.0, le=1_000.0)] = 0.1
+    """The fixed lot the master trades on each signal (``drive.orders_for``)."""
 
 
 class SignalWorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 import msgspec
 
-from engine.signals.errors import AlertError
+from engine.core.errors import AlertError
 from schemas.common import Side
 
 #: TradingView caps an alert message far below this; a larger body is not an alert.
