@@ -24,6 +24,9 @@ from connectors.paper.model import XAUUSD, Result
 from connectors.paper.prices import PriceReplay, load_bars
 from connectors.paper.venue import PaperVenue
 from engine.api.service import LocalApi, start_local_api
+from engine.billing import demo as billing_demo
+from engine.billing.windows import BillingWindow
+from engine.core.money import format_money
 from engine.core.volume import partial_close_volume
 from engine.ledger import store as ledger_store
 from engine.ledger.service import spawn_ledger, wait_for_ledger, wait_for_ledger_drained
@@ -394,6 +397,31 @@ def latency_table(hops: dict[str, list[float]]) -> Table:
     return table
 
 
+def _amount(units: int, currency: str) -> str:
+    return format_money(units, currency).removesuffix(f" {currency}")
+
+
+def fee_table(fees: list[billing_demo.DemoFee], window: BillingWindow) -> Table:
+    seconds = (window.end_ns - window.start_ns) / 1e9
+    percent = billing_demo.PLATFORM_FEE_PERCENT
+    table = Table(
+        title=f"fees over the demo's {seconds:.0f} s window (platform fee {percent} %)",
+        title_justify="left",
+    )
+    for column, justify in (("follower", "left"), ("module", "left"), ("amount", "right"),
+                            ("platform fee", "right"), ("provider's part", "right"),
+                            ("currency", "left"), ("charge", "left")):  # fmt: skip
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    for f in fees:
+        state = f"{f.state}, {f.note}" if f.state is not None else f.note
+        table.add_row(
+            f.follower, f.module, _amount(f.amount_minor, f.currency),
+            _amount(f.platform_fee_minor, f.currency), _amount(f.provider_minor, f.currency),
+            f.currency, state,
+        )  # fmt: skip
+    return table
+
+
 def _level(price: float | None) -> str:
     return f"{price:.2f}" if price else "—"
 
@@ -449,6 +477,15 @@ async def run_demo(
             database_url, postgres = await start_database(database_url, root=root / "postgres")
             await migrate(database_url)
             started_at = await _database_now(database_url)
+            # Billing over the same database: four followers on one fee module each, from now
+            # (the demo's window starts before the first copy can).
+            window_start_ns = time.time_ns()
+            start_equity = {
+                f: round(KINDS[i % len(KINDS)].balance * 100) for i, f in enumerate(ids)
+            }
+            on_plan = await billing_demo.set_up(
+                database_url, provider="demo", followers=start_equity, started_ns=window_start_ns
+            )
             ledger = spawn_ledger(
                 stack.url,
                 database_url,
@@ -558,6 +595,22 @@ async def run_demo(
             summary["ledger"] = await _ledger_summary(js, database_url, started_at)
             summary["api"] = api.url
             out.print(_ledger_line(summary["ledger"], postgres is not None))
+            # The ledger has caught up: its facts of the window are final, and billing's jobs
+            # issue the window's charges from them as they would a week's.
+            window = billing_demo.demo_window(window_start_ns, time.time_ns())
+            await billing_demo.issue(database_url, window)
+            fees = await billing_demo.fees(database_url, window, on_plan, start_equity)
+            out.print(fee_table(fees, window))
+            summary["fees"] = [
+                {"follower": f.follower, "module": f.module, "amount_minor": f.amount_minor,
+                 "currency": f.currency, "platform_fee_minor": f.platform_fee_minor}
+                for f in fees
+            ]  # fmt: skip
+            summary["fees_window"] = {
+                "window_id": window.window_id,
+                "start_ns": window.start_ns,
+                "end_ns": window.end_ns,
+            }
             out.print(
                 f"{summary['master_events']} master events → {summary['orders']} follower orders, "
                 f"{summary['fills']} fills, {summary['skipped']} skipped, "

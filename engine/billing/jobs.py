@@ -17,7 +17,7 @@ import enum
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import asyncpg
 import msgspec
@@ -25,8 +25,18 @@ import structlog
 
 from engine.billing import metrics, store
 from engine.billing.enforcement import Enforcer
-from engine.billing.facts import EquitySample
-from engine.billing.fees import FeeModule, idempotency_key, platform_fee, volume_fee
+from engine.billing.facts import CopiedTrade, EquitySample
+from engine.billing.fees import (
+    BillingPeriod,
+    FeeModule,
+    PayPerTradeAllowance,
+    count_copied_trades,
+    idempotency_key,
+    period_bounds,
+    platform_fee,
+    prorate,
+    volume_fee,
+)
 from engine.billing.gateway import PaymentOutcome, PaymentResult, StripeGateway
 from engine.billing.hwm import HighWaterMark, settle_window
 from engine.billing.ledgerfacts import FactsSource
@@ -237,6 +247,168 @@ async def issue_weekly_charges(ctx: JobContext, window: BillingWindow) -> list[s
             log.warning("provider_not_onboarded", provider=sub.provider, follower=sub.follower)
             continue
         issued += await _issue_for(ctx, sub, window)
+    return issued
+
+
+# --------------------------------------------------------------- subscription, pay-per-trade
+
+
+class CopiedTradesSource(Protocol):
+    async def copied_trades(self, follower: str, window: BillingWindow) -> list[CopiedTrade]:
+        """Copies that opened (filled) on the follower during ``window``."""
+        ...
+
+
+def subscription_charge_minor(sub: store.PeriodSubscription, window: BillingWindow) -> int:
+    """The subscription's price for the seconds of ``window`` the follower was on the plan.
+
+    ``price × subscribed seconds / seconds of the period they start in`` (``fees.prorate``,
+    by the second, half-even): a window is billed the share of the period it covers.
+    """
+    if sub.subscription_price_minor is None or sub.subscription_period is None:
+        return 0
+    start = max(window.start_ns, sub.started_ns)
+    if start >= window.end_ns:
+        return 0
+    period_start, period_end = period_bounds(
+        sub.anchor_ns, BillingPeriod(sub.subscription_period), start
+    )
+    return prorate(sub.subscription_price_minor, window.end_ns - start, period_end - period_start)
+
+
+def _period_draft(
+    sub: store.PeriodSubscription,
+    window: BillingWindow,
+    module: FeeModule,
+    key_window: str,
+    amount: int,
+    detail: dict[str, Any],
+) -> ChargeDraft:
+    split = platform_fee(amount, sub.platform_fee_percent)
+    return ChargeDraft(
+        idempotency_key=idempotency_key(module, sub.follower, sub.plan_id, key_window),
+        module=module.value,
+        follower=sub.follower,
+        provider=sub.provider,
+        plan_id=sub.plan_id,
+        window_id=window.window_id,
+        currency=sub.currency,
+        amount_minor=amount,
+        platform_fee_minor=split.application_fee_minor,
+        destination=sub.destination or "",
+        lines=({"module": module.value, "amount_minor": amount, **detail},),
+        issued_ns=window.end_ns,
+    )
+
+
+async def _issue_period_for(
+    ctx: JobContext,
+    sub: store.PeriodSubscription,
+    window: BillingWindow,
+    trades: CopiedTradesSource,
+) -> list[str]:
+    """Issue one subscription's subscription and pay-per-trade charges for ``window``.
+
+    The pay-per-trade allowance is bought once per window (its purchase id is the window id):
+    its price is charged once, and the window's copies are counted against it.
+    """
+    copies: list[CopiedTrade] = []
+    if FeeModule.PAY_PER_TRADE in sub.modules:
+        # Read before the transaction, as the weekly facts are: it may run several times.
+        copies = [
+            c for c in await trades.copied_trades(sub.follower, window)
+            if c.opened_ns >= sub.started_ns
+        ]  # fmt: skip
+
+    async def issue(conn: asyncpg.Connection) -> list[str]:
+        current = await store.period_subscription(conn, sub.follower, sub.plan_id)
+        if current is None or current.destination is None:
+            return []
+        drafts: list[ChargeDraft] = []
+        if FeeModule.SUBSCRIPTION in current.modules:
+            amount = subscription_charge_minor(current, window)
+            if amount > 0:
+                drafts.append(
+                    _period_draft(
+                        current,
+                        window,
+                        FeeModule.SUBSCRIPTION,
+                        window.window_id,
+                        amount,
+                        {
+                            "price_minor": current.subscription_price_minor,
+                            "period": current.subscription_period,
+                            "from_ns": max(window.start_ns, current.started_ns),
+                            "to_ns": window.end_ns,
+                        },
+                    )
+                )
+        if (
+            FeeModule.PAY_PER_TRADE in current.modules
+            and current.ppt_trades is not None
+            and current.ppt_price_minor is not None
+        ):
+            purchase = window.window_id
+            if current.ppt_purchase_id == purchase:
+                allowance = PayPerTradeAllowance(
+                    follower=current.follower,
+                    purchase_id=purchase,
+                    trades_bought=current.ppt_trades_bought,
+                    counted=current.ppt_counted,
+                    over_allowance=current.ppt_over,
+                )
+            else:
+                allowance = PayPerTradeAllowance(
+                    follower=current.follower,
+                    purchase_id=purchase,
+                    trades_bought=current.ppt_trades,
+                )
+            use = count_copied_trades(allowance, copies)
+            await store.save_allowance(
+                conn,
+                follower=current.follower,
+                plan_id=current.plan_id,
+                purchase_id=purchase,
+                trades_bought=use.allowance.trades_bought,
+                counted=use.allowance.counted,
+                over=use.allowance.over_allowance,
+            )
+            if current.ppt_price_minor > 0:
+                drafts.append(
+                    _period_draft(
+                        current,
+                        window,
+                        FeeModule.PAY_PER_TRADE,
+                        purchase,
+                        current.ppt_price_minor,
+                        {
+                            "trades_bought": use.allowance.trades_bought,
+                            "counted": list(use.allowance.counted),
+                            "over_allowance": list(use.allowance.over_allowance),
+                        },
+                    )
+                )
+        return [d.idempotency_key for d in drafts if await store.insert_charge(conn, d)]
+
+    keys = await store.serializable(ctx.pool, issue)
+    for key in keys:
+        metrics.CHARGES_ISSUED.labels(module=key.split(":", 1)[0]).inc()
+        log.info("charge_issued", key=key, window=window.window_id)
+    return keys
+
+
+async def issue_period_charges(
+    ctx: JobContext, window: BillingWindow, trades: CopiedTradesSource
+) -> list[str]:
+    """Issue every active subscription's subscription and pay-per-trade charges for ``window``."""
+    async with ctx.pool.acquire() as conn:
+        subscriptions = await store.period_subscriptions(conn)
+    issued: list[str] = []
+    for sub in subscriptions:
+        if sub.destination is None:
+            log.warning("provider_not_onboarded", provider=sub.provider, follower=sub.follower)
+            continue
+        issued += await _issue_period_for(ctx, sub, window, trades)
     return issued
 
 

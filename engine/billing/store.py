@@ -1237,3 +1237,112 @@ async def notification_queued(conn: asyncpg.Connection, notification_id: str) ->
         "UPDATE billing_notifications SET queued_at = now() WHERE notification_id = $1",
         notification_id,
     )
+
+
+# --------------------------------------------------------------- subscription and pay-per-trade
+
+
+class PeriodSubscription(msgspec.Struct, frozen=True, kw_only=True):
+    """An active subscription to a plan with a subscription or pay-per-trade module."""
+
+    follower: str
+    plan_id: str
+    provider: str
+    currency: str
+    modules: tuple[str, ...]
+    subscription_price_minor: int | None
+    subscription_period: str | None
+    ppt_trades: int | None
+    ppt_price_minor: int | None
+    platform_fee_percent: Decimal
+    destination: str | None
+    started_ns: int
+    anchor_ns: int
+    ppt_purchase_id: str | None
+    ppt_trades_bought: int
+    ppt_counted: tuple[str, ...]
+    ppt_over: tuple[str, ...]
+
+
+_PERIOD = (
+    "SELECT s.follower, s.plan_id, p.provider, p.currency, p.modules,"
+    " p.subscription_price_minor, p.subscription_period, p.ppt_trades, p.ppt_price_minor,"
+    " o.platform_fee_percent, v.stripe_account AS destination, s.started_ns, s.anchor_ns,"
+    " s.ppt_purchase_id, s.ppt_trades_bought, s.ppt_counted, s.ppt_over"
+    " FROM billing_subscriptions s"
+    " JOIN billing_follower_plans p USING (plan_id)"
+    " JOIN billing_providers v ON v.provider = p.provider"
+    " JOIN billing_operator_plans o ON o.plan_id = v.operator_plan"
+    " WHERE s.status = 'active' AND p.modules && ARRAY['subscription', 'pay_per_trade']::text[]"
+)
+
+
+def _period(row: asyncpg.Record) -> PeriodSubscription:
+    values = dict(row)
+    for column in ("modules", "ppt_counted", "ppt_over"):
+        values[column] = tuple(values[column])
+    return PeriodSubscription(**values)
+
+
+async def period_subscriptions(conn: asyncpg.Connection) -> list[PeriodSubscription]:
+    """Active subscriptions with a subscription or pay-per-trade module, (follower, plan) order."""
+    rows = await conn.fetch(_PERIOD + " ORDER BY s.follower, s.plan_id")
+    return [_period(row) for row in rows]
+
+
+async def period_subscription(
+    conn: asyncpg.Connection, follower: str, plan_id: str
+) -> PeriodSubscription | None:
+    """One subscription read inside the caller's transaction (its allowance is what it folds)."""
+    row = await conn.fetchrow(
+        _PERIOD + " AND s.follower = $1 AND s.plan_id = $2", follower, plan_id
+    )
+    return None if row is None else _period(row)
+
+
+async def save_allowance(
+    conn: asyncpg.Connection,
+    *,
+    follower: str,
+    plan_id: str,
+    purchase_id: str,
+    trades_bought: int,
+    counted: Sequence[str],
+    over: Sequence[str],
+) -> None:
+    await conn.execute(
+        "UPDATE billing_subscriptions SET ppt_purchase_id = $3, ppt_trades_bought = $4,"
+        " ppt_counted = $5, ppt_over = $6, updated_at = now()"
+        " WHERE follower = $1 AND plan_id = $2",
+        follower,
+        plan_id,
+        purchase_id,
+        trades_bought,
+        list(counted),
+        list(over),
+    )
+
+
+async def restart_subscription(
+    conn: asyncpg.Connection,
+    *,
+    follower: str,
+    plan_id: str,
+    started_ns: int,
+    start_equity_minor: int | None,
+) -> None:
+    """Start ``follower``'s fee state on ``plan_id`` over from ``started_ns``: for an account
+    that itself starts over (the demo's paper accounts are new on every run), whose old mark
+    and settled windows describe an account that no longer exists."""
+    await conn.execute(
+        "UPDATE billing_subscriptions SET status = 'active', started_ns = $3, anchor_ns = $3,"
+        " hwm_mark_minor = $4, hwm_flows_through_ns = $5, hwm_settled_window = NULL,"
+        " hwm_settled_end_ns = 0, volume_settled_end_ns = 0, ppt_purchase_id = NULL,"
+        " ppt_trades_bought = 0, ppt_counted = '{}', ppt_over = '{}', updated_at = now()"
+        " WHERE follower = $1 AND plan_id = $2",
+        follower,
+        plan_id,
+        started_ns,
+        start_equity_minor,
+        None if start_equity_minor is None else started_ns,
+    )
