@@ -20,6 +20,7 @@ from engine.billing.fees import (
     volume_fee,
 )
 from engine.billing.hwm import performance_fee
+from engine.billing.ledgerfacts import LedgerViewFacts
 from engine.billing.windows import BillingWindow
 from engine.demo import KINDS, run_demo
 
@@ -43,7 +44,7 @@ async def test_demo_fees_are_billings_charges_over_the_demo_window(
     by_module = {f["module"]: f for f in fees}
     pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
     try:
-        facts = billing_demo.DemoLedgerFacts(pool)
+        facts = LedgerViewFacts(pool)
         async with pool.acquire() as conn:
             charges = {c.follower: c for c in await store.charges(conn)}
 
@@ -130,7 +131,7 @@ async def test_a_second_demo_on_the_same_database_marks_from_its_new_accounts(
     index = [f["follower"] for f in again["fees"]].index(perf["follower"])
     pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
     try:
-        facts = billing_demo.DemoLedgerFacts(pool)
+        facts = LedgerViewFacts(pool)
         equity = await facts.closing_equity(perf["follower"], window.end_ns)
         assert equity is not None and equity.ts_ns >= window.start_ns
         assert perf["amount_minor"] == performance_fee(

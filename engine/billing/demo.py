@@ -9,15 +9,11 @@ import msgspec
 import structlog
 
 from engine.billing import store
-from engine.billing.facts import CopiedTrade
 from engine.billing.fees import FeeModule, idempotency_key, period_id
 from engine.billing.gateway import StripeGateway
 from engine.billing.jobs import JobContext, issue_period_charges, issue_weekly_charges
 from engine.billing.ledgerfacts import LedgerViewFacts
 from engine.billing.windows import BillingWindow
-from schemas.codec import execution_report_decoder, follower_order_decoder
-from schemas.orders import FollowerOpen
-from schemas.reports import OrderFilled, OrderPartiallyFilled
 
 log = structlog.get_logger("tradecopy.billing.demo")
 
@@ -62,47 +58,6 @@ class DemoFee(msgspec.Struct, frozen=True, kw_only=True):
     state: str | None
     """The stored charge's state (``pending``); None when the fee is zero and none was stored."""
     note: str
-
-
-class DemoLedgerFacts(LedgerViewFacts):
-    """The ledger's read views, plus the copies that opened (what pay-per-trade counts)."""
-
-    async def copied_trades(self, follower: str, window: BillingWindow) -> list[CopiedTrade]:
-        # Opens may be sent just before the window and fill inside it, as closes may.
-        async with self._pool.acquire() as conn:
-            rows = await conn.fetch(
-                "SELECT kind, payload FROM ledger_account_facts WHERE account = $1"
-                " AND kind IN ('follower_order', 'execution_report')"
-                " AND ts_ns >= $2 AND ts_ns < $3 ORDER BY ts_ns, stream_seq",
-                follower,
-                window.start_ns - 86_400 * 10**9,
-                window.end_ns,
-            )
-        opens: dict[str, FollowerOpen] = {}
-        trades: list[CopiedTrade] = []
-        for row in rows:
-            if row["kind"] == "follower_order":
-                order = follower_order_decoder.decode(row["payload"])
-                if isinstance(order, FollowerOpen):
-                    opens[order.order_id] = order
-                continue
-            report = execution_report_decoder.decode(row["payload"])
-            if not isinstance(report, OrderFilled | OrderPartiallyFilled):
-                continue
-            order = opens.get(report.order_id)
-            if order is None or not window.contains(report.ts_ns):
-                continue
-            # Every fill of one order is one copy: count_copied_trades keeps one per order id.
-            trades.append(
-                CopiedTrade(
-                    order_id=order.order_id,
-                    follower=follower,
-                    link=order.link_id,
-                    opened_ns=report.ts_ns,
-                    manual=order.manual,
-                )
-            )
-        return trades
 
 
 def demo_window(start_ns: int, end_ns: int) -> BillingWindow:
@@ -177,7 +132,7 @@ async def issue(database_url: str, window: BillingWindow) -> list[str]:
     pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
     gateway = StripeGateway("")
     try:
-        facts = DemoLedgerFacts(pool)
+        facts = LedgerViewFacts(pool)
         ctx = JobContext(pool=pool, gateway=gateway, facts=facts)
         keys = await issue_weekly_charges(ctx, window)
         keys += await issue_period_charges(ctx, window, facts)
@@ -198,7 +153,7 @@ async def fees(
     short = {module: name for name, module in MODULES}
     pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
     try:
-        facts = DemoLedgerFacts(pool)
+        facts = LedgerViewFacts(pool)
         result: list[DemoFee] = []
         for follower, module in on_plan.items():
             # Every module's key ends in the window id (pay-per-trade: the allowance bought

@@ -9,15 +9,22 @@ the trading contract; they come from billing's own ``billing_cash_flows``.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 import asyncpg
 
 from engine.billing import store
-from engine.billing.facts import CashFlow, CashFlowKind, ClosedVolume, EquitySample, lots_from_wire
+from engine.billing.facts import (
+    CashFlow,
+    CashFlowKind,
+    ClosedVolume,
+    CopiedTrade,
+    EquitySample,
+    lots_from_wire,
+)
 from engine.billing.windows import BillingWindow
 from schemas.codec import execution_report_decoder, follower_order_decoder
-from schemas.orders import FollowerClose, FollowerCloseAll, FollowerCloseBy
+from schemas.orders import FollowerClose, FollowerCloseAll, FollowerCloseBy, FollowerOpen
 from schemas.reports import OrderFilled, OrderPartiallyFilled
 
 
@@ -68,15 +75,7 @@ class LedgerViewFacts:
     async def closed_volume(self, follower: str, window: BillingWindow) -> list[ClosedVolume]:
         # Close orders may be sent just before the window and filled inside it: read the
         # orders from a day earlier, count the fills whose own time is in the window.
-        async with self._pool.acquire() as conn:
-            rows = await conn.fetch(
-                "SELECT kind, payload FROM ledger_account_facts WHERE account = $1"
-                " AND kind IN ('follower_order', 'execution_report')"
-                " AND ts_ns >= $2 AND ts_ns < $3 ORDER BY ts_ns, stream_seq",
-                follower,
-                window.start_ns - 86_400 * 10**9,
-                window.end_ns,
-            )
+        rows = await self._orders_and_reports(follower, window)
         closes: dict[str, bool] = {}
         fills: list[tuple[str, str, float, int]] = []
         for row in rows:
@@ -104,3 +103,46 @@ class LedgerViewFacts:
             for order_id, link, volume, ts in fills
             if order_id in closes
         ]
+
+    async def copied_trades(self, follower: str, window: BillingWindow) -> list[CopiedTrade]:
+        """Every open filled on ``follower`` inside ``window``, with its link and whether it
+        was manual (pay-per-trade counts copies only, once per order id)."""
+        rows = await self._orders_and_reports(follower, window)
+        opens: dict[str, FollowerOpen] = {}
+        trades: list[CopiedTrade] = []
+        for row in rows:
+            if row["kind"] == "follower_order":
+                order = follower_order_decoder.decode(row["payload"])
+                if isinstance(order, FollowerOpen):
+                    opens[order.order_id] = order
+                continue
+            report = execution_report_decoder.decode(row["payload"])
+            if not isinstance(report, OrderFilled | OrderPartiallyFilled):
+                continue
+            order = opens.get(report.order_id)
+            if order is None or not window.contains(report.ts_ns):
+                continue
+            # Every fill of one order is one copy: count_copied_trades keeps one per order id.
+            trades.append(
+                CopiedTrade(
+                    order_id=order.order_id,
+                    follower=follower,
+                    link=order.link_id,
+                    opened_ns=report.ts_ns,
+                    manual=order.manual,
+                )
+            )
+        return trades
+
+    async def _orders_and_reports(self, follower: str, window: BillingWindow) -> list[Any]:
+        # Orders may be sent just before the window and filled inside it: read them from a
+        # day earlier; callers count the fills whose own time is in the window.
+        async with self._pool.acquire() as conn:
+            return await conn.fetch(
+                "SELECT kind, payload FROM ledger_account_facts WHERE account = $1"
+                " AND kind IN ('follower_order', 'execution_report')"
+                " AND ts_ns >= $2 AND ts_ns < $3 ORDER BY ts_ns, stream_seq",
+                follower,
+                window.start_ns - 86_400 * 10**9,
+                window.end_ns,
+            )

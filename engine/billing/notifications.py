@@ -15,10 +15,7 @@ keys. A send that fails is tried again with exponential backoff; a permanent ref
 from __future__ import annotations
 
 import functools
-import html
 import os
-import re
-import tomllib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from string import Template
@@ -32,13 +29,21 @@ from engine.billing import metrics, store
 from engine.billing.config import open_secret, seal_secret
 from engine.core.errors import TradecopyError
 from engine.core.money import format_money
+from engine.runtime.catalogue import (
+    CatalogueError as CatalogueError,  # what a catalogue check raises, for billing's callers
+)
+from engine.runtime.catalogue import (
+    RenderedEmail,
+    catalogue_path,
+    load_catalogue,
+    render_email,
+)
 from engine.runtime.mail import MailError, MailRefused, SmtpSettings, build_message, send_email
 
 log = structlog.get_logger("tradecopy.billing.notifications")
 
 CATALOGUE_DIR = Path(__file__).parent / "messages"
 LANGUAGES = ("de", "en", "es", "fr", "pt", "ru")
-KEYS = ("subject", "text", "html")
 #: Each kind's placeholders: its templates may use only these, and its text uses every one.
 PLACEHOLDERS: dict[str, frozenset[str]] = {
     "payment_succeeded": frozenset({"amount", "provider", "reference"}),
@@ -51,55 +56,15 @@ PLACEHOLDERS: dict[str, frozenset[str]] = {
     "invite": frozenset({"provider", "link", "days"}),
 }
 KINDS = tuple(PLACEHOLDERS)
-_LANGUAGE = re.compile(r"^[a-z]{2}\Z")
 _ENV_PREFIX = "TRADECOPY_BILLING_SMTP_PASSWORD_"
-
-
-class CatalogueError(TradecopyError):
-    """A language file is missing, or misses a kind, a key or a placeholder."""
-
-
-class RenderedEmail(msgspec.Struct, frozen=True, kw_only=True):
-    to: str
-    subject: str
-    text: str
-    html: str
 
 
 @functools.cache
 def catalogue(language: str, directory: Path = CATALOGUE_DIR) -> dict[str, dict[str, Template]]:
-    """Every kind of ``language``, checked whole (see the module)."""
-    if not _LANGUAGE.match(language):
-        raise CatalogueError(f"language {language!r}: two letters, like 'en'")
-    path = directory / f"{language}.toml"
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CatalogueError(f"no billing catalogue for {language!r}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise CatalogueError(f"{path.name}: {exc}") from None
-    found: dict[str, dict[str, Template]] = {}
-    for kind, allowed in PLACEHOLDERS.items():
-        entry = raw.get(kind)
-        if not isinstance(entry, dict):
-            raise CatalogueError(f"{path.name}: kind [{kind}] is missing")
-        templates = {}
-        for key in KEYS:
-            value = entry.get(key)
-            if not isinstance(value, str) or not value.strip():
-                raise CatalogueError(f"{path.name}: [{kind}] has no {key}")
-            template = Template(value.strip() + ("\n" if key != "subject" else ""))
-            unknown = set(template.get_identifiers()) - allowed
-            if unknown or not template.is_valid():
-                raise CatalogueError(
-                    f"{path.name}: [{kind}].{key} uses unknown placeholders {sorted(unknown)}"
-                )
-            templates[key] = template
-        missing = allowed - set(templates["text"].get_identifiers())
-        if missing:
-            raise CatalogueError(f"{path.name}: [{kind}].text leaves out {sorted(missing)}")
-        found[kind] = templates
-    return found
+    """Every kind of ``language``, checked whole (``engine.runtime.catalogue``): every text
+    shows all its kind's placeholders."""
+    path = catalogue_path(directory, language, "billing")
+    return load_catalogue(path, PLACEHOLDERS, PLACEHOLDERS)
 
 
 def check_catalogues(directory: Path = CATALOGUE_DIR) -> None:
@@ -112,18 +77,7 @@ def render(language: str, kind: str, *, to: str, **values: str | int) -> Rendere
     """The email of ``kind`` in ``language`` (English when the language has no catalogue);
     values are escaped in the HTML body."""
     templates = catalogue(language if language in LANGUAGES else "en")[kind]
-    missing = PLACEHOLDERS[kind] - values.keys()
-    if missing:
-        raise CatalogueError(f"billing email {kind!r} needs {sorted(missing)}")
-    plain = {k: str(v) for k, v in values.items()}
-    escaped = {k: html.escape(v, quote=True) for k, v in plain.items()}
-    subject = templates["subject"].substitute(plain)
-    return RenderedEmail(
-        to=to,
-        subject=" ".join(subject.split()),
-        text=templates["text"].substitute(plain),
-        html=templates["html"].substitute(escaped),
-    )
+    return render_email(templates, PLACEHOLDERS[kind], kind, to=to, values=values)
 
 
 # --------------------------------------------------------------- the provider's SMTP server
