@@ -18,7 +18,7 @@ from engine.api.handling import (
     next_cursor,
     page_params,
 )
-from engine.api.models import Page
+from engine.api.models import Page, View
 from engine.api.store import Row, Scope
 from engine.core.book import AccountBook, CopyRef, fold_account
 from engine.core.performance import account_stats, link_stats
@@ -37,16 +37,12 @@ _DECODERS: dict[str, Any] = {
 SHARPE_BASIS = "daily returns, risk-free rate 0, annualised with sqrt(252)"
 
 
-class _View(msgspec.Struct, frozen=True, kw_only=True):
-    pass
-
-
 class BookEntryKind(enum.StrEnum):
     POSITION = "position"
     PENDING_ORDER = "pending_order"
 
 
-class CopyOf(_View):
+class CopyOf(View):
     """What a follower's position or pending order copies: a master's, through a link."""
 
     link_id: str
@@ -57,7 +53,7 @@ class CopyOf(_View):
     """The follower order that opened the copy (positions only)."""
 
 
-class BookEntry(_View):
+class BookEntry(View):
     """An open position or a pending order of the account, now."""
 
     kind: BookEntryKind
@@ -81,7 +77,7 @@ class BookEntry(_View):
     """None: not a copy (the account's own trade, or a master's)."""
 
 
-class ClosedPosition(_View):
+class ClosedPosition(View):
     """One close: the whole position, or the part a partial close took. Money is integer
     minor units of ``currency``; null where the venue did not report it."""
 
@@ -106,7 +102,7 @@ class ClosedPosition(_View):
     copy_of: CopyOf | None = None
 
 
-class AccountStatistics(_View):
+class AccountStatistics(View):
     """PRODUCT.md's statistics of the account (or of its copies through ``link_id``). Money
     in integer minor units of ``currency``; ratios as fractions (0.25 is 25 %)."""
 
@@ -141,7 +137,7 @@ class AccountStatistics(_View):
     sharpe_basis: str = SHARPE_BASIS
 
 
-class EquitySample(_View):
+class EquitySample(View):
     """Balance and equity at one account state, integer minor units of ``currency``."""
 
     ts_ns: int
@@ -150,7 +146,7 @@ class EquitySample(_View):
     equity: int | None
 
 
-class DecisionView(_View):
+class DecisionView(View):
     """A copy decision: a copy skipped, reduced, or a link paused, and why in words."""
 
     decision_id: str

@@ -38,7 +38,7 @@ from engine.api.handling import (
     page_params,
     parse_body,
 )
-from engine.api.models import Email, NewPassword, Page, TenantId, TokenPair, Username
+from engine.api.models import Body, Email, NewPassword, Page, TenantId, TokenPair, Username, View
 from engine.api.outbox import enqueue_email
 from engine.api.people import _issue_tokens, path_uuid
 from engine.api.store import PLATFORM, Scope
@@ -66,14 +66,6 @@ LINK_PATHS = {
 }
 
 
-class _Body(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    pass
-
-
-class _View(msgspec.Struct, frozen=True, kw_only=True):
-    pass
-
-
 class InvitedRole(enum.StrEnum):
     PROVIDER = "provider"
     FOLLOWER = "follower"
@@ -86,7 +78,7 @@ class InviteStatus(enum.StrEnum):
     EXPIRED = "expired"
 
 
-class NewInvite(_Body, kw_only=True):
+class NewInvite(Body, kw_only=True):
     email: Email
     role: InvitedRole
     """A provider invites followers; an operator invites providers (or followers)."""
@@ -94,7 +86,7 @@ class NewInvite(_Body, kw_only=True):
     """The tenant to join: an operator names it; a provider's invites join its own."""
 
 
-class InviteView(_View, kw_only=True):
+class InviteView(View, kw_only=True):
     invite_id: str
     tenant_id: str
     email: str
@@ -105,49 +97,49 @@ class InviteView(_View, kw_only=True):
     expires_at: str
 
 
-class InviteAcceptance(_Body, kw_only=True):
+class InviteAcceptance(Body, kw_only=True):
     token: EmailToken
     password: NewPassword
     username: Username | None = None
 
 
-class PasswordResetRequest(_Body, kw_only=True):
+class PasswordResetRequest(Body, kw_only=True):
     email: Email
 
 
-class PasswordResetConfirmation(_Body, kw_only=True):
+class PasswordResetConfirmation(Body, kw_only=True):
     token: EmailToken
     new_password: NewPassword
 
 
-class EmailVerification(_Body, kw_only=True):
+class EmailVerification(Body, kw_only=True):
     token: EmailToken
 
 
-class TotpEnrolment(_View, kw_only=True):
+class TotpEnrolment(View, kw_only=True):
     secret: str
     """Base32, for typing into an authenticator app by hand."""
     otpauth_uri: str
     """The same as an ``otpauth://`` URI (show it as a QR code)."""
 
 
-class TotpConfirmation(_Body, kw_only=True):
+class TotpConfirmation(Body, kw_only=True):
     code: TotpCodeText
 
 
-class RecoveryCodes(_View, kw_only=True):
+class RecoveryCodes(View, kw_only=True):
     recovery_codes: list[str]
     """Shown this once (only their hashes are kept); each signs in once instead of a code."""
 
 
-class TotpRemoval(_Body, kw_only=True):
+class TotpRemoval(Body, kw_only=True):
     """Proof that the caller holds the account: a current code, or the password."""
 
     code: TotpCodeText | None = None
     password: Annotated[str, msgspec.Meta(min_length=1, max_length=1024)] | None = None
 
 
-class TotpPolicy(_Body, kw_only=True):
+class TotpPolicy(Body, kw_only=True):
     required_roles: list[Role]
     """Users of these roles must enrol in TOTP before anything but enrolment is open to them."""
 

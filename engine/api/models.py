@@ -22,15 +22,15 @@ Name = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
 TenantId = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
 
 
-class _Body(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    pass
+class Body(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A request body: strict, an unknown field is an error that names it."""
 
 
-class _View(msgspec.Struct, frozen=True, kw_only=True):
-    pass
+class View(msgspec.Struct, frozen=True, kw_only=True):
+    """A response body."""
 
 
-class Page(_View, Generic[T], kw_only=True):
+class Page(View, Generic[T], kw_only=True):
     """One page of a list; pass ``next_cursor`` as ``cursor`` for the next (null: no more)."""
 
     items: list[T]
@@ -40,7 +40,7 @@ class Page(_View, Generic[T], kw_only=True):
 # ------------------------------------------------------------------------------ auth
 
 
-class LoginRequest(_Body, kw_only=True):
+class LoginRequest(Body, kw_only=True):
     identifier: Annotated[str, msgspec.Meta(min_length=1, max_length=254)]
     """Email or username."""
     password: Annotated[str, msgspec.Meta(min_length=1, max_length=1024)]
@@ -50,11 +50,11 @@ class LoginRequest(_Body, kw_only=True):
     """One of the account's recovery codes instead of a TOTP code (each works once)."""
 
 
-class RefreshRequest(_Body, kw_only=True):
+class RefreshRequest(Body, kw_only=True):
     refresh_token: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 
 
-class TokenPair(_View, kw_only=True):
+class TokenPair(View, kw_only=True):
     access_token: str
     refresh_token: str
     token_type: str = "Bearer"
@@ -62,7 +62,7 @@ class TokenPair(_View, kw_only=True):
     """Seconds the access token is valid."""
 
 
-class UserView(_View, kw_only=True):
+class UserView(View, kw_only=True):
     user_id: str
     role: Role
     tenant_id: str | None
@@ -74,18 +74,18 @@ class UserView(_View, kw_only=True):
     """Whether the user signs in with a second factor (``GET /v1/me`` only; null elsewhere)."""
 
 
-class PasswordChange(_Body, kw_only=True):
+class PasswordChange(Body, kw_only=True):
     current_password: Annotated[str, msgspec.Meta(min_length=1, max_length=1024)]
     new_password: NewPassword
 
 
-class NewFollower(_Body, kw_only=True):
+class NewFollower(Body, kw_only=True):
     email: Email
     username: Username | None = None
     password: NewPassword
 
 
-class NewTenant(_Body, kw_only=True):
+class NewTenant(Body, kw_only=True):
     tenant_id: TenantId
     name: Name
     provider_email: Email
@@ -93,17 +93,17 @@ class NewTenant(_Body, kw_only=True):
     provider_password: NewPassword
 
 
-class TenantView(_View, kw_only=True):
+class TenantView(View, kw_only=True):
     tenant_id: str
     name: str
     created_at: str
 
 
-class NewApiKey(_Body, kw_only=True):
+class NewApiKey(Body, kw_only=True):
     name: Name
 
 
-class ApiKeyView(_View, kw_only=True):
+class ApiKeyView(View, kw_only=True):
     key_id: str
     name: str
     prefix: str
@@ -111,7 +111,7 @@ class ApiKeyView(_View, kw_only=True):
     revoked: bool = False
 
 
-class ApiKeyCreated(_View, kw_only=True):
+class ApiKeyCreated(View, kw_only=True):
     key_id: str
     name: str
     prefix: str
@@ -133,7 +133,7 @@ class AccountRole(enum.StrEnum):
     FOLLOWER = "follower"
 
 
-class NewAccount(_Body, kw_only=True):
+class NewAccount(Body, kw_only=True):
     name: Name
     platform: Platform
     role: AccountRole
@@ -143,7 +143,7 @@ class NewAccount(_Body, kw_only=True):
     a follower's own accounts are always its own)."""
 
 
-class AccountUpdate(_Body, kw_only=True):
+class AccountUpdate(Body, kw_only=True):
     name: Name | None = None
     credentials: BrokerCredentials | None = None
 
@@ -157,7 +157,7 @@ class ConnectionState(enum.StrEnum):
     """No state was ever published for the account."""
 
 
-class ConnectionStatus(_View, kw_only=True):
+class ConnectionStatus(View, kw_only=True):
     state: ConnectionState
     ts_ns: int | None = None
     currency: str | None = None
@@ -166,7 +166,7 @@ class ConnectionStatus(_View, kw_only=True):
     terminal: TerminalStatus | None = None
 
 
-class AccountView(_View, kw_only=True):
+class AccountView(View, kw_only=True):
     account_id: str
     name: str
     platform: Platform
@@ -179,7 +179,7 @@ class AccountView(_View, kw_only=True):
     status: ConnectionStatus | None = None
 
 
-class TerminalToken(_View, kw_only=True):
+class TerminalToken(View, kw_only=True):
     account_id: str
     token: str
     """Shown this once: the terminal presents it; only its hash is kept."""
@@ -188,7 +188,7 @@ class TerminalToken(_View, kw_only=True):
 # ----------------------------------------------------------------------------- links
 
 
-class LinkView(_View, kw_only=True):
+class LinkView(View, kw_only=True):
     link: CopyLink
     created_at: str
 
@@ -196,7 +196,7 @@ class LinkView(_View, kw_only=True):
 # ----------------------------------------------------------------------------- stops
 
 
-class StopRequest(_Body, kw_only=True):
+class StopRequest(Body, kw_only=True):
     scope: StopScope
     target: Annotated[str, msgspec.Meta(max_length=64)] = ""
     active: bool = True
@@ -208,7 +208,7 @@ class StopRequest(_Body, kw_only=True):
 # ----------------------------------------------------------------------------- audit
 
 
-class AuditEntry(_View, kw_only=True):
+class AuditEntry(View, kw_only=True):
     audit_id: int
     tenant_id: str | None
     actor_user_id: str | None

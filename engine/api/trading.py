@@ -34,7 +34,7 @@ from engine.api.handling import (
     parse_body,
 )
 from engine.api.links import _kv, _link_in_scope, _put, _read, _view
-from engine.api.models import LinkView, Page
+from engine.api.models import Body, LinkView, Page, View
 from engine.api.store import Scope
 from engine.core.volume import STEP_EPSILON
 from engine.runtime.links import validate_link, validate_link_fragment
@@ -67,14 +67,6 @@ TEMPLATE_FIELDS = frozenset({
 })  # fmt: skip
 
 
-class _Body(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    pass
-
-
-class _View(msgspec.Struct, frozen=True, kw_only=True):
-    pass
-
-
 class ManualOrderType(enum.StrEnum):
     MARKET = "market"
     BUY_LIMIT = "buy_limit"
@@ -83,7 +75,7 @@ class ManualOrderType(enum.StrEnum):
     SELL_STOP = "sell_stop"
 
 
-class ManualOrderRequest(_Body, kw_only=True):
+class ManualOrderRequest(Body, kw_only=True):
     """Open a position at market, or place a pending order (``price`` required)."""
 
     symbol: Symbol
@@ -100,7 +92,7 @@ class ManualOrderRequest(_Body, kw_only=True):
     """Your idempotency key: every request with the same key on the account is one order."""
 
 
-class PositionStops(_Body, kw_only=True):
+class PositionStops(Body, kw_only=True):
     """A position's new SL and TP; a level left out (or null) is removed."""
 
     sl: Level | None = None
@@ -108,13 +100,13 @@ class PositionStops(_Body, kw_only=True):
     client_order_id: ClientOrderId | None = None
 
 
-class PositionClose(_Body, kw_only=True):
+class PositionClose(Body, kw_only=True):
     ratio: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 1.0
     """The share of the position to close (1: all of it), rounded down to the volume step."""
     client_order_id: ClientOrderId | None = None
 
 
-class ManualOrderAccepted(_View, kw_only=True):
+class ManualOrderAccepted(View, kw_only=True):
     order_id: str
     account_id: str
     type: str
@@ -123,13 +115,13 @@ class ManualOrderAccepted(_View, kw_only=True):
     """True when this order id was sent before: nothing new was sent."""
 
 
-class RiskTemplateRequest(_Body, kw_only=True):
+class RiskTemplateRequest(Body, kw_only=True):
     name: Name
     settings: dict[str, Any]
     """Sizing and protection fields of a link (``LinkSettings``), each checked as a link's."""
 
 
-class RiskTemplateView(_View, kw_only=True):
+class RiskTemplateView(View, kw_only=True):
     template_id: str
     name: str
     settings: dict[str, Any]
@@ -137,11 +129,11 @@ class RiskTemplateView(_View, kw_only=True):
     updated_at: str
 
 
-class ApplyTemplate(_Body, kw_only=True):
+class ApplyTemplate(Body, kw_only=True):
     template_id: uuid.UUID
 
 
-class OrderTemplateRequest(_Body, kw_only=True):
+class OrderTemplateRequest(Body, kw_only=True):
     name: Name
     symbol: Symbol
     side: Side
@@ -151,7 +143,7 @@ class OrderTemplateRequest(_Body, kw_only=True):
     tp_points: Points | None = None
 
 
-class OrderTemplateView(_View, kw_only=True):
+class OrderTemplateView(View, kw_only=True):
     template_id: str
     name: str
     symbol: str

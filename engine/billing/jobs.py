@@ -214,15 +214,20 @@ async def _issue_for(
 
 
 def _draft(
-    sub: store.WeeklySubscription,
+    sub: store.WeeklySubscription | store.PeriodSubscription,
     window: BillingWindow,
     module: FeeModule,
     amount: int,
     detail: dict[str, Any],
+    *,
+    key_window: str | None = None,
 ) -> ChargeDraft:
+    """One charge of ``sub`` issued at ``window``'s end; its key names ``key_window`` (the
+    window itself unless a purchase has an id of its own)."""
     split = platform_fee(amount, sub.platform_fee_percent)
+    key = idempotency_key(module, sub.follower, sub.plan_id, key_window or window.window_id)
     return ChargeDraft(
-        idempotency_key=idempotency_key(module, sub.follower, sub.plan_id, window.window_id),
+        idempotency_key=key,
         module=module.value,
         follower=sub.follower,
         provider=sub.provider,
@@ -276,31 +281,6 @@ def subscription_charge_minor(sub: store.PeriodSubscription, window: BillingWind
     return prorate(sub.subscription_price_minor, window.end_ns - start, period_end - period_start)
 
 
-def _period_draft(
-    sub: store.PeriodSubscription,
-    window: BillingWindow,
-    module: FeeModule,
-    key_window: str,
-    amount: int,
-    detail: dict[str, Any],
-) -> ChargeDraft:
-    split = platform_fee(amount, sub.platform_fee_percent)
-    return ChargeDraft(
-        idempotency_key=idempotency_key(module, sub.follower, sub.plan_id, key_window),
-        module=module.value,
-        follower=sub.follower,
-        provider=sub.provider,
-        plan_id=sub.plan_id,
-        window_id=window.window_id,
-        currency=sub.currency,
-        amount_minor=amount,
-        platform_fee_minor=split.application_fee_minor,
-        destination=sub.destination or "",
-        lines=({"module": module.value, "amount_minor": amount, **detail},),
-        issued_ns=window.end_ns,
-    )
-
-
 async def _issue_period_for(
     ctx: JobContext,
     sub: store.PeriodSubscription,
@@ -329,11 +309,10 @@ async def _issue_period_for(
             amount = subscription_charge_minor(current, window)
             if amount > 0:
                 drafts.append(
-                    _period_draft(
+                    _draft(
                         current,
                         window,
                         FeeModule.SUBSCRIPTION,
-                        window.window_id,
                         amount,
                         {
                             "price_minor": current.subscription_price_minor,
@@ -375,17 +354,17 @@ async def _issue_period_for(
             )
             if current.ppt_price_minor > 0:
                 drafts.append(
-                    _period_draft(
+                    _draft(
                         current,
                         window,
                         FeeModule.PAY_PER_TRADE,
-                        purchase,
                         current.ppt_price_minor,
                         {
                             "trades_bought": use.allowance.trades_bought,
                             "counted": list(use.allowance.counted),
                             "over_allowance": list(use.allowance.over_allowance),
                         },
+                        key_window=purchase,
                     )
                 )
         return [d.idempotency_key for d in drafts if await store.insert_charge(conn, d)]
