@@ -1635,6 +1635,28 @@ def _cmd_billing_seal(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_billing_smtp_set(args: argparse.Namespace) -> int:
+    from engine.billing.notifications import configure_provider_smtp, read_smtp_password
+    from engine.runtime.mail import SmtpSettings
+    from engine.runtime.postgres import configured_database_url
+
+    url = configured_database_url(args.database_url)
+    if url is None:
+        raise CommandFailed("name the database: --database-url or $TRADECOPY_DATABASE_URL")
+    # From stdin or a variable the operator names, never argv (every user of the machine
+    # sees a process's arguments, and shells keep them in their history).
+    password = read_smtp_password(
+        stdin=sys.stdin if args.password_stdin else None, env_name=args.password_env
+    )
+    settings = SmtpSettings(
+        host=args.host, port=args.port, security=args.security, username=args.username,
+        from_address=args.from_address,
+    )  # fmt: skip
+    run_async(configure_provider_smtp(url, args.provider, settings, password))
+    print(f"SMTP settings of {args.provider} stored, sealed")
+    return 0
+
+
 def _add_billing_commands(commands: Any) -> None:
     billing = commands.add_parser(
         "billing", help="the billing service: fees, invoices, Stripe Connect charges"
@@ -1649,8 +1671,11 @@ def _add_billing_commands(commands: Any) -> None:
     run.set_defaults(func=_cmd_billing_run)
     job = billing.add_parser("run-job", help="run one billing job once, as of a given instant")
     job.add_argument(
-        "name", choices=["weekly_fees", "hourly_sync", "daily_recheck", "prune"], help="the job"
-    )
+        "name",
+        choices=["weekly_fees", "hourly_sync", "daily_recheck", "prune", "period_charges",
+                 "allowance_sync"],
+        help="the job",
+    )  # fmt: skip
     job.add_argument(
         "--at", help="the instant the job runs as of, ISO 8601 with offset (default: now)"
     )
@@ -1662,6 +1687,23 @@ def _add_billing_commands(commands: Any) -> None:
         "seal-secret", help="seal a Stripe key read from stdin with $TRADECOPY_BILLING_KEY"
     )
     seal.set_defaults(func=_cmd_billing_seal)
+    smtp = billing.add_parser(
+        "smtp-set", help="store a provider's SMTP server, its password sealed (never from argv)"
+    )
+    smtp.add_argument("provider", help="the provider (the API's tenant id)")
+    smtp.add_argument("--host", required=True, help="the SMTP server")
+    smtp.add_argument("--port", type=int, default=587, help="default 587 (submission)")
+    smtp.add_argument(
+        "--security", choices=["starttls", "tls", "none"], default="starttls",
+        help="starttls (submission, 587), tls (implicit, 465) or none (a local relay)",
+    )  # fmt: skip
+    smtp.add_argument("--username", help="the login; its password from stdin or a variable")
+    smtp.add_argument("--from", dest="from_address", required=True, help="Name <address>")
+    source = smtp.add_mutually_exclusive_group()
+    source.add_argument("--password-stdin", action="store_true", help="read the password")
+    source.add_argument("--password-env", metavar="NAME", help="the variable holding it")
+    _add_database_url(smtp)
+    smtp.set_defaults(func=_cmd_billing_smtp_set)
 
 
 def _add_ledger_commands(commands: Any) -> None:
@@ -1744,6 +1786,7 @@ def _cmd_api_run(args: argparse.Namespace) -> int:
         host=args.host, port=args.port, nats_url=_nats_url(args), database_url=args.database_url,
         cors_origins=args.cors_origin, migrate=args.migrate,
         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+        metrics_host=args.metrics_host,
     )  # fmt: skip
     run_async(run_api(config, dev=args.dev))
     return 0
@@ -1812,6 +1855,10 @@ def _add_api_commands(commands: Any) -> None:
     run.add_argument(
         "--metrics-port", type=int, default=9466, help="/metrics and /healthz port (-1: none)"
     )
+    run.add_argument(
+        "--metrics-host", default="127.0.0.1",
+        help="/metrics and /healthz address (0.0.0.0 in a container, for probes and Prometheus)",
+    )  # fmt: skip
     run.add_argument("--migrate", action="store_true", help="apply the API's migrations first")
     run.add_argument(
         "--dev", action="store_true",

@@ -19,13 +19,17 @@ JSON objects and errors). What it enforces, as Stripe does:
   is then disputed (``charge.dispute.created``).
 - **Events.** Every change above makes Stripe's event (``payment_intent.succeeded``,
   ``payment_intent.payment_failed``, ``charge.succeeded``, ``charge.refunded``,
-  ``charge.dispute.created``, ``checkout.session.completed`` is not sent: no browser here),
+  ``charge.dispute.created``; ``checkout.session.completed`` when a test plays the browser with
+  ``complete_checkout_session``, ``checkout.session.expired`` with ``expire_checkout_session``),
   listed newest first by ``GET /v1/events`` with ``created[gte]``, ``starting_after`` and
   ``limit``, as Stripe pages them. Tests deliver them to the webhook endpoint themselves, signed
   with the SDK's ``WebhookSignature``.
 
 Fault injection: ``lose_responses`` drops the connection of the next N POSTs *after* their
 result is stored (the caller cannot tell whether the request happened, like a network cut).
+Checkout Sessions are checked as Stripe checks them: ``price_data`` line items in one currency,
+no recurring price outside ``mode=subscription``, an existing destination account, a platform
+fee within the amount (``payment``) or 0-100 % (``subscription``).
 What it cannot prove is said in ``engine/billing/README.md`` ("The Stripe peer").
 """
 
@@ -527,13 +531,64 @@ class StripePeer:
             "status": "succeeded",
         }
 
+    def _destination(self, data: dict[str, Any], param: str) -> str | None:
+        destination = (data.get("transfer_data") or {}).get("destination")
+        if destination is not None and destination not in self.accounts:
+            raise PeerError(
+                400,
+                "invalid_request_error",
+                f"No such destination: '{destination}'",
+                param=f"{param}[transfer_data][destination]",
+                code="resource_missing",
+            )
+        return destination
+
+    def _line_total(self, items: list[Any], mode: str) -> tuple[int, str | None]:
+        """The session's total and currency from ``line_items`` (``price_data`` or a price id);
+        a recurring price outside subscription mode is refused, as Stripe does."""
+        total, currency = 0, None
+        for n, item in enumerate(items):
+            if not isinstance(item, dict):
+                raise PeerError(
+                    400, "invalid_request_error", "Invalid line item", param="line_items"
+                )
+            quantity = self._int({"q": item.get("quantity", "1")}, "q")
+            data = item.get("price_data")
+            if data is None:
+                self._require(item, "price")
+                continue
+            where = f"line_items[{n}][price_data]"
+            amount = self._int(data, "unit_amount")
+            item_currency = self._require(data, "currency")
+            if currency is not None and item_currency != currency:
+                raise PeerError(
+                    400, "invalid_request_error", "All line items must use the same currency",
+                    param=f"{where}[currency]",
+                )  # fmt: skip
+            currency = item_currency
+            if "recurring" in data:
+                if mode != "subscription":
+                    raise PeerError(
+                        400, "invalid_request_error",
+                        "You specified `payment` mode but passed a recurring price.",
+                        param=f"{where}[recurring]",
+                    )  # fmt: skip
+                if data["recurring"].get("interval") not in ("day", "week", "month", "year"):
+                    raise PeerError(
+                        400, "invalid_request_error", "Invalid interval",
+                        param=f"{where}[recurring][interval]",
+                    )  # fmt: skip
+            total += amount * quantity
+        return total, currency
+
     def _create_checkout_session(self, params: dict[str, Any]) -> dict[str, Any]:
         if params.get("mode") not in ("payment", "subscription", "setup"):
             raise PeerError(400, "invalid_request_error", "Invalid mode", param="mode")
         customer = self._customer(params)
         self._require(params, "success_url")
+        mode = params["mode"]
         items = params.get("line_items") or []
-        if params["mode"] != "setup" and not items:
+        if mode != "setup" and not items:
             raise PeerError(
                 400,
                 "invalid_request_error",
@@ -541,20 +596,94 @@ class StripePeer:
                 param="line_items",
                 code="parameter_missing",
             )
+        if mode == "setup":
+            self._require(params, "currency")
+        total, currency = self._line_total(items, mode)
+        if mode == "subscription":
+            data = params.get("subscription_data") or {}
+            self._destination(data, "subscription_data")
+            percent = data.get("application_fee_percent")
+            if percent is not None and (
+                not re.fullmatch(r"\d{1,3}(\.\d{1,2})?", str(percent)) or float(percent) > 100
+            ):
+                raise PeerError(
+                    400, "invalid_request_error",
+                    "application_fee_percent must be 0-100 with at most two decimals",
+                    param="subscription_data[application_fee_percent]",
+                )  # fmt: skip
+        if mode == "payment":
+            data = params.get("payment_intent_data") or {}
+            self._destination(data, "payment_intent_data")
+            if "application_fee_amount" in data:
+                fee = self._int(data, "application_fee_amount")
+                if fee > total:
+                    raise PeerError(
+                        400, "invalid_request_error",
+                        "The application fee amount cannot exceed the amount of the charge.",
+                        param="payment_intent_data[application_fee_amount]",
+                    )  # fmt: skip
         session = {
             "id": self._id("cs"),
             "object": "checkout.session",
-            "mode": params["mode"],
+            "mode": mode,
             "customer": customer["id"],
+            "client_reference_id": params.get("client_reference_id"),
             "status": "open",
+            "payment_status": "unpaid",
+            "amount_total": total,
+            "currency": currency or params.get("currency"),
             "line_items": items,
             "metadata": params.get("metadata", {}),
             "subscription_data": params.get("subscription_data", {}),
             "payment_intent_data": params.get("payment_intent_data", {}),
+            "subscription": None,
+            "payment_intent": None,
+            "setup_intent": None,
+            "success_url": params["success_url"],
+            "cancel_url": params.get("cancel_url"),
         }
         session["url"] = f"{self.url}/checkout/{session['id']}"
         self.checkout_sessions[session["id"]] = session
         return session
+
+    def complete_checkout_session(self, session_id: str) -> dict[str, Any]:
+        """What the follower's browser does at Stripe: pay (or save a card), which completes
+        the session and emits ``checkout.session.completed``; the event, to deliver."""
+        session = self.checkout_sessions[session_id]
+        if session["status"] != "open":
+            raise ValueError(f"session {session_id} is {session['status']}")
+        session["status"] = "complete"
+        if session["mode"] == "subscription":
+            data = session["subscription_data"]
+            sub_id = self._id("sub")
+            subscription = {
+                "id": sub_id,
+                "object": "subscription",
+                "customer": session["customer"],
+                "status": "active",
+                "metadata": data.get("metadata", {}),
+                "application_fee_percent": data.get("application_fee_percent"),
+                "transfer_data": data.get("transfer_data", {}),
+            }
+            self.subscriptions[sub_id] = subscription
+            self._event("customer.subscription.created", subscription)
+            session["subscription"] = sub_id
+            session["payment_status"] = "paid"
+        elif session["mode"] == "payment":
+            session["payment_intent"] = self._id("pi")
+            session["payment_status"] = "paid"
+        else:
+            session["setup_intent"] = self._id("seti")
+            session["payment_status"] = "no_payment_required"
+        self._event("checkout.session.completed", session)
+        return self.events[-1]
+
+    def expire_checkout_session(self, session_id: str) -> dict[str, Any]:
+        """The session left unpaid until it expired: ``checkout.session.expired``."""
+        session = self.checkout_sessions[session_id]
+        session["status"] = "expired"
+        self._event("checkout.session.expired", session)
+        return self.events[-1]
 
     def _create_subscription(self, params: dict[str, Any]) -> dict[str, Any]:
         customer = self._customer(params)

@@ -10,6 +10,7 @@ rule, proven by ``test_disabled_link_skips_opens_but_copies_closes_and_changes``
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -32,14 +33,20 @@ from engine.billing.enforcement import (
     next_deletion_state,
 )
 from engine.billing.gateway import StripeGateway
+from engine.billing.jobs import JobContext, renew_allowance, run_job
+from engine.billing.ledgerfacts import LedgerViewFacts
 from engine.billing.service import BillingService
 from engine.billing.store import ChargeDraft, ChargeState
 from engine.billing.webhooks import charge_moved, process_stored_events, store_event
+from engine.ledger.store import migrate as migrate_ledger
 from engine.runtime.jetstream import ensure_buckets
 from engine.runtime.links import apply_links
 from engine.runtime.natsserver import EmbeddedNats
 from schemas import codec, subjects
+from schemas.common import Side
 from schemas.links import CopyLink
+from schemas.orders import FollowerOpen
+from schemas.reports import OrderFilled
 
 #: account → (provider, follower). P1 sells m1; P2 sells m2. Follower F1 copies on both.
 OWNERS: dict[str, tuple[str, str | None]] = {
@@ -426,3 +433,198 @@ async def test_the_billing_service_applies_a_stripe_failure_to_the_links(
     finally:
         await service.stop()
         await gateway.close()
+
+
+# --------------------------------------------------------------------------- used-up allowance
+
+HOUR = 3600 * 10**9
+PURCHASED = 1_775_000_000 * 10**9  # 2026-03-31T23:33:20Z
+
+
+async def ledger_open(
+    pool: asyncpg.Pool, account: str, link: str, order_id: str, ts: int, *, manual: bool = False
+) -> None:
+    """A copy opened on ``account`` and its fill, stored as the ledger stores them."""
+    order = FollowerOpen(
+        order_id=order_id,
+        link_id=link,
+        follower=account,
+        master="m1",
+        master_event_id=f"e-{order_id}",
+        symbol="EURUSD",
+        ts_ns=ts - 10**6,
+        master_position_id=f"mp-{order_id}",
+        side=Side.BUY,
+        volume=0.1,
+        manual=manual,
+    )
+    fill = OrderFilled(
+        order_id=order_id,
+        link_id=link,
+        follower=account,
+        ts_ns=ts,
+        symbol="EURUSD",
+        position_id=f"fp-{order_id}",
+        side=Side.BUY,
+        volume=0.1,
+        price=1.1,
+    )
+    async with pool.acquire() as conn:
+        seq = await conn.fetchval("SELECT count(*) + 1 FROM ledger_follower_orders")
+        await conn.execute(
+            "INSERT INTO ledger_follower_orders (order_id, tenant, follower, master, link_id,"
+            " master_event_id, type, symbol, ts_ns, stream_seq, payload)"
+            " VALUES ($1, 'default', $2, 'm1', $3, $4, 'open', 'EURUSD', $5, $6, $7)",
+            order_id,
+            account,
+            link,
+            f"e-{order_id}",
+            ts - 10**6,
+            seq,
+            codec.encode(order),
+        )
+        await conn.execute(
+            "INSERT INTO ledger_execution_reports (order_id, status, tenant, follower, link_id,"
+            " symbol, position_id, ts_ns, stream_seq, payload)"
+            " VALUES ($1, 'filled', 'default', $2, $3, 'EURUSD', $4, $5, $6, $7)",
+            order_id,
+            account,
+            link,
+            f"fp-{order_id}",
+            ts,
+            seq,
+            codec.encode(fill),
+        )
+
+
+async def test_a_used_up_allowance_stops_its_links_by_itself_until_renewed(
+    pool: asyncpg.Pool, js: JetStreamContext, links_kv: KeyValue, database_url: str
+) -> None:
+    await migrate_ledger(database_url)
+    async with pool.acquire() as conn:
+        await store.upsert_operator_plan(
+            conn,
+            plan_id="op",
+            currency="USD",
+            platform_fee_percent="10",
+            account_pool_limit=10,
+            modules=["pay_per_trade"],
+        )
+        await store.upsert_provider(conn, provider="P1", operator_plan="op", stripe_account=None)
+        await store.upsert_follower_plan(
+            conn,
+            plan_id="ppt3",
+            provider="P1",
+            currency="USD",
+            modules=["pay_per_trade"],
+            ppt_trades=3,
+            ppt_price_minor=900,
+        )
+        await store.subscribe(conn, follower="F1", plan_id="ppt3", started_ns=PURCHASED)
+        assert await renew_allowance(conn, "F1", "ppt3", PURCHASED) == "20260331T233320Z"
+    ctx = JobContext(
+        pool=pool,
+        gateway=StripeGateway(""),
+        facts=LedgerViewFacts(pool),
+        enforcer=make_enforcer(pool, js, links_kv),
+        portal_url="https://copy.example/billing",
+    )
+    async with pool.acquire() as conn:
+        await store.save_contact(conn, "F1", "f1@example.de", "de")
+    # Two copies on F1's account at P1, a manual trade, and copies F1 made at P2 (whose
+    # allowance is not this one) and before the purchase: two of three used.
+    await ledger_open(pool, "a1", "l1", "o1", PURCHASED + HOUR)
+    await ledger_open(pool, "a1", "l1", "o2", PURCHASED + 2 * HOUR)
+    await ledger_open(pool, "a1", "l1", "m1", PURCHASED + 2 * HOUR, manual=True)
+    await ledger_open(pool, "c1", "l3", "p2-1", PURCHASED + 2 * HOUR)
+    await ledger_open(pool, "a1", "l1", "old", PURCHASED - HOUR)
+    summary = await run_job(ctx, "allowance_sync", PURCHASED + 3 * HOUR)
+    assert summary.allowances_used_up == 0
+    assert await enabled(links_kv) == ALL_ON
+    # The third copy uses it up: billing stops F1's links from P1 on its own.
+    await ledger_open(pool, "a1", "l1", "o3", PURCHASED + 4 * HOUR)
+    summary = await run_job(ctx, "allowance_sync", PURCHASED + 5 * HOUR)
+    assert summary.allowances_used_up == 1
+    assert await enabled(links_kv) == {**ALL_ON, "l1": False}
+    async with pool.acquire() as conn:
+        (row,) = await store.enforcement_rows(conn, state="active")
+        assert (row.subject, row.cause, row.provider) == ("F1", "allowance:ppt3", "P1")
+        sub = await store.period_subscription(conn, "F1", "ppt3")
+    assert sub is not None and sub.ppt_counted == ("o1", "o2", "o3")
+    # Again, with a copy that was already in flight: counted over the allowance, nothing else.
+    await ledger_open(pool, "a1", "l1", "o4", PURCHASED + 5 * HOUR)
+    await run_job(ctx, "allowance_sync", PURCHASED + 6 * HOUR)
+    await run_job(ctx, "allowance_sync", PURCHASED + 6 * HOUR)
+    assert await enabled(links_kv) == {**ALL_ON, "l1": False}
+    async with pool.acquire() as conn:
+        sub = await store.period_subscription(conn, "F1", "ppt3")
+        assert sub is not None and sub.ppt_over == ("o4",)
+        # The follower is told once, in German, where to buy another allowance.
+        ((email_id, _, _, _),) = await store.outbox_state(conn)
+        assert email_id == "allowance_used_up:F1:ppt3:20260331T233320Z"
+        body = await conn.fetchval("SELECT body_text FROM billing_email_outbox")
+        assert "https://copy.example/billing/plans/ppt3" in body
+        # A new allowance lifts the stop; the copies before it do not count against it.
+        await renew_allowance(conn, "F1", "ppt3", PURCHASED + 7 * HOUR)
+    await run_job(ctx, "allowance_sync", PURCHASED + 8 * HOUR)
+    assert await enabled(links_kv) == ALL_ON
+    async with pool.acquire() as conn:
+        sub = await store.period_subscription(conn, "F1", "ppt3")
+    assert sub is not None and (sub.ppt_counted, sub.ppt_trades_bought) == ((), 3)
+
+
+async def test_an_allowance_bought_through_checkout_counts_from_its_purchase(
+    pool: asyncpg.Pool, js: JetStreamContext, links_kv: KeyValue, database_url: str
+) -> None:
+    """Checkout names the purchase by its session and says no instant: the row is stamped
+    with the transaction's time, and only copies opened since then count."""
+    await migrate_ledger(database_url)
+    async with pool.acquire() as conn:
+        await store.upsert_operator_plan(
+            conn,
+            plan_id="op",
+            currency="USD",
+            platform_fee_percent="10",
+            account_pool_limit=10,
+            modules=["pay_per_trade"],
+        )
+        await store.upsert_provider(conn, provider="P1", operator_plan="op", stripe_account=None)
+        await store.upsert_follower_plan(
+            conn,
+            plan_id="ppt2",
+            provider="P1",
+            currency="USD",
+            modules=["pay_per_trade"],
+            ppt_trades=2,
+            ppt_price_minor=900,
+        )
+        before = time.time_ns()
+        await store.subscribe(conn, follower="F1", plan_id="ppt2", started_ns=before - 10 * HOUR)
+        await store.save_allowance(
+            conn,
+            follower="F1",
+            plan_id="ppt2",
+            purchase_id="cs_test_a1",
+            trades_bought=2,
+            counted=(),
+            over=(),
+        )
+        sub = await store.period_subscription(conn, "F1", "ppt2")
+    assert sub is not None and sub.ppt_purchased_ns is not None
+    assert before - HOUR < sub.ppt_purchased_ns < time.time_ns() + HOUR
+    ctx = JobContext(
+        pool=pool,
+        gateway=StripeGateway(""),
+        facts=LedgerViewFacts(pool),
+        enforcer=make_enforcer(pool, js, links_kv),
+    )
+    await ledger_open(pool, "a1", "l1", "before", before - 2 * HOUR)
+    await ledger_open(pool, "a1", "l1", "o1", sub.ppt_purchased_ns + HOUR)
+    await run_job(ctx, "allowance_sync", sub.ppt_purchased_ns + 2 * HOUR)
+    assert await enabled(links_kv) == ALL_ON
+    await ledger_open(pool, "a1", "l1", "o2", sub.ppt_purchased_ns + 3 * HOUR)
+    await run_job(ctx, "allowance_sync", sub.ppt_purchased_ns + 4 * HOUR)
+    assert await enabled(links_kv) == {**ALL_ON, "l1": False}
+    async with pool.acquire() as conn:
+        sub = await store.period_subscription(conn, "F1", "ppt2")
+    assert sub is not None and sub.ppt_counted == ("o1", "o2")

@@ -9,6 +9,7 @@ import dataclasses
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from decimal import Decimal
 
 import asyncpg
 import msgspec
@@ -19,14 +20,24 @@ from stripe_peer import StripePeer
 from engine.billing import store
 from engine.billing.config import (
     ENV_BILLING_KEY,
+    ENV_STRIPE_API_KEY_SEALED,
+    ENV_WEBHOOK_SECRET_SEALED,
     BillingConfig,
     BillingConfigError,
     StripeMode,
     seal_secret,
     stripe_api_key,
+    webhook_secret,
 )
 from engine.billing.gateway import StripeGateway
-from engine.billing.jobs import JobContext, Scheduler, issue_weekly_charges, run_job
+from engine.billing.jobs import (
+    JobContext,
+    Scheduler,
+    due_subscription_periods,
+    issue_weekly_charges,
+    renew_allowance,
+    run_job,
+)
 from engine.billing.ledgerfacts import LedgerViewFacts
 from engine.billing.service import parse_at, run_billing_job
 from engine.billing.store import ChargeState
@@ -427,3 +438,175 @@ async def ledger_close(
             seq,
             encode(fill),
         )
+
+
+# --------------------------------------------------------------------------- period charges
+
+
+def at(text: str) -> int:
+    return parse_at(text)
+
+
+async def monthly_follower(world: World, name: str, started: str) -> None:
+    """``name`` on a 30.00 USD monthly subscription with a 10-trade, 15.00 USD allowance."""
+    async with world.pool.acquire() as conn:
+        await store.upsert_follower_plan(
+            conn,
+            plan_id="sub30",
+            provider="p1",
+            currency="USD",
+            modules=["subscription", "pay_per_trade"],
+            subscription_price_minor=3000,
+            subscription_period="monthly",
+            ppt_trades=10,
+            ppt_price_minor=1500,
+        )
+    customer = await world.gateway.create_customer(follower=name, email=f"{name}@x.test")
+    pm = await world.gateway.attach_payment_method(customer, stripe_peer.SUCCEEDS)
+    async with world.pool.acquire() as conn:
+        await store.upsert_customer(
+            conn, follower=name, stripe_customer=customer, payment_method=pm
+        )
+        await store.subscribe(conn, follower=name, plan_id="sub30", started_ns=at(started))
+
+
+async def keys_and_states(world: World) -> dict[str, ChargeState]:
+    return {c.idempotency_key: c.state for c in await world.charges()}
+
+
+async def test_two_schedulers_charge_a_due_renewal_once(world: World) -> None:
+    await monthly_follower(world, "f1", "2026-04-01T00:00:00Z")
+    await run_job(world.context(), "period_charges", at("2026-04-01T00:30:00Z"))
+    assert await keys_and_states(world) == {
+        "subscription:f1:sub30:20260401T000000Z": ChargeState.SUCCEEDED,
+        "pay_per_trade:f1:sub30:20260401T000000Z": ChargeState.SUCCEEDED,
+    }
+    # A month later the renewal is due; two instances run the schedule.
+    renewal = at("2026-05-01T00:00:05Z")
+    schedulers = [
+        Scheduler(world.context(), world.database_url, clock=lambda: renewal, retry_leader_s=0.05)
+        for _ in range(2)
+    ]
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(s.run(stop)) for s in schedulers]
+    key = "subscription:f1:sub30:20260501T000000Z"
+    try:
+        for _ in range(200):
+            if (await keys_and_states(world)).get(key) is ChargeState.SUCCEEDED:
+                break
+            await asyncio.sleep(0.05)
+        assert [s.leader for s in schedulers].count(True) == 1
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+    # Both instances running the job by hand as well charges nothing more.
+    await asyncio.gather(*(run_job(world.context(), "period_charges", renewal) for _ in range(2)))
+    charges = await world.charges()
+    assert sorted(c.idempotency_key for c in charges) == sorted(
+        [
+            "subscription:f1:sub30:20260401T000000Z",
+            "pay_per_trade:f1:sub30:20260401T000000Z",
+            key,
+        ]
+    )
+    may = next(c for c in charges if c.idempotency_key == key)
+    assert (may.amount_minor, may.platform_fee_minor, may.issued_ns) == (
+        3000,
+        375,
+        at("2026-05-01T00:00:00Z"),
+    )
+    assert len(world.peer.payment_intents) == 3
+
+
+async def test_a_late_start_charges_every_period_that_started_oldest_first(world: World) -> None:
+    await monthly_follower(world, "f1", "2026-01-31T12:00:00Z")
+    summary = await run_job(world.context(), "period_charges", at("2026-04-15T00:00:00Z"))
+    assert summary.issued == 4  # three renewals that no one charged, and the one allowance
+    subscription = sorted(c.window_id for c in await world.charges() if c.module == "subscription")
+    # Anchored on the 31st: the day is clamped to the month's end, counted from the anchor.
+    assert subscription == ["20260131T120000Z", "20260228T120000Z", "20260331T120000Z"]
+    again = await run_job(world.context(), "period_charges", at("2026-04-15T00:00:00Z"))
+    assert again.issued == 0
+    assert len(world.peer.payment_intents) == 4
+
+
+async def test_a_checkout_subscription_is_renewed_by_stripe_not_here(world: World) -> None:
+    await monthly_follower(world, "f1", "2026-04-01T00:00:00Z")
+    async with world.pool.acquire() as conn:
+        await conn.execute(
+            "UPDATE billing_subscriptions SET stripe_subscription = 'sub_1' WHERE follower = 'f1'"
+        )
+    await run_job(world.context(), "period_charges", at("2026-05-02T00:00:00Z"))
+    assert [c.module for c in await world.charges()] == ["pay_per_trade"]
+
+
+async def test_a_renewed_allowance_is_charged_once_as_a_new_purchase(world: World) -> None:
+    await monthly_follower(world, "f1", "2026-04-01T00:00:00Z")
+    await run_job(world.context(), "period_charges", at("2026-04-01T00:30:00Z"))
+    async with world.pool.acquire() as conn:
+        first = await renew_allowance(conn, "f1", "sub30", at("2026-04-10T08:00:00Z"))
+        second = await renew_allowance(conn, "f1", "sub30", at("2026-04-10T08:00:00Z"))
+    assert first == second == "20260410T080000Z"
+    await run_job(world.context(), "period_charges", at("2026-04-10T09:00:00Z"))
+    await run_job(world.context(), "period_charges", at("2026-04-10T10:00:00Z"))
+    ppt = sorted(c.window_id for c in await world.charges() if c.module == "pay_per_trade")
+    assert ppt == ["20260401T000000Z", "20260410T080000Z"]
+
+
+def test_due_periods_follow_the_anchor_from_the_last_one_charged() -> None:
+    sub = store.PeriodSubscription(
+        follower="f1",
+        plan_id="q",
+        provider="p1",
+        currency="USD",
+        modules=("subscription",),
+        subscription_price_minor=9000,
+        subscription_period="quarterly",
+        ppt_trades=None,
+        ppt_price_minor=None,
+        platform_fee_percent=Decimal("10"),
+        destination="acct_1",
+        started_ns=at("2026-01-15T00:00:00Z"),
+        anchor_ns=at("2026-01-15T00:00:00Z"),
+        ppt_purchase_id=None,
+        ppt_trades_bought=0,
+        ppt_counted=(),
+        ppt_over=(),
+    )
+    ids = [w.window_id for w in due_subscription_periods(sub, None, at("2026-07-15T00:00:00Z"))]
+    assert ids == ["20260115T000000Z", "20260415T000000Z", "20260715T000000Z"]
+    after = due_subscription_periods(sub, at("2026-04-15T00:00:00Z"), at("2026-07-14T23:59:59Z"))
+    assert after == []
+    assert due_subscription_periods(sub, None, at("2026-01-14T00:00:00Z")) == []
+
+
+def test_sealed_stripe_keys_may_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A deployment keeps its config in a ConfigMap and the sealed keys in a Secret's env."""
+    monkeypatch.setenv(ENV_BILLING_KEY, base64.b64encode(bytes(range(32))).decode())
+    monkeypatch.setenv(ENV_STRIPE_API_KEY_SEALED, seal_secret("sk_test_from_env"))
+    monkeypatch.setenv(ENV_WEBHOOK_SECRET_SEALED, seal_secret("whsec_from_env"))
+    assert stripe_api_key(BillingConfig()) == "sk_test_from_env"
+    assert webhook_secret(BillingConfig()) == "whsec_from_env"
+    # The config file's own value wins.
+    assert stripe_api_key(BillingConfig(stripe_api_key_sealed=seal_secret("sk_test_file"))) == (
+        "sk_test_file"
+    )
+    monkeypatch.delenv(ENV_STRIPE_API_KEY_SEALED)
+    with pytest.raises(BillingConfigError, match=ENV_STRIPE_API_KEY_SEALED):
+        stripe_api_key(BillingConfig())
+
+
+async def test_an_allowance_bought_through_checkout_is_not_charged_again(world: World) -> None:
+    await monthly_follower(world, "f1", "2026-04-01T00:00:00Z")
+    async with world.pool.acquire() as conn:
+        await store.save_allowance(
+            conn,
+            follower="f1",
+            plan_id="sub30",
+            purchase_id="cs_test_paid",
+            trades_bought=10,
+            counted=(),
+            over=(),
+        )
+    await run_job(world.context(), "period_charges", at("2026-04-01T00:30:00Z"))
+    assert [c.module for c in await world.charges()] == ["subscription"]

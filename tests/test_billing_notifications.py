@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import email
 import email.policy
+import io
 import os
 import shutil
 import socket
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import msgspec
 import pytest
 from aiosmtpd.controller import Controller
 
@@ -271,3 +273,101 @@ def test_every_kind_renders_in_every_language_with_values_escaped_in_html() -> N
                 assert 'href="https://copy.example/x?a=1&amp;b=2"' in mail.html
     with pytest.raises(CatalogueError, match="needs"):
         notifications.render("de", "invite", to="x@example.com", provider="P")
+
+
+# --------------------------------------------------------------------------- SMTP login
+
+
+class OnlyGoldDesk:
+    """An aiosmtpd authenticator accepting one login: golddesk / ``password``."""
+
+    def __init__(self, password: str) -> None:
+        self.password = password.encode()
+        self.tries: list[bytes] = []
+
+    def __call__(self, server: Any, session: Any, envelope: Any, mechanism: str,
+                 auth_data: Any) -> Any:  # fmt: skip
+        from aiosmtpd.smtp import AuthResult, LoginPassword
+
+        assert isinstance(auth_data, LoginPassword)
+        self.tries.append(auth_data.password)
+        ok = auth_data.login == b"golddesk" and auth_data.password == self.password
+        return AuthResult(success=ok, handled=False)
+
+
+@pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")
+async def test_the_sealed_password_logs_in_to_the_providers_server(
+    pool: asyncpg.Pool, master_key: str, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The password is given once (from a variable the operator names), stored only sealed,
+    and opened to log in at sending time."""
+    inbox = Inbox()
+    port = free_port()
+    login = OnlyGoldDesk("gold-desk-pw-7")
+    controller = Controller(inbox, hostname="127.0.0.1", port=port, authenticator=login,
+                            auth_required=True, auth_require_tls=False)  # fmt: skip
+    controller.start()
+    try:
+        monkeypatch.setenv("GOLDDESK_SMTP_PW", "gold-desk-pw-7")
+        password = notifications.read_smtp_password(env_name="GOLDDESK_SMTP_PW")
+        monkeypatch.delenv("GOLDDESK_SMTP_PW")
+        settings = msgspec.structs.replace(settings_for(port), username="golddesk")
+        await notifications.configure_provider_smtp(database_url, "GoldDesk", settings, password)
+        async with pool.acquire() as conn:
+            sealed = await store.smtp_settings_sealed(conn, "GoldDesk")
+            await store.save_contact(conn, "anna", "anna@example.de", "de")
+        assert sealed is not None and "gold-desk-pw-7" not in sealed
+        assert "gold-desk-pw-7" not in base64.b64decode(sealed).decode(errors="replace")
+        await charge_reaches(pool, charge("k-anna", "anna", "EUR", 990), ChargeState.SUCCEEDED)
+        await queue_notifications(pool, PORTAL)
+        assert await drain_outbox(pool, base_delay_s=0.0) == {"sent": 1}
+        assert login.tries == [b"gold-desk-pw-7"] and len(inbox.messages) == 1
+        # handed to the SMTP client as an argument: never left in the process's environment
+        assert "gold-desk-pw-7" not in os.environ.values()
+        # A password the server refuses is a permanent refusal, kept, never in the error.
+        await notifications.configure_provider_smtp(database_url, "GoldDesk", settings, "wrong-pw")
+        await store.serializable(pool, lambda c: c.execute("DELETE FROM billing_notifications"))
+        await charge_reaches(pool, charge("k-ben", "anna", "EUR", 500), ChargeState.SUCCEEDED)
+        await queue_notifications(pool, PORTAL)
+        assert await drain_outbox(pool, base_delay_s=0.0) == {"failed": 1}
+        async with pool.acquire() as conn:
+            errors = [e for _, _, sent, e in await store.outbox_state(conn) if not sent]
+        assert len(errors) == 1 and "wrong-pw" not in str(errors)
+    finally:
+        controller.stop()
+
+
+def test_an_smtp_password_comes_from_stdin_or_a_variable_never_empty(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert notifications.read_smtp_password(stdin=io.StringIO("s3cret\n")) == "s3cret"
+    assert notifications.read_smtp_password() is None
+    with pytest.raises(notifications.SmtpPasswordError, match="stdin"):
+        notifications.read_smtp_password(stdin=io.StringIO(""))
+    monkeypatch.delenv("NO_SUCH_SMTP_PW", raising=False)
+    with pytest.raises(notifications.SmtpPasswordError, match="NO_SUCH_SMTP_PW"):
+        notifications.read_smtp_password(env_name="NO_SUCH_SMTP_PW")
+    with pytest.raises(notifications.SmtpPasswordError, match="not both"):
+        notifications.read_smtp_password(stdin=io.StringIO("a\n"), env_name="X")
+
+
+async def test_smtp_set_stores_the_password_sealed_from_a_named_variable_never_argv(
+    pool: asyncpg.Pool, master_key: str, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`tradecopy billing smtp-set` reads the password from the variable it is told, and what
+    it stores opens to the same settings and password."""
+    import asyncio
+
+    from engine.cli import main
+
+    monkeypatch.setenv("DESK_PW", "desk-pw-42")
+    argv = ["billing", "smtp-set", "GoldDesk", "--host", "127.0.0.1", "--port", "2525",
+            "--security", "none", "--username", "desk", "--from", "Gold Desk <desk@example.com>",
+            "--password-env", "DESK_PW", "--database-url", database_url]  # fmt: skip
+    assert await asyncio.to_thread(main, argv) == 0
+    async with pool.acquire() as conn:
+        opened = await notifications.provider_smtp(conn, "GoldDesk")
+        sealed = await store.smtp_settings_sealed(conn, "GoldDesk")
+    assert opened is not None and opened.password == "desk-pw-42"
+    assert opened.settings.host == "127.0.0.1" and opened.settings.username == "desk"
+    assert sealed is not None and "desk-pw-42" not in sealed

@@ -56,6 +56,8 @@ async def test_migrations_apply_once(database_url: str) -> None:
         "0001_billing",
         "0002_pool_limits",
         "0003_enforcement",
+        "0004_plans_api",
+        "0005_disputes_and_purchases",
     ]
     assert await store.migrate(database_url) == []
 

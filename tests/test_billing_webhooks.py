@@ -235,3 +235,87 @@ async def test_the_service_applies_deliveries_in_the_background(database_url: st
     finally:
         await service.stop()
         await close_world(world)
+
+
+# --------------------------------------------------------------------------- dispute outcomes
+
+
+def dispute_closed(created: dict[str, object], status: str, event_id: str) -> dict[str, object]:
+    """``charge.dispute.closed`` for the dispute ``created`` opened, as Stripe sends it: the
+    same dispute object with its final ``status`` (the peer does not close disputes)."""
+    data = created["data"]
+    assert isinstance(data, dict)
+    dispute = {**data["object"], "status": status}
+    created_s = created["created"]
+    assert isinstance(created_s, int)
+    return {**created, "id": event_id, "type": "charge.dispute.closed",
+            "created": created_s + 1, "data": {"object": dispute}}  # fmt: skip
+
+
+async def test_a_won_dispute_lifts_the_stop_and_a_lost_one_keeps_it_in_any_order(
+    endpoint: tuple[World, test_utils.TestClient],
+) -> None:
+    world, client = endpoint
+    for name in ("won", "lost"):
+        await world.follower(name, stripe_peer.DISPUTED)
+        await world.equity(name, 1_050_000, W13.end_ns - 10**9)
+    await run_job(world.context(), "weekly_fees", W13.end_ns)
+    charges = {c.follower: c for c in await world.charges()}
+    events = list(world.peer.events)
+    opened = {
+        c.follower: next(
+            e for e in events
+            if e["type"] == "charge.dispute.created"
+            and e["data"]["object"]["payment_intent"] == c.stripe_payment_intent
+        )
+        for c in charges.values()
+    }  # fmt: skip
+    closed = [
+        dispute_closed(opened["won"], "won", "evt_closed_won"),
+        dispute_closed(opened["lost"], "lost", "evt_closed_lost"),
+    ]
+    # Every event twice, the outcomes first: the same end state as in Stripe's order.
+    deliveries = closed + events + events + closed
+    random.Random(5).shuffle(deliveries)
+    for event in closed + deliveries:
+        assert await deliver(client, event) == 200
+    await process_stored_events(world.pool)
+    assert await states(world) == {
+        "won": ChargeState.DISPUTE_WON,
+        "lost": ChargeState.DISPUTE_LOST,
+    }
+    async with world.pool.acquire() as conn:
+        active = await store.enforcement_rows(conn, state="active")
+        revenue = await store.operator_revenue(conn)
+    # The lost dispute keeps the follower stopped; the won one holds no stop.
+    assert [(r.subject, r.cause) for r in active] == [
+        ("lost", f"charge:{charges['lost'].idempotency_key}")
+    ]
+    (month,) = revenue
+    assert (month.paid_minor, month.reversed_minor) == (10_000, 10_000)
+
+
+async def test_a_won_dispute_in_stripe_order_lifts_the_cause_it_raised(
+    endpoint: tuple[World, test_utils.TestClient],
+) -> None:
+    world, client = endpoint
+    await world.follower("f1", stripe_peer.DISPUTED)
+    await world.equity("f1", 1_050_000, W13.end_ns - 10**9)
+    await run_job(world.context(), "weekly_fees", W13.end_ns)
+    for event in world.peer.events:
+        await deliver(client, event)
+    await process_stored_events(world.pool)
+    async with world.pool.acquire() as conn:
+        (row,) = await store.enforcement_rows(conn, state="active")
+    assert row.subject == "f1"
+    opened = next(e for e in world.peer.events if e["type"] == "charge.dispute.created")
+    await deliver(client, dispute_closed(opened, "warning_closed", "evt_inquiry"))
+    await process_stored_events(world.pool)
+    assert (await states(world))["f1"] is ChargeState.DISPUTED  # an inquiry changes nothing
+    await deliver(client, dispute_closed(opened, "won", "evt_won"))
+    await process_stored_events(world.pool)
+    assert (await states(world))["f1"] is ChargeState.DISPUTE_WON
+    async with world.pool.acquire() as conn:
+        assert await store.enforcement_rows(conn, state="active") == []
+        (lifted,) = await store.enforcement_rows(conn, state="lifted")
+    assert lifted.needs_apply  # the links are resumed by the enforcer after the commit

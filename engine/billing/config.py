@@ -15,6 +15,10 @@ from engine.core.errors import TradecopyError
 
 #: The AES-256 key (32 bytes, base64) that opens the sealed Stripe keys of the config file.
 ENV_BILLING_KEY = "TRADECOPY_BILLING_KEY"
+#: The sealed Stripe key and webhook secret, when the config file leaves them out: a
+#: deployment keeps its config in a ConfigMap and these beside the key in a Secret.
+ENV_STRIPE_API_KEY_SEALED = "TRADECOPY_BILLING_STRIPE_API_KEY_SEALED"
+ENV_WEBHOOK_SECRET_SEALED = "TRADECOPY_BILLING_WEBHOOK_SECRET_SEALED"
 _VERSION = b"\x01"
 _NONCE = 12
 _PURPOSE = b"tradecopy-billing-secret"
@@ -36,9 +40,11 @@ class BillingConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     stripe_mode: StripeMode = StripeMode.TEST
     """Chosen by the operator: a key of the other mode is refused at start."""
     stripe_api_key_sealed: str | None = None
-    """The Stripe secret key sealed with ``seal_secret`` (never stored in clear)."""
+    """The Stripe secret key sealed with ``seal_secret`` (never stored in clear); None:
+    ``$TRADECOPY_BILLING_STRIPE_API_KEY_SEALED``."""
     stripe_webhook_secret_sealed: str | None = None
-    """The webhook endpoint's signing secret (``whsec_…``), sealed the same way."""
+    """The webhook endpoint's signing secret (``whsec_…``), sealed the same way; None:
+    ``$TRADECOPY_BILLING_WEBHOOK_SECRET_SEALED``."""
     stripe_api_base: str | None = None
     """Where the Stripe API is; None: Stripe's own. Tests point it at the local peer."""
     stripe_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 30.0
@@ -105,9 +111,12 @@ def open_secret(sealed: str, master_key: str | None = None) -> str:
 
 def stripe_api_key(config: BillingConfig, master_key: str | None = None) -> str:
     """The Stripe secret key, opened, and checked to belong to the configured mode."""
-    if config.stripe_api_key_sealed is None:
-        raise BillingConfigError("no Stripe key configured (stripe_api_key_sealed)")
-    key = open_secret(config.stripe_api_key_sealed, master_key)
+    sealed = config.stripe_api_key_sealed or os.environ.get(ENV_STRIPE_API_KEY_SEALED)
+    if not sealed:
+        raise BillingConfigError(
+            f"no Stripe key configured (stripe_api_key_sealed or ${ENV_STRIPE_API_KEY_SEALED})"
+        )
+    key = open_secret(sealed, master_key)
     check_key_mode(key, config.stripe_mode)
     return key
 
@@ -122,6 +131,10 @@ def check_key_mode(key: str, mode: StripeMode) -> None:
 
 
 def webhook_secret(config: BillingConfig, master_key: str | None = None) -> str:
-    if config.stripe_webhook_secret_sealed is None:
-        raise BillingConfigError("no webhook secret configured (stripe_webhook_secret_sealed)")
-    return open_secret(config.stripe_webhook_secret_sealed, master_key)
+    sealed = config.stripe_webhook_secret_sealed or os.environ.get(ENV_WEBHOOK_SECRET_SEALED)
+    if not sealed:
+        raise BillingConfigError(
+            "no webhook secret configured"
+            f" (stripe_webhook_secret_sealed or ${ENV_WEBHOOK_SECRET_SEALED})"
+        )
+    return open_secret(sealed, master_key)

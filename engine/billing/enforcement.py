@@ -2,7 +2,9 @@
 
 A cause (a failed or disputed charge, a used-up allowance, a cancelled subscription, an account
 being deleted) is a row of ``billing_enforcement``. Its link set is computed from the
-``tc_links`` KV and ``billing_accounts`` (which provider, and which follower, owns an account):
+``tc_links`` KV and the accounts' owners (which provider, and which follower, owns an account):
+the API's ``api_billing_account_owners()``, with ``billing_accounts`` for accounts registered
+without the API:
 
 - scope ``provider``: every link whose master or follower account belongs to the provider;
 - scope ``follower``: every link into one of the follower's accounts, only from that provider's
@@ -23,24 +25,20 @@ every link no active cause holds (idempotent), which heals what failed.
 
 from __future__ import annotations
 
-import asyncio
 import enum
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from typing import TypeVar
 
 import asyncpg
 import msgspec
-import nats.errors
-import nats.js.errors
 import structlog
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
 from engine.billing import metrics, store
+from engine.billing.linkskv import LinksKv
 from engine.billing.store import EnforcementCause
 from engine.core.errors import TradecopyError
-from engine.runtime.jetstream import live_keys
-from schemas import codec, subjects
 from schemas.links import CopyLink
 
 log = structlog.get_logger("tradecopy.billing.enforcement")
@@ -48,7 +46,6 @@ log = structlog.get_logger("tradecopy.billing.enforcement")
 T = TypeVar("T")
 
 #: Errors that mean "NATS did not answer or refused for now": the write is tried again.
-_TRANSIENT = (TimeoutError, OSError, nats.errors.Error, nats.js.errors.ServiceUnavailableError)
 
 
 class Scope(enum.StrEnum):
@@ -227,68 +224,31 @@ class Enforcer:
         op_timeout_s: float = 5.0,
     ) -> None:
         self.pool = pool
-        self.js = js
-        self.kv = kv
         self.attempts = attempts
-        self.base_delay_s = base_delay_s
-        self.op_timeout_s = op_timeout_s
+        self.links_kv = LinksKv(
+            js, kv, failure=EnforcementFailed, attempts=attempts, base_delay_s=base_delay_s,
+            op_timeout_s=op_timeout_s, log_event="enforcement_retry",
+        )  # fmt: skip
         self._seen_enabled: dict[str, bool] = {}
-
-    async def _retrying(self, what: str, op: Callable[[], Awaitable[T]]) -> T:
-        """``op`` tried at most ``attempts`` times, waiting base × 2^n between tries."""
-        for attempt in range(1, self.attempts + 1):
-            try:
-                return await asyncio.wait_for(op(), self.op_timeout_s)
-            except _TRANSIENT as exc:
-                if attempt == self.attempts:
-                    raise EnforcementFailed(f"{what}: {type(exc).__name__} {exc}") from exc
-                delay = self.base_delay_s * 2 ** (attempt - 1)
-                log.warning("enforcement_retry", what=what, attempt=attempt, delay=delay)
-                await asyncio.sleep(delay)
-        raise AssertionError("unreachable")  # pragma: no cover
+        self._said_no_api = False
 
     async def _links(self) -> dict[str, CopyLink]:
-        async def read() -> dict[str, CopyLink]:
-            found: dict[str, CopyLink] = {}
-            for key in await live_keys(self.js, self.kv, subjects.KV_LINKS):
-                try:
-                    entry = await self.kv.get(key)
-                except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
-                    continue
-                if entry.value:
-                    found[key] = codec.copy_link_decoder.decode(entry.value)
-            return found
-
-        return await self._retrying("read links", read)
+        return await self.links_kv.links()
 
     async def _set_enabled(self, link_id: str, enabled: bool) -> bool | None:
-        """Write ``enabled`` on ``link_id``, compare-and-set on its revision: a concurrent edit
-        makes the update fail, and the link is read again with that edit and written over it.
-        The value it had (True/False) before, or None when the link is gone."""
+        """Write ``enabled`` on ``link_id`` (revision-checked: a concurrent edit is kept). The
+        value it had (True/False) before, or None when the link is gone."""
 
-        async def write() -> bool | None:
-            while True:
-                try:
-                    entry = await self.kv.get(link_id)
-                except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
-                    return None
-                if not entry.value:
-                    return None
-                link = codec.copy_link_decoder.decode(entry.value)
-                if link.enabled == enabled:
-                    return link.enabled
-                # Remembered before the write: a write that times out may still land (the
-                # client sends it on reconnect), so a failed stop counts as billing's own.
-                self._seen_enabled[link_id] = link.enabled
-                changed = msgspec.structs.replace(link, enabled=enabled)
-                try:
-                    await self.kv.update(link_id, codec.encode(changed), last=entry.revision)
-                except nats.js.errors.KeyWrongLastSequenceError:
-                    log.info("enforcement_link_changed_meanwhile", link_id=link_id)
-                    continue
-                return link.enabled
+        def change(link: CopyLink) -> CopyLink:
+            if link.enabled == enabled:
+                return link
+            # Remembered before the write: a write that times out may still land (the
+            # client sends it on reconnect), so a failed stop counts as billing's own.
+            self._seen_enabled[link_id] = link.enabled
+            return msgspec.structs.replace(link, enabled=enabled)
 
-        return await self._retrying(f"link {link_id}", write)
+        edited = await self.links_kv.edit(link_id, change)
+        return None if edited is None else edited[0].enabled
 
     async def _hold(self, link_ids: Iterable[str]) -> list[str]:
         """Stop every link of ``link_ids``; the ids that failed every retry."""
@@ -358,8 +318,19 @@ class Enforcer:
         return failed
 
     async def _owners(self) -> dict[str, tuple[str, str | None]]:
+        """Every account's owner: the API's accounts (``api_billing_account_owners()``), with
+        ``billing_accounts`` for accounts registered without the API. A billing-only database
+        has no API: ``billing_accounts`` alone, said once in the log."""
         async with self.pool.acquire() as conn:
-            return await store.account_owners(conn)
+            owners = await store.all_account_owners(conn)
+        if not owners.api_available and not self._said_no_api:
+            self._said_no_api = True
+            log.warning(
+                "enforcement_without_api_accounts",
+                reason="api_billing_account_owners() is not in this database",
+                accounts=len(owners.accounts),
+            )
+        return owners.accounts
 
     async def stop_for(self, cause: EnforcementCause) -> list[str]:
         """Raise ``cause`` and stop its links now; the ids that failed (recorded for the

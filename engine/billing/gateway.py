@@ -53,6 +53,17 @@ _STATUS: dict[str, PaymentOutcome] = {
 }
 
 
+class CheckoutResult(msgspec.Struct, frozen=True, kw_only=True):
+    """A Checkout Session's creation: its id and URL, or why not (definitive or unknown)."""
+
+    outcome: PaymentOutcome
+    """SUCCEEDED (the session exists), FAILED (refused: do not retry), UNKNOWN (retry)."""
+    session_id: str | None = None
+    url: str | None = None
+    code: str | None = None
+    message: str | None = None
+
+
 def stripe_idempotency_key(charge: Charge) -> str:
     """The key sent to Stripe: the charge's own (``module:follower:plan:window``)."""
     return charge.idempotency_key
@@ -303,3 +314,37 @@ class StripeGateway:
         )
         async for event in page.auto_paging_iter():
             yield event.to_dict(for_json=True)
+
+    async def create_checkout_session(
+        self, params: dict[str, Any], *, idempotency_key: str
+    ) -> CheckoutResult:
+        """A Checkout Session from ``params`` (``checkout.session_params``), under the request's
+        key: a retry after a lost answer gets the first session, never a second one."""
+        try:
+            session = await self.client.v1.checkout.sessions.create_async(
+                params,  # type: ignore[arg-type]
+                {"idempotency_key": idempotency_key},
+            )
+        except stripe.IdempotencyError:
+            log.error("checkout_key_reused_with_other_parameters", key=idempotency_key)
+            raise
+        except stripe.InvalidRequestError as exc:
+            log.error("checkout_refused", key=idempotency_key, code=exc.code, param=exc.param)
+            return CheckoutResult(
+                outcome=PaymentOutcome.FAILED,
+                code=exc.code or "invalid_request",
+                message=exc.user_message or str(exc),
+            )
+        except (stripe.APIConnectionError, stripe.RateLimitError, stripe.APIError) as exc:
+            log.warning("checkout_outcome_unknown", key=idempotency_key, error=str(exc))
+            return CheckoutResult(outcome=PaymentOutcome.UNKNOWN, message=str(exc))
+        if session.url is None:
+            return CheckoutResult(
+                outcome=PaymentOutcome.FAILED,
+                session_id=session.id,
+                code="no_url",
+                message="Stripe returned a Checkout Session without a URL",
+            )
+        return CheckoutResult(
+            outcome=PaymentOutcome.SUCCEEDED, session_id=session.id, url=session.url
+        )

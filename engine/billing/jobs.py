@@ -1,4 +1,4 @@
-"""Billing's jobs (weekly fees, hourly sync, daily recheck, pruning) and their scheduler.
+"""Billing's jobs (weekly fees, period charges, allowances, syncs, pruning) and their scheduler.
 
 Every job is safe to run twice, late, or on several instances at once. The weekly fee is two
 steps: *issue* stores each follower's invoice and pending charge, under its deterministic key,
@@ -7,23 +7,30 @@ leases each pending charge and calls Stripe with that key. A crash between the t
 pending charge that the next run (of any job that sends) sends again under the same key, so
 Stripe answers with the first PaymentIntent if there was one. One instance leads the schedule
 (a PostgreSQL advisory lock); a leader that starts after a missed Friday runs it first.
+
+Subscription renewals and pay-per-trade purchases are charged by period (``period_charges``:
+every period that started and is not charged, under the same deterministic keys), and the
+leader counts pay-per-trade copies from the ledger (``allowance_sync``): a used-up allowance
+raises its cause, and the ``Enforcer`` stops the follower's links after the commit.
 """
 
 from __future__ import annotations
 
 import asyncio
+import calendar
 import contextlib
 import enum
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from datetime import UTC, datetime
+from typing import Any, Protocol, cast
 
 import asyncpg
 import msgspec
 import structlog
 
-from engine.billing import metrics, store
+from engine.billing import enforcement, metrics, notifications, store
 from engine.billing.enforcement import Enforcer
 from engine.billing.facts import CopiedTrade, EquitySample
 from engine.billing.fees import (
@@ -33,6 +40,7 @@ from engine.billing.fees import (
     count_copied_trades,
     idempotency_key,
     period_bounds,
+    period_id,
     platform_fee,
     prorate,
     volume_fee,
@@ -63,6 +71,10 @@ class Job(enum.StrEnum):
     HOURLY_SYNC = "hourly_sync"
     DAILY_RECHECK = "daily_recheck"
     PRUNE = "prune"
+    PERIOD_CHARGES = "period_charges"
+    """Subscription renewals and pay-per-trade purchases whose period has started."""
+    ALLOWANCE_SYNC = "allowance_sync"
+    """Pay-per-trade copies counted from the ledger; a used-up allowance stops the links."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,6 +89,20 @@ class JobContext:
     enforcer: Enforcer | None = None
     """Writes the links' stops; None where billing runs without NATS (one-off jobs): the
     causes are still recorded and the service applies them."""
+    trades: CopiedTradesSource | None = None
+    """Where pay-per-trade copies are read; None: ``facts`` (``LedgerViewFacts`` reads both)."""
+    allowance_sync_s: float = 60.0
+    """How often the leader counts pay-per-trade copies (a used-up allowance stops soon)."""
+    portal_url: str | None = None
+    """Where a follower whose allowance is used up buys another (``…/plans/<plan>``); None:
+    no email is queued."""
+
+    def copied_trades_source(self) -> CopiedTradesSource:
+        if self.trades is not None:
+            return self.trades
+        if not hasattr(self.facts, "copied_trades"):
+            raise TypeError("the facts source reads no copied trades: give JobContext.trades")
+        return cast("CopiedTradesSource", self.facts)
 
 
 class JobSummary(msgspec.Struct, frozen=True, kw_only=True):
@@ -86,6 +112,7 @@ class JobSummary(msgspec.Struct, frozen=True, kw_only=True):
     sent: dict[str, int] = {}
     events: int = 0
     pruned: int = 0
+    allowances_used_up: int = 0
 
 
 # --------------------------------------------------------------- weekly fees: issue
@@ -391,6 +418,302 @@ async def issue_period_charges(
     return issued
 
 
+# --------------------------------------------------------------- scheduled period charges
+
+
+def purchase_start_ns(purchase_id: str) -> int | None:
+    """The instant a scheduled pay-per-trade purchase was opened (its id is ``period_id`` of
+    it); None for a purchase of another form (the demo's, named by its window)."""
+    try:
+        moment = datetime.strptime(purchase_id, "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+    except ValueError:
+        return None
+    return calendar.timegm(moment.utctimetuple()) * 10**9
+
+
+def due_subscription_periods(
+    sub: store.PeriodSubscription, last_charged_start_ns: int | None, now_ns: int
+) -> list[BillingWindow]:
+    """Every subscription period that has started by ``now_ns`` and comes after the last one
+    charged, oldest first, each as a window named by ``period_id`` of its start.
+
+    A renewal is charged in advance, at its period's start, as Stripe's subscriptions do; a
+    scheduler that was down for two periods charges both when it comes back.
+    """
+    if sub.subscription_period is None or now_ns < sub.anchor_ns:
+        return []
+    period = BillingPeriod(sub.subscription_period)
+    at = sub.anchor_ns if last_charged_start_ns is None else last_charged_start_ns
+    start, end = period_bounds(sub.anchor_ns, period, max(at, sub.anchor_ns))
+    if last_charged_start_ns is not None:
+        start, end = period_bounds(sub.anchor_ns, period, end)
+    due: list[BillingWindow] = []
+    while start <= now_ns:
+        due.append(BillingWindow(window_id=period_id(start), start_ns=start, end_ns=end))
+        start, end = period_bounds(sub.anchor_ns, period, end)
+    return due
+
+
+async def issue_due_period_charges(ctx: JobContext, now_ns: int) -> list[str]:
+    """The scheduled side of ``issue_period_charges``: each active subscription's renewals
+    that have started and are not charged yet, and each pay-per-trade purchase not charged
+    yet (the first one opens when the follower subscribes). Keys are the same deterministic
+    ``module:follower:plan:period`` as everywhere: two runs, or two instances, store one
+    charge. A plan bought through Stripe Checkout is renewed by Stripe's own subscription
+    (``stripe_subscription`` is set) and never charged here."""
+    async with ctx.pool.acquire() as conn:
+        subscriptions = await store.period_subscriptions(conn)
+        stripe_managed = await store.stripe_managed_subscriptions(conn)
+    issued: list[str] = []
+    for sub in subscriptions:
+        if sub.destination is None:
+            log.warning("provider_not_onboarded", provider=sub.provider, follower=sub.follower)
+            continue
+        if sub.started_ns > now_ns:
+            continue
+        issued += await _issue_due_for(
+            ctx, sub, now_ns, stripe_managed=(sub.follower, sub.plan_id) in stripe_managed
+        )
+    return issued
+
+
+async def _issue_due_for(
+    ctx: JobContext, sub: store.PeriodSubscription, now_ns: int, *, stripe_managed: bool
+) -> list[str]:
+    async def issue(conn: asyncpg.Connection) -> list[str]:
+        current = await store.period_subscription(conn, sub.follower, sub.plan_id)
+        if current is None or current.destination is None:
+            return []
+        drafts: list[ChargeDraft] = []
+        if (
+            FeeModule.SUBSCRIPTION in current.modules
+            and not stripe_managed
+            and current.subscription_price_minor is not None
+        ):
+            last = await store.last_charged_period_start(
+                conn, current.follower, current.plan_id, FeeModule.SUBSCRIPTION.value
+            )
+            # The id keeps whole seconds: a point inside that second is inside its period.
+            last_ns = None if last is None else purchase_start_ns(last)
+            last_ns = None if last_ns is None else last_ns + 10**9 - 1
+            for period in due_subscription_periods(current, last_ns, now_ns):
+                amount = subscription_charge_minor(current, period)
+                if amount <= 0:
+                    continue
+                draft = _draft(
+                    current,
+                    period,
+                    FeeModule.SUBSCRIPTION,
+                    amount,
+                    {
+                        "price_minor": current.subscription_price_minor,
+                        "period": current.subscription_period,
+                        "from_ns": max(period.start_ns, current.started_ns),
+                        "to_ns": period.end_ns,
+                    },
+                )
+                # Charged in advance: the invoice is issued when its period starts.
+                drafts.append(msgspec.structs.replace(draft, issued_ns=period.start_ns))
+        if (
+            FeeModule.PAY_PER_TRADE in current.modules
+            and current.ppt_trades is not None
+            and current.ppt_price_minor is not None
+        ):
+            purchase = current.ppt_purchase_id
+            if purchase is None:
+                # The first allowance is bought when the follower subscribes.
+                purchase = period_id(current.started_ns)
+                await store.save_allowance(
+                    conn,
+                    follower=current.follower,
+                    plan_id=current.plan_id,
+                    purchase_id=purchase,
+                    trades_bought=current.ppt_trades,
+                    counted=(),
+                    over=(),
+                    purchased_ns=current.started_ns,
+                )
+            # Only the purchases billing opened are charged here (named by their instant); one
+            # bought through Checkout (named by its session) was paid there.
+            opened = purchase_start_ns(purchase)
+            if current.ppt_price_minor > 0 and opened is not None:
+                window = BillingWindow(window_id=purchase, start_ns=opened, end_ns=opened)
+                draft = _draft(
+                    current,
+                    window,
+                    FeeModule.PAY_PER_TRADE,
+                    current.ppt_price_minor,
+                    {"trades_bought": current.ppt_trades_bought or current.ppt_trades},
+                    key_window=purchase,
+                )
+                drafts.append(draft)
+        return [d.idempotency_key for d in drafts if await store.insert_charge(conn, d)]
+
+    keys = await store.serializable(ctx.pool, issue)
+    for key in keys:
+        metrics.CHARGES_ISSUED.labels(module=key.split(":", 1)[0]).inc()
+        log.info("charge_issued", key=key, follower=sub.follower, plan=sub.plan_id)
+    return keys
+
+
+async def renew_allowance(
+    conn: asyncpg.Connection, follower: str, plan_id: str, at_ns: int
+) -> str | None:
+    """The follower bought a new pay-per-trade allowance at ``at_ns``: a new purchase (named
+    ``period_id(at_ns)``, so asking twice is one purchase) with the plan's trades, and the stop
+    of a used-up allowance lifted. Its price is charged by the next ``period_charges`` run.
+    The purchase id, or None when there is no such active pay-per-trade subscription."""
+    current = await store.period_subscription(conn, follower, plan_id)
+    if current is None or current.ppt_trades is None:
+        return None
+    purchase = period_id(at_ns)
+    if current.ppt_purchase_id != purchase:
+        await store.save_allowance(
+            conn,
+            follower=follower,
+            plan_id=plan_id,
+            purchase_id=purchase,
+            trades_bought=current.ppt_trades,
+            counted=(),
+            over=(),
+            purchased_ns=at_ns,
+        )
+    await enforcement.allowance_renewed(conn, follower, plan_id)
+    log.info("allowance_renewed", follower=follower, plan=plan_id, purchase=purchase)
+    return purchase
+
+
+# --------------------------------------------------------------- used-up allowances
+
+
+class AllowanceStatus(msgspec.Struct, frozen=True, kw_only=True):
+    follower: str
+    plan_id: str
+    purchase_id: str
+    counted: int
+    trades_bought: int
+    exhausted: bool
+
+
+async def sync_allowances(
+    ctx: JobContext, trades: CopiedTradesSource, now_ns: int
+) -> list[AllowanceStatus]:
+    """Count every active pay-per-trade purchase's copies from the ledger and stop the links
+    of each one used up (``allowance:<plan>``, through the ``Enforcer`` after the commit).
+
+    The copies counted are those opened since the purchase on the accounts the follower owns
+    at the plan's provider (``billing_accounts`` and the API's ``api_billing_account_owners``;
+    an account named like the follower itself when it owns none), copy-only and once per
+    order id (``count_copied_trades``). Idempotent: a second pass counts nothing new and the
+    cause is already active.
+    """
+    async with ctx.pool.acquire() as conn:
+        subscriptions = await store.period_subscriptions(conn)
+        owners = await store.all_account_owners(conn)
+    statuses: list[AllowanceStatus] = []
+    for sub in subscriptions:
+        if FeeModule.PAY_PER_TRADE not in sub.modules or sub.ppt_purchase_id is None:
+            continue
+        # When it was bought: stamped on the row (``migrations/0005``), else the instant its id
+        # names, else the subscription's start.
+        opened = sub.ppt_purchased_ns
+        if opened is None:
+            opened = purchase_start_ns(sub.ppt_purchase_id) or sub.started_ns
+        if opened > now_ns:
+            continue
+        accounts = sorted(
+            account
+            for account, (provider, follower) in owners.accounts.items()
+            if follower == sub.follower and provider == sub.provider
+        ) or [sub.follower]
+        since = BillingWindow(window_id=sub.ppt_purchase_id, start_ns=opened, end_ns=now_ns + 1)
+        copies: list[CopiedTrade] = []
+        for account in accounts:
+            for trade in await trades.copied_trades(account, since):
+                if trade.opened_ns >= max(opened, sub.started_ns):
+                    # Counted for the person billed, whichever of their accounts copied it.
+                    copies.append(msgspec.structs.replace(trade, follower=sub.follower))
+        statuses.append(await _count_allowance(ctx, sub, copies))
+    if ctx.enforcer is not None:
+        await ctx.enforcer.apply_pending()
+    return statuses
+
+
+async def _tell_allowance_used_up(
+    ctx: JobContext, conn: asyncpg.Connection, sub: store.PeriodSubscription, trades: int
+) -> None:
+    """Queue the ``allowance_used_up`` email, once per purchase (its id names the email)."""
+    if ctx.portal_url is None:
+        return
+    address = await store.contact(conn, sub.follower)
+    if address is None:
+        return  # no address yet: the links still stop
+    email, language = address
+    link = f"{ctx.portal_url.rstrip('/')}/plans/{sub.plan_id}"
+    rendered = notifications.render(
+        language, "allowance_used_up", to=email, trades=trades, provider=sub.provider, link=link
+    )
+    email_id = f"allowance_used_up:{sub.follower}:{sub.plan_id}:{sub.ppt_purchase_id}"
+    await notifications.queue_email(
+        conn, email_id, sub.provider, "allowance_used_up", language, rendered
+    )
+
+
+async def _count_allowance(
+    ctx: JobContext, sub: store.PeriodSubscription, copies: list[CopiedTrade]
+) -> AllowanceStatus:
+    async def count(conn: asyncpg.Connection) -> AllowanceStatus:
+        current = await store.period_subscription(conn, sub.follower, sub.plan_id)
+        if current is None or current.ppt_purchase_id != sub.ppt_purchase_id:
+            # Renewed meanwhile: the next pass counts against the new purchase.
+            return AllowanceStatus(
+                follower=sub.follower,
+                plan_id=sub.plan_id,
+                purchase_id=sub.ppt_purchase_id or "",
+                counted=0,
+                trades_bought=0,
+                exhausted=False,
+            )
+        allowance = PayPerTradeAllowance(
+            follower=current.follower,
+            purchase_id=current.ppt_purchase_id,
+            trades_bought=current.ppt_trades_bought,
+            counted=current.ppt_counted,
+            over_allowance=current.ppt_over,
+        )
+        use = count_copied_trades(allowance, copies)
+        if use.newly_counted or use.newly_over:
+            await store.save_allowance(
+                conn,
+                follower=current.follower,
+                plan_id=current.plan_id,
+                purchase_id=current.ppt_purchase_id,
+                trades_bought=use.allowance.trades_bought,
+                counted=use.allowance.counted,
+                over=use.allowance.over_allowance,
+            )
+        if use.stop_links and await enforcement.allowance_used_up(
+            conn, current.follower, current.plan_id
+        ):
+            log.info(
+                "allowance_used_up",
+                follower=current.follower,
+                plan=current.plan_id,
+                exhausted_by=use.exhausted_by,
+            )
+            await _tell_allowance_used_up(ctx, conn, current, use.allowance.trades_bought)
+        return AllowanceStatus(
+            follower=current.follower,
+            plan_id=current.plan_id,
+            purchase_id=current.ppt_purchase_id,
+            counted=len(use.allowance.counted),
+            trades_bought=use.allowance.trades_bought,
+            exhausted=use.stop_links,
+        )
+
+    return await store.serializable(ctx.pool, count)
+
+
 # --------------------------------------------------------------- sending charges
 
 
@@ -478,7 +801,8 @@ async def record_result(pool: asyncpg.Pool, charge: store.Charge, result: Paymen
 def _run_key(job: Job, at_ns: int) -> str:
     if job is Job.WEEKLY_FEES:
         return last_completed_window(at_ns).window_id
-    step = _HOUR_NS if job is Job.HOURLY_SYNC else _DAY_NS
+    hourly = (Job.HOURLY_SYNC, Job.PERIOD_CHARGES, Job.ALLOWANCE_SYNC)
+    step = _HOUR_NS if job in hourly else _DAY_NS
     return str(at_ns - at_ns % step)
 
 
@@ -510,6 +834,14 @@ async def run_job(ctx: JobContext, name: str, at_ns: int) -> JobSummary:
                     await ctx.enforcer.recheck()
                 else:
                     await ctx.enforcer.apply_pending()
+        elif job is Job.PERIOD_CHARGES:
+            issued = await issue_due_period_charges(ctx, at_ns)
+            sent = await send_pending_charges(ctx)
+            summary = msgspec.structs.replace(summary, issued=len(issued), sent=sent)
+        elif job is Job.ALLOWANCE_SYNC:
+            statuses = await sync_allowances(ctx, ctx.copied_trades_source(), at_ns)
+            used_up = sum(1 for s in statuses if s.exhausted)
+            summary = msgspec.structs.replace(summary, allowances_used_up=used_up)
         else:
             before_s = at_ns // 10**9 - ctx.event_retention_days * 86_400
             async with ctx.pool.acquire() as conn:
@@ -585,10 +917,14 @@ class Scheduler:
                 await asyncio.wait_for(stop.wait(), self.retry_leader_s)
 
     async def _lead(self, conn: asyncpg.Connection, stop: asyncio.Event) -> None:
-        # Start-up and recovery are one path: a missed Friday is charged before anything else.
+        # Start-up and recovery are one path: a missed Friday is charged before anything else,
+        # and every renewal or purchase that started while no one led is charged now.
         await self.catch_up()
+        await run_job(self.ctx, Job.PERIOD_CHARGES.value, self.clock())
         next_hour = self.clock() // _HOUR_NS * _HOUR_NS + _HOUR_NS
         next_day = self.clock() // _DAY_NS * _DAY_NS + _DAY_NS
+        allowance_step = max(int(self.ctx.allowance_sync_s * 1e9), 1)
+        next_allowance = self.clock()
         while not stop.is_set():
             now = self.clock()
             if now >= next_day:
@@ -597,9 +933,13 @@ class Scheduler:
                 next_day += _DAY_NS
             if now >= next_hour:
                 await run_job(self.ctx, Job.HOURLY_SYNC.value, now)
+                await run_job(self.ctx, Job.PERIOD_CHARGES.value, now)
                 next_hour += _HOUR_NS
+            if now >= next_allowance:
+                await run_job(self.ctx, Job.ALLOWANCE_SYNC.value, now)
+                next_allowance = now + allowance_step
             await self.catch_up()
-            wake = min(next_run_at(now), next_hour, next_day)
+            wake = min(next_run_at(now), next_hour, next_day, next_allowance)
             # Sleep at most a minute at a time: a clock jump or a lost lock is noticed soon.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), min(max((wake - now) / 1e9, 0.01), 60.0))

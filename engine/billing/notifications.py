@@ -19,6 +19,7 @@ import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from string import Template
+from typing import TextIO
 from urllib.parse import quote
 
 import asyncpg
@@ -56,7 +57,6 @@ PLACEHOLDERS: dict[str, frozenset[str]] = {
     "invite": frozenset({"provider", "link", "days"}),
 }
 KINDS = tuple(PLACEHOLDERS)
-_ENV_PREFIX = "TRADECOPY_BILLING_SMTP_PASSWORD_"
 
 
 @functools.cache
@@ -104,20 +104,62 @@ async def save_provider_smtp(
 
 async def provider_smtp(
     conn: asyncpg.Connection, provider: str, master_key: str | None = None
-) -> SmtpSettings | None:
-    """The provider's SMTP settings, opened; None when the provider has none.
-
-    The shared client reads a password from the environment variable the settings name, so
-    the opened password is put in a variable of this provider's own."""
+) -> ProviderSmtp | None:
+    """The provider's SMTP settings and password, opened; None when the provider has none.
+    The password goes to the SMTP client as an argument, never through the environment."""
     sealed = await store.smtp_settings_sealed(conn, provider)
     if sealed is None:
         return None
     opened = msgspec.json.decode(open_secret(sealed, master_key), type=ProviderSmtp)
-    if opened.password is None or opened.settings.username is None:
-        return msgspec.structs.replace(opened.settings, password_env=None)
-    variable = _ENV_PREFIX + provider.encode().hex().upper()
-    os.environ[variable] = opened.password
-    return msgspec.structs.replace(opened.settings, password_env=variable)
+    return ProviderSmtp(
+        settings=msgspec.structs.replace(opened.settings, password_env=None),
+        password=opened.password if opened.settings.username is not None else None,
+    )
+
+
+class SmtpPasswordError(TradecopyError):
+    """An SMTP password was asked for where none was given (an empty stdin, an unset variable)."""
+
+
+def read_smtp_password(*, stdin: TextIO | None = None, env_name: str | None = None) -> str | None:
+    """A provider's SMTP password as an operator gives it: the first line of ``stdin``, or the
+    variable ``env_name`` names (never an argument: argv is visible to every user of the
+    machine and stays in shell histories). None when neither is asked for."""
+    if stdin is not None and env_name is not None:
+        raise SmtpPasswordError("give the SMTP password on stdin or in a variable, not both")
+    if stdin is not None:
+        password = stdin.readline().rstrip("\r\n")
+        if not password:
+            raise SmtpPasswordError("no SMTP password on stdin")
+        return password
+    if env_name is not None:
+        password = os.environ.get(env_name)
+        if not password:
+            raise SmtpPasswordError(f"{env_name} is not set: no SMTP password")
+        return password
+    return None
+
+
+async def configure_provider_smtp(
+    database_url: str,
+    provider: str,
+    settings: SmtpSettings,
+    password: str | None,
+    master_key: str | None = None,
+) -> None:
+    """Store ``provider``'s SMTP settings and password sealed in ``billing_smtp_settings``:
+    the only place billing keeps it. The settings name no variable (``password_env``): the
+    password is opened from the sealed row at the moment of sending."""
+    if settings.username is not None and password is None:
+        raise SmtpPasswordError(f"SMTP user {settings.username!r} needs a password")
+    stored = msgspec.structs.replace(settings, password_env=None)
+    conn = await asyncpg.connect(database_url)
+    try:
+        await save_provider_smtp(conn, provider, stored, password, master_key)
+    finally:
+        await conn.close()
+    log.info("provider_smtp_configured", provider=provider, host=settings.host,
+             login=settings.username is not None)  # fmt: skip
 
 
 # --------------------------------------------------------------- the outbox
@@ -178,7 +220,7 @@ async def queue_email(
     )
 
 
-SmtpLookup = Callable[[asyncpg.Connection, str], Awaitable[SmtpSettings | None]]
+SmtpLookup = Callable[[asyncpg.Connection, str], Awaitable[ProviderSmtp | None]]
 
 
 async def drain_outbox(
@@ -230,11 +272,12 @@ async def _send_one(
     """Hand one email to its provider's server; the error, or None when it was accepted."""
     try:
         async with pool.acquire() as conn:
-            settings = await smtp_for(conn, email.provider)
+            smtp = await smtp_for(conn, email.provider)
     except TradecopyError as exc:  # sealed settings that do not open with this key
         return MailError(str(exc))
-    if settings is None:
+    if smtp is None:
         return MailError(f"provider {email.provider!r} has no SMTP settings")
+    settings = smtp.settings
     message = build_message(
         settings,
         to=email.recipient,
@@ -243,7 +286,7 @@ async def _send_one(
         html=email.body_html,
     )
     try:
-        await send_email(settings, message)
+        await send_email(settings, message, password=smtp.password)
     except MailError as exc:
         return exc
     return None

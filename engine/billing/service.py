@@ -18,12 +18,13 @@ import asyncpg
 import structlog
 from aiohttp import web
 
-from engine.billing import notifications, store
+from engine.billing import checkout, notifications, store
 from engine.billing.config import BillingConfig, stripe_api_key, webhook_secret
 from engine.billing.enforcement import EnforcementFailed, Enforcer
 from engine.billing.gateway import StripeGateway
 from engine.billing.jobs import JobContext, JobSummary, Scheduler, run_job
 from engine.billing.ledgerfacts import LedgerViewFacts
+from engine.billing.provisioning import Provisioner, ProvisioningFailed
 from engine.billing.webhooks import process_stored_events, webhook_routes
 from engine.runtime.http import OpsServer
 from engine.runtime.jetstream import ensure_buckets
@@ -56,6 +57,10 @@ class BillingService:
         self.pool: asyncpg.Pool | None = None
         self.scheduler: Scheduler | None = None
         self.enforcer: Enforcer | None = None
+        self.provisioner: Provisioner | None = None
+        self._checkout_wake = asyncio.Event()
+        self._listener: asyncpg.Connection | None = None
+        self._last_sync = 0.0
         self.nc: Any = None
         self.webhook_port = 0
         self._runner: web.AppRunner | None = None
@@ -79,6 +84,17 @@ class BillingService:
                 attempts=self.config.enforcement_attempts,
                 base_delay_s=self.config.enforcement_base_delay_s,
             )
+            self.provisioner = Provisioner(
+                self.pool,
+                js,
+                links,
+                attempts=self.config.enforcement_attempts,
+                base_delay_s=self.config.enforcement_base_delay_s,
+            )
+        # The API's Checkout requests wake the session worker at once (NOTIFY), and its poll
+        # catches any notification sent while no listener was connected.
+        self._listener = await asyncpg.connect(self.database_url)
+        await checkout.listen(self._listener, self._checkout_wake)
         ctx = JobContext(
             enforcer=self.enforcer,
             pool=self.pool,
@@ -86,6 +102,7 @@ class BillingService:
             facts=LedgerViewFacts(self.pool),
             send_lease_s=self.config.send_lease_s,
             event_retention_days=self.config.event_retention_days,
+            portal_url=self.config.portal_url,
         )
         app = web.Application()
         app.add_routes(webhook_routes(self.pool, self.secret))
@@ -97,6 +114,7 @@ class BillingService:
         self._tasks = [
             asyncio.create_task(self._apply_events(), name="billing-events"),
             asyncio.create_task(self.scheduler.run(self._stop), name="billing-scheduler"),
+            asyncio.create_task(self._create_checkouts(), name="billing-checkouts"),
         ]
         log.info("billing_started", webhook_port=self.webhook_port)
 
@@ -110,6 +128,8 @@ class BillingService:
                 # stops and lifts, then the emails.
                 if self.enforcer is not None:
                     await self.enforcer.apply_pending()
+                if self.provisioner is not None:
+                    await self._provision()
                 await notifications.queue_notifications(self.pool, self.config.portal_url)
                 await notifications.drain_outbox(
                     self.pool,
@@ -118,6 +138,8 @@ class BillingService:
                 )
             except EnforcementFailed as exc:
                 log.warning("billing_enforcement_pass_failed", error=str(exc))
+            except ProvisioningFailed as exc:
+                log.warning("billing_provisioning_pass_failed", error=str(exc))
             except (
                 OSError,
                 asyncpg.PostgresError,
@@ -127,6 +149,34 @@ class BillingService:
                 log.warning("billing_event_pass_failed", error=str(exc))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), self.config.event_poll_s)
+
+    async def _provision(self) -> None:
+        """Plans activated since the last pass get their risk template; every hour, all of
+        them again (links created after activation)."""
+        assert self.provisioner is not None
+        await self.provisioner.drain_due()
+        now = asyncio.get_running_loop().time()
+        if now - self._last_sync >= self.config.recovery_interval_s:
+            self._last_sync = now
+            await self.provisioner.sync()
+
+    async def _create_checkouts(self) -> None:
+        """Create Checkout Sessions for the API's requests as they come; a failing pass is
+        logged and tried again."""
+        while not self._stop.is_set():
+            assert self.pool is not None
+            self._checkout_wake.clear()
+            try:
+                await checkout.create_sessions(self.pool, self.gateway)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("billing_checkout_pass_failed", error=str(exc))
+            wake = asyncio.ensure_future(self._checkout_wake.wait())
+            stop = asyncio.ensure_future(self._stop.wait())
+            await asyncio.wait(
+                {wake, stop}, timeout=self.config.event_poll_s, return_when="FIRST_COMPLETED"
+            )
+            wake.cancel()
+            stop.cancel()
 
     def health(self) -> dict[str, object]:
         running = bool(self._tasks) and not any(t.done() for t in self._tasks)
@@ -143,6 +193,8 @@ class BillingService:
                 await task
         if self._runner is not None:
             await self._runner.cleanup()
+        if self._listener is not None:
+            await self._listener.close()
         if self.nc is not None:
             await self.nc.close()
         if self.pool is not None:

@@ -90,6 +90,10 @@ class ChargeState(enum.StrEnum):
     FAILED = "failed"
     SUCCEEDED = "succeeded"
     DISPUTED = "disputed"
+    DISPUTE_WON = "dispute_won"
+    """The dispute closed in the provider's favour: paid, and the follower's stop lifted."""
+    DISPUTE_LOST = "dispute_lost"
+    """The dispute closed for the cardholder: the money went back, the stop stays."""
     REFUNDED = "refunded"
 
 
@@ -104,7 +108,12 @@ _RANK: dict[ChargeState, int] = {
     ChargeState.FAILED: 2,
     ChargeState.SUCCEEDED: 3,
     ChargeState.DISPUTED: 4,
-    ChargeState.REFUNDED: 5,
+    # A dispute's outcome comes after the dispute (so a late ``charge.dispute.created`` is
+    # stale), won and lost share a rank (a dispute closes once: the other one is refused), and
+    # a refund after a won dispute is still possible.
+    ChargeState.DISPUTE_WON: 5,
+    ChargeState.DISPUTE_LOST: 5,
+    ChargeState.REFUNDED: 6,
 }
 
 
@@ -667,14 +676,14 @@ async def operator_revenue(conn: asyncpg.Connection) -> list[MonthlyRevenue]:
         "SELECT to_char(to_timestamp(issued_ns / 1000000000) AT TIME ZONE 'UTC', 'YYYY-MM')"
         " AS month, currency,"
         " sum(amount_minor)::bigint AS total_minor,"
-        " coalesce(sum(platform_fee_minor) FILTER (WHERE state = 'succeeded'), 0)::bigint"
-        " AS platform_fee_minor,"
-        " coalesce(sum(amount_minor) FILTER (WHERE state = 'succeeded'), 0)::bigint"
-        " AS paid_minor,"
+        " coalesce(sum(platform_fee_minor) FILTER (WHERE state IN"
+        " ('succeeded', 'dispute_won')), 0)::bigint AS platform_fee_minor,"
+        " coalesce(sum(amount_minor) FILTER (WHERE state IN ('succeeded', 'dispute_won')), 0)"
+        "::bigint AS paid_minor,"
         " coalesce(sum(amount_minor) FILTER (WHERE state IN"
         " ('pending', 'requires_action', 'failed')), 0)::bigint AS unpaid_minor,"
-        " coalesce(sum(amount_minor) FILTER (WHERE state IN ('disputed', 'refunded')), 0)"
-        "::bigint AS reversed_minor"
+        " coalesce(sum(amount_minor) FILTER (WHERE state IN"
+        " ('disputed', 'dispute_lost', 'refunded')), 0)::bigint AS reversed_minor"
         " FROM billing_charges GROUP BY 1, 2 ORDER BY 1, 2"
     )
     return [MonthlyRevenue(**dict(row)) for row in rows]
@@ -1262,13 +1271,15 @@ class PeriodSubscription(msgspec.Struct, frozen=True, kw_only=True):
     ppt_trades_bought: int
     ppt_counted: tuple[str, ...]
     ppt_over: tuple[str, ...]
+    ppt_purchased_ns: int | None = None
+    """When the current allowance was bought (``migrations/0005``); its copies count from then."""
 
 
 _PERIOD = (
     "SELECT s.follower, s.plan_id, p.provider, p.currency, p.modules,"
     " p.subscription_price_minor, p.subscription_period, p.ppt_trades, p.ppt_price_minor,"
     " o.platform_fee_percent, v.stripe_account AS destination, s.started_ns, s.anchor_ns,"
-    " s.ppt_purchase_id, s.ppt_trades_bought, s.ppt_counted, s.ppt_over"
+    " s.ppt_purchase_id, s.ppt_trades_bought, s.ppt_counted, s.ppt_over, s.ppt_purchased_ns"
     " FROM billing_subscriptions s"
     " JOIN billing_follower_plans p USING (plan_id)"
     " JOIN billing_providers v ON v.provider = p.provider"
@@ -1309,10 +1320,14 @@ async def save_allowance(
     trades_bought: int,
     counted: Sequence[str],
     over: Sequence[str],
+    purchased_ns: int | None = None,
 ) -> None:
+    """Store the allowance's state; ``purchased_ns``: when a new purchase was bought (left
+    out, a new purchase id is stamped with the transaction's time)."""
     await conn.execute(
         "UPDATE billing_subscriptions SET ppt_purchase_id = $3, ppt_trades_bought = $4,"
-        " ppt_counted = $5, ppt_over = $6, updated_at = now()"
+        " ppt_counted = $5, ppt_over = $6,"
+        " ppt_purchased_ns = coalesce($7, ppt_purchased_ns), updated_at = now()"
         " WHERE follower = $1 AND plan_id = $2",
         follower,
         plan_id,
@@ -1320,6 +1335,7 @@ async def save_allowance(
         trades_bought,
         list(counted),
         list(over),
+        purchased_ns,
     )
 
 
@@ -1346,3 +1362,65 @@ async def restart_subscription(
         start_equity_minor,
         None if start_equity_minor is None else started_ns,
     )
+
+
+# --------------------------------------------------------------- scheduled period charges
+
+
+async def stripe_managed_subscriptions(conn: asyncpg.Connection) -> set[tuple[str, str]]:
+    """(follower, plan) of active subscriptions Stripe renews itself (bought through Checkout)."""
+    rows = await conn.fetch(
+        "SELECT follower, plan_id FROM billing_subscriptions"
+        " WHERE status = 'active' AND stripe_subscription IS NOT NULL"
+    )
+    return {(row["follower"], row["plan_id"]) for row in rows}
+
+
+async def last_charged_period_start(
+    conn: asyncpg.Connection, follower: str, plan_id: str, module: str
+) -> str | None:
+    """The newest period id (``20260401T000000Z``, which sorts) charged for ``module``; charges
+    over other windows (the demo's, a weekly window) are not periods and are passed over."""
+    value: str | None = await conn.fetchval(
+        "SELECT max(window_id) FROM billing_charges WHERE follower = $1 AND plan_id = $2"
+        " AND module = $3 AND window_id ~ '^[0-9]{8}T[0-9]{6}Z$'",
+        follower,
+        plan_id,
+        module,
+    )
+    return value
+
+
+# --------------------------------------------------------------- account owners (API view)
+
+
+class AccountOwners(msgspec.Struct, frozen=True, kw_only=True):
+    accounts: dict[str, tuple[str, str | None]]
+    """account id → (provider, follower or None)."""
+    api_available: bool
+    """The API's ``api_billing_account_owners()`` is in this database."""
+
+
+async def all_account_owners(conn: asyncpg.Connection) -> AccountOwners:
+    """Every account's owner: the API's ``api_billing_account_owners()`` (its accounts, tenant =
+    provider, owner user = follower), with ``billing_accounts`` for accounts the API does not
+    know (registered without it). A billing-only database has no API function: then
+    ``billing_accounts`` alone, and ``api_available`` False."""
+    owners = await account_owners(conn)
+    available = bool(
+        await conn.fetchval("SELECT to_regprocedure('api_billing_account_owners()') IS NOT NULL")
+    )
+    if available:
+        rows = await conn.fetch(
+            "SELECT account_id, provider, follower FROM api_billing_account_owners()"
+        )
+        owners.update({row["account_id"]: (row["provider"], row["follower"]) for row in rows})
+    return AccountOwners(accounts=owners, api_available=available)
+
+
+async def contact(conn: asyncpg.Connection, follower: str) -> tuple[str, str] | None:
+    """The follower's email address and language, when billing has them."""
+    row = await conn.fetchrow(
+        "SELECT email, language FROM billing_contacts WHERE follower = $1", follower
+    )
+    return None if row is None else (row["email"], row["language"])

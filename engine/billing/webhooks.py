@@ -20,7 +20,7 @@ import msgspec
 import structlog
 from aiohttp import web
 
-from engine.billing import enforcement, metrics, store
+from engine.billing import checkout, enforcement, metrics, store
 from engine.billing.gateway import StripeGateway
 from engine.billing.store import ChargeState, IllegalChargeTransition
 from engine.core.errors import TradecopyError
@@ -159,7 +159,14 @@ def _target(event_type: str, obj: dict[str, Any]) -> ChargeState | None:
         return ChargeState.REFUNDED
     if event_type == "charge.dispute.created":
         return ChargeState.DISPUTED
+    if event_type == "charge.dispute.closed":
+        # Stripe closes a dispute as won or lost; ``warning_closed`` (an inquiry that never
+        # became a dispute) and anything else leave the charge as it is.
+        return _DISPUTE_OUTCOME.get(str(obj.get("status")))
     return None
+
+
+_DISPUTE_OUTCOME = {"won": ChargeState.DISPUTE_WON, "lost": ChargeState.DISPUTE_LOST}
 
 
 async def _find_charge(conn: asyncpg.Connection, obj: dict[str, Any]) -> store.Charge | None:
@@ -176,6 +183,11 @@ async def apply_event(conn: asyncpg.Connection, event: store.StoredEvent) -> str
     """Apply one stored event to its charge inside the caller's transaction; the result."""
     body = msgspec.json.decode(event.payload)
     obj = _object(body)
+    if event.type in checkout.EVENT_TYPES:
+        # A plan bought through Checkout: activated once, in this transaction.
+        return await checkout.apply_checkout_event(
+            conn, event.type, event.event_id, event.created_s, obj
+        )
     target = _target(event.type, obj)
     if target is None:
         return "ignored"
@@ -229,9 +241,9 @@ async def charge_moved(
     kind = _NOTIFY.get(target)
     if kind is not None:
         await store.notify_follower(conn, kind=kind, charge=charge, payment_intent=payment_intent)
-    if target in (ChargeState.FAILED, ChargeState.DISPUTED):
+    if target in (ChargeState.FAILED, ChargeState.DISPUTED, ChargeState.DISPUTE_LOST):
         await enforcement.raise_cause(conn, enforcement.charge_cause(charge))
-    elif target is ChargeState.SUCCEEDED:
+    elif target in (ChargeState.SUCCEEDED, ChargeState.DISPUTE_WON):
         await enforcement.lift_cause(conn, enforcement.charge_cause(charge))
 
 

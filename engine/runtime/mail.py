@@ -40,8 +40,9 @@ class MailRefused(MailError):
 
 
 class SmtpSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Where and how to hand messages over. The password is never in the settings: it is read
-    from the environment variable ``password_env`` names, at the moment of sending."""
+    """Where and how to hand messages over. The password is never in the settings: the caller
+    passes it to ``send_email`` (billing opens it from its sealed row), or it is read from the
+    environment variable ``password_env`` names, at the moment of sending."""
 
     host: str
     port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 587
@@ -84,9 +85,11 @@ def build_message(
     return message
 
 
-def _password(settings: SmtpSettings) -> str | None:
+def _password(settings: SmtpSettings, given: str | None) -> str | None:
     if settings.username is None:
         return None
+    if given is not None:
+        return given
     if settings.password_env is None:
         return None
     password = os.environ.get(settings.password_env)
@@ -97,8 +100,8 @@ def _password(settings: SmtpSettings) -> str | None:
     return password
 
 
-def _send_blocking(settings: SmtpSettings, message: EmailMessage) -> None:
-    password = _password(settings)
+def _send_blocking(settings: SmtpSettings, message: EmailMessage, given: str | None) -> None:
+    password = _password(settings, given)
     context = ssl.create_default_context()
     if not settings.verify_tls:
         context.check_hostname = False
@@ -131,12 +134,17 @@ def _text(raw: bytes | str) -> str:
     return raw.decode(errors="replace") if isinstance(raw, bytes) else raw
 
 
-async def send_email(settings: SmtpSettings, message: EmailMessage) -> None:
+async def send_email(
+    settings: SmtpSettings, message: EmailMessage, *, password: str | None = None
+) -> None:
     """Hand ``message`` to the server; raise ``MailUnreachable`` (network, timeout: retry
-    later) or ``MailRefused`` (the server said no) — nothing else of smtplib leaks out."""
+    later) or ``MailRefused`` (the server said no) — nothing else of smtplib leaks out.
+
+    ``password``: the login's password when the caller holds it (a sealed setting it opened);
+    otherwise it is read from the variable ``settings.password_env`` names."""
     where = f"{settings.host}:{settings.port}"
     try:
-        await asyncio.to_thread(_send_blocking, settings, message)
+        await asyncio.to_thread(_send_blocking, settings, message, password)
     except MailError:
         raise
     except smtplib.SMTPRecipientsRefused as exc:

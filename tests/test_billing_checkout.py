@@ -1,0 +1,241 @@
+"""Checkout for plan purchase through the real ``stripe`` SDK against the local Stripe peer: a
+recorded request becomes one Checkout Session (also when an answer is lost), and
+``checkout.session.completed``, signed by Stripe's own helper and delivered twice, activates the
+plan once."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import orjson
+import pytest
+import stripe
+from aiohttp import test_utils, web
+from conftest import wait_until
+from stripe_peer import StripePeer
+
+from engine.billing import checkout, plans, store
+from engine.billing.config import BillingConfig
+from engine.billing.gateway import StripeGateway
+from engine.billing.service import BillingService
+from engine.billing.webhooks import process_stored_events, webhook_routes
+
+SECRET = "whsec_checkout_test"
+
+
+@dataclass
+class Shop:
+    pool: asyncpg.Pool
+    peer: StripePeer
+    gateway: StripeGateway
+    client: test_utils.TestClient
+    database_url: str
+
+    async def request(self, plan_id: str, key: str = "k1", follower: str = "f1") -> uuid.UUID:
+        """What the API does for ``POST /v1/plans/{id}/checkout``: billing's function."""
+        async with self.pool.acquire() as conn:
+            found: uuid.UUID = await conn.fetchval(
+                "SELECT billing_api_request_checkout($1, $2, 'alpha', $3, $4, $5, $6, $7)",
+                uuid.uuid4(), follower, plan_id, key, f"{follower}@x.test",
+                "https://app.test/ok", "https://app.test/no",
+            )  # fmt: skip
+        return found
+
+    async def checkout(self, checkout_id: uuid.UUID) -> Any:
+        async with self.pool.acquire() as conn:
+            return await conn.fetchrow(
+                "SELECT * FROM billing_checkouts WHERE checkout_id = $1", checkout_id
+            )
+
+    async def deliver(self, event: dict[str, Any]) -> int:
+        payload = orjson.dumps(event)
+        header = stripe.WebhookSignature.generate_signature_header(payload.decode(), SECRET)
+        resp = await self.client.post(
+            "/stripe/webhook", data=payload, headers={"Stripe-Signature": header}
+        )
+        return resp.status
+
+    async def subscription(self, follower: str, plan_id: str) -> Any:
+        async with self.pool.acquire() as conn:
+            return await conn.fetchrow(
+                "SELECT * FROM billing_subscriptions WHERE follower = $1 AND plan_id = $2",
+                follower,
+                plan_id,
+            )
+
+
+@pytest.fixture
+async def shop(database_url: str) -> AsyncIterator[Shop]:
+    await store.migrate(database_url)
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=6)
+    peer = StripePeer()
+    await peer.start()
+    gateway = StripeGateway(peer.api_key, api_base=peer.url, timeout_s=10)
+    account = await gateway.create_express_account(
+        provider="alpha", email="alpha@x.test", country="DE"
+    )
+    async with pool.acquire() as conn:
+        await plans.create_operator_plan(
+            conn, plan_id="pro", name="Pro", currency="EUR", platform_fee_percent="12.5",
+            account_pool_limit=10, modules=["subscription", "pay_per_trade", "performance"],
+        )  # fmt: skip
+        await plans.assign_operator_plan(conn, "alpha", "pro")
+        await store.upsert_provider(
+            conn, provider="alpha", operator_plan="pro", stripe_account=account
+        )
+        await plans.create_provider_plan(
+            conn, plan_id="gold", provider="alpha", name="Gold", currency="EUR",
+            modules=["subscription", "pay_per_trade"], subscription_price_minor=4900,
+            subscription_period="monthly", ppt_trades=10, ppt_price_minor=999,
+        )  # fmt: skip
+        await plans.create_provider_plan(
+            conn, plan_id="trades", provider="alpha", name="Ten trades", currency="EUR",
+            modules=["pay_per_trade"], ppt_trades=10, ppt_price_minor=999,
+        )  # fmt: skip
+    app = web.Application()
+    app.add_routes(webhook_routes(pool, SECRET))
+    client = test_utils.TestClient(test_utils.TestServer(app, host="127.0.0.1"))
+    await client.start_server()
+    try:
+        yield Shop(pool, peer, gateway, client, database_url)
+    finally:
+        await client.close()
+        await gateway.close()
+        await peer.stop()
+        await pool.close()
+
+
+async def test_the_same_client_key_is_one_checkout(shop: Shop) -> None:
+    first = await shop.request("gold", "k1")
+    assert await shop.request("gold", "k1") == first
+    assert await shop.request("gold", "k2") != first
+    assert (await shop.checkout(first))["state"] == "pending"
+
+
+async def test_a_request_becomes_a_checkout_session_with_the_plans_terms(shop: Shop) -> None:
+    checkout_id = await shop.request("gold")
+    assert await checkout.create_sessions(shop.pool, shop.gateway) == [(str(checkout_id), "ready")]
+    row = await shop.checkout(checkout_id)
+    session = shop.peer.checkout_sessions[row["session_id"]]
+    assert row["url"] == session["url"]
+    assert session["mode"] == "subscription" and session["amount_total"] == 4900 + 999
+    assert session["subscription_data"]["application_fee_percent"] == "12.5"
+    assert session["metadata"]["checkout_id"] == str(checkout_id)
+    # Another pass has nothing to do: the session is made once.
+    assert await checkout.create_sessions(shop.pool, shop.gateway) == []
+    assert len(shop.peer.checkout_sessions) == 1
+
+
+async def test_a_lost_answer_is_sent_again_under_its_key_and_makes_one_session(
+    shop: Shop,
+) -> None:
+    checkout_id = await shop.request("gold")
+    async with shop.pool.acquire() as conn:  # the customer exists: the next POST is the session
+        customer = await shop.gateway.create_customer(follower="f1", email="f1@x.test")
+        await store.upsert_customer(
+            conn, follower="f1", stripe_customer=customer, payment_method=None
+        )
+    shop.peer.lose_responses = 1
+    assert await checkout.create_sessions(shop.pool, shop.gateway, retry_after_s=0) == [
+        (str(checkout_id), "pending")
+    ]
+    assert (await shop.checkout(checkout_id))["state"] == "pending"
+    assert await checkout.create_sessions(shop.pool, shop.gateway) == [(str(checkout_id), "ready")]
+    assert len(shop.peer.checkout_sessions) == 1
+    keys = [k for m, p, k in shop.peer.requests if p == "/v1/checkout/sessions"]
+    assert keys == [f"checkout:{checkout_id}"] * 2
+
+
+async def test_a_provider_that_cannot_be_paid_fails_the_checkout_with_a_reason(
+    shop: Shop,
+) -> None:
+    async with shop.pool.acquire() as conn:
+        await conn.execute("UPDATE billing_providers SET stripe_account = 'acct_gone'")
+    checkout_id = await shop.request("gold")
+    assert await checkout.create_sessions(shop.pool, shop.gateway) == [(str(checkout_id), "failed")]
+    row = await shop.checkout(checkout_id)
+    assert "No such destination" in row["reason"] and row["url"] is None
+
+
+async def test_a_completed_checkout_delivered_twice_activates_the_plan_once(shop: Shop) -> None:
+    checkout_id = await shop.request("gold")
+    await checkout.create_sessions(shop.pool, shop.gateway)
+    row = await shop.checkout(checkout_id)
+    event = shop.peer.complete_checkout_session(row["session_id"])
+    assert [await shop.deliver(event), await shop.deliver(event)] == [200, 200]
+    outcomes = await process_stored_events(shop.pool)
+    assert [o.result for o in outcomes] == ["applied"]
+    sub = await shop.subscription("f1", "gold")
+    assert sub["status"] == "active" and sub["stripe_subscription"].startswith("sub_")
+    assert sub["ppt_trades_bought"] == 10 and sub["ppt_purchase_id"] == row["session_id"]
+    done = await shop.checkout(checkout_id)
+    assert done["state"] == "completed" and done["completed_by"] == event["id"]
+    # The same completion again, under another event id (a replay by recovery): unchanged.
+    again = {**event, "id": "evt_replayed"}
+    assert await shop.deliver(again) == 200
+    assert [o.result for o in await process_stored_events(shop.pool)] == ["unchanged"]
+    async with shop.pool.acquire() as conn:
+        assert await conn.fetchval("SELECT count(*) FROM billing_subscriptions") == 1
+
+
+async def test_buying_again_reactivates_a_cancelled_plan_and_renews_the_allowance(
+    shop: Shop,
+) -> None:
+    from engine.billing import enforcement
+
+    first = await shop.request("trades", "k1")
+    await checkout.create_sessions(shop.pool, shop.gateway)
+    session = shop.peer.checkout_sessions[(await shop.checkout(first))["session_id"]]
+    assert session["mode"] == "payment"
+    assert session["payment_intent_data"]["application_fee_amount"] == "124"
+    await shop.deliver(shop.peer.complete_checkout_session(session["id"]))
+    await process_stored_events(shop.pool)
+    async with shop.pool.acquire() as conn:
+        await enforcement.allowance_used_up(conn, "f1", "trades")
+        await enforcement.cancel_subscription(conn, "f1", "trades")
+    second = await shop.request("trades", "k2")
+    await checkout.create_sessions(shop.pool, shop.gateway)
+    again = (await shop.checkout(second))["session_id"]
+    await shop.deliver(shop.peer.complete_checkout_session(again))
+    await process_stored_events(shop.pool)
+    sub = await shop.subscription("f1", "trades")
+    assert sub["status"] == "active" and sub["ppt_purchase_id"] == again
+    async with shop.pool.acquire() as conn:
+        causes = await conn.fetch("SELECT cause, state FROM billing_enforcement ORDER BY cause")
+    assert [(c["cause"], c["state"]) for c in causes] == [
+        ("allowance:trades", "lifted"),
+        ("subscription:trades", "lifted"),
+    ]
+
+
+async def test_an_expired_session_fails_the_checkout(shop: Shop) -> None:
+    checkout_id = await shop.request("gold")
+    await checkout.create_sessions(shop.pool, shop.gateway)
+    row = await shop.checkout(checkout_id)
+    await shop.deliver(shop.peer.expire_checkout_session(row["session_id"]))
+    await process_stored_events(shop.pool)
+    row = await shop.checkout(checkout_id)
+    assert row["state"] == "failed" and "expired" in row["reason"]
+    assert await shop.subscription("f1", "gold") is None
+
+
+async def test_the_service_makes_the_session_when_the_request_is_recorded(shop: Shop) -> None:
+    config = BillingConfig(
+        database_url=shop.database_url, webhook_port=0, metrics_port=None, event_poll_s=30.0
+    )
+    service = BillingService(config, shop.database_url, shop.gateway, SECRET)
+    await service.start()
+    try:
+        # The poll is 30 s: only the NOTIFY of billing_api_request_checkout wakes it in time.
+        checkout_id = await shop.request("gold")
+
+        async def ready() -> bool:
+            return (await shop.checkout(checkout_id))["state"] == "ready"
+
+        await wait_until(ready, "the session made after the NOTIFY", timeout=20)
+    finally:
+        await service.stop()
