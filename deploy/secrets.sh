@@ -2,11 +2,16 @@
 # Make the secrets a tradecopy cluster needs, into a directory OUTSIDE git:
 #   - a CA and one certificate for the NATS nodes (clients and routes), valid for the compose
 #     hostnames, the Kubernetes service names and this machine;
-#   - one nkey per role (admin, replicator, operator, api, quotes, ledger, billing): <role>.nk holds the SEED
+#   - one nkey per role (admin, replicator, operator, api, quotes, ledger, billing, signals):
+#     <role>.nk holds the SEED
 #     (the secret), nkeys.env the PUBLIC keys (TC_NKEY_*) that the NATS servers admit;
 #   - one for the compose bridge connector (connector-bridge-1.nk, TC_NKEY_CONNECTOR_BRIDGE_1);
 #   - the PostgreSQL password (postgres-password) and database.env, the ledger's
-#     TRADECOPY_DATABASE_URL with it (compose: the postgres service, db-migrate, the ledgers).
+#     TRADECOPY_DATABASE_URL with it (compose: the postgres service, db-migrate, the ledgers,
+#     the API, billing and the signals worker);
+#   - api.env: the API's TRADECOPY_API_JWT_SECRET and TRADECOPY_API_MASTER_KEY (random);
+#   - billing.env: billing's TRADECOPY_BILLING_KEY (random), to which the operator appends the
+#     Stripe key and webhook secret sealed with it (deploy/README.md, "Billing").
 #
 #   bash deploy/secrets.sh ~/.config/tradecopy/compose
 #   TRADECOPY="python -m engine.cli" bash deploy/secrets.sh DIR   # without the console script
@@ -44,7 +49,7 @@ if [ ! -f tls.crt ]; then
 fi
 
 : > nkeys.env.tmp
-for role in admin replicator operator api quotes ledger billing; do
+for role in admin replicator operator api quotes ledger billing signals; do
     if [ ! -f "$role.nk" ]; then
         # shellcheck disable=SC2086  # TRADECOPY may be a command with arguments
         $tradecopy nats nkey --seed-file "$role.nk" > /dev/null
@@ -72,6 +77,23 @@ fi
 chmod 0644 postgres-password
 if [ ! -f database.env ]; then
     (umask 077; echo "TRADECOPY_DATABASE_URL=postgresql://tradecopy:$(cat postgres-password)@postgres:5432/tradecopy" > database.env)
+fi
+# The API's secrets: the JWT signing secret and the AES-256 key of the stored broker
+# credentials. Losing the master key loses every stored credential: keep a copy.
+if [ ! -f api.env ]; then
+    (umask 077; {
+        echo "TRADECOPY_API_JWT_SECRET=$(openssl rand -hex 32)"
+        echo "TRADECOPY_API_MASTER_KEY=$(openssl rand -base64 32)"
+    } > api.env)
+fi
+# Billing's key (AES-256, base64), which opens the sealed Stripe keys. The sealed key and
+# webhook secret are appended by the operator (`tradecopy billing seal-secret`).
+if [ ! -f billing.env ]; then
+    (umask 077; {
+        echo "TRADECOPY_BILLING_KEY=$(openssl rand -base64 32)"
+        echo "# TRADECOPY_BILLING_STRIPE_API_KEY_SEALED=   (tradecopy billing seal-secret)"
+        echo "# TRADECOPY_BILLING_WEBHOOK_SECRET_SEALED=   (tradecopy billing seal-secret)"
+    } > billing.env)
 fi
 echo "TC_SECRETS=$PWD" >> nkeys.env.tmp
 mv nkeys.env.tmp nkeys.env

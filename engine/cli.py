@@ -623,8 +623,10 @@ def _cmd_signals_run(args: argparse.Namespace) -> int:
     import msgspec
 
     from engine.runtime.logging import configure_logging
+    from engine.runtime.postgres import configured_database_url
     from engine.signals.config import load_config
-    from engine.signals.worker import run_worker
+    from engine.signals.driving import DriveConfig
+    from engine.signals.service import run_signals
 
     configure_logging(args.log_level, json=not args.console_logs)
     try:
@@ -634,6 +636,11 @@ def _cmd_signals_run(args: argparse.Namespace) -> int:
         return 2
     if args.nats_url or os.environ.get(ENV_NATS_URL, "").strip() or not config.nats_url:
         config = msgspec.structs.replace(config, nats_url=_nats_url(args))
+    try:
+        drive = msgspec.convert({"max_signal_age_s": args.max_signal_age}, DriveConfig)
+    except msgspec.ValidationError as exc:
+        print(f"--max-signal-age: {exc}", file=sys.stderr)
+        return 2
 
     async def run() -> None:
         import signal
@@ -642,7 +649,10 @@ def _cmd_signals_run(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await run_worker(config, stop)
+        # Without a database the worker runs alone: the drive reads positions from the ledger.
+        await run_signals(
+            config, stop, database_url=configured_database_url(args.database_url), drive=drive
+        )
 
     run_async(run())
     return 0
@@ -804,7 +814,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from engine.runtime.logging import configure_logging
 
     configure_logging("warning", json=False)
-    return demo_main(args.seconds, args.followers, args.speed, args.json, args.database_url)
+    return demo_main(args.seconds, args.followers, args.speed, args.json, args.database_url,
+                     args.source)  # fmt: skip
 
 
 def _cmd_backtest(args: argparse.Namespace) -> int:
@@ -1188,9 +1199,23 @@ def _add_service_commands(commands: Any) -> None:
         "signals", help="signal sources: strategies run once per closed candle"
     ).add_subparsers(dest="signals_command", required=True)
     worker = signals.add_parser(
-        "run", help="run one strategy worker (run several: each candle still runs once)"
+        "run",
+        help="run one strategy worker and the drive of the strategies' masters (run several: "
+        "each candle still runs once)",
     )
     worker.add_argument("--config", required=True, help="the worker's JSON file")
+    worker.add_argument(
+        "--database-url",
+        default=None,
+        help="PostgreSQL with the ledger's views, where the drive reads the masters' positions "
+        "(default: $TRADECOPY_DATABASE_URL; neither: the worker runs without the drive)",
+    )
+    worker.add_argument(
+        "--max-signal-age",
+        type=float,
+        default=300.0,
+        help="seconds after which the drive skips a signal instead of trading it (default 300)",
+    )
     _add_nats_url(worker)
     _add_log_level(worker, "info")
     worker.add_argument("--console-logs", action="store_true", help="human-readable logs")
@@ -1327,11 +1352,23 @@ def _add_local_commands(commands: Any) -> None:
     up.set_defaults(func=_cmd_up)
 
     demo = commands.add_parser(
-        "demo", help="copy a scripted master on real XAUUSD prices to paper followers"
-    )
-    demo.add_argument("--seconds", type=float, default=20.0, help="length of the script")
+        "demo", help="copy a master (scripted, or an SMA strategy) on real XAUUSD prices to "
+        "paper followers",
+    )  # fmt: skip
+    demo.add_argument(
+        "--source", choices=("script", "strategy"), default="script",
+        help="who trades the master: a script doing every kind of action once, or the shipped "
+        "SMA crossover through the signal worker and the drive",
+    )  # fmt: skip
+    demo.add_argument(
+        "--seconds", type=float, default=None,
+        help="length of the script (default 20) or of the strategy's run (default 30)",
+    )  # fmt: skip
     demo.add_argument("--followers", type=int, default=7, help="paper followers (min 1)")
-    demo.add_argument("--speed", type=float, default=60.0, help="bars per minute of replay")
+    demo.add_argument(
+        "--speed", type=float, default=None,
+        help="bars per minute of replay (default 60; strategy: 360, a 5m candle each 0.83 s)",
+    )  # fmt: skip
     _add_json(demo, "one JSON object on the last line")
     _add_database_url(demo)
     demo.set_defaults(func=_cmd_demo)

@@ -1,4 +1,9 @@
-"""``tradecopy demo``: a scripted master on real XAUUSD prices, copied to paper followers."""
+"""``tradecopy demo``: a master on real XAUUSD prices, copied to paper followers.
+
+The master is scripted (``--source script``: every kind of action once) or traded by the
+shipped SMA crossover through the live signal path (``--source strategy``, see
+``engine.demo_strategy``).
+"""
 
 from __future__ import annotations
 
@@ -22,7 +27,9 @@ from rich.table import Table
 from connectors.paper.connector import PaperConnector, PaperTerminal, master_ref
 from connectors.paper.model import XAUUSD, Result
 from connectors.paper.prices import PriceReplay, load_bars
+from connectors.paper.quotes import NatsQuotes
 from connectors.paper.venue import PaperVenue
+from engine import demo_strategy
 from engine.api.service import LocalApi, start_local_api
 from engine.billing import demo as billing_demo
 from engine.billing.windows import BillingWindow
@@ -47,6 +54,9 @@ from schemas.reports import ExecutionReport, OrderDone, OrderFilled, OrderReject
 from schemas.streams import DECISIONS_STREAM, EXECUTION_REPORTS_STREAM, FOLLOWER_ORDERS_STREAM
 
 MASTER = "demo-master"
+SOURCES = ("script", "strategy")
+DEFAULT_SECONDS = 20.0
+DEFAULT_SPEED = 60.0
 CONNECTOR = "demo-paper"
 SUFFIXED = "XAUUSD.m"
 #: Where the replay starts: a busy London morning in the shipped data.
@@ -451,8 +461,16 @@ def live_view(terminal: PaperTerminal, observed: Observed, log_lines: list[str])
 
 
 async def run_demo(
-    seconds: float, followers: int, speed: float, as_json: bool, database_url: str | None = None
-) -> dict[str, Any]:
+    seconds: float | None, followers: int, speed: float | None, as_json: bool,
+    database_url: str | None = None, source: str = "script",
+) -> dict[str, Any]:  # fmt: skip
+    if source not in SOURCES:
+        raise ValueError(f"unknown source {source!r}: {' or '.join(SOURCES)}")
+    strategy = source == "strategy"
+    if seconds is None:
+        seconds = demo_strategy.DEFAULT_SECONDS if strategy else DEFAULT_SECONDS
+    if speed is None:
+        speed = demo_strategy.DEFAULT_SPEED if strategy else DEFAULT_SPEED
     console = Console(stderr=as_json)
     log_lines: list[str] = []
 
@@ -468,6 +486,7 @@ async def run_demo(
         await stack.add_connector(CONNECTOR, masters=[MASTER], followers=ids)
         await stack.start()
         connector = None
+        signal_path: demo_strategy.StrategySource | None = None
         ledger = None
         api: LocalApi | None = None
         postgres = None
@@ -523,10 +542,14 @@ async def run_demo(
             terminal = PaperTerminal.open(
                 root / "paper.state", accounts, (XAUUSD, suffixed), {"XAUUSD": [SUFFIXED]}
             )
-            replay = PriceReplay(load_bars(), start=START_BAR, speed=speed, stamp_wall_clock=True,
+            bars = load_bars()
+            # A strategy needs candles: the bars' own time (demo_strategy's docstring).
+            replay = PriceReplay(bars, start=START_BAR, speed=speed, stamp_wall_clock=not strategy,
                                  steps_per_leg=3)  # fmt: skip
             venue_nc = await stack.connect(f"{CONNECTOR}-venue", stack.connector_user(CONNECTOR))
-            connector = PaperConnector(venue_nc, CONNECTOR, terminal, replay)
+            # The strategy's worker reads quotes on NATS like the venue: both from a publisher.
+            feed = NatsQuotes(venue_nc, ["XAUUSD"]) if strategy else replay
+            connector = PaperConnector(venue_nc, CONNECTOR, terminal, feed)
             observed = Observed()
             await js.subscribe(subjects.FOLLOWER_ORDERS, stream=FOLLOWER_ORDERS_STREAM,
                                cb=observed.on_order, ordered_consumer=True)  # fmt: skip
@@ -539,13 +562,28 @@ async def run_demo(
                 observed.master_events += 1
 
             await nc.subscribe(subjects.MASTER_EVENTS_IN, cb=count_master)
+            if strategy:
+                # The worker and the drive connect as `tradecopy signals run` does.
+                signals_nc = await stack.connect("demo-signals", stack.user(Role.SIGNALS))
+                signal_path = demo_strategy.StrategySource(
+                    signals_nc, signals_nc.jetstream(), database_url, MASTER,
+                    demo_strategy.replay_clock(bars[START_BAR].ts_ns), log,
+                )  # fmt: skip
+                await signal_path.start()
             await connector.start()
+            if signal_path is not None:
+                quotes_nc = await stack.connect("demo-quotes", stack.user(Role.QUOTES))
+                signal_path.publish_quotes(quotes_nc, replay)
             await _wait_ready(stack, connector)
             await wait_for_ledger(js)
             log(f"NATS {stack.url}; replicator pid {replicator.pid}; {len(ids)} followers")
-            trader = ScriptedTrader(connector, log)
-            steps = trader.steps()
-            pause = max(seconds / (len(steps) + 1), 0.2)
+            steps: list[Callable[[], Any]] = []
+            if signal_path is None:
+                steps = ScriptedTrader(connector, log).steps()
+            else:
+                # The strategy trades on its own; the demo only watches for ``seconds``.
+                steps = [signal_path.finish]
+            pause = max(seconds / (len(steps) + 1), 0.2) if signal_path is None else seconds
             live = None
             if not as_json and console.is_terminal:
                 # Manual refresh only: rich's refresh thread renders under the GIL and would
@@ -555,7 +593,14 @@ async def run_demo(
                 live.start()
             try:
                 for step in steps:
-                    await asyncio.sleep(pause)
+                    if signal_path is not None and live is not None:
+                        # The strategy trades while the demo waits: redraw as it goes.
+                        until = time.monotonic() + pause
+                        while time.monotonic() < until:
+                            await asyncio.sleep(min(1.0, max(0.0, until - time.monotonic())))
+                            live.update(live_view(terminal, observed, log_lines), refresh=True)
+                    else:
+                        await asyncio.sleep(pause)
                     await step()
                     if live is not None:
                         # Draw only once this step's copies are done: a render holds the event
@@ -567,12 +612,19 @@ async def run_demo(
                 if live is not None:
                     live.stop()
             problems = unexpected_positions(terminal, observed)
+            if signal_path is not None:
+                problems += demo_strategy.unexpected_master_positions(
+                    terminal.venue, MASTER, observed.orders, observed.reports
+                )
+            copies = [o for o in observed.orders if o.follower != MASTER]
             hops = latencies(observed)
-            rejected = [r for r in observed.reports.values() if isinstance(r, OrderRejected)]
+            # Copies only: the strategy's own orders on the master are counted apart.
+            copy_reports = [r for r in observed.reports.values() if r.follower != MASTER]
+            rejected = [r for r in copy_reports if isinstance(r, OrderRejected)]
             summary = {
                 "master_events": observed.master_events,
-                "orders": len(observed.orders),
-                "fills": sum(isinstance(r, OrderFilled) for r in observed.reports.values()),
+                "orders": len(copies),
+                "fills": sum(isinstance(r, OrderFilled) for r in copy_reports),
                 "rejected": len(rejected),
                 "skipped": sum(d.outcome.value == "skipped" for d in observed.decisions),
                 "unexpected_positions": len(problems),
@@ -592,6 +644,13 @@ async def run_demo(
                 out.print(f"[red]unexpected:[/] {problem}")
             for r in rejected:
                 out.print(f"rejected by the venue: {r.follower} {r.order_id}: {r.reason}")
+            if signal_path is not None:
+                summary["source"] = "strategy"
+                summary["strategy_version"] = signal_path.version.version_id
+                summary["signals"] = signal_path.signals
+                summary["master_orders"] = len(observed.orders) - len(copies)
+            else:
+                summary["source"] = "script"
             summary["ledger"] = await _ledger_summary(js, database_url, started_at)
             summary["api"] = api.url
             out.print(_ledger_line(summary["ledger"], postgres is not None))
@@ -618,6 +677,8 @@ async def run_demo(
             )
             return summary
         finally:
+            if signal_path is not None:
+                await signal_path.stop()
             if connector is not None:
                 await connector.stop()
             if api is not None:
@@ -693,9 +754,10 @@ async def _wait_all_reported(
 
 
 def main(
-    seconds: float, followers: int, speed: float, as_json: bool, database_url: str | None = None
-) -> int:
-    summary = run_async(run_demo(seconds, followers, speed, as_json, database_url))
+    seconds: float | None, followers: int, speed: float | None, as_json: bool,
+    database_url: str | None = None, source: str = "script",
+) -> int:  # fmt: skip
+    summary = run_async(run_demo(seconds, followers, speed, as_json, database_url, source))
     if as_json:
         sys.stdout.write(json.dumps(summary) + "\n")
     return 0 if summary["unexpected_positions"] == 0 else 1

@@ -21,6 +21,7 @@ from schemas.master import MasterEvent
 from schemas.orders import FollowerOrder, FollowerOrderBatch
 from schemas.rejections import MasterEventRejected
 from schemas.reports import ExecutionReport
+from schemas.signals import StrategyDeployment, StrategyRunFailed, StrategySignal
 
 JSON_DIR = Path(__file__).parent / "json"
 
@@ -40,10 +41,14 @@ MESSAGES: dict[str, Any] = {
     "copy_link": CopyLink,
     "bridge_terminal_frame": TerminalFrame,
     "bridge_connector_frame": ConnectorFrame,
+    "strategy_signal": StrategySignal,
+    "strategy_run_failed": StrategyRunFailed,
+    "strategy_deployment": StrategyDeployment,
 }
 
-#: Families carried as JSON (the terminal bridge over ZeroMQ); every other one is msgpack.
-JSON_WIRE = frozenset({"bridge_terminal_frame", "bridge_connector_frame"})
+#: Families carried as JSON (the terminal bridge over ZeroMQ, the strategy deployments' KV
+#: values); every other one is msgpack.
+JSON_WIRE = frozenset({"bridge_terminal_frame", "bridge_connector_frame", "strategy_deployment"})
 
 #: The description of every integer field says how it travels (wire → note).
 INT64_NOTE = {
@@ -55,6 +60,12 @@ NS_NOTE = (
     "UTC nanoseconds, int64 on the wire: a msgpack integer, never a float. Above 2^53, so "
     "decode it as a 64-bit integer (JavaScript: BigInt, @msgpack/msgpack `useBigInt64: true`); "
     "a float64 cannot hold it exactly and is refused."
+)
+#: The same for a family carried as JSON.
+JSON_NS_NOTE = (
+    "UTC nanoseconds, int64 on the wire: a JSON integer, without fraction or exponent. Above "
+    "2^53, so parse it as a 64-bit integer (JavaScript: BigInt, e.g. JSON.parse with a reviver "
+    "reading the source text); a float64 cannot hold it exactly and is refused."
 )
 
 
@@ -159,7 +170,10 @@ def _document_integers(schema: Any, wire: str) -> Any:
     out = _map_subschemas(schema, lambda sub: _document_integers(sub, wire))
     for name, prop in out.get("properties", {}).items():
         if _is_integer(prop):
-            note = NS_NOTE if name.endswith("_ns") and wire == "msgpack" else INT64_NOTE[wire]
+            if name.endswith("_ns"):
+                note = NS_NOTE if wire == "msgpack" else JSON_NS_NOTE
+            else:
+                note = INT64_NOTE[wire]
             text = prop.get("description")
             prop["description"] = f"{text}\n\n{note}" if text else note
     return out

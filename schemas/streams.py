@@ -154,4 +154,13 @@ KV_BUCKETS: dict[str, int] = {
     subjects.KV_CONTROL: 10,
     subjects.KV_LINK_STATE: 1,
     subjects.KV_SIGNAL_CLAIMS: 1,
+    subjects.KV_SIGNAL_DEPLOYMENTS: 1,
+}
+
+#: KV buckets whose keys expire (seconds); every other bucket keeps its keys until deleted.
+#: A candle's claim must outlive the signals stream's duplicate window (a takeover republishes
+#: under the run's id within it) and any lease x attempts (kept inside that window by the
+#: worker's configuration): a day is far past both, and claims no longer pile up forever.
+KV_MAX_AGE_S: dict[str, float] = {
+    subjects.KV_SIGNAL_CLAIMS: DAY_S,
 }

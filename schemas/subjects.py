@@ -36,6 +36,10 @@ KV_LINK_STATE = "tc_link_state"
 # Who runs a strategy version on a closed candle: created once per candle by the first worker
 # (the signal workers' only; the replicator does not watch it).
 KV_SIGNAL_CLAIMS = "tc_signal_claims"
+# Strategy deployments made at run time (the API's deployment routes write them; the signal
+# workers watch them): key ``deployment_key(version, symbol, timeframe)``, value a
+# ``schemas.signals.StrategyDeployment`` as JSON.
+KV_SIGNAL_DEPLOYMENTS = "tc_signal_deployments"
 
 
 def master_events(master: str) -> str:
@@ -83,6 +87,12 @@ def strategy_signals(version_id: str) -> str:
 def strategy_failures(version_id: str) -> str:
     """The runs of strategy version ``version_id`` that failed, with the kind and the reason."""
     return f"{PREFIX}.signal.{version_id}.failures"
+
+
+def deployment_key(version_id: str, symbol: str, timeframe: str) -> str:
+    """A strategy deployment's key in ``tc_signal_deployments``: ``<version>.<symbol>.<tf>``,
+    the symbol escaped into one key token (``usdjpy.`` → ``usdjpy=2E``)."""
+    return f"{version_id}.{encode_key_token(symbol)}.{encode_key_token(str(timeframe))}"
 
 
 def quotes(symbol: str) -> str:

@@ -23,6 +23,9 @@ from engine.runtime.jetstream import ensure_buckets
 from schemas import codec, subjects
 from schemas.account import AccountState, TerminalStatus
 
+#: A strategy the API stores and versions (it is parsed, never run, on upload).
+STRATEGY_SOURCE = "def strategy(candles, params):\n    return {'action': 'hold'}\n"
+
 
 @pytest.fixture
 async def api(database_url: str, nc: Any, js: Any) -> AsyncIterator[Api]:
@@ -272,12 +275,16 @@ async def test_an_account_is_deleted_only_once_no_link_names_it(api: Api) -> Non
 async def test_every_list_pages_through_all_its_items(api: Api) -> None:
     """Generated over every route that takes a cursor: limit=1 pages add up to the whole."""
     from engine.api.routes import ROUTES
+    from engine.billing import store as billing
+    from engine.ledger.store import migrate as migrate_ledger
 
+    await billing.migrate(api.database_url)  # the plans' lists read billing's views
+    await migrate_ledger(api.database_url)  # the leaderboard reads the ledger's views
     operator = await api.as_operator()
     provider = await api.provider("alpha")
-    await api.provider("beta")
-    await api.provider("gamma")
+    others = [await api.provider("beta"), await api.provider("gamma")]
     sources: list[str] = []
+    strategies: list[str] = []
     for n in range(3):
         await api.follower(provider, f"f{n}")
         master = (await api.account(provider, "master"))["account_id"]
@@ -288,6 +295,14 @@ async def test_every_list_pages_through_all_its_items(api: Api) -> None:
         await api.call("POST", "/v1/stops", operator, json={"scope": "account", "target": copy})
         await api.call("POST", "/v1/invites", provider,
                        json={"email": f"invitee{n}@example.com", "role": "follower"})  # fmt: skip
+        status, ops = await api.call("POST", "/v1/operator-plans", operator, json={
+            "name": f"ops-{n}", "currency": "EUR", "platform_fee_percent": "10",
+            "account_pool_limit": 100, "modules": ["subscription"]})  # fmt: skip
+        await api.call("PUT", "/v1/tenants/alpha/operator-plan", operator,
+                       json={"plan_id": ops["plan_id"]})  # fmt: skip
+        await api.call("POST", "/v1/plans", provider, json={
+            "name": f"plan-{n}", "currency": "EUR", "modules": ["subscription"],
+            "subscription_price_minor": 900, "subscription_period": "monthly"})  # fmt: skip
         await api.call("POST", "/v1/risk-templates", provider,
                        json={"name": f"risk-{n}", "settings": {"max_lot": 1.0}})  # fmt: skip
         await api.call("POST", "/v1/order-templates", provider,
@@ -300,12 +315,38 @@ async def test_every_list_pages_through_all_its_items(api: Api) -> None:
             "name": f"signals-{n}", "master_account_id": paper["account_id"],
             "symbol_map": {"XAUUSD": "XAUUSD"}, "allowed_ips": []})  # fmt: skip
         assert status == 201, source
+        # three strategies; the first gets three versions, each deployed on the paper master
+        status, made = await api.call("POST", "/v1/strategies", provider, json={
+            "name": f"strategy-{n}", "source": STRATEGY_SOURCE,
+            "parameters": {"n": n}})  # fmt: skip
+        assert status == 201, made
+        strategies.append(made["strategy"]["strategy_id"])
+        status, version = await api.call(
+            "POST", f"/v1/strategies/{strategies[0]}/versions", provider,
+            json={"source": STRATEGY_SOURCE, "parameters": {"n": 10 + n}})  # fmt: skip
+        assert status in (200, 201), version
+        status, deployed = await api.call(
+            "POST", f"/v1/strategies/{strategies[0]}/deployments", provider, json={
+                "version_id": version["version"]["version_id"],
+                "master_account_id": paper["account_id"],
+                "symbol": "XAUUSD", "timeframe": "15m"})  # fmt: skip
+        assert status == 201, deployed
         # every refusal into the first source's log, so it holds 3 entries
         source_id = sources[0] if sources else source["source"]["source_id"]
         sources.append(source_id)
         await api.call("POST", f"/v1/signals/tradingview/{source_id}", json={
             "secret": f"wrong-{n}", "ticker": "XAUUSD", "time": "2026-02-16T02:15:00Z",
             "action": "close"})  # fmt: skip
+    # three published profiles on the leaderboard, one per tenant
+    for board, who in enumerate((provider, *others)):
+        status, paper = await api.call("POST", "/v1/accounts", who, json={
+            "name": "board", "platform": "paper", "role": "master",
+            "credentials": CREDENTIALS})  # fmt: skip
+        assert status == 201, paper
+        status, profile = await api.call("PUT", "/v1/marketplace/profile", who, json={
+            "slug": f"board-{board}",
+            "master_account_id": paper["account_id"], "published": True})  # fmt: skip
+        assert status in (200, 201), profile
     # The ledger's lists (an account's positions, history, equity; decisions) page the same
     # way over ledger rows: tests/test_api_history.py fills and pages them.
     listed = [r for r in ROUTES if "cursor" in r.query and r.tag != "history"]
@@ -313,6 +354,7 @@ async def test_every_list_pages_through_all_its_items(api: Api) -> None:
     for route in listed:
         who = operator if route.roles is not None and route.roles <= {Role.OPERATOR} else provider
         path = route.path.replace("{source_id}", source_id)
+        path = path.replace("{strategy_id}", strategies[0])
         status, whole = await api.call("GET", path, who, params={"limit": "200"})
         assert status == 200, (route.path, whole)
         assert len(whole["items"]) >= 3 and whole["next_cursor"] is None, route.path

@@ -24,6 +24,7 @@ from test_api_support import PASSWORD, TEST_SECRETS, api_config
 from engine.api import openapi
 from engine.api.service import build_app
 from engine.api.store import create_operator, migrate
+from engine.billing.store import migrate as migrate_billing
 from engine.ledger.store import migrate as migrate_ledger
 from engine.runtime.natsserver import EmbeddedNats
 
@@ -79,6 +80,7 @@ class ServedApi:
         self._stop = asyncio.Event()
         await migrate_ledger(self.database_url)  # the ledger's read views
         await migrate(self.database_url)
+        await migrate_billing(self.database_url)  # plans and checkouts read and write billing's
         await create_operator(self.database_url, "ops@example.com", PASSWORD)
         pool = await asyncpg.create_pool(self.database_url, min_size=1, max_size=4)
         nc = await nats.connect(self.nats_url)

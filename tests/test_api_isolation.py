@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
+import nats.js.errors
 import pytest
 from test_api_history import copy_facts, store_facts
 from test_api_support import (
@@ -28,8 +29,10 @@ from test_api_support import (
     serve,
 )
 
+from engine.api.auth import Role
 from engine.api.routes import ROUTES
 from engine.api.totp import totp
+from engine.billing import store as billing_store
 from engine.ledger import store as ledger_store
 from engine.runtime.jetstream import ensure_buckets, ensure_streams
 from schemas import subjects
@@ -39,6 +42,7 @@ from schemas import subjects
 async def api(database_url: str, nc: Any, js: Any) -> AsyncIterator[Api]:
     await ledger_store.migrate(database_url)  # the history routes read the ledger's views
     await ensure_streams(js)  # the live stream reads them
+    await billing_store.migrate(database_url)  # plans and Checkout live in billing
     async with running_api(database_url, nc, js) as running:
         yield running
 
@@ -63,13 +67,24 @@ class Holdings:
     risk_template_id: str = field(default_factory=lambda: str(uuid.uuid4()))
     order_template_id: str = field(default_factory=lambda: str(uuid.uuid4()))
     source_id: str = "sig-0000000000000000"
+    plan_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    operator_plan_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    checkout_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    strategy_id: str = "stg-0000000000000000"
+    deployment_id: str = "dep-0000000000000000"
+    version_id: str = "sv-" + "0" * 24
+    paper_master: str = ""
+    slug: str = "no-such-provider"
 
     def param(self, name: str) -> str:
         return {"account_id": self.follower, "link_id": self.link, "user_id": self.user_id,
                 "key_id": self.key_id, "invite_id": self.invite_id,
                 "position_id": "1", "risk_template_id": self.risk_template_id,
                 "order_template_id": self.order_template_id,
-                "source_id": self.source_id}[name]  # fmt: skip
+                "source_id": self.source_id, "plan_id": self.plan_id,
+                "operator_plan_id": self.operator_plan_id, "checkout_id": self.checkout_id,
+                "tenant_id": self.tenant, "strategy_id": self.strategy_id,
+                "deployment_id": self.deployment_id, "slug": self.slug}[name]  # fmt: skip
 
 
 @dataclass
@@ -153,7 +168,11 @@ async def build_world(api: Api) -> World:
     b.markers += [b.risk_template_id, b.order_template_id, "bravo-risk", "bravo-preset"]
     for owner, holder, label in ((pa, a, "alfa"), (pb, b, "bravo")):
         holder.source_id = await _signal_source(api, owner, label)
+        await _strategy_and_profile(api, owner, holder, label)
     b.markers += [b.source_id, "bravo-signals", "bravo-paper"]
+    b.markers += [b.strategy_id, b.deployment_id, b.version_id, b.paper_master, b.slug,
+                  "bravo-strategy", "bravo-profile"]  # fmt: skip
+    await _plans(api, a, b, a2, fb)
     a2.markers += [a2.order_template_id, "felix-preset"]
     return World(
         provider_a=a,
@@ -172,6 +191,35 @@ async def build_world(api: Api) -> World:
     )
 
 
+async def _plans(api: Api, a: Holdings, b: Holdings, a2: Holdings, fb: Person) -> None:
+    """Both providers on an operator plan, a plan each, and a Checkout of B's follower and of
+    A's follower a2 (billing's rows, written through the API)."""
+    operator = await api.as_operator()
+    status, body = await api.call("POST", "/v1/operator-plans", operator, json={
+        "name": "isolation-ops", "currency": "EUR", "platform_fee_percent": "10",
+        "account_pool_limit": 100, "modules": ["subscription"]})  # fmt: skip
+    assert status == 201, body
+    for holder in (a, b):
+        holder.operator_plan_id = body["plan_id"]
+        status, _ = await api.call("PUT", f"/v1/tenants/{holder.tenant}/operator-plan", operator,
+                                   json={"plan_id": body["plan_id"]})  # fmt: skip
+        assert status == 200
+    for holder, label in ((a, "alfa"), (b, "bravo")):
+        status, plan = await api.call("POST", "/v1/plans", holder.person, json={
+            "name": f"{label}-plan", "currency": "EUR", "modules": ["subscription"],
+            "subscription_price_minor": 900, "subscription_period": "monthly",
+            "risk_template_id": holder.risk_template_id})  # fmt: skip
+        assert status == 201, plan
+        holder.plan_id = plan["plan_id"]
+    for follower, holder, plan_id in ((fb, b, b.plan_id), (a2.person, a2, a.plan_id)):
+        status, body = await api.call("POST", f"/v1/plans/{plan_id}/checkout", follower,
+                                      json={"client_key": "isolation"})  # fmt: skip
+        assert status == 202, body
+        holder.checkout_id = body["checkout_id"]
+    b.markers += [b.plan_id, "bravo-plan", b.checkout_id]
+    a2.markers += [a2.checkout_id]
+
+
 async def _signal_source(api: Api, owner: Person, label: str) -> str:
     """A signal source on a paper master of ``owner``, with a refusal in its log."""
     status, body = await api.call("POST", "/v1/accounts", owner, json={
@@ -188,6 +236,36 @@ async def _signal_source(api: Api, owner: Person, label: str) -> str:
         "action": "close"})  # fmt: skip
     assert status == 401
     return str(source_id)
+
+
+STRATEGY_SOURCE = "def strategy(candles, params):\n    return None\n"
+
+
+async def _strategy_and_profile(api: Api, owner: Person, holder: Holdings, label: str) -> None:
+    """A strategy with a version deployed on a paper master, and a marketplace profile:
+    published for A (its own by-id reads answer), unpublished for B (404 to everyone else)."""
+    status, body = await api.call("POST", "/v1/accounts", owner, json={
+        "name": f"{label}-strategy-master", "platform": "paper", "role": "master",
+        "credentials": CREDENTIALS})  # fmt: skip
+    assert status == 201, body
+    holder.paper_master = body["account_id"]
+    status, body = await api.call("POST", "/v1/strategies", owner, json={
+        "name": f"{label}-strategy", "source": STRATEGY_SOURCE + f"# {label}\n"})  # fmt: skip
+    assert status == 201, body
+    holder.strategy_id = body["strategy"]["strategy_id"]
+    holder.version_id = body["version"]["version_id"]
+    status, body = await api.call(
+        "POST", f"/v1/strategies/{holder.strategy_id}/deployments", owner,
+        json={"version_id": holder.version_id, "master_account_id": holder.paper_master,
+              "symbol": "XAUUSD", "timeframe": "1h"},
+    )  # fmt: skip
+    assert status == 201, body
+    holder.deployment_id = body["deployment_id"]
+    holder.slug = f"{label}-profile"
+    status, body = await api.call("PUT", "/v1/marketplace/profile", owner, json={
+        "slug": holder.slug, "master_account_id": holder.master,
+        "strategy_id": holder.strategy_id, "published": label == "alfa"})  # fmt: skip
+    assert status == 200, body
 
 
 def hostile_bodies(path: str, method: str, me: Holdings, victim: Holdings) -> list[Any] | None:
@@ -243,8 +321,32 @@ def hostile_bodies(path: str, method: str, me: Holdings, victim: Holdings) -> li
         ("POST", "/v1/me/totp/confirm"): [{"code": "000000"}],
         ("DELETE", "/v1/me/totp"): [{"password": "guess-1"}, {"code": "000000"}],
         ("PUT", "/v1/security/totp-policy"): [{"required_roles": ["provider", "follower"]}],
+        ("POST", "/v1/operator-plans"): [{"name": f"probe-{new}", "currency": "EUR",
+                                          "platform_fee_percent": "10",
+                                          "account_pool_limit": 1, "modules": []}],
+        ("PUT", "/v1/tenants/{tenant_id}/operator-plan"): [
+            {"plan_id": victim.operator_plan_id}],
+        ("POST", "/v1/plans"): [
+            {"name": f"probe-{new}", "currency": "EUR", "modules": ["subscription"],
+             "subscription_price_minor": 1, "subscription_period": "monthly",
+             "risk_template_id": victim.risk_template_id}],
+        ("POST", "/v1/plans/{plan_id}/checkout"): [{"client_key": f"probe-{new}"}],
         ("POST", "/v1/signal-sources"): [{"name": f"probe-{new}", "symbol_map": {"X": "X"},
                                           "master_account_id": victim.master}],
+        ("POST", "/v1/strategies"): [{"name": f"probe-{new}", "source": STRATEGY_SOURCE}],
+        ("POST", "/v1/strategies/{strategy_id}/versions"): [
+            {"source": STRATEGY_SOURCE + f"# {new}\n"}],
+        ("POST", "/v1/strategies/{strategy_id}/deployments"): [
+            {"version_id": victim.version_id, "master_account_id": victim.paper_master,
+             "symbol": "XAUUSD", "timeframe": "4h"},
+            {"version_id": me.version_id, "master_account_id": victim.paper_master,
+             "symbol": "XAUUSD", "timeframe": "4h"},
+        ],
+        ("PUT", "/v1/marketplace/profile"): [
+            {"slug": victim.slug, "master_account_id": victim.master, "published": True},
+            {"slug": f"probe-{new}", "master_account_id": victim.master, "published": True},
+        ],
+        ("POST", "/v1/marketplace/providers/{slug}/follow-on-paper"): [{}],
         ("POST", "/v1/signals/tradingview/{source_id}"): [
             {"secret": "guess-1", "ticker": "XAUUSD", "time": "2026-02-16T02:15:00Z",
              "action": "close"}],
@@ -264,7 +366,9 @@ async def victim_snapshot(api: Api, victim: Holdings) -> Any:
             ("api_links", "owner_user_id"), ("api_invites", None), ("api_user_tokens", "user_id"),
             ("api_email_outbox", None), ("api_totp", "user_id"), ("api_recovery_codes", "user_id"),
             ("api_risk_templates", None), ("api_order_templates", "owner_user_id"),
-            ("api_signal_sources", None),
+            ("api_signal_sources", None), ("api_strategies", None),
+            ("api_strategy_versions", None), ("api_strategy_deployments", None),
+            ("api_marketplace_profiles", None),
         ):  # fmt: skip
             where = "tenant_id = $1"
             if owner_column is not None:
@@ -282,6 +386,13 @@ async def victim_snapshot(api: Api, victim: Holdings) -> Any:
             "SELECT count(*) FROM api_signal_log WHERE tenant_id = $1 AND outcome = 'accepted'",
             victim.tenant,
         )
+        rows["billing_plans"] = [r[0] for r in await conn.fetch(
+            "SELECT to_jsonb(p)::text FROM billing_follower_plans p WHERE provider = $1"
+            " AND $2::uuid IS NULL ORDER BY 1", victim.tenant, owner)]  # fmt: skip
+        rows["billing_checkouts"] = [r[0] for r in await conn.fetch(
+            "SELECT to_jsonb(c)::text FROM billing_checkouts c WHERE provider = $1"
+            " AND ($2::uuid IS NULL OR follower = $2::text) ORDER BY 1",
+            victim.tenant, owner)]  # fmt: skip
         rows["audit"] = await conn.fetchval(
             "SELECT count(*) FROM api_audit_log WHERE entity_id = ANY($1::text[])",
             victim.markers,
@@ -291,6 +402,10 @@ async def victim_snapshot(api: Api, victim: Holdings) -> Any:
     assert rows["api_accounts"] and rows["api_links"], "the victim owns nothing to protect"
     buckets = await ensure_buckets(api.js)
     rows["kv_link"] = (await buckets[subjects.KV_LINKS].get(victim.link)).value
+    try:
+        rows["kv_deployments"] = sorted(await buckets[subjects.KV_SIGNAL_DEPLOYMENTS].keys())
+    except nats.js.errors.NoKeysError:
+        rows["kv_deployments"] = []
     return rows
 
 
@@ -414,6 +529,9 @@ async def test_the_matrix_covers_every_route_and_own_resources_answer(api: Api) 
     for method, path in routes:
         if method != "GET" or not _PARAM.findall(path):
             continue
+        declared = next(r for r in ROUTES if (r.method, r.path) == (method, path))
+        if declared.roles is not None and Role.PROVIDER not in declared.roles:
+            continue  # the operator's, or a follower's own (tests/test_api_plans.py)
         concrete = path
         for name in _PARAM.findall(path):
             concrete = concrete.replace("{" + name + "}", me.param(name))
@@ -441,7 +559,9 @@ async def test_row_level_security_refuses_other_tenants_on_every_table(api: Api)
     tables = ["api_tenants", "api_users", "api_refresh_tokens", "api_keys", "api_accounts",
               "api_links", "api_audit_log", "api_invites", "api_user_tokens", "api_email_outbox",
               "api_totp", "api_recovery_codes", "api_risk_templates",
-              "api_order_templates", "api_signal_sources", "api_signal_log"]  # fmt: skip
+              "api_order_templates", "api_signal_sources", "api_signal_log",
+              "api_strategies", "api_strategy_versions", "api_strategy_deployments",
+              "api_marketplace_profiles"]  # fmt: skip
     conn = await _as_api_role(api.database_url, world.provider_a.tenant)
     try:
         for table in tables:

@@ -133,6 +133,13 @@ async def test_follower_sees_only_links_into_its_accounts(api: Api) -> None:
     assert {v["link"]["link_id"] for v in page["items"]} == {mine["link_id"], theirs["link_id"]}
     assert (await api.call("GET", f"/v1/links/{theirs['link_id']}", follower))[0] == 404
     assert (await api.call("POST", f"/v1/links/{theirs['link_id']}/pause", follower))[0] == 404
+    # Cancelling a subscription: a follower deletes its own link, never another's.
+    assert (await api.call("DELETE", f"/v1/links/{theirs['link_id']}", follower))[0] == 404
+    assert (await api.call("DELETE", f"/v1/links/{mine['link_id']}", follower))[0] == 204
+    buckets = await ensure_buckets(api.js)
+    with pytest.raises((nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError)):
+        await buckets[subjects.KV_LINKS].get(mine["link_id"])
+    assert (await buckets[subjects.KV_LINKS].get(theirs["link_id"])).value
 
 
 async def test_emergency_stops_are_operator_only_and_checked_like_the_cli(api: Api) -> None:

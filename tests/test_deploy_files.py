@@ -22,6 +22,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from engine.runtime.natsauth import Role
+
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 COMPOSE_FILE = DEPLOY / "compose" / "docker-compose.yml"
@@ -212,7 +214,7 @@ def test_compose_has_required_services(compose):
     services = compose["services"]
     for name in ("nats-1", "nats-2", "nats-3", "replicator-1", "replicator-2",
                  "postgres", "db-migrate", "ledger-1", "ledger-2", "db-prune",
-                 "prometheus", "grafana"):  # fmt: skip
+                 "api", "billing", "signals", "prometheus", "grafana"):  # fmt: skip
         assert name in services, f"compose service {name!r} missing"
     assert len(_nats_services(compose)) == 3
     assert len(_replicator_services(compose)) == 2
@@ -550,7 +552,8 @@ def test_kustomization_lists_exactly_the_manifests():
     required = {"namespace.yaml", "replicator-deployment.yaml", "replicator-service.yaml",
                 "nats-statefulset.yaml", "bootstrap-job.yaml", "db-migrate-job.yaml",
                 "ledger-deployment.yaml", "ledger-service.yaml",
-                "db-prune-cronjob.yaml"}  # fmt: skip
+                "db-prune-cronjob.yaml", "api-deployment.yaml", "billing-deployment.yaml",
+                "billing-service.yaml", "signals-deployment.yaml"}  # fmt: skip
     assert required <= set(resources)
 
 
@@ -786,7 +789,8 @@ def test_nats_statefulset():
 
 AUTH_CONF = DEPLOY / "nats" / "auth.conf"
 K8S_AUTH_CONF = K8S_DIR / "nats-auth.conf"
-ROLES = ("admin", "replicator", "operator", "api", "quotes", "ledger", "billing")
+# Every role's user (connectors have one user each, appended by hand), from the code itself.
+ROLES = tuple(r.value for r in Role if r is not Role.CONNECTOR)
 # Where each config expects its TLS files (compose secrets, the Kubernetes Secret mount).
 TLS_PATHS = {
     "compose": {"cert": "/run/secrets/nats-tls-cert", "key": "/run/secrets/nats-tls-key",
@@ -1064,7 +1068,8 @@ def test_prometheus_required_alerts():
     assert "rate(" in bad["expr"] and re.search(r">\s*0\s*$", bad["expr"].strip())
 
     downs = {re.search(r'job="([^"]+)"', r["expr"]).group(1): r for r in by_metric["up"]}
-    assert set(downs) == {"tradecopy-replicator", "tradecopy-connector", "tradecopy-ledger"}
+    assert set(downs) == {"tradecopy-replicator", "tradecopy-connector", "tradecopy-ledger",
+                          "tradecopy-billing", "tradecopy-signals"}  # fmt: skip
     for job, down in downs.items():
         assert re.search(r"==\s*0\s*$", down["expr"].strip())
         for config in (PROM_CONFIG, PROM_K8S_CONFIG):
@@ -1377,3 +1382,283 @@ def test_the_readme_says_which_compose_it_needs():
     assert "docker-compose " not in readme
     assert "Compose v2" in COMPOSE_FILE.read_text(encoding="utf-8")
     assert _load_yaml(COMPOSE_FILE)["name"] == "tradecopy"
+
+
+# -------------------------------------------------------------------------- API, billing, signals
+
+API_HTTP_PORT = 8080
+API_METRICS_PORT = 9466
+BILLING_TOML = DEPLOY / "billing" / "billing.toml"
+SIGNALS_JSON = DEPLOY / "signals" / "signals.json"
+
+
+def _k8s_containers() -> list[tuple[str, dict, dict]]:
+    """(where, pod spec, container) of every pod template under kubernetes/, connectors too."""
+    found = []
+    for obj in _k8s_objects() + _k8s_connector_objects():
+        spec = obj.get("spec", {})
+        if obj["kind"] == "CronJob":
+            spec = spec["jobTemplate"]["spec"]
+        template = spec.get("template")
+        if template is None:
+            continue
+        for container in template["spec"]["containers"]:
+            found.append((f"{obj['kind']}/{obj['metadata']['name']}", template, container))
+    return found
+
+
+def _project_commands() -> list[tuple[str, list[str]]]:
+    """(where, argv after the ``tradecopy`` entrypoint) of every compose service and Kubernetes
+    container that runs the project's image."""
+    commands = []
+    for name, svc in _tradecopy_services(_load_yaml(COMPOSE_FILE)).items():
+        if svc.get("entrypoint"):  # db-prune loops in a shell around `tradecopy db prune`
+            inner = " ".join(svc["command"]).split("tradecopy ", 1)[1].split(";")[0]
+            commands.append((f"compose {name}", inner.split()))
+        else:
+            commands.append((f"compose {name}", list(svc["command"])))
+    for where, _pod, container in _k8s_containers():
+        if str(container["image"]).startswith("tradecopy"):
+            commands.append((where, list(container["args"])))
+    return commands
+
+
+def test_every_command_the_deployment_runs_exists_in_the_cli():
+    from engine.cli import build_parser
+
+    commands = _project_commands()
+    runs = {" ".join(argv[:2]) for _where, argv in commands}
+    assert {"api run", "billing run", "signals run", "ledger run", "replicator run"} <= runs
+    for where, argv in commands:
+        # $(VAR) is Kubernetes' own substitution from the container's env.
+        concrete = [re.sub(r"\$\((\w+)\)", "x", a) for a in argv]
+        try:
+            build_parser().parse_args(concrete)
+        except SystemExit:
+            pytest.fail(f"{where}: `tradecopy {' '.join(argv)}` is not a command the CLI has")
+
+
+def _billing_configmap() -> dict:
+    return _k8s_get("ConfigMap", "tradecopy-billing-config")
+
+
+def _billing_config(text: str):
+    import msgspec
+
+    from engine.billing.config import BillingConfig
+
+    return msgspec.toml.decode(text.encode(), type=BillingConfig)
+
+
+def _signals_config(text: str):
+    import msgspec
+
+    from engine.signals.config import SignalWorkerConfig
+
+    return msgspec.json.decode(text.encode(), type=SignalWorkerConfig)
+
+
+def test_the_billing_and_signals_configs_are_valid_and_listen_for_the_network():
+    """Both copies (compose file, Kubernetes ConfigMap) decode as the services decode them
+    (unknown keys refused), listen on 0.0.0.0, and hold no secret."""
+    compose_billing = _billing_config(BILLING_TOML.read_text(encoding="utf-8"))
+    k8s_billing = _billing_config(_billing_configmap()["data"]["billing.toml"])
+    for config in (compose_billing, k8s_billing):
+        assert config.webhook_host == config.metrics_host == "0.0.0.0"
+        assert config.stripe_api_key_sealed is None and config.stripe_webhook_secret_sealed is None
+        assert config.database_url is None  # from TRADECOPY_DATABASE_URL (a secret)
+        assert config.nats_url and re.fullmatch(r"nats://[\w.-]+:4222", config.nats_url)
+    assert (compose_billing.webhook_port, compose_billing.metrics_port) == (
+        k8s_billing.webhook_port,
+        k8s_billing.metrics_port,
+    )
+    compose_signals = _signals_config(SIGNALS_JSON.read_text(encoding="utf-8"))
+    k8s_signals = _signals_config(
+        _k8s_get("ConfigMap", "tradecopy-signals-config")["data"]["signals.json"]
+    )
+    for config in (compose_signals, k8s_signals):
+        assert config.metrics_host == "0.0.0.0" and config.metrics_port is not None
+        assert config.nats_url == ""  # from --nats-url
+    assert compose_signals.metrics_port == k8s_signals.metrics_port
+
+
+#: What each service reads from its environment (besides its NATS identity), by command.
+def _needed_env() -> dict[str, set[str]]:
+    from engine.api.config import ENV_JWT_SECRET, ENV_MASTER_KEY
+    from engine.billing.config import (
+        ENV_BILLING_KEY,
+        ENV_STRIPE_API_KEY_SEALED,
+        ENV_WEBHOOK_SECRET_SEALED,
+    )
+    from engine.runtime.postgres import ENV_DATABASE_URL
+
+    return {
+        "api run": {ENV_JWT_SECRET, ENV_MASTER_KEY, ENV_DATABASE_URL},
+        "billing run": {
+            ENV_BILLING_KEY,
+            ENV_STRIPE_API_KEY_SEALED,
+            ENV_WEBHOOK_SECRET_SEALED,
+            ENV_DATABASE_URL,
+        },
+        "signals run": {ENV_DATABASE_URL},
+    }
+
+
+def _secrets_script_writes() -> dict[str, set[str]]:
+    """The variables deploy/secrets.sh writes into each env file (commented ones are the
+    operator's to fill in)."""
+    script = (DEPLOY / "secrets.sh").read_text(encoding="utf-8")
+    files: dict[str, set[str]] = {}
+    for block in re.findall(r"\{\n(.*?)\n\s*\} > (\w+\.env)\)", script, re.S):
+        body, name = block
+        files[name] = set(re.findall(r"echo \"#? ?(TRADECOPY_\w+)=", body))
+    for name, variable in re.findall(r"echo \"(TRADECOPY_\w+)=.*?> (\w+\.env)\)", script):
+        files.setdefault(variable, set()).add(name)
+    return files
+
+
+COMPOSE_USERS = {"api": "api", "billing": "billing", "signals": "signals"}
+
+
+def test_compose_api_billing_and_signals_get_every_variable_they_need(compose):
+    written = _secrets_script_writes()
+    assert written["database.env"] == {"TRADECOPY_DATABASE_URL"}
+    for name, user in COMPOSE_USERS.items():
+        svc = compose["services"][name]
+        command = " ".join(svc["command"][:2])
+        _assert_logs_in_as(svc["environment"], user, set(svc["secrets"]), compose)
+        provided = set(svc.get("environment", {}))
+        for env_file in svc["env_file"]:
+            assert env_file.startswith("${TC_SECRETS:?"), f"{name}: {env_file} not outside git"
+            provided |= written[env_file.rsplit("/", 1)[1]]
+        missing = _needed_env()[command] - provided
+        assert not missing, f"compose {name} ({command}) lacks {sorted(missing)}"
+        assert not {v for v in svc.get("environment", {}) if "SECRET" in v or "KEY" in v}, name
+        assert set(svc["depends_on"]) >= set(_nats_services(compose)) | {"bootstrap", "db-migrate"}
+        assert svc["depends_on"]["db-migrate"]["condition"] == "service_completed_successfully"
+    # Billing needs the operator's Stripe keys: opt-in, like the connectors.
+    assert compose["services"]["billing"]["profiles"] == ["billing"]
+
+
+def test_compose_api_billing_and_signals_are_probed_and_scraped_on_their_ports(compose):
+    services = compose["services"]
+    api = services["api"]
+    assert _option(api["command"], "--host") == "0.0.0.0"
+    assert _option(api["command"], "--port") == str(API_HTTP_PORT)
+    assert f"127.0.0.1:{API_HTTP_PORT}:{API_HTTP_PORT}" in api["ports"]
+    ports = {
+        "api": int(_option(api["command"], "--metrics-port")),
+        "billing": _billing_config(BILLING_TOML.read_text(encoding="utf-8")).metrics_port,
+        "signals": _signals_config(SIGNALS_JSON.read_text(encoding="utf-8")).metrics_port,
+    }
+    for name, port in ports.items():
+        probe = json.dumps(services[name]["healthcheck"]["test"])
+        assert f"127.0.0.1:{port}/healthz" in probe, f"{name} probed elsewhere than {port}"
+    mounts = {
+        "billing": ("/etc/tradecopy/billing.toml", BILLING_TOML),
+        "signals": ("/etc/tradecopy/signals.json", SIGNALS_JSON),
+    }
+    for name, (target, source) in mounts.items():
+        assert _option(services[name]["command"], "--config") == target
+        bound = dict((t, s) for s, t in _bind_mounts(services[name]))
+        assert (COMPOSE_FILE.parent / bound[target]).resolve() == source.resolve()
+    webhook = _billing_config(BILLING_TOML.read_text(encoding="utf-8")).webhook_port
+    assert f"127.0.0.1:{webhook}:{webhook}" in services["billing"]["ports"]
+    jobs = {j["job_name"]: j for j in _load_yaml(PROM_CONFIG)["scrape_configs"]}
+    (dns,) = jobs["tradecopy-billing"]["dns_sd_configs"]  # no down target without the profile
+    assert dns["names"] == ["billing"] and dns["port"] == ports["billing"]
+    targets = {t for sc in jobs["tradecopy-signals"]["static_configs"] for t in sc["targets"]}
+    assert targets == {f"signals:{ports['signals']}"}
+
+
+K8S_SERVICES = {
+    # deployment: (NATS user, seed Secret, command)
+    "tradecopy-api": ("api", "tradecopy-api-nkey", "api run"),
+    "tradecopy-billing": ("billing", "tradecopy-billing-nkey", "billing run"),
+    "tradecopy-signals": ("signals", "tradecopy-signals-nkey", "signals run"),
+}
+
+
+def _container_of(deployment: str) -> tuple[dict, dict]:
+    pod = _k8s_get("Deployment", deployment)["spec"]["template"]
+    (container,) = pod["spec"]["containers"]
+    return pod, container
+
+
+def test_k8s_api_billing_and_signals_log_in_and_get_every_variable_they_need():
+    for deployment, (user, seed, command) in K8S_SERVICES.items():
+        pod, container = _container_of(deployment)
+        assert " ".join(container["args"][:2]) == command
+        _assert_k8s_login(pod, container, user, seed)
+        env = {e["name"]: e for e in container["env"]}
+        missing = _needed_env()[command] - set(env)
+        assert not missing, f"{deployment} lacks {sorted(missing)}"
+        for name in _needed_env()[command]:
+            # Secrets come from Secrets, never as values in the manifest.
+            assert "secretKeyRef" in env[name]["valueFrom"], f"{deployment}: {name}"
+        _database_url_from_secret(container)
+        assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True
+        assert container["resources"]["requests"]["memory"]
+        assert container["resources"]["limits"]["memory"]
+        mounts = {m["mountPath"] for m in container["volumeMounts"]}
+        assert "/tmp" in mounts  # a read-only root: Python and the sandboxes need a /tmp
+
+
+def _config_file(pod: dict, container: dict) -> str:
+    """The text of the file ``--config`` names, from the ConfigMap mounted there."""
+    path = _option(container["args"], "--config")
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    config_map = volumes[mounts[os.path.dirname(path)]]["configMap"]["name"]
+    return _k8s_get("ConfigMap", config_map)["data"][os.path.basename(path)]
+
+
+def test_k8s_api_billing_and_signals_are_probed_and_scraped_on_their_ports():
+    jobs = {j["job_name"]: j for j in _load_yaml(PROM_K8S_CONFIG)["scrape_configs"]}
+    pod, container = _container_of("tradecopy-api")
+    assert _option(container["args"], "--host") == "0.0.0.0"
+    metrics = _option(container["args"], "--metrics-port")
+    for probe_name in ("readinessProbe", "livenessProbe"):
+        # /metrics and /healthz are on the pod's loopback: probed from inside.
+        command = " ".join(container[probe_name]["exec"]["command"])
+        assert f"127.0.0.1:{metrics}/healthz" in command
+    http = next(p for p in container["ports"] if p["name"] == "http")
+    assert http["containerPort"] == int(_option(container["args"], "--port")) == API_HTTP_PORT
+    api_service = _k8s_get("Service", "tradecopy-api")
+    assert api_service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    assert api_service["spec"]["ports"][0]["targetPort"] == "http"
+    for deployment, parse in (
+        ("tradecopy-billing", _billing_config),
+        ("tradecopy-signals", _signals_config),
+    ):
+        pod, container = _container_of(deployment)
+        config = parse(_config_file(pod, container))
+        for probe_name in ("readinessProbe", "livenessProbe"):
+            probe = container[probe_name]
+            assert probe["httpGet"]["path"] == "/healthz"
+            assert _probe_port(container, probe) == config.metrics_port, deployment
+        annotations = pod["metadata"]["annotations"]
+        assert annotations["prometheus.io/port"] == str(config.metrics_port)
+        service = _k8s_get("Service", deployment)
+        assert service["spec"]["clusterIP"] == "None"
+        assert service["spec"]["publishNotReadyAddresses"] is True
+        assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+        (dns,) = jobs[deployment]["dns_sd_configs"]
+        assert dns["names"] == [f"{deployment}.tradecopy.svc.cluster.local"]
+        assert dns["port"] == config.metrics_port
+    pod, container = _container_of("tradecopy-billing")
+    webhook = _billing_config(_config_file(pod, container)).webhook_port
+    service = _k8s_get("Service", "tradecopy-billing-webhook")
+    (port,) = service["spec"]["ports"]
+    assert port["port"] == webhook
+    assert (
+        next(p for p in container["ports"] if p["name"] == port["targetPort"])["containerPort"]
+        == webhook
+    )
+
+
+def test_every_service_that_can_be_scraped_has_a_down_alert():
+    expressions = {r.get("expr", "").strip() for r in _rules()}
+    for job in ("tradecopy-billing", "tradecopy-signals"):
+        assert f'up{{job="{job}"}} == 0' in expressions, job

@@ -21,12 +21,14 @@ from typing import Any
 import msgspec
 import nats
 import nats.errors
+import nats.js.errors
 import pytest
 from conftest import wait_until
 
 from connectors.contract import ConnectorRuntime
 from connectors.paper.connector import PaperConnector, PaperTerminal
 from connectors.paper.prices import bar_to_ticks, load_bars
+from engine.runtime.jetstream import ensure_buckets, ensure_streams
 from engine.runtime.natsauth import (
     ENV_CREDS,
     ENV_SEED,
@@ -54,6 +56,7 @@ from schemas.streams import (
     EXECUTION_REPORTS_STREAM,
     FOLLOWER_ORDERS_STREAM,
     MASTER_EVENTS_STREAM,
+    SIGNALS_STREAM,
 )
 
 # farm-a serves master m-a and follower f-a; farm-b serves follower f-b.
@@ -444,7 +447,11 @@ def test_the_api_publishes_manual_orders_to_follower_subjects_only() -> None:
                     "tc.v1.follower.f.orders.x", "tc.v1.follower.orders"):  # fmt: skip
         assert not api.may_publish(subject), subject
     # Exactly the operator's rights and the follower orders subject, nothing more.
-    assert set(api.publish) - set(operator.publish) == {subjects.FOLLOWER_ORDERS}
+    # ... and the strategy deployments bucket (the deployment routes put and delete there).
+    assert set(api.publish) - set(operator.publish) == {
+        subjects.FOLLOWER_ORDERS,
+        f"$KV.{subjects.KV_SIGNAL_DEPLOYMENTS}.>",
+    }
     assert api.subscribe == tuple(s.replace("operator", "api") for s in operator.subscribe)
 
 
@@ -465,7 +472,7 @@ async def test_the_api_user_places_manual_orders_and_nothing_a_service_says(
 
 def test_every_role_has_its_variable_in_the_rendered_block() -> None:
     block = role_permission_variables()
-    for role in (Role.ADMIN, Role.REPLICATOR, Role.OPERATOR, Role.API, Role.QUOTES):
+    for role in (Role.ADMIN, Role.REPLICATOR, Role.OPERATOR, Role.API, Role.QUOTES, Role.SIGNALS):
         assert f"TC_{role.value.upper()}_PERMISSIONS = {{" in block
 
 
@@ -505,3 +512,102 @@ async def test_a_stack_over_tls_hands_its_children_the_ca(tmp_path: Path) -> Non
             await nats.connect(local.url, allow_reconnect=False, error_cb=_ignore)
     finally:
         await local.stop()
+
+
+# ------------------------------------------------------------ signals: strategy runs, drive
+
+SIGNAL_VERSION = "sv-0123456789abcdef01234567"
+DRIVE_CONSUMER = "signals-drive-0123456789abcdef"
+
+
+def test_the_signals_role_publishes_runs_and_manual_orders_only() -> None:
+    signals = permissions_for(Role.SIGNALS)
+    for subject in (subjects.strategy_signals(SIGNAL_VERSION),
+                    subjects.strategy_failures(SIGNAL_VERSION),
+                    subjects.follower_orders("paper-master"),
+                    f"$KV.{subjects.KV_SIGNAL_CLAIMS}.run",
+                    f"$JS.API.CONSUMER.MSG.NEXT.TC_SIGNALS.{DRIVE_CONSUMER}"):  # fmt: skip
+        assert signals.may_publish(subject), subject
+    for subject in (subjects.master_events("m"), subjects.connector_orders("c"),
+                    subjects.decisions("f", "l"), subjects.execution_reports("f"),
+                    subjects.quotes("XAUUSD"), "tc.v1.master.m.rejections",
+                    f"$KV.{subjects.KV_SIGNAL_DEPLOYMENTS}.x", f"$KV.{subjects.KV_LINKS}.x",
+                    f"$KV.{subjects.KV_CONTROL}.global", f"$KV.{subjects.KV_SYMBOLS}.a.X",
+                    "$JS.API.STREAM.UPDATE.KV_tc_signal_claims",
+                    "$JS.API.CONSUMER.DURABLE.CREATE.TC_MASTER_EVENTS.x",
+                    "tc.v1.signal.sv-x.signals.extra"):  # fmt: skip
+        assert not signals.may_publish(subject), subject
+    assert signals.subscribe == (subjects.QUOTES, "_INBOX_signals.>")
+
+
+async def test_the_signals_user_runs_strategies_and_drives_masters_but_forges_nothing(
+    stack: LocalStack,
+) -> None:
+    signals = await client_of(stack, stack.user(Role.SIGNALS))
+    # What `tradecopy signals run` does first: look the streams and buckets up.
+    await ensure_streams(signals.js, None)
+    buckets = await ensure_buckets(signals.js)
+
+    # Quotes in.
+    quotes = await client_of(stack, stack.user(Role.QUOTES))
+    sub = await signals.nc.subscribe(subjects.QUOTES)
+    await signals.nc.flush()
+    await quotes.nc.publish(subjects.quotes("XAUUSD"), b"quote")
+    assert (await sub.next_msg(timeout=5)).data == b"quote"
+
+    # Signals and failures out, stored.
+    before = await stream_last_seq(stack, SIGNALS_STREAM)
+    for subject in (subjects.strategy_signals(SIGNAL_VERSION),
+                    subjects.strategy_failures(SIGNAL_VERSION)):  # fmt: skip
+        await signals.js.publish(subject, b"run", headers={"Nats-Msg-Id": subject})
+    assert await stream_last_seq(stack, SIGNALS_STREAM) == before + 2
+
+    # Claims: create, read, compare-and-set.
+    claims = buckets[subjects.KV_SIGNAL_CLAIMS]
+    revision = await claims.create("run-1", b"running")
+    await claims.update("run-1", b"done", last=revision)
+    assert (await claims.get("run-1")).value == b"done"
+
+    # Deployments: the API puts and deletes, the worker watches and reads.
+    api = await client_of(stack, stack.user(Role.API))
+    api_deployments = await api.js.key_value(subjects.KV_SIGNAL_DEPLOYMENTS)
+    key = subjects.deployment_key(SIGNAL_VERSION, "XAUUSD", "1m")
+    watcher = await buckets[subjects.KV_SIGNAL_DEPLOYMENTS].watchall()
+    assert await watcher.updates(timeout=5) is None  # empty so far
+    await api_deployments.put(key, b"{}")
+    assert (await watcher.updates(timeout=5)).key == key
+    assert (await buckets[subjects.KV_SIGNAL_DEPLOYMENTS].get(key)).value == b"{}"
+    await api_deployments.delete(key)
+    assert (await watcher.updates(timeout=5)).operation == "DEL"
+    await watcher.stop()
+
+    # Symbols: read (a get the server answers).
+    with pytest.raises(nats.js.errors.KeyNotFoundError):
+        await buckets[subjects.KV_SYMBOLS].get("m-a.XAUUSD")
+
+    # The drive: its durable consumer on the signals, pulled and acknowledged.
+    drive = await signals.js.pull_subscribe(
+        subjects.strategy_signals(SIGNAL_VERSION),
+        durable=DRIVE_CONSUMER,
+        stream=SIGNALS_STREAM,
+    )
+    [message] = await drive.fetch(1, timeout=5)
+    assert message.data == b"run"
+    await message.ack_sync()
+
+    # ... and its manual orders on a paper master, as the API sends them.
+    orders_before = await stream_last_seq(stack, FOLLOWER_ORDERS_STREAM)
+    await signals.js.publish(subjects.follower_orders("m-a"), order("m-a", "manual-sig-1"),
+                             headers={"Nats-Msg-Id": "manual-sig-1"})  # fmt: skip
+    assert await stream_last_seq(stack, FOLLOWER_ORDERS_STREAM) == orders_before + 1
+    assert signals.refusals() == []
+
+    refused = [subjects.master_events("m-a"), f"$KV.{subjects.KV_LINKS}.x",
+               f"$KV.{subjects.KV_CONTROL}.global", f"$KV.{subjects.KV_SIGNAL_DEPLOYMENTS}.x",
+               subjects.connector_orders(FARM_A), subjects.execution_reports("f-a"),
+               subjects.decisions("f-a", "l")]  # fmt: skip
+    events_before = await stream_last_seq(stack, MASTER_EVENTS_STREAM)
+    for subject in refused:
+        await signals.refused(subject)
+    assert await stream_last_seq(stack, MASTER_EVENTS_STREAM) == events_before
+    assert len(signals.refusals()) == len(refused)

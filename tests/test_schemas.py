@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 
+from engine.core.strategy_versions import uploaded_version
 from engine.runtime.links import load_links
 from schemas import codec, subjects
 from schemas.account import AccountState, FxRate, SymbolSpec, TradeMode
@@ -25,6 +26,7 @@ from schemas.control import EmergencyStop, StopScope
 from schemas.decisions import CopyDecision, DecisionOutcome, DecisionRule
 from schemas.export import (
     JSON_DIR,
+    JSON_WIRE,
     MESSAGES,
     export_schemas,
     normalize_schema,
@@ -81,6 +83,18 @@ from schemas.reports import (
     OrderPartiallyFilled,
     OrderRejected,
     OrderUnknown,
+)
+from schemas.signals import (
+    FailureKind,
+    Signal,
+    SignalAction,
+    StrategyDeployment,
+    StrategyRunFailed,
+    StrategySignal,
+    Timeframe,
+    deployment_decoder,
+    failure_decoder,
+    signal_decoder,
 )
 from schemas.streams import DECISIONS_STREAM, REJECTIONS_STREAM, all_streams
 
@@ -445,7 +459,48 @@ OTHERS: list[Any] = [
     ),
 ]
 
-ALL_MESSAGES: list[Any] = MASTER_EVENTS + FOLLOWER_ORDERS + EXECUTION_REPORTS + OTHERS
+STRATEGY_VERSION = uploaded_version(
+    source="def strategy(candles, params):\n    return None\n",
+    parameters={"fast": 10, "label": "x", "ratio": 0.5, "on": True, "off": None},
+    author="provider-7",
+    created_ns=T0 + 40,
+)
+SIGNAL_MESSAGES: list[Any] = [
+    StrategySignal(
+        version_id=STRATEGY_VERSION.version_id,
+        symbol="XAUUSD",
+        timeframe=Timeframe.M15,
+        candle_close_ns=T0 + 41,
+        signal=Signal(action=SignalAction.BUY, sl=5000.5, tp=None, comment="cross"),
+        price=5010.5,
+        worker="signals-1",
+        emitted_ns=T0 + 42,
+    ),
+    StrategyRunFailed(
+        version_id=STRATEGY_VERSION.version_id,
+        symbol="XAUUSD",
+        timeframe=Timeframe.H1,
+        candle_close_ns=T0 + 43,
+        kind=FailureKind.TIMEOUT,
+        message="over 5s of wall-clock time",
+        worker="signals-1",
+        failed_ns=T0 + 44,
+    ),
+    StrategyDeployment(
+        version=STRATEGY_VERSION,
+        symbol="XAUUSD.a",
+        timeframe=Timeframe.D1,
+        history=200,
+        volume=0.5,
+        master="paper-master-1",
+    ),
+]
+#: Families without a ``ts_ns``: their times are the candle's and the run's.
+SIGNAL_FAMILIES = {"strategy_signal", "strategy_run_failed", "strategy_deployment"}
+
+ALL_MESSAGES: list[Any] = (
+    MASTER_EVENTS + FOLLOWER_ORDERS + EXECUTION_REPORTS + OTHERS + SIGNAL_MESSAGES
+)
 
 DECODERS: dict[str, Any] = {
     "master_event": codec.master_event_decoder,
@@ -460,6 +515,10 @@ DECODERS: dict[str, Any] = {
     "quote": codec.quote_decoder,
     "emergency_stop": codec.emergency_stop_decoder,
     "copy_link": codec.copy_link_decoder,
+    "strategy_signal": signal_decoder,
+    "strategy_run_failed": failure_decoder,
+    # JSON on the wire (the deployments bucket); the schema tests see it as msgpack decodes it.
+    "strategy_deployment": msgspec.msgpack.Decoder(StrategyDeployment),
 }
 #: JSON on the wire (the terminal bridge), covered by tests/test_bridge_protocol.py.
 BRIDGE_FAMILIES = {"bridge_terminal_frame", "bridge_connector_frame"}
@@ -478,7 +537,8 @@ def _id(message: Any) -> str:
     return type(message).__name__
 
 
-WIRE_MESSAGES = [m for m in ALL_MESSAGES if not isinstance(m, CopyLink)]
+#: Configurations refuse unknown fields (a misspelt setting is an error, not a default).
+WIRE_MESSAGES = [m for m in ALL_MESSAGES if not isinstance(m, CopyLink | StrategyDeployment)]
 
 
 def test_the_fixtures_cover_every_variant_of_every_family() -> None:
@@ -622,8 +682,9 @@ def test_every_integer_field_is_documented_as_int64_on_the_wire(stem: str) -> No
         assert "int64 on the wire" in prop["description"], (stem, name)
         if name.endswith("_ns"):
             assert "BigInt" in prop["description"], (stem, name)
-            assert "useBigInt64" in prop["description"], (stem, name)
-    if stem not in BRIDGE_FAMILIES and stem != "copy_link":
+            if stem not in JSON_WIRE:
+                assert "useBigInt64" in prop["description"], (stem, name)
+    if stem not in BRIDGE_FAMILIES | SIGNAL_FAMILIES and stem != "copy_link":
         assert any(name == "ts_ns" for name, _ in integers), stem
 
 
@@ -1153,3 +1214,27 @@ def _matches(pattern: str, subject: str) -> bool:
         if i >= len(have) or (token != "*" and token != have[i]):
             return False
     return len(want) == len(have)
+
+
+def test_a_deployment_round_trips_as_json_the_way_the_deployments_bucket_holds_it() -> None:
+    deployment = SIGNAL_MESSAGES[-1]
+    assert deployment_decoder.decode(msgspec.json.encode(deployment)) == deployment
+    # Empty master: signals only.
+    data = msgspec.to_builtins(deployment)
+    del data["master"]
+    assert deployment_decoder.decode(msgspec.json.encode(data)).master == ""
+
+
+@pytest.mark.parametrize("master", ["has space", "a.b", "x" * 65, "acc\n", "tc.*"])
+def test_a_deployment_refuses_a_master_that_is_not_an_account_id(master: str) -> None:
+    data = msgspec.to_builtins(SIGNAL_MESSAGES[-1])
+    data["master"] = master
+    with pytest.raises(msgspec.ValidationError, match=r"\$\.master"):
+        deployment_decoder.decode(msgspec.json.encode(data))
+
+
+def test_a_deployment_key_is_one_kv_key_per_version_symbol_and_timeframe() -> None:
+    key = subjects.deployment_key("sv-0123456789abcdef01234567", "usdjpy.", Timeframe.M15)
+    assert key == "sv-0123456789abcdef01234567.usdjpy=2E.15m"
+    assert re.fullmatch(r"[A-Za-z0-9_=.-]+", key)
+    assert subjects.deployment_key("sv-0123456789abcdef01234567", "usdjpy", "15m") != key

@@ -142,3 +142,71 @@ def test_a_stored_version_round_trips_and_an_edited_one_is_refused() -> None:
         verify(edited_params)
     with pytest.raises(msgspec.ValidationError, match="unknown field"):
         msgspec.json.decode(stored[:-1] + b',"extra":1}', type=StrategyVersion)
+
+
+# ------------------------------------------------ the server-free core the API uses for uploads
+
+
+def test_an_upload_made_by_the_core_is_the_version_the_signals_service_makes() -> None:
+    from engine.core.strategy_versions import uploaded_version
+
+    parameters = {"period": 14, "level": 30.5, "on": True, "name": "x", "none": None}
+    core = uploaded_version(source=SOURCE, parameters=parameters, author="alice", created_ns=1)
+    assert core == _upload(**parameters)
+    # Pinned: the id an upload had before the core existed; stored ids stay valid.
+    assert core.version_id == "sv-7b92997a64cbd939bb8f0f1c"
+    shipped = new_version(shipped="sma_cross", parameters={}, author="ops", created_ns=1)
+    assert shipped.parameters["fast"] == 10 and verify(shipped) is shipped
+
+
+def test_the_core_refuses_what_the_signals_service_refuses() -> None:
+    from engine.core.strategy_versions import uploaded_version, verify_uploaded
+
+    with pytest.raises(StrategyVersionError, match="define `def strategy"):
+        uploaded_version(source="x = 1\n", parameters={}, author="a", created_ns=1)
+    with pytest.raises(StrategyVersionError, match="not a parameter name"):
+        uploaded_version(source=SOURCE, parameters={"1x": 1}, author="a", created_ns=1)
+    version = _upload(period=14)
+    assert verify_uploaded(version) is version
+    edited = msgspec.structs.replace(version, source=SOURCE + "import os\n")
+    with pytest.raises(StrategyVersionError, match="code does not match"):
+        verify_uploaded(edited)
+    renamed = msgspec.structs.replace(version, parameters={"period": 15})
+    with pytest.raises(StrategyVersionError, match="id does not match"):
+        verify_uploaded(renamed)
+    # A shipped version's hash covers module text the core does not have: never vouched for.
+    shipped = new_version(shipped="rsi_reversal", parameters={}, author="ops", created_ns=1)
+    with pytest.raises(StrategyVersionError, match="verified by the signals service"):
+        verify_uploaded(shipped)
+
+
+def test_the_core_accepts_uploads_without_importing_the_signals_service() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from engine.core.strategy_versions import uploaded_version\n"
+        "v = uploaded_version(source='def strategy(c, p):\\n    pass\\n', parameters={},"
+        " author='a', created_ns=1)\n"
+        "assert not [m for m in sys.modules if m.startswith('engine.signals')], sys.modules\n"
+        "print(v.version_id)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("sv-")
+
+
+def test_the_old_import_paths_of_the_wire_types_still_work() -> None:
+    import schemas.signals as wire
+    from engine.signals import candles, config, messages, sandbox, strategy, versions
+
+    assert candles.Timeframe is wire.Timeframe
+    assert strategy.Signal is wire.Signal and strategy.SignalAction is wire.SignalAction
+    assert sandbox.FailureKind is wire.FailureKind
+    assert versions.StrategyVersion is StrategyVersion is wire.StrategyVersion
+    assert config.StrategyDeployment is wire.StrategyDeployment
+    assert messages.StrategySignal is wire.StrategySignal
+    assert messages.StrategyRunFailed is wire.StrategyRunFailed
+    from engine.core.errors import StrategyVersionError as core_error
+
+    assert StrategyVersionError is core_error

@@ -32,6 +32,7 @@ from engine.signals.versions import StrategyVersion, new_version
 from engine.signals.worker import SignalWorker
 from schemas import codec, subjects
 from schemas.market import Quote
+from schemas.signals import deployment_encoder
 from schemas.streams import SIGNALS_STREAM
 
 HERE = Path(__file__).parent
@@ -448,3 +449,135 @@ async def test_a_busy_worker_claims_no_candle_it_cannot_start(
 
 async def _any(values: Any) -> bool:
     return any(await values)
+
+
+async def _deploy(kv: Any, deployment: StrategyDeployment) -> str:
+    key = subjects.deployment_key(
+        deployment.version.version_id, deployment.symbol, deployment.timeframe
+    )
+    await kv.put(key, deployment_encoder.encode(deployment))
+    return key
+
+
+async def test_deployments_put_in_the_bucket_run_and_deleted_ones_stop(
+    nc: Any, js: JetStreamContext, streams: Any
+) -> None:
+    configured = _version(SLEEPY_BUYER, sleep_s=0.0)
+    live = _version(SLEEPY_BUYER, sleep_s=0.0, tag="live")
+    config = SignalWorkerConfig(
+        worker_id="w1",
+        deployments=[StrategyDeployment(version=configured, symbol=SYMBOL, timeframe="1m")],
+    )
+    deployments_kv = streams[subjects.KV_SIGNAL_DEPLOYMENTS]
+    worker = SignalWorker(
+        config, nc, js, streams[subjects.KV_SIGNAL_CLAIMS], deployments_kv=deployments_kv
+    )
+    live_name = f"{live.version_id}:{SYMBOL}:1m"
+    minute = _future_minute()
+    await worker.start()
+    try:
+        key = await _deploy(
+            deployments_kv,
+            StrategyDeployment(version=live, symbol=SYMBOL, timeframe="1m", master="paper-1"),
+        )
+        await wait_until(lambda: live_name in worker.deployment_names(), "the put to deploy")
+        await _publish_one_candle(nc, minute)
+        for version in (configured, live):
+            await wait_until(
+                lambda v=version: _count(js, subjects.strategy_signals(v.version_id)),
+                "a signal of each deployment",
+                timeout=30,
+            )
+
+        await deployments_kv.delete(key)
+        await wait_until(lambda: live_name not in worker.deployment_names(), "the delete")
+        await _publish_one_candle(nc, minute + MINUTE_NS)
+
+        async def configured_ran_twice() -> bool:
+            return await _count(js, subjects.strategy_signals(configured.version_id)) == 2
+
+        await wait_until(configured_ran_twice, "the configured deployment's second candle")
+        await worker.wait_idle()
+    finally:
+        await worker.stop()
+    # The configuration's deployment stays; the deleted one ran on the first candle only.
+    assert await _count(js, subjects.strategy_signals(live.version_id)) == 1
+    [message] = await _signals(js, live.version_id, subjects.strategy_signals)
+    assert signal_decoder.decode(message.data).candle_close_ns == minute + MINUTE_NS
+
+
+async def test_a_bucket_value_that_does_not_decode_or_verify_is_counted_and_skipped(
+    nc: Any, js: JetStreamContext, streams: Any
+) -> None:
+    good = _version(SLEEPY_BUYER, sleep_s=0.0, tag="good")
+    edited = _version(SLEEPY_BUYER, sleep_s=0.0, tag="edited")
+    edited = msgspec.structs.replace(edited, source=edited.source + "\nimport os\n")
+    moved = _version(SLEEPY_BUYER, sleep_s=0.0, tag="moved")
+    deployments_kv = streams[subjects.KV_SIGNAL_DEPLOYMENTS]
+    # Already in the bucket when the worker starts: loaded before start() returns.
+    await _deploy(deployments_kv, StrategyDeployment(version=good, symbol=SYMBOL, timeframe="1m"))
+    await deployments_kv.put(f"{good.version_id}.GARBAGE.1m", b"\x93not json")
+    config = SignalWorkerConfig(worker_id="w1")
+    worker = SignalWorker(
+        config, nc, js, streams[subjects.KV_SIGNAL_CLAIMS], deployments_kv=deployments_kv
+    )
+    invalid_before = metrics.DEPLOYMENTS_INVALID._value.get()
+    await worker.start()
+    try:
+        assert worker.deployment_names() == [f"{good.version_id}:{SYMBOL}:1m"]
+        assert metrics.DEPLOYMENTS_INVALID._value.get() == invalid_before + 1
+        # A version edited after upload, and a deployment stored under another run's key.
+        await _deploy(
+            deployments_kv, StrategyDeployment(version=edited, symbol=SYMBOL, timeframe="1m")
+        )
+        await deployments_kv.put(
+            f"{moved.version_id}.EURUSD.1m",
+            deployment_encoder.encode(
+                StrategyDeployment(version=moved, symbol=SYMBOL, timeframe="1m")
+            ),
+        )
+
+        async def both_counted() -> bool:
+            return metrics.DEPLOYMENTS_INVALID._value.get() == invalid_before + 3
+
+        await wait_until(both_counted, "the two invalid values to be counted")
+        assert worker.deployment_names() == [f"{good.version_id}:{SYMBOL}:1m"]
+        minute = _future_minute()
+        await _publish_one_candle(nc, minute)
+        await wait_until(
+            lambda: _count(js, subjects.strategy_signals(good.version_id)),
+            "the valid deployment's signal",
+            timeout=30,
+        )
+        await worker.wait_idle()
+    finally:
+        await worker.stop()
+    for skipped in (edited, moved):
+        assert await _count(js, subjects.strategy_signals(skipped.version_id)) == 0
+
+
+async def test_claims_expire_after_a_day_and_an_existing_claims_bucket_is_updated(
+    js: JetStreamContext,
+) -> None:
+    from nats.js.api import KeyValueConfig
+
+    from schemas.streams import DAY_S, KV_MAX_AGE_S, SIGNALS_DUPLICATE_WINDOW_S
+
+    # Made before claims expired: no age limit.
+    await js.create_key_value(
+        KeyValueConfig(bucket=subjects.KV_SIGNAL_CLAIMS, history=1, storage=StorageType.MEMORY)
+    )
+    stream = f"KV_{subjects.KV_SIGNAL_CLAIMS}"
+    assert not (await js.stream_info(stream)).config.max_age
+    await ensure_buckets(js, StorageType.MEMORY)
+    config = (await js.stream_info(stream)).config
+    assert config.max_age == KV_MAX_AGE_S[subjects.KV_SIGNAL_CLAIMS] == DAY_S
+    # Longer than the stream's duplicate window, inside which a takeover republishes a run.
+    assert DAY_S > SIGNALS_DUPLICATE_WINDOW_S
+    # Buckets the contract keeps forever stay so.
+    assert not (await js.stream_info(f"KV_{subjects.KV_SIGNAL_DEPLOYMENTS}")).config.max_age
+    # A bucket created now has the limit at once; ensuring again changes nothing.
+    await js.delete_key_value(subjects.KV_SIGNAL_CLAIMS)
+    await ensure_buckets(js, StorageType.MEMORY)
+    await ensure_buckets(js, StorageType.MEMORY)
+    assert (await js.stream_info(stream)).config.max_age == DAY_S

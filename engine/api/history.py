@@ -22,18 +22,11 @@ from engine.api.models import Page, View
 from engine.api.store import Row, Scope
 from engine.core.book import AccountBook, CopyRef, fold_account
 from engine.core.performance import account_stats, link_stats
+from engine.runtime.ledger_reads import decode_facts
 from schemas import codec
 from schemas.common import OrderType, Side
 from schemas.decisions import DecisionOutcome, DecisionRule
 
-#: How each kind of ``ledger_account_facts`` row is decoded (the ledger's read contract).
-_DECODERS: dict[str, Any] = {
-    "master_event": codec.master_event_decoder,
-    "follower_order": codec.follower_order_decoder,
-    "execution_report": codec.execution_report_decoder,
-    "decision": codec.decision_decoder,
-    "account_state": codec.account_state_decoder,
-}
 SHARPE_BASIS = "daily returns, risk-free rate 0, annualised with sqrt(252)"
 
 
@@ -222,7 +215,7 @@ async def _book(ctx: Context, account_id: str) -> AccountBook:
         rows = await store.ledger_account_facts(conn, scope, account_id)
     if rows is None:
         raise _not_found(account_id)
-    book = fold_account(account_id, [_DECODERS[row["kind"]].decode(row["payload"]) for row in rows])
+    book = fold_account(account_id, decode_facts(rows))
     # the version of exactly the facts folded (more may have landed since the check)
     folded = (len(rows), max((row["stored_at"] for row in rows), default=None),
               sum(row["stream_seq"] for row in rows))  # fmt: skip

@@ -53,6 +53,16 @@ _QUERY = {
         "description": "Only what concerns this link.",
         "schema": {"type": "string", "maxLength": 128},
     },
+    "points": {
+        "name": "points", "in": "query", "required": False,
+        "description": "Equity chart samples, evenly spaced (default 200).",
+        "schema": {"type": "integer", "minimum": 2, "maximum": 1000},
+    },
+    "sort": {
+        "name": "sort", "in": "query", "required": False,
+        "description": "gain (default), drawdown (smallest first), win_rate or followers.",
+        "schema": {"type": "string", "enum": ["gain", "drawdown", "win_rate", "followers"]},
+    },
 }  # fmt: skip
 
 

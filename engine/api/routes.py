@@ -4,7 +4,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine.api import accounts, history, identity, links, people, signals, stream, trading
+from engine.api import (
+    accounts,
+    history,
+    identity,
+    links,
+    marketplace,
+    people,
+    plans,
+    signals,
+    strategies,
+    stream,
+    trading,
+)
 from engine.api.handling import Context, Route
 
 
@@ -21,5 +33,8 @@ ROUTES: list[Route] = [
     *history.ROUTES,
     *stream.ROUTES,
     *signals.ROUTES,
+    *plans.ROUTES,
+    *strategies.ROUTES,
+    *marketplace.ROUTES,
     Route("GET", "/v1/openapi.json", openapi_document, "This document", "meta"),
 ]

@@ -52,7 +52,7 @@ from schemas import subjects
 log = structlog.get_logger("tradecopy.api")
 
 _BUCKETS = (subjects.KV_LINKS, subjects.KV_CONTROL, subjects.KV_ACCOUNTS, subjects.KV_SYMBOLS,
-            subjects.KV_LINK_STATE)  # fmt: skip
+            subjects.KV_LINK_STATE, subjects.KV_SIGNAL_DEPLOYMENTS)  # fmt: skip
 #: How long after a failed attempt to open the buckets a request may try again.
 _BUCKET_RETRY_S = 5.0
 

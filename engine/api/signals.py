@@ -44,11 +44,10 @@ from engine.api.handling import (
     page_params,
     parse_body,
 )
-from engine.api.history import _DECODERS
 from engine.api.models import Page
 from engine.api.store import PLATFORM, Scope
 from engine.api.trading import _symbol_spec
-from engine.core.book import OpenPosition, fold_account
+from engine.core.book import OpenPosition
 from engine.core.errors import AlertError
 from engine.core.tradingview import (
     MAX_ALERT_BYTES,
@@ -60,6 +59,7 @@ from engine.core.tradingview import (
     parse_alert,
 )
 from engine.core.volume import STEP_EPSILON
+from engine.runtime.ledger_reads import decode_facts, open_positions
 from schemas import codec, subjects
 from schemas.account import SymbolSpec
 from schemas.common import Side
@@ -336,8 +336,7 @@ async def _master_positions(store: Any, conn: Any, scope: Scope, master: str) ->
     rows = await store.ledger_account_facts(conn, scope, master)
     if rows is None:
         return []
-    book = fold_account(master, [_DECODERS[r["kind"]].decode(r["payload"]) for r in rows])
-    return list(book.open_positions)
+    return open_positions(master, decode_facts(rows))
 
 
 def _lots(contracts: float, scale: float, spec: SymbolSpec) -> float:

@@ -35,3 +35,8 @@ class AlertError(TradecopyError, ValueError):
         super().__init__(f"{field}: {reason}")
         self.field = field
         self.reason = reason
+
+
+class StrategyVersionError(TradecopyError, ValueError):
+    """A strategy upload that cannot become a version (bad source, unknown shipped strategy,
+    parameters its strategy refuses), or a stored version whose hashes do not match."""

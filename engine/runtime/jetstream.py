@@ -12,12 +12,15 @@ import dataclasses
 import os
 
 import nats.js.errors
+import structlog
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType, StreamConfig
 from nats.js.kv import KeyValue
 
 from engine.core.errors import TradecopyError
-from schemas.streams import DEFAULT_PARTITIONS, KV_BUCKETS, all_streams
+from schemas.streams import DEFAULT_PARTITIONS, KV_BUCKETS, KV_MAX_AGE_S, all_streams
+
+log = structlog.get_logger("tradecopy.jetstream")
 
 ENV_REPLICAS = "TRADECOPY_NATS_REPLICAS"
 MAX_REPLICAS = 5  # JetStream's limit
@@ -75,26 +78,64 @@ async def ensure_streams(
 async def ensure_buckets(
     js: JetStreamContext, storage: StorageType = StorageType.FILE, replicas: int | None = None
 ) -> dict[str, KeyValue]:
-    """Open the contract's buckets, creating missing ones (``replicas``: as for streams)."""
+    """Open the contract's buckets, creating missing ones (``replicas``: as for streams).
+
+    A bucket whose keys expire (``KV_MAX_AGE_S``) and that exists with another age limit (made
+    before the limit was part of the contract) is updated to it; a user that may not update
+    streams leaves it as it is, with a warning, until the admin's bootstrap does it."""
     count = default_replicas() if replicas is None else check_replicas(replicas)
     buckets: dict[str, KeyValue] = {}
     for name, history in KV_BUCKETS.items():
+        max_age = KV_MAX_AGE_S.get(name, 0.0)
         try:
             buckets[name] = await js.key_value(name)
         except nats.js.errors.BucketNotFoundError:
             try:
                 buckets[name] = await js.create_key_value(
-                    KeyValueConfig(bucket=name, history=history, storage=storage, replicas=count)
+                    KeyValueConfig(
+                        bucket=name,
+                        history=history,
+                        storage=storage,
+                        replicas=count,
+                        ttl=max_age or None,
+                    )
                 )
             except nats.js.errors.APIError as exc:
                 raise _replicas_refused(f"bucket {name}", count, exc) from None
             except TimeoutError:
                 raise _no_answer(f"bucket {name}") from None
             continue
+        if max_age:
+            await _set_max_age(js, name, max_age)
         if replicas is not None:
             info = await js.stream_info(f"KV_{name}")
             await _set_replicas(js, info.config, replicas)
     return buckets
+
+
+async def _set_max_age(js: JetStreamContext, bucket: str, max_age: float) -> None:
+    info = await js.stream_info(f"KV_{bucket}")
+    current = info.config.max_age or 0.0
+    if abs(current - max_age) < 1e-3:
+        return
+    # JetStream refuses a duplicate window longer than the age limit.
+    window = min(info.config.duplicate_window or max_age, max_age)
+    try:
+        await js.update_stream(
+            dataclasses.replace(info.config, max_age=max_age, duplicate_window=window)
+        )
+    except (nats.js.errors.APIError, TimeoutError) as exc:
+        # A secured server does not answer a user who may not update streams.
+        log.warning(
+            "bucket_max_age_not_updated",
+            bucket=bucket,
+            max_age_s=current,
+            wanted_s=max_age,
+            error=repr(exc),
+            fix="run `tradecopy nats bootstrap` as the admin",
+        )
+        return
+    log.info("bucket_max_age_updated", bucket=bucket, max_age_s=max_age, was_s=current)
 
 
 async def _create(js: JetStreamContext, config: StreamConfig) -> None:

@@ -31,6 +31,7 @@ from schemas.streams import (
     KV_BUCKETS,
     LEDGER_CONSUMERS,
     MASTER_EVENTS_STREAM,
+    SIGNALS_STREAM,
     all_streams,
 )
 
@@ -101,6 +102,9 @@ class Role(enum.StrEnum):
     """The ledger: its own durable consumers on the streams it stores, nothing else."""
     BILLING = "billing"
     """Billing's enforcement: reads and writes the links bucket (``enabled``), nothing else."""
+    SIGNALS = "signals"
+    """``tradecopy signals run``: strategy runs on quotes, their signals and failures, and the
+    drive's manual orders on the deployments' paper masters."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,6 +265,38 @@ def billing_permissions() -> Permissions:
     return Permissions(tuple(dict.fromkeys(publish)), (f"{inbox_prefix(Role.BILLING)}.>",))
 
 
+#: What the signal workers publish: ``tc.v1.signal.<version>.signals`` and ``.failures``.
+STRATEGY_SIGNALS = subjects.strategy_signals("*")
+STRATEGY_FAILURES = subjects.strategy_failures("*")
+
+
+def signals_permissions() -> Permissions:
+    """The strategy workers and their drive: quotes in; signals and failures out (stored);
+    the claims bucket read and written; the deployments and symbols buckets read and
+    watched; durable consumers on TC_SIGNALS (the drive's ``signals-drive-<hash>``); and
+    the masters' manual orders on a follower orders subject, as the API sends them. No
+    master event, no link, no stop, no other bucket.
+
+    NATS matches whole tokens only, so the drive's consumers cannot be limited to the
+    ``signals-drive-`` prefix: any durable on TC_SIGNALS is allowed, a stream this role
+    writes itself and may read anyway.
+    """
+    publish = [
+        STRATEGY_SIGNALS,
+        STRATEGY_FAILURES,
+        subjects.FOLLOWER_ORDERS,
+        _kv(subjects.KV_SIGNAL_CLAIMS),
+        *_stream_info_all(),
+        *_reader(f"KV_{subjects.KV_SIGNAL_CLAIMS}"),
+        *_reader(f"KV_{subjects.KV_SIGNAL_DEPLOYMENTS}"),
+        *_reader(f"KV_{subjects.KV_SYMBOLS}"),
+        *_durable_owner(SIGNALS_STREAM, "*"),
+        _api("CONSUMER", "MSG", "NEXT", SIGNALS_STREAM, "*"),
+    ]
+    subscribe = (subjects.QUOTES, f"{inbox_prefix(Role.SIGNALS)}.>")
+    return Permissions(tuple(dict.fromkeys(publish)), subscribe)
+
+
 def connector_permissions(
     connector_id: str, masters: Iterable[str] = (), followers: Iterable[str] = ()
 ) -> Permissions:
@@ -292,9 +328,10 @@ def _controller(user: str) -> Permissions:
 
 def api_permissions() -> Permissions:
     """The controller's, plus manual orders: a follower's own orders subject (which its
-    connector consumes); never a connector's batch subject, decisions or reports."""
+    connector consumes); never a connector's batch subject, decisions or reports. And the
+    strategy deployments bucket (put and delete: the deployment routes)."""
     controller = _controller(Role.API.value)
-    publish = (*controller.publish, subjects.FOLLOWER_ORDERS)
+    publish = (*controller.publish, subjects.FOLLOWER_ORDERS, _kv(subjects.KV_SIGNAL_DEPLOYMENTS))
     return Permissions(tuple(dict.fromkeys(publish)), controller.subscribe)
 
 
@@ -319,12 +356,15 @@ def permissions_for(role: Role) -> Permissions:
             return ledger_permissions()
         case Role.BILLING:
             return billing_permissions()
+        case Role.SIGNALS:
+            return signals_permissions()
     raise NatsCredentialsError(f"role {role.value!r} has one user per connector id")
 
 
 #: Roles with one shared user each, in the order the configs list them.
 SINGLE_USER_ROLES = (
     Role.ADMIN, Role.REPLICATOR, Role.OPERATOR, Role.API, Role.QUOTES, Role.LEDGER, Role.BILLING,
+    Role.SIGNALS,
 )  # fmt: skip
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import enum
 import itertools
 import math
 from collections.abc import Iterable
@@ -16,19 +15,11 @@ import msgspec
 from engine.core.calendar import utc_datetime
 from engine.signals.errors import CandleError
 from schemas.market import Quote
+from schemas.signals import Timeframe as Timeframe  # a wire type; its old import path stays
 
 _MINUTE_NS = 60_000_000_000
 _HOUR_NS = 60 * _MINUTE_NS
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-class Timeframe(enum.StrEnum):
-    M1 = "1m"
-    M5 = "5m"
-    M15 = "15m"
-    H1 = "1h"
-    H4 = "4h"
-    D1 = "1d"
 
 
 #: Timeframes aligned on the UTC clock. Broker server zones are whole hours off UTC, so these

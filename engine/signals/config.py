@@ -7,26 +7,15 @@ from typing import Annotated
 
 import msgspec
 
-from engine.signals.candles import NEW_YORK_CLOSE, ServerDay, Timeframe
+from engine.signals.candles import NEW_YORK_CLOSE, ServerDay
 from engine.signals.errors import StrategyVersionError
 from engine.signals.sandbox import SandboxLimits
-from engine.signals.versions import StrategyVersion, verify
+from engine.signals.versions import verify
+from schemas.signals import StrategyDeployment as StrategyDeployment  # a wire type (the KV's)
 from schemas.streams import SIGNALS_DUPLICATE_WINDOW_S
 
 _Token = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 _Seconds = Annotated[float, msgspec.Meta(gt=0.0, le=3_600.0)]
-
-
-class StrategyDeployment(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """One strategy version run once per closed candle of one symbol and timeframe."""
-
-    version: StrategyVersion
-    symbol: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
-    timeframe: Timeframe
-    history: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 500
-    """The most candles the strategy sees (the latest ones)."""
-    volume: Annotated[float, msgspec.Meta(gt=0.0, le=1_000.0)] = 0.1
-    """The fixed lot the master trades on each signal (``drive.orders_for``)."""
 
 
 class SignalWorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -34,7 +23,9 @@ class SignalWorkerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unkno
     """Names this worker in its claims and in what it publishes; unique per process."""
     nats_url: str = ""
     """Empty: the command line's ``--nats-url`` or ``$TRADECOPY_NATS_URL`` (never a guess)."""
-    deployments: Annotated[list[StrategyDeployment], msgspec.Meta(min_length=1)]
+    deployments: list[StrategyDeployment] = []
+    """Deployments that always run; the deployments bucket (``tc_signal_deployments``) adds
+    more at run time, so a worker may start with none."""
     limits: SandboxLimits = SandboxLimits()
     lease_margin_s: _Seconds = 5.0
     """A claim's lease is the run's wall-clock limit plus this: start-up, publishing and the

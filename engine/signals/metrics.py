@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 RUNS = Counter(
     "tradecopy_signals_strategy_runs_total",
@@ -37,4 +37,12 @@ CLAIMS_LOST = Counter(
 PUBLISH_FAILURES = Counter(
     "tradecopy_signals_publish_failures_total",
     "Signals or failure records JetStream did not confirm; the claim is left to expire",
+)
+DEPLOYMENTS = Gauge(
+    "tradecopy_signals_deployments",
+    "Deployments this worker runs now: its configuration's and the deployments bucket's",
+)
+DEPLOYMENTS_INVALID = Counter(
+    "tradecopy_signals_deployments_invalid_total",
+    "Values of the deployments bucket that do not decode, verify or match their key (skipped)",
 )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import math
 import os
 import signal
@@ -20,6 +19,7 @@ import msgspec
 from engine.signals.candles import Candle
 from engine.signals.strategy import Signal
 from engine.signals.versions import StrategyVersion
+from schemas.signals import FailureKind as FailureKind  # a wire type; its old path stays
 
 #: The child's stdout carries exactly one reply; more than this is not a reply.
 MAX_REPLY_BYTES = 64 * 1024
@@ -36,19 +36,6 @@ class SandboxLimits(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     """CPU seconds (``RLIMIT_CPU``): the kernel stops a busy loop even if the clock is slow."""
     memory_mb: Annotated[int, msgspec.Meta(ge=64, le=65_536)] = 512
     """Address space (``RLIMIT_AS``), interpreter included (about 60 MB of it)."""
-
-
-class FailureKind(enum.StrEnum):
-    CRASH = "crash"
-    """The strategy raised, or the interpreter died."""
-    TIMEOUT = "timeout"
-    """Over the wall-clock or the CPU-time limit."""
-    MEMORY = "memory"
-    """Over the memory limit."""
-    FORBIDDEN = "forbidden"
-    """Tried the network, a process, native code or a file write."""
-    BAD_OUTPUT = "bad_output"
-    """Returned something that is not a signal, or replied with garbage."""
 
 
 class SignalResult(msgspec.Struct, frozen=True, kw_only=True):

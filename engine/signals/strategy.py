@@ -2,30 +2,25 @@
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Callable, Iterator, Sequence
 from typing import overload
 
 import msgspec
 
 from engine.signals.candles import Candle
+from schemas.signals import Signal, SignalAction
 
-
-class SignalAction(enum.StrEnum):
-    BUY = "buy"
-    SELL = "sell"
-    CLOSE = "close"
-    HOLD = "hold"
-
-
-class Signal(msgspec.Struct, frozen=True, kw_only=True):
-    """What a strategy wants after the last closed candle; SL and TP are prices."""
-
-    action: SignalAction
-    sl: float | None = None
-    tp: float | None = None
-    comment: str = ""
-
+# Signal and SignalAction are wire types (schemas.signals); strategies import them from here.
+__all__ = [
+    "HOLD",
+    "Candles",
+    "Column",
+    "Signal",
+    "SignalAction",
+    "Strategy",
+    "TimedSignal",
+    "signals_over",
+]
 
 HOLD = Signal(action=SignalAction.HOLD)
 

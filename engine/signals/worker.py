@@ -21,6 +21,7 @@ from engine.signals import metrics
 from engine.signals.candles import Candle, CandleBuilder, Timeframe
 from engine.signals.claims import CandleClaims, ClaimState, HeldClaim
 from engine.signals.config import SignalWorkerConfig, StrategyDeployment
+from engine.signals.deployments import DeploymentsWatch
 from engine.signals.messages import StrategyRunFailed, StrategySignal, encoder, run_id
 from engine.signals.sandbox import (
     FailureKind,
@@ -35,6 +36,13 @@ from schemas.market import Quote
 log = structlog.get_logger("tradecopy.signals")
 
 _quote_decoder = msgspec.msgpack.Decoder(Quote)
+
+#: One run of a strategy on a series: (version id, symbol, timeframe).
+RunKey = tuple[str, str, Timeframe]
+
+
+def run_key(deployment: StrategyDeployment) -> RunKey:
+    return (deployment.version.version_id, deployment.symbol, deployment.timeframe)
 
 
 class _Series:
@@ -62,7 +70,11 @@ class SignalWorker:
         claims_kv: Any,
         *,
         clock: Callable[[], int] = time.time_ns,
+        deployments_kv: Any = None,
     ) -> None:
+        """``deployments_kv``: the ``tc_signal_deployments`` bucket, watched from
+        :meth:`start` (its deployments run beside the configuration's); none: the
+        configuration's deployments only."""
         self.config = config
         self.nc = nc
         self.js = js
@@ -71,48 +83,105 @@ class SignalWorker:
             claims_kv, config.worker_id, config.lease_s, poll_s=config.poll_s, clock=clock
         )
         self.series: dict[tuple[str, Timeframe], _Series] = {}
-        for deployment in config.deployments:
-            key = (deployment.symbol, deployment.timeframe)
-            series = self.series.get(key)
-            if series is None:
-                builder = CandleBuilder(deployment.symbol, deployment.timeframe, config.server_day)
-                series = self.series[key] = _Series(builder, deployment.history)
-            series.deployments.append(deployment)
-            # The deque keeps the longest history any deployment on the series asks for.
-            if (series.candles.maxlen or 0) < deployment.history:
-                series.candles = deque(series.candles, maxlen=deployment.history)
+        self._configured: dict[RunKey, StrategyDeployment] = {
+            run_key(d): d for d in config.deployments
+        }
+        self._bucket = (
+            None
+            if deployments_kv is None
+            else DeploymentsWatch(deployments_kv, self._apply, component="worker")
+        )
+        self._quote_subs: dict[str, Any] = {}
+        self._arrange(self.deployments)
         self._slots = asyncio.Semaphore(config.max_concurrent_runs)
         self._subscriptions: list[Any] = []
         self._runs: set[asyncio.Task[None]] = set()
         self._timer: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        for symbol in sorted({symbol for symbol, _ in self.series}):
-            self._subscriptions.append(
-                await self.nc.subscribe(subjects.quotes(symbol), cb=self._on_quote_message)
-            )
-        await self.nc.flush()
+        """Take quotes for the configured deployments and, with a deployments bucket, the
+        bucket's (returns once the bucket's current values are running)."""
+        await self._subscribe_quotes()
         self._timer = asyncio.create_task(self._close_quiet_candles())
+        if self._bucket is not None:
+            await self._bucket.start()
+        metrics.DEPLOYMENTS.set(len(self.deployments))
         log.info(
             "signal_worker_started",
             worker=self.config.worker_id,
-            deployments=[
-                f"{d.version.version_id}:{d.symbol}:{d.timeframe}" for d in self.config.deployments
-            ],
+            deployments=self.deployment_names(),
         )
 
     async def stop(self) -> None:
         """Stop taking quotes; runs in progress are cancelled (their claims' leases expire and
         a peer takes them over)."""
+        if self._bucket is not None:
+            await self._bucket.stop()
         for sub in self._subscriptions:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
         self._subscriptions.clear()
+        self._quote_subs.clear()
         if self._timer is not None:
             self._timer.cancel()
         for task in list(self._runs):
             task.cancel()
         await asyncio.gather(*self._runs, return_exceptions=True)
+
+    # ------------------------------------------------------------------ deployments
+
+    @property
+    def deployments(self) -> dict[RunKey, StrategyDeployment]:
+        """What runs now, by (version, symbol, timeframe): the configuration's, and the
+        bucket's, which replace the configuration's of the same run."""
+        merged = dict(self._configured)
+        for deployment in ({} if self._bucket is None else self._bucket.current).values():
+            merged[run_key(deployment)] = deployment
+        return merged
+
+    def deployment_names(self) -> list[str]:
+        return sorted(f"{v}:{symbol}:{tf}" for v, symbol, tf in self.deployments)
+
+    def _arrange(self, wanted: dict[RunKey, StrategyDeployment]) -> None:
+        """Point each series at its deployments; a series that keeps one keeps its candles
+        (and the candle it is building), one that loses all of them is dropped. A removed
+        deployment's runs already started finish; it starts no more."""
+        grouped: dict[tuple[str, Timeframe], list[StrategyDeployment]] = {}
+        for deployment in wanted.values():
+            grouped.setdefault((deployment.symbol, deployment.timeframe), []).append(deployment)
+        for key in [k for k in self.series if k not in grouped]:
+            del self.series[key]
+        for (symbol, timeframe), deployments in grouped.items():
+            history = max(d.history for d in deployments)
+            series = self.series.get((symbol, timeframe))
+            if series is None:
+                builder = CandleBuilder(symbol, timeframe, self.config.server_day)
+                series = self.series[(symbol, timeframe)] = _Series(builder, history)
+            elif (series.candles.maxlen or 0) < history:
+                # The deque keeps the longest history any deployment on the series asks for.
+                series.candles = deque(series.candles, maxlen=history)
+            series.deployments = deployments
+
+    async def _subscribe_quotes(self) -> None:
+        """Quotes of exactly the symbols some series needs."""
+        symbols = {symbol for symbol, _ in self.series}
+        for symbol in sorted(symbols - set(self._quote_subs)):
+            sub = await self.nc.subscribe(subjects.quotes(symbol), cb=self._on_quote_message)
+            self._quote_subs[symbol] = sub
+            self._subscriptions.append(sub)
+        for symbol in sorted(set(self._quote_subs) - symbols):
+            sub = self._quote_subs.pop(symbol)
+            with contextlib.suppress(ValueError):
+                self._subscriptions.remove(sub)
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        await self.nc.flush()
+
+    async def _apply(self) -> None:
+        """Point the series at the deployments and take exactly the quotes they need."""
+        self._arrange(self.deployments)
+        await self._subscribe_quotes()
+        metrics.DEPLOYMENTS.set(len(self.deployments))
 
     def health(self) -> dict[str, object]:
         connected = bool(self.nc.is_connected)
@@ -121,6 +190,7 @@ class SignalWorker:
             "reason": "" if connected else "NATS connection lost",
             "worker": self.config.worker_id,
             "runs_in_progress": len(self._runs),
+            "deployments": len(self.deployments),
         }
 
     async def wait_idle(self) -> None:
@@ -293,7 +363,13 @@ async def run_worker(
         storage = StorageType.MEMORY if config.memory_storage else StorageType.FILE
         await ensure_streams(js, None, storage)
         buckets = await ensure_buckets(js, storage)
-        worker = SignalWorker(config, nc, js, buckets[subjects.KV_SIGNAL_CLAIMS])
+        worker = SignalWorker(
+            config,
+            nc,
+            js,
+            buckets[subjects.KV_SIGNAL_CLAIMS],
+            deployments_kv=buckets[subjects.KV_SIGNAL_DEPLOYMENTS],
+        )
         await worker.start()
         ops = None
         if config.metrics_port is not None:
