@@ -25,8 +25,16 @@ JSON objects and errors). What it enforces, as Stripe does:
   ``limit``, as Stripe pages them. Tests deliver them to the webhook endpoint themselves, signed
   with the SDK's ``WebhookSignature``.
 
+- **Saved cards.** A completed Checkout Session holds a SetupIntent (``setup``), a
+  PaymentIntent (``payment``) or a Subscription (``subscription``, its
+  ``default_payment_method``) with a card attached to the customer; in ``payment`` mode only
+  with ``setup_future_usage``, otherwise attached to no one, so an off-session PaymentIntent
+  with it is refused (400 ``resource_missing``). ``GET`` reads sessions, SetupIntents,
+  PaymentIntents and subscriptions.
+
 Fault injection: ``lose_responses`` drops the connection of the next N POSTs *after* their
-result is stored (the caller cannot tell whether the request happened, like a network cut).
+result is stored (the caller cannot tell whether the request happened, like a network cut);
+``fail_retrievals`` answers the next N GETs of an object with a 500 ``api_error``.
 Checkout Sessions are checked as Stripe checks them: ``price_data`` line items in one currency,
 no recurring price outside ``mode=subscription``, an existing destination account, a platform
 fee within the amount (``payment``) or 0-100 % (``subscription``).
@@ -106,10 +114,13 @@ class StripePeer:
         self.charges: dict[str, dict[str, Any]] = {}
         self.subscriptions: dict[str, dict[str, Any]] = {}
         self.checkout_sessions: dict[str, dict[str, Any]] = {}
+        self.setup_intents: dict[str, dict[str, Any]] = {}
         self.events: list[dict[str, Any]] = []
         self.requests: list[tuple[str, str, str | None]] = []
         """Every request seen: (method, path, idempotency key)."""
         self.lose_responses = 0
+        self.fail_retrievals = 0
+        """The next N GETs of an object (not the event list) answer 500 ``api_error``."""
         self._ids = itertools.count(1)
         self._idempotent: dict[str, tuple[str, int, bytes]] = {}
         self._in_flight: set[str] = set()
@@ -144,6 +155,11 @@ class StripePeer:
                 401, PeerError(401, "invalid_request_error", "Invalid API Key provided").body
             )
         params = decode_form(raw if request.method == "POST" else request.query_string)
+        if request.method == "GET" and self.fail_retrievals > 0 and request.path != "/v1/events":
+            self.fail_retrievals -= 1
+            return self._json(
+                500, PeerError(500, "api_error", "Something went wrong on Stripe's end.").body
+            )
         if request.method != "POST" or key is None:
             status, body = await self._serve(request.method, request.path, params)
             return self._json(status, body)
@@ -209,11 +225,14 @@ class StripePeer:
             ("POST", r"/v1/account_links", self._create_account_link),
             ("POST", r"/v1/customers", self._create_customer),
             ("POST", r"/v1/setup_intents", self._create_setup_intent),
+            ("GET", r"/v1/setup_intents/(?P<seti>[^/]+)", self._get_setup_intent),
             ("POST", r"/v1/payment_methods/(?P<pm>[^/]+)/attach", self._attach_payment_method),
             ("POST", r"/v1/payment_intents", self._create_payment_intent),
             ("GET", r"/v1/payment_intents/(?P<pi>[^/]+)", self._get_payment_intent),
             ("POST", r"/v1/refunds", self._create_refund),
             ("POST", r"/v1/checkout/sessions", self._create_checkout_session),
+            ("GET", r"/v1/checkout/sessions/(?P<cs>[^/]+)", self._get_checkout_session),
+            ("GET", r"/v1/subscriptions/(?P<sub>[^/]+)", self._get_subscription),
             ("POST", r"/v1/subscriptions", self._create_subscription),
             ("POST", r"/v1/subscriptions/(?P<sub>[^/]+)", self._update_subscription),
             ("GET", r"/v1/events", self._list_events),
@@ -336,14 +355,48 @@ class StripePeer:
     def _create_setup_intent(self, params: dict[str, Any]) -> dict[str, Any]:
         customer = self._customer(params)
         setup_id = self._id("seti")
-        return {
+        intent = {
             "id": setup_id,
             "object": "setup_intent",
             "customer": customer["id"],
             "usage": params.get("usage", "off_session"),
             "status": "requires_payment_method",
+            "payment_method": None,
             "client_secret": f"{setup_id}_secret_peer",
         }
+        self.setup_intents[setup_id] = intent
+        return intent
+
+    @staticmethod
+    def _found(objects: dict[str, dict[str, Any]], kind: str, id_: str) -> dict[str, Any]:
+        if id_ not in objects:
+            raise PeerError(
+                404, "invalid_request_error", f"No such {kind}: '{id_}'", code="resource_missing"
+            )
+        return objects[id_]
+
+    def _get_setup_intent(self, params: dict[str, Any], seti: str) -> dict[str, Any]:
+        return self._found(self.setup_intents, "setupintent", seti)
+
+    def _get_checkout_session(self, params: dict[str, Any], cs: str) -> dict[str, Any]:
+        return self._found(self.checkout_sessions, "checkout.session", cs)
+
+    def _get_subscription(self, params: dict[str, Any], sub: str) -> dict[str, Any]:
+        return self._found(self.subscriptions, "subscription", sub)
+
+    def _card(self, behaviour: str, customer: str | None) -> str:
+        """A card the follower entered at Checkout, attached to ``customer`` when the session
+        saves it (None: used once, attached to no one)."""
+        method = {
+            "id": self._id("pm"),
+            "object": "payment_method",
+            "type": "card",
+            "customer": customer,
+            "card": {"brand": "visa", "last4": "4242"},
+            "behaviour": behaviour,
+        }
+        self.payment_methods[method["id"]] = method
+        return str(method["id"])
 
     def _attach_payment_method(self, params: dict[str, Any], pm: str) -> dict[str, Any]:
         customer = self._customer(params)
@@ -413,7 +466,10 @@ class StripePeer:
             raise PeerError(
                 400,
                 "invalid_request_error",
-                f"The payment method '{pm_id}' does not belong to the customer",
+                # Stripe's words for a method never attached to this customer (a card a
+                # Checkout payment used once, without setup_future_usage).
+                f"The customer does not have a payment method with the ID {pm_id}. "
+                "The payment method must be attached to the customer.",
                 param="payment_method",
                 code="resource_missing",
             )
@@ -636,6 +692,7 @@ class StripePeer:
             "metadata": params.get("metadata", {}),
             "subscription_data": params.get("subscription_data", {}),
             "payment_intent_data": params.get("payment_intent_data", {}),
+            "setup_intent_data": params.get("setup_intent_data", {}),
             "subscription": None,
             "payment_intent": None,
             "setup_intent": None,
@@ -646,9 +703,14 @@ class StripePeer:
         self.checkout_sessions[session["id"]] = session
         return session
 
-    def complete_checkout_session(self, session_id: str) -> dict[str, Any]:
+    def complete_checkout_session(self, session_id: str, card: str = SUCCEEDS) -> dict[str, Any]:
         """What the follower's browser does at Stripe: pay (or save a card), which completes
-        the session and emits ``checkout.session.completed``; the event, to deliver."""
+        the session and emits ``checkout.session.completed``; the event, to deliver.
+
+        The card (one of the test tokens' behaviours) becomes a payment method: attached to
+        the customer and kept on the SetupIntent (``setup``), the PaymentIntent (``payment``,
+        attached only with ``setup_future_usage``) or as the subscription's
+        ``default_payment_method`` (``subscription``), as Checkout does."""
         session = self.checkout_sessions[session_id]
         if session["status"] != "open":
             raise ValueError(f"session {session_id} is {session['status']}")
@@ -664,16 +726,45 @@ class StripePeer:
                 "metadata": data.get("metadata", {}),
                 "application_fee_percent": data.get("application_fee_percent"),
                 "transfer_data": data.get("transfer_data", {}),
+                "default_payment_method": self._card(card, session["customer"]),
             }
             self.subscriptions[sub_id] = subscription
             self._event("customer.subscription.created", subscription)
             session["subscription"] = sub_id
             session["payment_status"] = "paid"
         elif session["mode"] == "payment":
-            session["payment_intent"] = self._id("pi")
+            data = session["payment_intent_data"]
+            future = data.get("setup_future_usage")
+            intent = {
+                "id": self._id("pi"),
+                "object": "payment_intent",
+                "amount": session["amount_total"],
+                "currency": session["currency"],
+                "customer": session["customer"],
+                "payment_method": self._card(card, session["customer"] if future else None),
+                "setup_future_usage": future,
+                "application_fee_amount": data.get("application_fee_amount"),
+                "transfer_data": data.get("transfer_data", {}),
+                "metadata": data.get("metadata", {}),
+                "status": "succeeded",
+                "latest_charge": None,
+                "last_payment_error": None,
+            }
+            self.payment_intents[intent["id"]] = intent
+            session["payment_intent"] = intent["id"]
             session["payment_status"] = "paid"
         else:
-            session["setup_intent"] = self._id("seti")
+            setup = {
+                "id": self._id("seti"),
+                "object": "setup_intent",
+                "customer": session["customer"],
+                "usage": "off_session",
+                "status": "succeeded",
+                "payment_method": self._card(card, session["customer"]),
+                "metadata": (session.get("setup_intent_data") or {}).get("metadata", {}),
+            }
+            self.setup_intents[setup["id"]] = setup
+            session["setup_intent"] = setup["id"]
             session["payment_status"] = "no_payment_required"
         self._event("checkout.session.completed", session)
         return self.events[-1]

@@ -347,6 +347,23 @@ async def test_every_list_pages_through_all_its_items(api: Api) -> None:
             "slug": f"board-{board}",
             "master_account_id": paper["account_id"], "published": True})  # fmt: skip
         assert status in (200, 201), profile
+    # three charges of alpha's, in three months: billing's charge history and revenue lists
+    async with api.pool.acquire() as conn:
+        for n in range(3):
+            key, issued = f"pages:{n}", (1_772_323_200 + n * 2_678_400) * 10**9
+            await conn.execute(
+                "INSERT INTO billing_invoices (invoice_id, follower, provider, plan_id, window_id,"
+                " currency, total_minor, platform_fee_minor, lines, issued_ns)"
+                " VALUES ($1, 'f', 'alpha', 'p', $1, 'EUR', 101, 10, '[]'::jsonb, $2)",
+                key, issued,
+            )  # fmt: skip
+            await conn.execute(
+                "INSERT INTO billing_charges (idempotency_key, invoice_id, module, follower,"
+                " provider, plan_id, window_id, currency, amount_minor, platform_fee_minor,"
+                " destination, issued_ns) VALUES ($1, $1, 'subscription', 'f', 'alpha', 'p', $1,"
+                " 'EUR', 101, 10, 'acct_x', $2)",
+                key, issued,
+            )  # fmt: skip
     # The ledger's lists (an account's positions, history, equity; decisions) page the same
     # way over ledger rows: tests/test_api_history.py fills and pages them.
     listed = [r for r in ROUTES if "cursor" in r.query and r.tag != "history"]

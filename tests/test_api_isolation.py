@@ -70,6 +70,7 @@ class Holdings:
     plan_id: str = field(default_factory=lambda: str(uuid.uuid4()))
     operator_plan_id: str = field(default_factory=lambda: str(uuid.uuid4()))
     checkout_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    onboarding_id: str = field(default_factory=lambda: str(uuid.uuid4()))
     strategy_id: str = "stg-0000000000000000"
     deployment_id: str = "dep-0000000000000000"
     version_id: str = "sv-" + "0" * 24
@@ -84,7 +85,8 @@ class Holdings:
                 "source_id": self.source_id, "plan_id": self.plan_id,
                 "operator_plan_id": self.operator_plan_id, "checkout_id": self.checkout_id,
                 "tenant_id": self.tenant, "strategy_id": self.strategy_id,
-                "deployment_id": self.deployment_id, "slug": self.slug}[name]  # fmt: skip
+                "deployment_id": self.deployment_id, "slug": self.slug,
+                "onboarding_id": self.onboarding_id}[name]  # fmt: skip
 
 
 @dataclass
@@ -218,6 +220,31 @@ async def _plans(api: Api, a: Holdings, b: Holdings, a2: Holdings, fb: Person) -
         holder.checkout_id = body["checkout_id"]
     b.markers += [b.plan_id, "bravo-plan", b.checkout_id]
     a2.markers += [a2.checkout_id]
+    # Onboarding requests of both providers (pending: no billing service runs here), and a
+    # charge of B's follower and of A's follower a2 (billing's own rows, as its jobs write them).
+    for holder in (a, b):
+        status, body = await api.call("POST", "/v1/billing/onboarding", holder.person,
+                                      json={"country": "DE"})  # fmt: skip
+        assert status == 202, body
+        holder.onboarding_id = body["onboarding_id"]
+    async with api.pool.acquire() as conn:
+        for follower, holder, tenant in ((fb.user_id, b, b.tenant), (a2.user_id, a2, a.tenant)):
+            key = f"{follower}-charge"
+            await conn.execute(
+                "INSERT INTO billing_invoices (invoice_id, follower, provider, plan_id, window_id,"
+                " currency, total_minor, platform_fee_minor, lines, issued_ns)"
+                " VALUES ($1, $2, $3, 'p', $1, 'EUR', 101, 10, '[]'::jsonb, 1772323200000000000)",
+                key, follower, tenant,
+            )  # fmt: skip
+            await conn.execute(
+                "INSERT INTO billing_charges (idempotency_key, invoice_id, module, follower,"
+                " provider, plan_id, window_id, currency, amount_minor, platform_fee_minor,"
+                " destination, issued_ns) VALUES ($1, $1, 'subscription', $2, $3, 'p', $1, 'EUR',"
+                " 101, 10, 'acct_x', 1772323200000000000)",
+                key, follower, tenant,
+            )  # fmt: skip
+            holder.markers.append(key)
+    b.markers.append(b.onboarding_id)
 
 
 async def _signal_source(api: Api, owner: Person, label: str) -> str:
@@ -331,6 +358,7 @@ def hostile_bodies(path: str, method: str, me: Holdings, victim: Holdings) -> li
              "subscription_price_minor": 1, "subscription_period": "monthly",
              "risk_template_id": victim.risk_template_id}],
         ("POST", "/v1/plans/{plan_id}/checkout"): [{"client_key": f"probe-{new}"}],
+        ("POST", "/v1/billing/onboarding"): [{"country": "DE"}],
         ("POST", "/v1/signal-sources"): [{"name": f"probe-{new}", "symbol_map": {"X": "X"},
                                           "master_account_id": victim.master}],
         ("POST", "/v1/strategies"): [{"name": f"probe-{new}", "source": STRATEGY_SOURCE}],
@@ -393,6 +421,9 @@ async def victim_snapshot(api: Api, victim: Holdings) -> Any:
             "SELECT to_jsonb(c)::text FROM billing_checkouts c WHERE provider = $1"
             " AND ($2::uuid IS NULL OR follower = $2::text) ORDER BY 1",
             victim.tenant, owner)]  # fmt: skip
+        rows["billing_onboardings"] = [r[0] for r in await conn.fetch(
+            "SELECT to_jsonb(o)::text FROM billing_onboardings o WHERE provider = $1"
+            " AND $2::uuid IS NULL ORDER BY 1", victim.tenant, owner)]  # fmt: skip
         rows["audit"] = await conn.fetchval(
             "SELECT count(*) FROM api_audit_log WHERE entity_id = ANY($1::text[])",
             victim.markers,

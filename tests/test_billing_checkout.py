@@ -1,7 +1,7 @@
 """Checkout for plan purchase through the real ``stripe`` SDK against the local Stripe peer: a
 recorded request becomes one Checkout Session (also when an answer is lost), and
 ``checkout.session.completed``, signed by Stripe's own helper and delivered twice, activates the
-plan once."""
+plan once; the card the session saved becomes the follower's off-session payment method."""
 
 from __future__ import annotations
 
@@ -20,8 +20,11 @@ from stripe_peer import StripePeer
 
 from engine.billing import checkout, plans, store
 from engine.billing.config import BillingConfig
-from engine.billing.gateway import StripeGateway
+from engine.billing.gateway import PaymentOutcome, StripeGateway
+from engine.billing.jobs import JobContext, send_pending_charges
+from engine.billing.ledgerfacts import LedgerViewFacts
 from engine.billing.service import BillingService
+from engine.billing.store import ChargeDraft
 from engine.billing.webhooks import process_stored_events, webhook_routes
 
 SECRET = "whsec_checkout_test"
@@ -95,6 +98,10 @@ async def shop(database_url: str) -> AsyncIterator[Shop]:
         await plans.create_provider_plan(
             conn, plan_id="trades", provider="alpha", name="Ten trades", currency="EUR",
             modules=["pay_per_trade"], ppt_trades=10, ppt_price_minor=999,
+        )  # fmt: skip
+        await plans.create_provider_plan(
+            conn, plan_id="weekly", provider="alpha", name="Weekly", currency="EUR",
+            modules=["performance"], performance_rate="0.2",
         )  # fmt: skip
     app = web.Application()
     app.add_routes(webhook_routes(pool, SECRET))
@@ -237,5 +244,167 @@ async def test_the_service_makes_the_session_when_the_request_is_recorded(shop: 
             return (await shop.checkout(checkout_id))["state"] == "ready"
 
         await wait_until(ready, "the session made after the NOTIFY", timeout=20)
+    finally:
+        await service.stop()
+
+
+# --------------------------------------------------------------- the saved payment method
+
+
+async def buy(shop: Shop, plan_id: str, key: str = "k1") -> tuple[uuid.UUID, dict[str, Any]]:
+    """A follower's whole Checkout: the request, the session, the browser, the webhook."""
+    checkout_id = await shop.request(plan_id, key)
+    assert await checkout.create_sessions(shop.pool, shop.gateway) == [(str(checkout_id), "ready")]
+    row = await shop.checkout(checkout_id)
+    event = shop.peer.complete_checkout_session(row["session_id"])
+    assert await shop.deliver(event) == 200
+    return checkout_id, event
+
+
+async def saved_card(shop: Shop, follower: str = "f1") -> tuple[str, str | None] | None:
+    async with shop.pool.acquire() as conn:
+        return await store.customer(conn, follower)
+
+
+def weekly_fee(shop: Shop, plan_id: str, follower: str = "f1") -> ChargeDraft:
+    return ChargeDraft(
+        idempotency_key=f"performance:{follower}:{plan_id}:2026-W48",
+        module="performance", follower=follower, provider="alpha", plan_id=plan_id,
+        window_id="2026-W48", currency="EUR", amount_minor=1234, platform_fee_minor=154,
+        destination=next(iter(shop.peer.accounts)),
+        lines=({"module": "performance", "amount_minor": 1234},),
+        issued_ns=1_796_000_000_000_000_000,
+    )  # fmt: skip
+
+
+async def charge_weekly_fee(shop: Shop, plan_id: str) -> dict[str, int]:
+    async with shop.pool.acquire() as conn:
+        assert await store.insert_charge(conn, weekly_fee(shop, plan_id))
+    ctx = JobContext(pool=shop.pool, gateway=shop.gateway, facts=LedgerViewFacts(shop.pool))
+    return await send_pending_charges(ctx)
+
+
+@pytest.mark.parametrize(
+    ("plan_id", "mode"), [("weekly", "setup"), ("trades", "payment"), ("gold", "subscription")]
+)
+async def test_the_card_a_checkout_saved_pays_the_weekly_fee_off_session(
+    shop: Shop, plan_id: str, mode: str
+) -> None:
+    checkout_id, _ = await buy(shop, plan_id)
+    assert [o.result for o in await process_stored_events(shop.pool)] == ["applied"]
+    # Applying the event calls no one: the read is recorded for the worker.
+    assert await saved_card(shop) == (shop.peer.checkout_sessions[
+        (await shop.checkout(checkout_id))["session_id"]]["customer"], None)  # fmt: skip
+    assert await checkout.save_payment_methods(shop.pool, shop.gateway) == [
+        (str(checkout_id), "saved")
+    ]
+    session = shop.peer.checkout_sessions[(await shop.checkout(checkout_id))["session_id"]]
+    assert session["mode"] == mode
+    customer, method = await saved_card(shop) or ("", None)
+    assert customer == session["customer"] and method is not None
+    assert shop.peer.payment_methods[method]["customer"] == customer
+    assert await charge_weekly_fee(shop, plan_id) == {"succeeded": 1}
+    sent = [pi for pi in shop.peer.payment_intents.values() if pi.get("off_session")]
+    assert [(pi["payment_method"], pi["customer"], pi["status"]) for pi in sent] == [
+        (method, customer, "succeeded")
+    ]
+
+
+async def test_a_payment_session_always_saves_the_card_for_the_next_allowance(
+    shop: Shop,
+) -> None:
+    checkout_id = await shop.request("trades")
+    await checkout.create_sessions(shop.pool, shop.gateway)
+    session = shop.peer.checkout_sessions[(await shop.checkout(checkout_id))["session_id"]]
+    # ``trades`` has no weekly module, yet its renewals are charged off-session too.
+    assert session["payment_intent_data"]["setup_future_usage"] == "off_session"
+
+
+async def test_a_card_used_once_is_not_stored_and_stripe_refuses_it_off_session(
+    shop: Shop,
+) -> None:
+    customer = await shop.gateway.create_customer(follower="f2", email="f2@x.test")
+    async with shop.pool.acquire() as conn:
+        terms = await plans.plan_terms(conn, "trades")
+    assert terms is not None
+    params = checkout.session_params(
+        terms, checkout_id=str(uuid.uuid4()), follower="f2", customer=customer,
+        success_url="https://app.test/ok", cancel_url="https://app.test/no",
+    )  # fmt: skip
+    params["payment_intent_data"].pop("setup_future_usage", None)
+    made = await shop.gateway.create_checkout_session(params, idempotency_key="once")
+    assert made.session_id is not None
+    shop.peer.complete_checkout_session(made.session_id)
+    saved = await shop.gateway.saved_payment_method(made.session_id)
+    assert saved.outcome is PaymentOutcome.SUCCEEDED and saved.payment_method is None
+    used_once = shop.peer.payment_intents[
+        shop.peer.checkout_sessions[made.session_id]["payment_intent"]
+    ]["payment_method"]
+    async with shop.pool.acquire() as conn:
+        await store.upsert_customer(
+            conn, follower="f2", stripe_customer=customer, payment_method=used_once
+        )
+        assert await store.insert_charge(conn, weekly_fee(shop, "trades", follower="f2"))
+    ctx = JobContext(pool=shop.pool, gateway=shop.gateway, facts=LedgerViewFacts(shop.pool))
+    assert await send_pending_charges(ctx) == {"failed": 1}
+    async with shop.pool.acquire() as conn:
+        code = await conn.fetchval("SELECT failure_code FROM billing_charges")
+    assert code == "resource_missing"
+
+
+async def test_a_completion_delivered_twice_stores_the_card_once(shop: Shop) -> None:
+    checkout_id, event = await buy(shop, "weekly")
+    assert await shop.deliver(event) == 200
+    assert await shop.deliver({**event, "id": "evt_replayed"}) == 200
+    results = [o.result for o in await process_stored_events(shop.pool)]
+    assert results == ["applied", "unchanged"]
+    assert await checkout.save_payment_methods(shop.pool, shop.gateway) == [
+        (str(checkout_id), "saved")
+    ]
+    assert await checkout.save_payment_methods(shop.pool, shop.gateway) == []
+    reads = [p for m, p, _ in shop.peer.requests if m == "GET" and "/checkout/sessions/" in p]
+    assert len(reads) == 1
+    async with shop.pool.acquire() as conn:
+        assert await conn.fetchval("SELECT count(*) FROM billing_customers") == 1
+
+
+async def test_stripe_failing_the_read_keeps_it_owed_until_a_later_pass(shop: Shop) -> None:
+    checkout_id, _ = await buy(shop, "weekly")
+    await process_stored_events(shop.pool)
+    shop.peer.fail_retrievals = 1
+    assert await checkout.save_payment_methods(shop.pool, shop.gateway, retry_after_s=0) == [
+        (str(checkout_id), "retry")
+    ]
+    assert (await saved_card(shop) or ("", "?"))[1] is None
+    assert (await shop.checkout(checkout_id))["lease_until"] is not None
+    assert await checkout.save_payment_methods(shop.pool, shop.gateway) == [
+        (str(checkout_id), "saved")
+    ]
+    assert (await saved_card(shop) or ("", None))[1] is not None
+    assert (await shop.checkout(checkout_id))["lease_until"] is None
+
+
+async def test_the_service_stores_the_card_after_the_completion(shop: Shop) -> None:
+    config = BillingConfig(
+        database_url=shop.database_url, webhook_port=0, metrics_port=None, event_poll_s=0.2
+    )
+    service = BillingService(config, shop.database_url, shop.gateway, SECRET)
+    await service.start()
+    try:
+        checkout_id = await shop.request("weekly")
+
+        async def ready() -> bool:
+            return (await shop.checkout(checkout_id))["state"] == "ready"
+
+        await wait_until(ready, "the session made", timeout=20)
+        event = shop.peer.complete_checkout_session(
+            (await shop.checkout(checkout_id))["session_id"]
+        )
+        assert await shop.deliver(event) == 200
+
+        async def stored() -> bool:
+            return (await saved_card(shop) or ("", None))[1] is not None
+
+        await wait_until(stored, "the saved card stored by the service", timeout=20)
     finally:
         await service.stop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import pytest
 import stripe
@@ -72,10 +73,11 @@ def charge(
 
 
 async def test_onboarding_link_is_for_the_express_account(connected: Connected) -> None:
-    url = await connected.gateway.onboarding_link(
+    link = await connected.gateway.onboarding_link(
         connected.account, refresh_url="https://x/refresh", return_url="https://x/return"
     )
-    assert url.endswith(f"/express/onboarding/{connected.account}")
+    assert link.url.endswith(f"/express/onboarding/{connected.account}")
+    assert link.expires_at > datetime.now(UTC)
     assert connected.peer.accounts[connected.account]["type"] == "express"
 
 

@@ -58,6 +58,7 @@ async def test_migrations_apply_once(database_url: str) -> None:
         "0003_enforcement",
         "0004_plans_api",
         "0005_disputes_and_purchases",
+        "0006_api_reads",
     ]
     assert await store.migrate(database_url) == []
 

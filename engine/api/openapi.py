@@ -53,6 +53,11 @@ _QUERY = {
         "description": "Only what concerns this link.",
         "schema": {"type": "string", "maxLength": 128},
     },
+    "follower": {
+        "name": "follower", "in": "query", "required": False,
+        "description": "Only this follower's (a user id).",
+        "schema": {"type": "string", "maxLength": 64},
+    },
     "points": {
         "name": "points", "in": "query", "required": False,
         "description": "Equity chart samples, evenly spaced (default 200).",

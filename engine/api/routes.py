@@ -6,6 +6,7 @@ from typing import Any
 
 from engine.api import (
     accounts,
+    billing,
     history,
     identity,
     links,
@@ -34,6 +35,7 @@ ROUTES: list[Route] = [
     *stream.ROUTES,
     *signals.ROUTES,
     *plans.ROUTES,
+    *billing.ROUTES,
     *strategies.ROUTES,
     *marketplace.ROUTES,
     Route("GET", "/v1/openapi.json", openapi_document, "This document", "meta"),

@@ -19,9 +19,18 @@ How a plan is sold (one session per plan, whatever its modules):
   destination subscription with ``application_fee_percent`` (the operator plan's platform fee);
 - with ``pay_per_trade`` only: ``mode=payment``, a destination charge whose
   ``application_fee_amount`` is the platform fee rounded down (``fees.platform_fee``); the card is
-  saved for off-session use when the plan also has a weekly module;
+  saved for off-session use (``setup_future_usage=off_session``): the next allowance and any
+  weekly fee are charged to it;
 - weekly modules only (performance, volume): ``mode=setup``, which saves the card the weekly
   fees are charged to.
+
+The payment method a completed session saved is read back afterwards, never inside the
+transaction that applies the event: that transaction marks the request as owing the read
+(``lease_until`` set on a ``completed`` request) and notifies ``billing_checkout``;
+``save_payment_methods`` leases those requests, reads the session's SetupIntent, PaymentIntent
+or Subscription from Stripe, stores the customer and the payment method in
+``billing_customers`` and clears the mark in one statement. No answer leaves the mark for a
+later pass, with backoff.
 """
 
 from __future__ import annotations
@@ -55,7 +64,12 @@ SESSIONS = Counter(
 )
 
 _INTERVAL = {"monthly": ("month", 1), "quarterly": ("month", 3), "yearly": ("year", 1)}
-_WEEKLY = frozenset({"performance", "volume"})
+
+PAYMENT_METHODS = Counter(
+    "tradecopy_billing_checkout_payment_methods_total",
+    "Completed Checkout Sessions whose saved payment method was read back, by result",
+    ["result"],
+)
 
 
 class CheckoutRequest(msgspec.Struct, frozen=True, kw_only=True):
@@ -130,8 +144,9 @@ def session_params(
             "transfer_data": {"destination": plan.destination},
             "metadata": metadata,
         }
-        if _WEEKLY & set(plan.modules):
-            intent["setup_future_usage"] = "off_session"
+        # Saved for off-session use: the next allowance and any weekly fee are charged to
+        # this card without the follower at hand.
+        intent["setup_future_usage"] = "off_session"
         params["mode"] = "payment"
         params["line_items"] = [ppt_line]
         params["payment_intent_data"] = intent
@@ -251,6 +266,90 @@ async def create_sessions(
     return done
 
 
+class PaymentMethodRead(msgspec.Struct, frozen=True, kw_only=True):
+    checkout_id: uuid.UUID
+    follower: str
+    session_id: str
+    attempts: int
+
+
+async def _claim_reads(pool: asyncpg.Pool, limit: int, lease_s: float) -> list[PaymentMethodRead]:
+    async with pool.acquire() as conn, conn.transaction():
+        rows = await conn.fetch(
+            "UPDATE billing_checkouts SET lease_until = now() + make_interval(secs => $2),"
+            " attempts = attempts + 1"
+            " WHERE checkout_id IN (SELECT checkout_id FROM billing_checkouts"
+            "  WHERE state = 'completed' AND session_id IS NOT NULL"
+            "  AND lease_until IS NOT NULL AND lease_until < now()"
+            "  ORDER BY lease_until LIMIT $1 FOR UPDATE SKIP LOCKED)"
+            " RETURNING checkout_id, follower, session_id, attempts",
+            limit,
+            lease_s,
+        )
+    return [PaymentMethodRead(**dict(row)) for row in rows]
+
+
+async def _read_done(
+    pool: asyncpg.Pool, read: PaymentMethodRead, customer: str | None, payment_method: str | None
+) -> None:
+    """Store what was read and clear the request's mark, together: a crash between the two
+    would only read it again, and storing the same method twice changes nothing."""
+    async with pool.acquire() as conn, conn.transaction():
+        if customer is not None and payment_method is not None:
+            await store.upsert_customer(
+                conn, follower=read.follower, stripe_customer=customer,
+                payment_method=payment_method,
+            )  # fmt: skip
+        await conn.execute(
+            "UPDATE billing_checkouts SET lease_until = NULL, updated_at = now()"
+            " WHERE checkout_id = $1 AND state = 'completed'",
+            read.checkout_id,
+        )
+
+
+async def save_payment_methods(
+    pool: asyncpg.Pool, gateway: StripeGateway, *, limit: int = 20, lease_s: float = 60.0,
+    retry_after_s: float = 5.0, max_retry_s: float = 3600.0,
+) -> list[tuple[str, str]]:  # fmt: skip
+    """One pass: the payment method of every completed session not read back yet stored in
+    ``billing_customers``; (checkout id, result) of each request handled in this pass:
+    ``saved``, ``none`` (the session saved none), ``refused`` (Stripe refused the read) or
+    ``retry`` (no answer: the mark stays, read again after a backoff)."""
+    done: list[tuple[str, str]] = []
+    for read in await _claim_reads(pool, limit, lease_s):
+        saved = await gateway.saved_payment_method(read.session_id)
+        if saved.outcome is PaymentOutcome.UNKNOWN:
+            # Never given up: without the method every off-session charge would fail.
+            delay = min(retry_after_s * 2 ** (read.attempts - 1), max_retry_s)
+            await _retry_read_later(pool, read.checkout_id, delay)
+            result = "retry"
+        elif saved.outcome is PaymentOutcome.SUCCEEDED and saved.payment_method is not None:
+            await _read_done(pool, read, saved.customer, saved.payment_method)
+            result = "saved"
+        else:
+            await _read_done(pool, read, None, None)
+            result = "none" if saved.outcome is PaymentOutcome.SUCCEEDED else "refused"
+        PAYMENT_METHODS.labels(result=result).inc()
+        log_event = log.warning if result in ("refused", "none") else log.info
+        log_event(
+            "checkout_payment_method", checkout_id=str(read.checkout_id),
+            follower=read.follower, session=read.session_id, result=result,
+            payment_method=saved.payment_method, attempts=read.attempts, reason=saved.message,
+        )  # fmt: skip
+        done.append((str(read.checkout_id), result))
+    return done
+
+
+async def _retry_read_later(pool: asyncpg.Pool, checkout_id: uuid.UUID, after_s: float) -> None:
+    async with pool.acquire() as conn:
+        await conn.execute(
+            "UPDATE billing_checkouts SET lease_until = now() + make_interval(secs => $2)"
+            " WHERE checkout_id = $1 AND state = 'completed' AND lease_until IS NOT NULL",
+            checkout_id,
+            after_s,
+        )
+
+
 async def listen(conn: asyncpg.Connection, wake: asyncio.Event) -> None:
     """Set ``wake`` whenever the API records a request (``NOTIFY billing_checkout``)."""
 
@@ -292,13 +391,17 @@ async def apply_checkout_event(
             session_id,
         )
         return "applied"
+    # ``lease_until`` on a completed request: its saved payment method is still to be read
+    # from Stripe (``save_payment_methods``, after this commit; the NOTIFY wakes it).
     await conn.execute(
         "UPDATE billing_checkouts SET state = 'completed', completed_by = $2, reason = NULL,"
-        " session_id = coalesce($3, session_id), updated_at = now() WHERE checkout_id = $1",
+        " session_id = coalesce($3, session_id), lease_until = now(), attempts = 0,"
+        " updated_at = now() WHERE checkout_id = $1",
         checkout_id,
         event_id,
         session_id,
     )
+    await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, str(checkout_id))
     await activate(
         conn, follower=row["follower"], plan_id=row["plan_id"], started_ns=created_s * 10**9,
         purchase_id=session_id or str(checkout_id), stripe_customer=obj.get("customer"),

@@ -1,4 +1,5 @@
-"""Stripe Connect through the official SDK: onboarding, customers, destination charges, plans.
+"""Stripe Connect through the official SDK: onboarding, customers and their saved payment
+methods, destination charges, plans.
 
 Every call goes through ``stripe.StripeClient`` (its async methods over aiohttp). A call's
 outcome is reported only on definitive evidence: a card decline is ``FAILED``, a request for
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -64,9 +66,27 @@ class CheckoutResult(msgspec.Struct, frozen=True, kw_only=True):
     message: str | None = None
 
 
+class SavedPaymentMethod(msgspec.Struct, frozen=True, kw_only=True):
+    """What a completed Checkout Session saved: SUCCEEDED with the customer and the payment
+    method (None when the session saved none), FAILED (Stripe refused the read: do not
+    retry), UNKNOWN (no answer: read again later)."""
+
+    outcome: PaymentOutcome
+    customer: str | None = None
+    payment_method: str | None = None
+    message: str | None = None
+
+
 def stripe_idempotency_key(charge: Charge) -> str:
     """The key sent to Stripe: the charge's own (``module:follower:plan:window``)."""
     return charge.idempotency_key
+
+
+class AccountLink(msgspec.Struct, frozen=True, kw_only=True):
+    """A one-time Express onboarding link."""
+
+    url: str
+    expires_at: datetime
 
 
 class StripeGateway:
@@ -103,8 +123,11 @@ class StripeGateway:
         )
         return account.id
 
-    async def onboarding_link(self, account: str, *, refresh_url: str, return_url: str) -> str:
-        """A one-time Express onboarding URL (Stripe-hosted) for the provider to finish."""
+    async def onboarding_link(
+        self, account: str, *, refresh_url: str, return_url: str
+    ) -> AccountLink:
+        """A one-time Express onboarding URL (Stripe-hosted) for the provider to finish, and
+        when it expires (the provider asks again after that)."""
         link = await self.client.v1.account_links.create_async(
             {
                 "account": account,
@@ -113,7 +136,7 @@ class StripeGateway:
                 "return_url": return_url,
             }
         )
-        return link.url
+        return AccountLink(url=link.url, expires_at=datetime.fromtimestamp(link.expires_at, UTC))
 
     # --------------------------------------------------------------- customers
 
@@ -348,3 +371,64 @@ class StripeGateway:
         return CheckoutResult(
             outcome=PaymentOutcome.SUCCEEDED, session_id=session.id, url=session.url
         )
+
+    # --------------------------------------------------------------- saved payment methods
+
+    async def saved_payment_method(self, session_id: str) -> SavedPaymentMethod:
+        """The payment method a completed Checkout Session saved for off-session charges.
+
+        Checkout names what it made (a SetupIntent, a PaymentIntent or a Subscription), not the
+        payment method: the session is read, then that object. A PaymentIntent saved its method
+        only with ``setup_future_usage`` (otherwise Stripe leaves it unattached, and an
+        off-session charge with it is refused); a subscription's is its
+        ``default_payment_method``, which Checkout sets.
+        """
+        try:
+            session = await self.client.v1.checkout.sessions.retrieve_async(session_id)
+            customer = _id_of(session.customer)
+            method: str | None = None
+            if session.mode == "setup" and session.setup_intent is not None:
+                setup = await self.client.v1.setup_intents.retrieve_async(
+                    _id_of(session.setup_intent) or ""
+                )
+                customer = _id_of(setup.customer) or customer
+                method = _id_of(setup.payment_method)
+            elif session.mode == "payment" and session.payment_intent is not None:
+                intent = await self.client.v1.payment_intents.retrieve_async(
+                    _id_of(session.payment_intent) or ""
+                )
+                customer = _id_of(intent.customer) or customer
+                if intent.setup_future_usage is not None:
+                    method = _id_of(intent.payment_method)
+            elif session.mode == "subscription" and session.subscription is not None:
+                subscription = await self.client.v1.subscriptions.retrieve_async(
+                    _id_of(session.subscription) or ""
+                )
+                customer = _id_of(subscription.customer) or customer
+                method = _id_of(subscription.default_payment_method)
+        except stripe.InvalidRequestError as exc:
+            # The session or its object does not exist for this key: asking again will not
+            # change that.
+            log.error("saved_payment_method_refused", session=session_id, code=exc.code)
+            return SavedPaymentMethod(
+                outcome=PaymentOutcome.FAILED, message=exc.user_message or str(exc)
+            )
+        except (stripe.APIConnectionError, stripe.RateLimitError, stripe.APIError) as exc:
+            log.warning("saved_payment_method_unknown", session=session_id, error=str(exc))
+            return SavedPaymentMethod(outcome=PaymentOutcome.UNKNOWN, message=str(exc))
+        except stripe.StripeError as exc:
+            # A key refused (401/403) is not the session's fault: keep the read owed, loudly,
+            # until the operator fixes the key.
+            log.error("saved_payment_method_unreadable", session=session_id, error=str(exc))
+            return SavedPaymentMethod(outcome=PaymentOutcome.UNKNOWN, message=str(exc))
+        return SavedPaymentMethod(
+            outcome=PaymentOutcome.SUCCEEDED, customer=customer, payment_method=method
+        )
+
+
+def _id_of(value: Any) -> str | None:
+    """An id field, whether Stripe sent the id or the expanded object."""
+    if value is None or isinstance(value, str):
+        return value
+    found = getattr(value, "id", None)
+    return found if isinstance(found, str) else None

@@ -18,7 +18,7 @@ import asyncpg
 import structlog
 from aiohttp import web
 
-from engine.billing import checkout, notifications, store
+from engine.billing import checkout, notifications, onboarding, store
 from engine.billing.config import BillingConfig, stripe_api_key, webhook_secret
 from engine.billing.enforcement import EnforcementFailed, Enforcer
 from engine.billing.gateway import StripeGateway
@@ -59,6 +59,7 @@ class BillingService:
         self.enforcer: Enforcer | None = None
         self.provisioner: Provisioner | None = None
         self._checkout_wake = asyncio.Event()
+        self._onboarding_wake = asyncio.Event()
         self._listener: asyncpg.Connection | None = None
         self._last_sync = 0.0
         self.nc: Any = None
@@ -95,6 +96,7 @@ class BillingService:
         # catches any notification sent while no listener was connected.
         self._listener = await asyncpg.connect(self.database_url)
         await checkout.listen(self._listener, self._checkout_wake)
+        await onboarding.listen(self._listener, self._onboarding_wake)
         ctx = JobContext(
             enforcer=self.enforcer,
             pool=self.pool,
@@ -115,6 +117,7 @@ class BillingService:
             asyncio.create_task(self._apply_events(), name="billing-events"),
             asyncio.create_task(self.scheduler.run(self._stop), name="billing-scheduler"),
             asyncio.create_task(self._create_checkouts(), name="billing-checkouts"),
+            asyncio.create_task(self._create_onboarding_links(), name="billing-onboarding"),
         ]
         log.info("billing_started", webhook_port=self.webhook_port)
 
@@ -161,16 +164,36 @@ class BillingService:
             await self.provisioner.sync()
 
     async def _create_checkouts(self) -> None:
-        """Create Checkout Sessions for the API's requests as they come; a failing pass is
-        logged and tried again."""
+        """Create Checkout Sessions for the API's requests as they come, and store the payment
+        methods completed sessions saved; a failing pass is logged and tried again."""
         while not self._stop.is_set():
             assert self.pool is not None
             self._checkout_wake.clear()
             try:
                 await checkout.create_sessions(self.pool, self.gateway)
+                # Completed sessions' saved cards (their completion NOTIFYs this channel too).
+                await checkout.save_payment_methods(self.pool, self.gateway)
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 log.warning("billing_checkout_pass_failed", error=str(exc))
             wake = asyncio.ensure_future(self._checkout_wake.wait())
+            stop = asyncio.ensure_future(self._stop.wait())
+            await asyncio.wait(
+                {wake, stop}, timeout=self.config.event_poll_s, return_when="FIRST_COMPLETED"
+            )
+            wake.cancel()
+            stop.cancel()
+
+    async def _create_onboarding_links(self) -> None:
+        """Create providers' Express accounts and onboarding links as the API asks; a failing
+        pass is logged and tried again."""
+        while not self._stop.is_set():
+            assert self.pool is not None
+            self._onboarding_wake.clear()
+            try:
+                await onboarding.create_links(self.pool, self.gateway)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("billing_onboarding_pass_failed", error=str(exc))
+            wake = asyncio.ensure_future(self._onboarding_wake.wait())
             stop = asyncio.ensure_future(self._stop.wait())
             await asyncio.wait(
                 {wake, stop}, timeout=self.config.event_poll_s, return_when="FIRST_COMPLETED"
