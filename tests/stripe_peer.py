@@ -20,7 +20,8 @@ JSON objects and errors). What it enforces, as Stripe does:
 - **Events.** Every change above makes Stripe's event (``payment_intent.succeeded``,
   ``payment_intent.payment_failed``, ``charge.succeeded``, ``charge.refunded``,
   ``charge.dispute.created``; ``checkout.session.completed`` when a test plays the browser with
-  ``complete_checkout_session``, ``checkout.session.expired`` with ``expire_checkout_session``),
+  ``complete_checkout_session``, ``checkout.session.expired`` with ``expire_checkout_session``,
+  ``account.updated`` when a test plays the provider's onboarding with ``update_account``),
   listed newest first by ``GET /v1/events`` with ``created[gte]``, ``starting_after`` and
   ``limit``, as Stripe pages them. Tests deliver them to the webhook endpoint themselves, signed
   with the SDK's ``WebhookSignature``.
@@ -301,10 +302,35 @@ class StripePeer:
             "email": params.get("email"),
             "country": params.get("country", "US"),
             "charges_enabled": False,
+            "payouts_enabled": False,
+            "details_submitted": False,
             "metadata": params.get("metadata", {}),
         }
         self.accounts[account["id"]] = account
         return account
+
+    def update_account(
+        self,
+        account_id: str,
+        *,
+        charges_enabled: bool,
+        payouts_enabled: bool,
+        details_submitted: bool,
+        created: int | None = None,
+    ) -> dict[str, Any]:
+        """What the provider's progress through Stripe's onboarding form does: the account's
+        status changes and ``account.updated`` is emitted; the event, to deliver. ``created``
+        dates the event (to deliver an older one after a newer)."""
+        account = self.accounts[account_id]
+        account.update(
+            charges_enabled=charges_enabled,
+            payouts_enabled=payouts_enabled,
+            details_submitted=details_submitted,
+        )
+        self._event("account.updated", account)
+        if created is not None:
+            self.events[-1]["created"] = created
+        return self.events[-1]
 
     def _create_account_link(self, params: dict[str, Any]) -> dict[str, Any]:
         account = self._require(params, "account")

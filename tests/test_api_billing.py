@@ -15,6 +15,7 @@ from conftest import wait_until
 from stripe_peer import StripePeer
 from test_api_support import Api, Person, running_api
 
+from engine.billing import onboarding
 from engine.billing import store as billing
 from engine.billing.config import BillingConfig
 from engine.billing.gateway import StripeGateway
@@ -278,6 +279,19 @@ async def test_onboarding_twice_makes_one_express_account_and_two_links(
             "SELECT stripe_account FROM billing_providers WHERE provider = 'alpha'"
         )
     assert stored == first["account"]
+    # Stripe has said nothing of the account yet; account.updated makes onboarding complete.
+    assert first["charges_enabled"] is None and first["onboarding_complete"] is False
+    async with api.pool.acquire() as conn:
+        applied = await onboarding.apply_account_event(
+            conn, "evt_done", 2_000_000_000,
+            {"id": first["account"], "charges_enabled": True, "payouts_enabled": True,
+             "details_submitted": True},
+        )  # fmt: skip
+    assert applied == "applied"
+    path = f"/v1/billing/onboarding/{first['onboarding_id']}"
+    status, done = await api.call("GET", path, alpha)
+    assert status == 200 and done["onboarding_complete"] is True, done
+    assert (done["charges_enabled"], done["payouts_enabled"]) == (True, True)
     # Another tenant never reads alpha's onboarding.
     beta = await _provider_on_plan(api, "beta")
     status, _ = await api.call("GET", f"/v1/billing/onboarding/{first['onboarding_id']}", beta)

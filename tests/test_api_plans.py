@@ -171,6 +171,9 @@ async def test_a_checkout_is_accepted_once_per_client_key_and_read_by_its_follow
     assert status == 202 and first["state"] == "pending", first
     status, again = await api.call("POST", path, fiona, json={"client_key": "buy-1"})
     assert status == 202 and again["checkout_id"] == first["checkout_id"]
+    # Another key while this one is open: the open Checkout, never a second paid session.
+    status, other = await api.call("POST", path, fiona, json={"client_key": "buy-2"})
+    assert status == 202 and other["checkout_id"] == first["checkout_id"], other
     status, view = await api.call("GET", f"/v1/checkouts/{first['checkout_id']}", fiona)
     assert status == 200 and view["state"] == "pending" and view["url"] is None, view
     async with api.pool.acquire() as conn:

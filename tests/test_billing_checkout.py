@@ -5,6 +5,7 @@ plan once; the card the session saved becomes the follower's off-session payment
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -119,8 +120,72 @@ async def shop(database_url: str) -> AsyncIterator[Shop]:
 async def test_the_same_client_key_is_one_checkout(shop: Shop) -> None:
     first = await shop.request("gold", "k1")
     assert await shop.request("gold", "k1") == first
-    assert await shop.request("gold", "k2") != first
+    assert await shop.request("trades", "k1") != first  # another plan: its own Checkout
+    assert await shop.request("gold", "k1", follower="f2") != first
     assert (await shop.checkout(first))["state"] == "pending"
+
+
+async def test_concurrent_requests_with_other_keys_answer_the_one_open_checkout(
+    shop: Shop,
+) -> None:
+    found = await asyncio.gather(*(shop.request("gold", f"k{n}") for n in range(5)))
+    assert len(set(found)) == 1
+    (open_id,) = set(found)
+    await checkout.create_sessions(shop.pool, shop.gateway)
+    assert (await shop.checkout(open_id))["state"] == "ready"
+    # Ready (its URL handed out) is still open: another key gets the same session.
+    assert await shop.request("gold", "k9") == open_id
+    async with shop.pool.acquire() as conn:
+        assert await conn.fetchval("SELECT count(*) FROM billing_checkouts") == 1
+    assert len(shop.peer.checkout_sessions) == 1
+
+
+async def test_requests_made_while_an_uncommitted_one_holds_the_plan_get_its_checkout(
+    shop: Shop,
+) -> None:
+    async with shop.pool.acquire() as conn:
+        tx = conn.transaction()
+        await tx.start()
+        first = await conn.fetchval(
+            "SELECT billing_api_request_checkout($1, 'f1', 'alpha', 'gold', 'k0', NULL, $2, $2)",
+            uuid.uuid4(), "https://app.test/ok",
+        )  # fmt: skip
+        # The others wait for the first request's transaction instead of missing its row.
+        others = [asyncio.ensure_future(shop.request("gold", f"k{n}")) for n in range(1, 5)]
+        await asyncio.sleep(0.5)
+        assert not any(task.done() for task in others)
+        await tx.commit()
+    assert await asyncio.gather(*others) == [first] * 4
+
+
+async def test_after_the_open_checkout_expired_or_failed_a_new_one_is_made(shop: Shop) -> None:
+    first = await shop.request("gold", "k1")
+    await checkout.create_sessions(shop.pool, shop.gateway)
+    await shop.deliver(
+        shop.peer.expire_checkout_session((await shop.checkout(first))["session_id"])
+    )
+    await process_stored_events(shop.pool)
+    assert (await shop.checkout(first))["state"] == "failed"
+    assert await shop.request("gold", "k1") == first  # the same request again: its answer
+    second = await shop.request("gold", "k2")
+    assert second != first and (await shop.checkout(second))["state"] == "pending"
+    async with shop.pool.acquire() as conn:
+        await conn.execute("UPDATE billing_providers SET stripe_account = 'acct_gone'")
+    assert await checkout.create_sessions(shop.pool, shop.gateway) == [(str(second), "failed")]
+    third = await shop.request("gold", "k3")
+    assert third not in (first, second)
+
+
+async def test_a_second_open_checkout_of_one_plan_cannot_be_stored(shop: Shop) -> None:
+    await shop.request("gold", "k1")
+    async with shop.pool.acquire() as conn:
+        with pytest.raises(asyncpg.UniqueViolationError, match="billing_checkouts_one_open"):
+            await conn.execute(
+                "INSERT INTO billing_checkouts (checkout_id, follower, provider, plan_id,"
+                " client_key, success_url, cancel_url)"
+                " VALUES ($1, 'f1', 'alpha', 'gold', 'k2', 'https://a.test', 'https://a.test')",
+                uuid.uuid4(),
+            )
 
 
 async def test_a_request_becomes_a_checkout_session_with_the_plans_terms(shop: Shop) -> None:

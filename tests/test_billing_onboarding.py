@@ -1,7 +1,9 @@
 """Express onboarding in the billing service: a provider's account is created once (a lost
 answer, a retry and a second request all end at the one account), a fresh account link is
 made for every request, and what Stripe refuses or never answers ends in ``failed`` with the
-reason — against real PostgreSQL and the Stripe peer."""
+reason; ``account.updated``, signed by Stripe's own helper, stores the account's status once
+and never lets an older event overwrite a newer one — against real PostgreSQL and the Stripe
+peer."""
 
 from __future__ import annotations
 
@@ -11,11 +13,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
+import orjson
 import pytest
+import stripe
+from aiohttp import test_utils, web
 from stripe_peer import StripePeer
 
 from engine.billing import onboarding, store
 from engine.billing.gateway import StripeGateway
+from engine.billing.webhooks import process_stored_events, webhook_routes
+
+SECRET = "whsec_onboarding_test"
 
 
 @dataclass
@@ -41,6 +49,32 @@ class Desk:
 
     def account_keys(self) -> list[str | None]:
         return [k for _, path, k in self.peer.requests if path == "/v1/accounts"]
+
+    async def deliver(self, event: dict[str, Any]) -> None:
+        """Stripe posting the event to the webhook endpoint, signed with Stripe's helper."""
+        payload = orjson.dumps(event)
+        header = stripe.WebhookSignature.generate_signature_header(payload.decode(), SECRET)
+        app = web.Application()
+        app.add_routes(webhook_routes(self.pool, SECRET))
+        async with test_utils.TestClient(test_utils.TestServer(app, host="127.0.0.1")) as client:
+            resp = await client.post(
+                "/stripe/webhook", data=payload, headers={"Stripe-Signature": header}
+            )
+            assert resp.status == 200, await resp.text()
+
+    async def status(self, provider: str = "p1") -> Any:
+        async with self.pool.acquire() as conn:
+            return await conn.fetchrow(
+                "SELECT charges_enabled, payouts_enabled, details_submitted,"
+                " account_status_created_s FROM billing_providers WHERE provider = $1",
+                provider,
+            )
+
+    async def onboarded_account(self) -> str:
+        await self.request()
+        await onboarding.create_links(self.pool, self.gateway)
+        (account,) = self.peer.accounts
+        return str(account)
 
 
 @pytest.fixture
@@ -147,3 +181,56 @@ async def test_a_link_for_an_account_stripe_does_not_know_fails_with_the_reason(
 async def test_a_provider_billing_does_not_know_is_refused(desk: Desk) -> None:
     with pytest.raises(asyncpg.NoDataFoundError, match="no operator plan"):
         await desk.request("stranger")
+
+
+async def test_account_updated_delivered_twice_stores_the_status_once(desk: Desk) -> None:
+    account = await desk.onboarded_account()
+    assert tuple(await desk.status()) == (None, None, None, None)
+    event = desk.peer.update_account(
+        account, charges_enabled=True, payouts_enabled=True, details_submitted=True
+    )
+    await desk.deliver(event)
+    await desk.deliver(event)
+    outcomes = await process_stored_events(desk.pool)
+    assert [(o.event_id, o.result) for o in outcomes] == [(event["id"], "applied")]
+    assert tuple(await desk.status()) == (True, True, True, event["created"])
+    assert await process_stored_events(desk.pool) == []
+    # The onboarding answer the API reads carries the status.
+    async with desk.pool.acquire() as conn, conn.transaction():
+        await conn.execute("SET LOCAL tradecopy.tenant = 'p1'")
+        seen = await conn.fetch(
+            "SELECT charges_enabled, details_submitted FROM billing_api_onboardings"
+        )
+    assert [tuple(r) for r in seen] == [(True, True)]
+
+
+async def test_an_older_account_updated_never_overwrites_a_newer_status(desk: Desk) -> None:
+    account = await desk.onboarded_account()
+    newer = desk.peer.update_account(
+        account, charges_enabled=True, payouts_enabled=True, details_submitted=True,
+        created=2_000_000_000,
+    )  # fmt: skip
+    older = desk.peer.update_account(
+        account, charges_enabled=False, payouts_enabled=False, details_submitted=True,
+        created=1_999_999_000,
+    )  # fmt: skip
+    await desk.deliver(newer)
+    assert [o.result for o in await process_stored_events(desk.pool)] == ["applied"]
+    await desk.deliver(older)  # Stripe delivers in no particular order
+    assert [o.result for o in await process_stored_events(desk.pool)] == ["stale"]
+    assert tuple(await desk.status()) == (True, True, True, 2_000_000_000)
+
+
+async def test_account_updated_before_the_account_is_stored_waits_for_it(desk: Desk) -> None:
+    account = await desk.gateway.create_express_account(
+        provider="p1", email="p1@x.test", country="DE"
+    )
+    event = desk.peer.update_account(
+        account, charges_enabled=False, payouts_enabled=False, details_submitted=True
+    )
+    await desk.deliver(event)
+    assert [o.result for o in await process_stored_events(desk.pool)] == ["deferred"]
+    await desk.request()
+    await onboarding.create_links(desk.pool, desk.gateway)  # stores the same account
+    assert [o.result for o in await process_stored_events(desk.pool)] == ["applied"]
+    assert tuple(await desk.status())[:3] == (False, False, True)

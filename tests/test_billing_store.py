@@ -59,6 +59,7 @@ async def test_migrations_apply_once(database_url: str) -> None:
         "0004_plans_api",
         "0005_disputes_and_purchases",
         "0006_api_reads",
+        "0007_account_status_and_one_open_checkout",
     ]
     assert await store.migrate(database_url) == []
 

@@ -103,6 +103,14 @@ class OnboardingView(View, kw_only=True):
     reason: str | None
     created_at: str
     updated_at: str
+    charges_enabled: bool | None
+    """What Stripe last said of the provider's account (``account.updated``): it may take
+    charges. None until Stripe said anything."""
+    payouts_enabled: bool | None
+    details_submitted: bool | None
+    """The provider finished Stripe's onboarding form."""
+    onboarding_complete: bool
+    """Charges and payouts are enabled and the details submitted: nothing left to do."""
 
 
 # ------------------------------------------------------------------------ views
@@ -134,7 +142,11 @@ def _onboarding_view(row: Any) -> OnboardingView:
         onboarding_id=str(row["onboarding_id"]), state=row["state"], account=row["account"],
         url=row["url"], expires_at=None if expires is None else iso(expires),
         reason=row["reason"], created_at=iso(row["created_at"]),
-        updated_at=iso(row["updated_at"]),
+        updated_at=iso(row["updated_at"]), charges_enabled=row["charges_enabled"],
+        payouts_enabled=row["payouts_enabled"], details_submitted=row["details_submitted"],
+        onboarding_complete=bool(
+            row["charges_enabled"] and row["payouts_enabled"] and row["details_submitted"]
+        ),
     )  # fmt: skip
 
 

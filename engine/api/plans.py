@@ -140,7 +140,8 @@ class PlanView(View, kw_only=True):
 
 class CheckoutRequest(Body, kw_only=True):
     client_key: ClientKey
-    """Your idempotency key: the same follower, plan and key are one Checkout."""
+    """Your idempotency key: the same follower, plan and key are one Checkout. While the
+    follower has an open (pending or ready) Checkout of the plan, any key answers that one."""
     success_url: Url | None = None
     """Where Stripe sends the browser after paying; an origin of the API's ``public_url`` or
     ``cors_origins``. Left out: the dashboard's plan page."""

@@ -2,7 +2,9 @@
 session activates the plan exactly once.
 
 The API records a request through ``billing_api_request_checkout`` (state ``pending``) and answers
-202. The billing service, woken by ``NOTIFY billing_checkout`` or its poll, leases pending
+202; while the follower has an open (pending or ready) Checkout of the plan, a request with any
+key answers that one (``migrations/0007``), so two paid sessions never make two subscriptions.
+The billing service, woken by ``NOTIFY billing_checkout`` or its poll, leases pending
 requests (``FOR UPDATE SKIP LOCKED``, so two instances never create one twice at once), makes
 sure the follower is a Stripe customer, and creates the session under the key
 ``checkout:<checkout id>``: a lost answer is sent again under that key, and Stripe answers with

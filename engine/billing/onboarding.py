@@ -8,6 +8,11 @@ pending requests (``FOR UPDATE SKIP LOCKED``), creates the provider's Express ac
 so a lost answer, a retry or a second instance gets the same account, never a second one),
 stores it, and creates an account link. The link's URL and expiry are stored (``ready``); a
 refusal is stored with its reason (``failed``); no answer from Stripe is retried with backoff.
+
+Whether onboarding is complete is Stripe's to say: ``account.updated`` carries the account's
+``charges_enabled``, ``payouts_enabled`` and ``details_submitted``, stored on
+``billing_providers`` by ``apply_account_event`` with the event's ``created`` so an older event
+never overwrites a newer state.
 """
 
 from __future__ import annotations
@@ -25,6 +30,9 @@ from prometheus_client import Counter
 from engine.billing.gateway import StripeGateway
 
 log = structlog.get_logger("tradecopy.billing.onboarding")
+
+#: The Stripe event that carries an Express account's status.
+ACCOUNT_EVENT = "account.updated"
 
 #: The NOTIFY channel ``billing_api_request_onboarding`` wakes the service on.
 CHANNEL = "billing_onboarding"
@@ -153,6 +161,49 @@ async def create_links(
         )  # fmt: skip
         done.append((str(req.onboarding_id), state))
     return done
+
+
+async def apply_account_event(
+    conn: asyncpg.Connection, event_id: str, created_s: int, obj: dict[str, Any]
+) -> str:
+    """Store an Express account's status from ``account.updated`` inside the caller's
+    transaction: applied, stale (an older event than the one stored), deferred (the provider's
+    account is not stored yet) or ignored (an account that is not a provider's)."""
+    account = obj.get("id")
+    if not isinstance(account, str):
+        return "ignored"
+    row = await conn.fetchrow(
+        "UPDATE billing_providers SET charges_enabled = $2, payouts_enabled = $3,"
+        " details_submitted = $4, account_status_created_s = $5, account_status_event = $6"
+        " WHERE stripe_account = $1"
+        " AND (account_status_created_s IS NULL OR account_status_created_s <= $5)"
+        " RETURNING provider",
+        account,
+        bool(obj.get("charges_enabled")),
+        bool(obj.get("payouts_enabled")),
+        bool(obj.get("details_submitted")),
+        created_s,
+        event_id,
+    )
+    if row is not None:
+        log.info(
+            "provider_account_status", provider=row["provider"], account=account,
+            charges_enabled=bool(obj.get("charges_enabled")),
+            payouts_enabled=bool(obj.get("payouts_enabled")),
+            details_submitted=bool(obj.get("details_submitted")), event_id=event_id,
+        )  # fmt: skip
+        return "applied"
+    if await conn.fetchval("SELECT 1 FROM billing_providers WHERE stripe_account = $1", account):
+        return "stale"  # Stripe delivers in no particular order: a newer state is stored
+    provider = (obj.get("metadata") or {}).get("provider")
+    if isinstance(provider, str) and await conn.fetchval(
+        "SELECT 1 FROM billing_providers WHERE provider = $1 AND stripe_account IS NULL",
+        provider,
+    ):
+        # The account was created but its answer is not stored yet (lost, or in flight):
+        # the next pass applies the event once onboarding stores the account.
+        return "deferred"
+    return "ignored"
 
 
 async def listen(conn: asyncpg.Connection, wake: asyncio.Event) -> None:

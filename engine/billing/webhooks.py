@@ -20,7 +20,7 @@ import msgspec
 import structlog
 from aiohttp import web
 
-from engine.billing import checkout, enforcement, metrics, store
+from engine.billing import checkout, enforcement, metrics, onboarding, store
 from engine.billing.gateway import StripeGateway
 from engine.billing.store import ChargeState, IllegalChargeTransition
 from engine.core.errors import TradecopyError
@@ -188,6 +188,9 @@ async def apply_event(conn: asyncpg.Connection, event: store.StoredEvent) -> str
         return await checkout.apply_checkout_event(
             conn, event.type, event.event_id, event.created_s, obj
         )
+    if event.type == onboarding.ACCOUNT_EVENT:
+        # A provider's Express account: whether it may take charges and receive payouts.
+        return await onboarding.apply_account_event(conn, event.event_id, event.created_s, obj)
     target = _target(event.type, obj)
     if target is None:
         return "ignored"
@@ -260,7 +263,9 @@ async def process_stored_events(pool: asyncpg.Pool, *, limit: int = 500) -> list
                 return None  # processed meanwhile, or another worker holds it
             result = await apply_event(conn, event)
             if result == "deferred":
-                await store.mark_event_deferred(conn, event_id, "its charge is not stored yet")
+                await store.mark_event_deferred(
+                    conn, event_id, "its charge or its provider's account is not stored yet"
+                )
             else:
                 await store.mark_event_processed(conn, event_id)
             return result
