@@ -242,7 +242,8 @@ async def test_node_client_publishes_master_events_and_sees_its_follower_orders(
     print(json.dumps(summary))
 
     assert summary["invalid"] == 0
-    assert summary["schemas"] == 14
+    # every exported family: the client loads the whole of schemas/json
+    assert summary["schemas"] == len(list((ROOT / "schemas" / "json").glob("*.json")))
     # One field missing from a master event: one error, naming it.
     assert len(summary["missing_field_errors"]) == 1
     assert "price" in summary["missing_field_errors"][0]
