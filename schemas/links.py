@@ -13,7 +13,8 @@ from schemas.orders import DeviationPolicy
 
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0.0)]
 Percent = Annotated[float, msgspec.Meta(gt=0.0, le=100.0)]
-PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
+# Counts: int64 on the wire, like every integer (msgpack carries no wider one).
+PositiveInt = Annotated[int, msgspec.Meta(gt=0, le=2**63 - 1)]
 Currency = Annotated[str, msgspec.Meta(pattern=r"^[A-Z]{3}(?!\n)$")]
 # (?!\n) before $: a bare $ also matches before a trailing newline ("ok\n").
 LINK_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}(?!\n)$"

@@ -35,7 +35,14 @@ JSON objects and errors). What it enforces, as Stripe does:
 
 Fault injection: ``lose_responses`` drops the connection of the next N POSTs *after* their
 result is stored (the caller cannot tell whether the request happened, like a network cut);
-``fail_retrievals`` answers the next N GETs of an object with a 500 ``api_error``.
+``fail_retrievals`` answers the next N GETs of an object with a 500 ``api_error``;
+``fail_posts`` the next N POSTs, before they run.
+Subscription updates (a plan change) are checked as Stripe checks them: the item must be one
+of the subscription's, ``price_data`` names an existing product (a subscription item takes no
+``product_data``), an integer ``unit_amount``, the subscription's currency and a recurring
+interval; a refused update changes nothing. A subscription a Checkout Session made holds one
+item per recurring line, its price and product made from the line's ``price_data``.
+``subscription_updates`` lists the updates that ran (a replay under its key is not one).
 Checkout Sessions are checked as Stripe checks them: ``price_data`` line items in one currency,
 no recurring price outside ``mode=subscription``, an existing destination account, a platform
 fee within the amount (``payment``) or 0-100 % (``subscription``).
@@ -116,12 +123,17 @@ class StripePeer:
         self.subscriptions: dict[str, dict[str, Any]] = {}
         self.checkout_sessions: dict[str, dict[str, Any]] = {}
         self.setup_intents: dict[str, dict[str, Any]] = {}
+        self.products: dict[str, dict[str, Any]] = {}
+        self.subscription_updates: list[tuple[str, dict[str, Any]]] = []
+        """Every subscription update that ran (a replay under its key is not one): (id, params)."""
         self.events: list[dict[str, Any]] = []
         self.requests: list[tuple[str, str, str | None]] = []
         """Every request seen: (method, path, idempotency key)."""
         self.lose_responses = 0
         self.fail_retrievals = 0
         """The next N GETs of an object (not the event list) answer 500 ``api_error``."""
+        self.fail_posts = 0
+        """The next N POSTs answer 500 ``api_error`` before running (nothing stored)."""
         self._ids = itertools.count(1)
         self._idempotent: dict[str, tuple[str, int, bytes]] = {}
         self._in_flight: set[str] = set()
@@ -156,6 +168,11 @@ class StripePeer:
                 401, PeerError(401, "invalid_request_error", "Invalid API Key provided").body
             )
         params = decode_form(raw if request.method == "POST" else request.query_string)
+        if request.method == "POST" and self.fail_posts > 0:
+            self.fail_posts -= 1
+            return self._json(
+                500, PeerError(500, "api_error", "Something went wrong on Stripe's end.").body
+            )
         if request.method == "GET" and self.fail_retrievals > 0 and request.path != "/v1/events":
             self.fail_retrievals -= 1
             return self._json(
@@ -749,10 +766,24 @@ class StripePeer:
                 "object": "subscription",
                 "customer": session["customer"],
                 "status": "active",
+                "currency": session["currency"],
                 "metadata": data.get("metadata", {}),
                 "application_fee_percent": data.get("application_fee_percent"),
                 "transfer_data": data.get("transfer_data", {}),
                 "default_payment_method": self._card(card, session["customer"]),
+                "items": {
+                    "object": "list",
+                    "data": [
+                        {
+                            "id": f"si_{sub_id}_{n}",
+                            "object": "subscription_item",
+                            "quantity": int(item.get("quantity", "1")),
+                            "price": self._price(item["price_data"]),
+                        }
+                        for n, item in enumerate(session["line_items"])
+                        if "recurring" in (item.get("price_data") or {})
+                    ],
+                },
             }
             self.subscriptions[sub_id] = subscription
             self._event("customer.subscription.created", subscription)
@@ -847,6 +878,64 @@ class StripePeer:
         self._event("customer.subscription.created", subscription)
         return subscription
 
+    def _price(self, data: dict[str, Any]) -> dict[str, Any]:
+        """A Price made inline from ``price_data`` (with ``product_data`` a Product too), as
+        Stripe makes one for a Checkout line item or a subscription item."""
+        product = data.get("product")
+        if product is None:
+            product = self._id("prod")
+            self.products[product] = {
+                "id": product, "object": "product",
+                "name": (data.get("product_data") or {}).get("name"),
+            }  # fmt: skip
+        return {
+            "id": self._id("price"),
+            "object": "price",
+            "product": product,
+            "currency": data["currency"],
+            "unit_amount": int(data["unit_amount"]),
+            "recurring": {
+                "interval": data["recurring"]["interval"],
+                "interval_count": int(data["recurring"].get("interval_count", "1")),
+            },
+        }
+
+    def _item_price_data(self, data: Any, subscription: dict[str, Any], n: int) -> dict[str, Any]:
+        """A subscription item's ``price_data`` checked as Stripe checks it: an existing
+        product (not ``product_data``), an integer amount, the subscription's currency, a
+        recurring interval."""
+        where = f"items[{n}][price_data]"
+        if not isinstance(data, dict):
+            raise PeerError(400, "invalid_request_error", "Invalid price_data", param=where)
+        if "product_data" in data:
+            raise PeerError(
+                400, "invalid_request_error", "Received unknown parameter: product_data",
+                param=f"{where}[product_data]",
+            )  # fmt: skip
+        product = self._require(data, "product")
+        if product not in self.products:
+            raise PeerError(
+                400, "invalid_request_error", f"No such product: '{product}'",
+                param=f"{where}[product]", code="resource_missing",
+            )  # fmt: skip
+        self._int(data, "unit_amount")
+        currency = self._require(data, "currency")
+        if subscription.get("currency") is not None and currency != subscription["currency"]:
+            raise PeerError(
+                400, "invalid_request_error",
+                "You cannot combine currencies on a single customer.",
+                param=f"{where}[currency]", code="currency_mismatch",
+            )  # fmt: skip
+        recurring = data.get("recurring")
+        if not isinstance(recurring, dict) or recurring.get("interval") not in (
+            "day", "week", "month", "year",
+        ):  # fmt: skip
+            raise PeerError(
+                400, "invalid_request_error", "Invalid interval",
+                param=f"{where}[recurring][interval]",
+            )  # fmt: skip
+        return self._price(data)
+
     def _update_subscription(self, params: dict[str, Any], sub: str) -> dict[str, Any]:
         subscription = self.subscriptions.get(sub)
         if subscription is None:
@@ -864,17 +953,28 @@ class StripePeer:
                 "Invalid proration_behavior",
                 param="proration_behavior",
             )
-        known = {i["id"]: i for i in subscription["items"]["data"]}
-        for item in params.get("items") or []:
+        known = {i["id"]: i for i in subscription.get("items", {}).get("data", [])}
+        prices: dict[str, dict[str, Any]] = {}
+        for n, item in enumerate(params.get("items") or []):
             if item.get("id") not in known:
                 raise PeerError(
                     400,
                     "invalid_request_error",
                     f"No such subscription item: '{item.get('id')}'",
+                    param=f"items[{n}][id]",
                     code="resource_missing",
                 )
-            known[item["id"]]["price"] = {"id": item["price"]}
+            if "price_data" in item:
+                prices[item["id"]] = self._item_price_data(item["price_data"], subscription, n)
+            else:
+                prices[item["id"]] = {"id": self._require(item, "price")}
+        # Checked whole before anything changes: a refused update changes nothing.
+        for item_id, price in prices.items():
+            known[item_id]["price"] = price
+        if "metadata" in params:
+            subscription["metadata"] = {**subscription.get("metadata", {}), **params["metadata"]}
         subscription["last_proration_behavior"] = behaviour
+        self.subscription_updates.append((sub, params))
         self._event("customer.subscription.updated", subscription)
         return subscription
 

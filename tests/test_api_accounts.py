@@ -285,8 +285,9 @@ async def test_every_list_pages_through_all_its_items(api: Api) -> None:
     others = [await api.provider("beta"), await api.provider("gamma")]
     sources: list[str] = []
     strategies: list[str] = []
+    followers = []
     for n in range(3):
-        await api.follower(provider, f"f{n}")
+        followers.append(await api.follower(provider, f"f{n}"))
         master = (await api.account(provider, "master"))["account_id"]
         copy = (await api.account(provider, "follower"))["account_id"]
         await api.link(provider, master, copy)
@@ -364,6 +365,23 @@ async def test_every_list_pages_through_all_its_items(api: Api) -> None:
                 " 'EUR', 101, 10, 'acct_x', $2)",
                 key, issued,
             )  # fmt: skip
+    # three plan changes of one follower: three subscriptions of alpha's, each asked to move
+    plan_ids = []
+    for n in range(4):
+        status, plan = await api.call("POST", "/v1/plans", provider, json={
+            "name": f"change-{n}", "currency": "EUR", "modules": ["subscription"],
+            "subscription_price_minor": 900 + n, "subscription_period": "monthly"})  # fmt: skip
+        assert status == 201, plan
+        plan_ids.append(plan["plan_id"])
+    changer = followers[0]
+    for from_plan in plan_ids[:3]:
+        async with api.pool.acquire() as conn:
+            await billing.subscribe(conn, follower=changer.user_id, plan_id=from_plan, started_ns=1)
+        status, body = await api.call(
+            "POST", f"/v1/followers/{changer.user_id}/plan-changes", changer,
+            json={"from_plan": from_plan, "to_plan": plan_ids[3]},
+        )  # fmt: skip
+        assert status == 202, body
     # The ledger's lists (an account's positions, history, equity; decisions) page the same
     # way over ledger rows: tests/test_api_history.py fills and pages them.
     listed = [r for r in ROUTES if "cursor" in r.query and r.tag != "history"]
@@ -372,6 +390,7 @@ async def test_every_list_pages_through_all_its_items(api: Api) -> None:
         who = operator if route.roles is not None and route.roles <= {Role.OPERATOR} else provider
         path = route.path.replace("{source_id}", source_id)
         path = path.replace("{strategy_id}", strategies[0])
+        path = path.replace("{follower}", changer.user_id)
         status, whole = await api.call("GET", path, who, params={"limit": "200"})
         assert status == 200, (route.path, whole)
         assert len(whole["items"]) >= 3 and whole["next_cursor"] is None, route.path

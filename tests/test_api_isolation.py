@@ -71,6 +71,11 @@ class Holdings:
     operator_plan_id: str = field(default_factory=lambda: str(uuid.uuid4()))
     checkout_id: str = field(default_factory=lambda: str(uuid.uuid4()))
     onboarding_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    plan_id_2: str = field(default_factory=lambda: str(uuid.uuid4()))
+    """A second plan of the tenant's: what a plan change moves to."""
+    follower_user: str = field(default_factory=lambda: str(uuid.uuid4()))
+    """The follower (a user id) whose plan changes are named."""
+    plan_change_id: str = field(default_factory=lambda: str(uuid.uuid4()))
     strategy_id: str = "stg-0000000000000000"
     deployment_id: str = "dep-0000000000000000"
     version_id: str = "sv-" + "0" * 24
@@ -86,7 +91,8 @@ class Holdings:
                 "operator_plan_id": self.operator_plan_id, "checkout_id": self.checkout_id,
                 "tenant_id": self.tenant, "strategy_id": self.strategy_id,
                 "deployment_id": self.deployment_id, "slug": self.slug,
-                "onboarding_id": self.onboarding_id}[name]  # fmt: skip
+                "onboarding_id": self.onboarding_id, "follower": self.follower_user,
+                "plan_change_id": self.plan_change_id}[name]  # fmt: skip
 
 
 @dataclass
@@ -220,6 +226,28 @@ async def _plans(api: Api, a: Holdings, b: Holdings, a2: Holdings, fb: Person) -
         holder.checkout_id = body["checkout_id"]
     b.markers += [b.plan_id, "bravo-plan", b.checkout_id]
     a2.markers += [a2.checkout_id]
+    # A plan change of B's follower and of A's follower a2: each subscribed (billing's row, as
+    # billing writes it) and asking through the API to move to a second plan of its provider.
+    for holder, label in ((a, "alfa"), (b, "bravo")):
+        status, plan = await api.call("POST", "/v1/plans", holder.person, json={
+            "name": f"{label}-plan-2", "currency": "EUR", "modules": ["subscription"],
+            "subscription_price_minor": 1900, "subscription_period": "monthly"})  # fmt: skip
+        assert status == 201, plan
+        holder.plan_id_2 = plan["plan_id"]
+    for follower, holder, owner in ((fb, b, b), (a2.person, a2, a)):
+        async with api.pool.acquire() as conn:
+            await billing_store.subscribe(
+                conn, follower=follower.user_id, plan_id=owner.plan_id, started_ns=1
+            )
+        status, body = await api.call(
+            "POST", f"/v1/followers/{follower.user_id}/plan-changes", follower,
+            json={"from_plan": owner.plan_id, "to_plan": owner.plan_id_2},
+        )  # fmt: skip
+        assert status == 202, body
+        holder.follower_user, holder.plan_change_id = follower.user_id, body["plan_change_id"]
+    a.follower_user, a.plan_change_id = a2.follower_user, a2.plan_change_id  # A's own follower
+    b.markers += [b.plan_id_2, "bravo-plan-2", b.plan_change_id]
+    a2.markers += [a2.plan_change_id]
     # Onboarding requests of both providers (pending: no billing service runs here), and a
     # charge of B's follower and of A's follower a2 (billing's own rows, as its jobs write them).
     for holder in (a, b):
@@ -359,6 +387,10 @@ def hostile_bodies(path: str, method: str, me: Holdings, victim: Holdings) -> li
              "risk_template_id": victim.risk_template_id}],
         ("POST", "/v1/plans/{plan_id}/checkout"): [{"client_key": f"probe-{new}"}],
         ("POST", "/v1/billing/onboarding"): [{"country": "DE"}],
+        ("POST", "/v1/followers/{follower}/plan-changes"): [
+            {"from_plan": victim.plan_id, "to_plan": victim.plan_id_2},
+            {"from_plan": me.plan_id, "to_plan": me.plan_id_2},
+        ],
         ("POST", "/v1/signal-sources"): [{"name": f"probe-{new}", "symbol_map": {"X": "X"},
                                           "master_account_id": victim.master}],
         ("POST", "/v1/strategies"): [{"name": f"probe-{new}", "source": STRATEGY_SOURCE}],
@@ -421,6 +453,14 @@ async def victim_snapshot(api: Api, victim: Holdings) -> Any:
             "SELECT to_jsonb(c)::text FROM billing_checkouts c WHERE provider = $1"
             " AND ($2::uuid IS NULL OR follower = $2::text) ORDER BY 1",
             victim.tenant, owner)]  # fmt: skip
+        rows["billing_plan_changes"] = [r[0] for r in await conn.fetch(
+            "SELECT to_jsonb(c)::text FROM billing_plan_changes c WHERE provider = $1"
+            " AND ($2::uuid IS NULL OR follower = $2::text) ORDER BY 1",
+            victim.tenant, owner)]  # fmt: skip
+        rows["billing_subscriptions"] = [r[0] for r in await conn.fetch(
+            "SELECT to_jsonb(s)::text FROM billing_subscriptions s JOIN billing_follower_plans p"
+            " USING (plan_id) WHERE p.provider = $1 AND ($2::uuid IS NULL OR s.follower ="
+            " $2::text) ORDER BY 1", victim.tenant, owner)]  # fmt: skip
         rows["billing_onboardings"] = [r[0] for r in await conn.fetch(
             "SELECT to_jsonb(o)::text FROM billing_onboardings o WHERE provider = $1"
             " AND $2::uuid IS NULL ORDER BY 1", victim.tenant, owner)]  # fmt: skip

@@ -64,6 +64,14 @@ async def test_every_invalid_field_of_a_link_is_named(api: Api) -> None:
         "POST", "/v1/links", provider, json={"master": master, "follower": master}
     )
     assert status == 422 and {e["field"] for e in body["errors"]} >= {"follower"}
+    # Counts are int64 on the wire: a wider one is the caller's error, never a 500.
+    link = await api.link(provider, master, copy)
+    for field in ("daily_trade_limit", "max_open_positions"):
+        status, body = await api.call(
+            "PUT", f"/v1/links/{link['link_id']}", provider,
+            json={"master": master, "follower": copy, field: 2**64},
+        )  # fmt: skip
+        assert status == 422 and body["errors"][0]["field"] == field, body
 
 
 async def test_link_accounts_must_be_a_master_and_a_follower_of_the_tenant(api: Api) -> None:

@@ -60,6 +60,7 @@ async def test_migrations_apply_once(database_url: str) -> None:
         "0005_disputes_and_purchases",
         "0006_api_reads",
         "0007_account_status_and_one_open_checkout",
+        "0008_plan_changes",
     ]
     assert await store.migrate(database_url) == []
 

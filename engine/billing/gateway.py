@@ -77,6 +77,27 @@ class SavedPaymentMethod(msgspec.Struct, frozen=True, kw_only=True):
     message: str | None = None
 
 
+class SubscriptionItem(msgspec.Struct, frozen=True, kw_only=True):
+    """A subscription's item as Stripe holds it: SUCCEEDED with its id, product and currency,
+    FAILED (no such subscription or item: do not retry), UNKNOWN (no answer: read again)."""
+
+    outcome: PaymentOutcome
+    item: str | None = None
+    product: str | None = None
+    currency: str | None = None
+    code: str | None = None
+    message: str | None = None
+
+
+class SubscriptionChange(msgspec.Struct, frozen=True, kw_only=True):
+    """A subscription item moved to new terms: SUCCEEDED, FAILED (Stripe's code: do not
+    retry), UNKNOWN (no answer: send again under the same key)."""
+
+    outcome: PaymentOutcome
+    code: str | None = None
+    message: str | None = None
+
+
 def stripe_idempotency_key(charge: Charge) -> str:
     """The key sent to Stripe: the charge's own (``module:follower:plan:window``)."""
     return charge.idempotency_key
@@ -327,6 +348,72 @@ class StripeGateway:
             {"items": [{"id": item, "price": price}], "proration_behavior": "create_prorations"},
             {"idempotency_key": idempotency_key},
         )
+
+    async def subscription_item(self, subscription: str, item: str | None) -> SubscriptionItem:
+        """The subscription's item ``item`` (None: its only item), read from Stripe: a
+        subscription Checkout made is known here by its id only."""
+        try:
+            found = await self.client.v1.subscriptions.retrieve_async(subscription)
+        except stripe.InvalidRequestError as exc:
+            log.error("subscription_item_refused", subscription=subscription, code=exc.code)
+            return SubscriptionItem(
+                outcome=PaymentOutcome.FAILED, code=exc.code or "invalid_request",
+                message=exc.user_message or str(exc),
+            )  # fmt: skip
+        except stripe.StripeError as exc:
+            log.warning("subscription_item_unknown", subscription=subscription, error=str(exc))
+            return SubscriptionItem(outcome=PaymentOutcome.UNKNOWN, message=str(exc))
+        items = found["items"]["data"] if "items" in found else []
+        chosen = [i for i in items if item is None or i["id"] == item]
+        if len(chosen) != 1:
+            what = f"no item {item}" if item is not None else f"{len(items)} items"
+            return SubscriptionItem(
+                outcome=PaymentOutcome.FAILED, code="resource_missing",
+                message=f"subscription {subscription} has {what}",
+            )  # fmt: skip
+        # A StripeObject is no dict (``get`` is refused): read the price's fields as one.
+        price = chosen[0]["price"].to_dict()
+        return SubscriptionItem(
+            outcome=PaymentOutcome.SUCCEEDED, item=chosen[0]["id"],
+            product=_id_of(price.get("product")), currency=price.get("currency"),
+        )  # fmt: skip
+
+    async def change_subscription_terms(
+        self, subscription: str, *, item: str, price_data: dict[str, Any],
+        metadata: dict[str, str], idempotency_key: str,
+    ) -> SubscriptionChange:  # fmt: skip
+        """Move the item to the terms in ``price_data`` (no Price object, as Checkout does),
+        prorated by Stripe (``create_prorations``), under ``idempotency_key``: a lost answer is
+        sent again under it and Stripe answers with the first update."""
+        try:
+            await self.client.v1.subscriptions.update_async(
+                subscription,
+                {
+                    "items": [{"id": item, "price_data": price_data}],  # type: ignore[typeddict-item]
+                    "proration_behavior": "create_prorations",
+                    "metadata": metadata,
+                },
+                {"idempotency_key": idempotency_key},
+            )
+        except stripe.IdempotencyError as exc:
+            # The same key with other parameters: the stored request changed after it was
+            # sent. Definitive: retrying under the key can only be refused again.
+            log.error("subscription_change_key_reused", key=idempotency_key)
+            return SubscriptionChange(
+                outcome=PaymentOutcome.FAILED, code="idempotency_error", message=str(exc)
+            )
+        except (stripe.InvalidRequestError, stripe.CardError) as exc:
+            log.error("subscription_change_refused", key=idempotency_key, code=exc.code)
+            return SubscriptionChange(
+                outcome=PaymentOutcome.FAILED, code=exc.code or "invalid_request",
+                message=exc.user_message or str(exc),
+            )  # fmt: skip
+        except stripe.StripeError as exc:
+            # A timeout, a dropped connection, 409 (the key in flight) or 5xx: nothing
+            # definitive was said.
+            log.warning("subscription_change_unknown", key=idempotency_key, error=str(exc))
+            return SubscriptionChange(outcome=PaymentOutcome.UNKNOWN, message=str(exc))
+        return SubscriptionChange(outcome=PaymentOutcome.SUCCEEDED)
 
     # --------------------------------------------------------------- events
 

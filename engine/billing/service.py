@@ -18,7 +18,7 @@ import asyncpg
 import structlog
 from aiohttp import web
 
-from engine.billing import checkout, notifications, onboarding, store
+from engine.billing import checkout, notifications, onboarding, plan_changes, store
 from engine.billing.config import BillingConfig, stripe_api_key, webhook_secret
 from engine.billing.enforcement import EnforcementFailed, Enforcer
 from engine.billing.gateway import StripeGateway
@@ -96,6 +96,7 @@ class BillingService:
         # catches any notification sent while no listener was connected.
         self._listener = await asyncpg.connect(self.database_url)
         await checkout.listen(self._listener, self._checkout_wake)
+        await plan_changes.listen(self._listener, self._checkout_wake)
         await onboarding.listen(self._listener, self._onboarding_wake)
         ctx = JobContext(
             enforcer=self.enforcer,
@@ -164,8 +165,9 @@ class BillingService:
             await self.provisioner.sync()
 
     async def _create_checkouts(self) -> None:
-        """Create Checkout Sessions for the API's requests as they come, and store the payment
-        methods completed sessions saved; a failing pass is logged and tried again."""
+        """Create Checkout Sessions for the API's requests as they come, store the payment
+        methods completed sessions saved, and apply requested plan changes; a failing pass is
+        logged and tried again."""
         while not self._stop.is_set():
             assert self.pool is not None
             self._checkout_wake.clear()
@@ -173,7 +175,17 @@ class BillingService:
                 await checkout.create_sessions(self.pool, self.gateway)
                 # Completed sessions' saved cards (their completion NOTIFYs this channel too).
                 await checkout.save_payment_methods(self.pool, self.gateway)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                # Plan changes ride the same worker: the same Stripe calls under a key each.
+                await plan_changes.apply_plan_changes(
+                    self.pool, self.gateway, provisioner=self.provisioner
+                )
+            except (
+                OSError,
+                asyncpg.PostgresError,
+                asyncpg.InterfaceError,
+                store.SerializableRetriesExhausted,
+                ProvisioningFailed,
+            ) as exc:
                 log.warning("billing_checkout_pass_failed", error=str(exc))
             wake = asyncio.ensure_future(self._checkout_wake.wait())
             stop = asyncio.ensure_future(self._stop.wait())
