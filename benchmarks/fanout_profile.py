@@ -10,10 +10,12 @@ connector per 100 followers) in memory, then repeats one stage of the replicator
 
 Stages: ``decode`` (the master event, once per event), ``rules-reference`` (``plan_event``,
 link by link), ``sizing-reference`` (``size_follower_volume`` alone, its share of the rules),
-``rules-fan-out`` (``plan_fan_out``, the service's planner), ``encode`` (batches built and
-encoded by ``fan_out_publications``, orders counted by type, the metric bumped once per type
-and fan-out), ``metrics-per-order`` (the order metric bumped once per order, as the service
-did before), and ``publish`` (the batches handed to nats-py and their acks awaited, against a real
+``rules-fan-out`` (``plan_fan_out``, the planner, every order an object), ``encode`` (batches
+built and encoded by ``fan_out_publications``, orders counted by type, the metric bumped once
+per type and fan-out), ``spliced`` (both as the service runs them batched: orders spliced into
+their connectors' batches as they are planned, ``engine/replicator/splice.py``),
+``metrics-per-order`` (the order metric bumped once per order, as the service did before),
+and ``publish`` (the batches handed to nats-py and their acks awaited, against a real
 nats-server, which callgrind does not trace).
 """
 
@@ -37,6 +39,7 @@ from engine.replicator.fanout import SymbolFanOut, fan_out_publications, plan_fa
 from engine.replicator.rules import plan_event
 from engine.replicator.service import tune_gc
 from engine.replicator.sizing import size_follower_volume
+from engine.replicator.splice import Batches
 from engine.runtime.eventloop import run_async
 from schemas import codec
 from schemas.account import AccountState, SymbolSpec
@@ -51,6 +54,7 @@ STAGES = (
     "sizing-reference",
     "rules-fan-out",
     "encode",
+    "spliced",
     "metrics-per-order",
     "publish",
 )
@@ -119,6 +123,13 @@ async def run_stage(stage: str, n: int, repeat: int) -> None:
                     )  # fmt: skip
             elif stage == "rules-fan-out":
                 plan_fan_out(event, fan_out, view, NOW, trace)
+            elif stage == "spliced":
+                batches = Batches()
+                planned = plan_fan_out(event, fan_out, view, NOW, trace, batches)
+                counted = {}
+                fan_out_publications(event, planned, view.accounts, "", NOW, counted, batches)
+                for tag, count in counted.items():
+                    metrics.ORDERS_PUBLISHED.labels(tag).inc(count)
             elif stage == "encode":
                 counted: dict[str, int] = {}
                 fan_out_publications(event, plans, view.accounts, "", NOW, counted)

@@ -34,6 +34,7 @@ from engine.replicator.fanout import (
     plan_fan_out,
 )
 from engine.replicator.rules import plan_event
+from engine.replicator.splice import AVAILABLE, Batches, array_header, str_header
 from engine.replicator.state import LinkState
 from schemas import codec
 from schemas.account import AccountState, SymbolSpec, TradeMode
@@ -208,6 +209,80 @@ def test_the_fan_out_planner_gives_exactly_the_reference_plans(
 
     assert wire(fast) == wire(reference)
     assert [cl for cl, _ in fast] == [cl for cl, _ in reference]
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(plausible=st.booleans(), data=st.data(), delay=DELAY)
+def test_a_spliced_fan_out_is_byte_for_byte_the_reference_fan_out(
+    plausible: bool, data: st.DataObject, delay: int
+) -> None:
+    """Batched by connector, the fast pass splices its orders into their batches: the
+    messages are exactly those of the reference's plans encoded by msgspec."""
+    event = data.draw(plausible_events() if plausible else master_events(), "event")
+    assume(_valid(event, MasterEvent))
+    links, view = data.draw(crowded_market(plausible), "world")
+    connectors = st.sampled_from(["", "conn-a", "conn-b", "conn-c", "conn-c"])
+    for account, state in list(view.accounts.items()):
+        connector = data.draw(connectors, f"connector of {account}")
+        view.accounts[account] = msgspec.structs.replace(state, connector=connector)
+    if plausible:
+        delay = min(delay, 10**9)
+    now_ns = min(max(event.ts_ns + delay, 0), 2**62)
+    trace = Trace(terminal_ns=event.ts_ns, replicator_in_ns=now_ns)
+
+    reference = plan_event(event, links, view, now_ns, trace)
+    expected_counts: dict[str, int] = {}
+    expected = fan_out_publications(
+        event, reference, view.accounts, "#s1of2", now_ns, expected_counts
+    )
+    batches = Batches()
+    fast = plan_fan_out(event, SymbolFanOut(links, event.symbol), view, now_ns, trace, batches)
+    counts: dict[str, int] = {}
+    got = fan_out_publications(event, fast, view.accounts, "#s1of2", now_ns, counts, batches)
+
+    assert got == expected
+    assert counts == expected_counts
+
+
+def test_a_held_order_withdrawn_after_planning_leaves_its_batch() -> None:
+    """A daily trade limit may take an order back between planning and publishing: the
+    order leaves its connector's batch, the spliced orders around it stay, in link order."""
+    links, view = _plain_world(4)
+    limited = msgspec.structs.replace(links[1].link, daily_trade_limit=1)
+    links = (links[0], CompiledLink(limited), *links[2:])
+    for cl in links:
+        state = view.accounts[cl.link.follower]
+        view.accounts[cl.link.follower] = msgspec.structs.replace(state, connector="conn")
+    opened = PositionOpened(
+        event_id="e1", master=MASTER, symbol=SYMBOL, ts_ns=NOW, position_id="p1",
+        side=Side.BUY, volume=0.1, price=2000.0,
+    )  # fmt: skip
+    batches = Batches()
+    plans = plan_fan_out(opened, SymbolFanOut(links, SYMBOL), view, NOW, Trace(), batches)
+    assert [cl.link_id for cl, _ in plans] == ["l1"]  # the others are spliced
+    counted: dict[str, int] = {}
+    [(_, payload, batch_id)] = fan_out_publications(
+        opened, plans, view.accounts, "", NOW, counted, batches
+    )
+    batch = codec.follower_order_batch_decoder.decode(payload)
+    assert batch_id == "e1@conn" and counted == {"open": 4}
+    assert [o.link_id for o in batch.orders] == ["l0", "l1", "l2", "l3"]
+    plans[0][1].order = None  # withdrawn, as ``_count_daily_trade`` does
+    [(_, payload, _)] = fan_out_publications(opened, plans, view.accounts, "", NOW, {}, batches)
+    batch = codec.follower_order_batch_decoder.decode(payload)
+    assert [o.link_id for o in batch.orders] == ["l0", "l2", "l3"]
+    assert [o.volume for o in batch.orders] == [0.1, 0.3, 0.1]
+
+
+@pytest.mark.parametrize("n", [0, 1, 15, 16, 31, 32, 255, 256, 65535, 65536])
+def test_headers_are_msgspecs(n: int) -> None:
+    assert codec.encode("x" * n).startswith(str_header(n))
+    assert len(codec.encode("x" * n)) == len(str_header(n)) + n
+    assert codec.encode([None] * n) == array_header(n) + b"\xc0" * n
+
+
+def test_the_batch_envelope_can_be_spliced() -> None:
+    assert AVAILABLE
 
 
 def _plain_world(n: int) -> tuple[tuple[CompiledLink, ...], MarketView]:

@@ -31,6 +31,14 @@ from engine.replicator.facts import CompiledLink, EventFacts, MarketView
 from engine.replicator.fx import conversion_rate
 from engine.replicator.orders import follow_up_order, new_copy_order
 from engine.replicator.rules import CopyPlan, plan_event
+from engine.replicator.splice import (
+    FOLLOW_UP_FIELDS,
+    NEW_COPY_FIELDS,
+    Batches,
+    Cut,
+    LinkBytes,
+    cut,
+)
 from engine.runtime.publishing import Publication
 from schemas import codec, subjects
 from schemas.account import AccountState, TradeMode
@@ -79,7 +87,9 @@ class LinkProgram:
         "pending_fast",
         "sizing_kind",
         "spec_key",
+        "spliceable",
         "symbol",
+        "wire",
     )
 
     def __init__(self, cl: CompiledLink, master_symbol: str) -> None:
@@ -116,6 +126,9 @@ class LinkProgram:
         self.copy_partial_closes = link.copy_partial_closes
         self.copy_modifications = link.copy_sl_tp and link.copy_sl_tp_modifications
         self.copy_pending = link.copy_pending
+        # A daily trade limit may withdraw the order after planning: it stays an object.
+        self.spliceable = link.daily_trade_limit is None
+        self.wire = LinkBytes(self.link_id, self.follower, self.symbol)
 
 
 def _new_copy_shape(link: CopyLink) -> tuple[Any, ...]:
@@ -194,16 +207,32 @@ def plan_fan_out(
     view: MarketView,
     now_ns: int,
     trace: Trace,
+    batches: Batches | None = None,
 ) -> list[tuple[CompiledLink, CopyPlan]]:
-    """Every link's plan for one event — exactly ``rules.plan_event``'s, in the same order."""
+    """Every link's plan for one event — exactly ``rules.plan_event``'s, in the same order.
+
+    With ``batches`` (a fan-out batched by connector), the orders of followers a connector
+    serves go into ``batches`` as they are planned: spliced bytes where the fast pass made
+    the order (no plan is returned for those), a hole for the others (their plans are
+    returned as usual). ``fan_out_publications`` with the same ``batches`` publishes both."""
     facts = EventFacts(event, now_ns)
     programs = fan_out.programs
     if view.stops:
         # An emergency stop (even an inactive entry) is rare: let the reference judge it.
-        return _reference(event, facts, programs, view, now_ns, trace)
+        return _reference(event, facts, programs, view, now_ns, trace, batches)
     if facts.is_new_copy:
-        return _plan_new_copies(event, facts, programs, view, now_ns, trace)
-    return _plan_follow_ups(event, facts, programs, view, now_ns, trace)
+        return _plan_new_copies(event, facts, programs, view, now_ns, trace, batches)
+    return _plan_follow_ups(event, facts, programs, view, now_ns, trace, batches)
+
+
+def _hold(
+    batches: Batches | None, accounts: dict[str, AccountState], follower: str, plan: CopyPlan
+) -> None:
+    """An order the fast pass did not splice keeps its place in its connector's batch."""
+    if batches is not None and plan.order is not None:
+        state = accounts.get(follower)
+        if state is not None and state.connector:
+            batches.hold(state.connector, plan)
 
 
 def _reference(
@@ -213,12 +242,14 @@ def _reference(
     view: MarketView,
     now_ns: int,
     trace: Trace,
+    batches: Batches | None,
 ) -> list[tuple[CompiledLink, CopyPlan]]:
     plans = []
     for program in programs:
         plan = _reference_plan(event, facts, program.cl, view, now_ns, trace)
         if plan is not None:
             plans.append((program.cl, plan))
+            _hold(batches, view.accounts, program.follower, plan)
     return plans
 
 
@@ -242,6 +273,7 @@ def _plan_new_copies(
     view: MarketView,
     now_ns: int,
     trace: Trace,
+    batches: Batches | None,
 ) -> list[tuple[CompiledLink, CopyPlan]]:
     accounts = view.accounts
     symbols = view.symbols
@@ -253,7 +285,12 @@ def _plan_new_copies(
     master_state: AccountState | None = accounts.get(event.master)
     rates: dict[str, float | None] = {}
     templates: dict[int, Any] = {}
-    on_step: dict[tuple[float, float], float] = {}
+    cuts: dict[int, Cut | None] = {}
+    by_connector = None if batches is None else batches.chunks
+    encode = codec.encode
+    # Raw volume → (the step it was rounded to, the rounded volume, its msgpack).
+    on_step: dict[float, tuple[float, float, bytes]] = {}
+    encoded = b""
     plans: list[tuple[CompiledLink, CopyPlan]] = []
     append = plans.append
     floor = math.floor
@@ -292,14 +329,15 @@ def _plan_new_copies(
                         and not volume > (p.link_cap if link_caps else spec.volume_max)
                     ):
                         step = spec.volume_step
-                        key = (volume, step)
-                        rounded = on_step.get(key)
-                        if rounded is None:
+                        rounding = on_step.get(volume)
+                        if rounding is None or rounding[0] != step:
                             # Followers of one sizing share their raw volume: rounded once.
-                            rounded = on_step[key] = round(
+                            rounded = round(
                                 floor(volume / step + STEP_EPSILON) * step, decimals(step)
                             )
-                        volume = rounded
+                            rounding = on_step[volume] = (step, rounded, encode(rounded))
+                        volume = rounding[1]
+                        encoded = rounding[2]
                         if not volume >= spec.volume_min:
                             volume = -1.0
                     else:
@@ -308,27 +346,57 @@ def _plan_new_copies(
                 plan = _reference_plan(event, facts, p.cl, view, now_ns, trace)
                 if plan is not None:
                     append((p.cl, plan))
+                    _hold(batches, accounts, p.follower, plan)
                 continue
-            template = templates.get(p.new_copy_shape)
+            shape = p.new_copy_shape
+            template = templates.get(shape)
             if template is None:
                 cl = p.cl
                 link = cl.link
                 side = facts.master_side.flipped() if link.reverse else facts.master_side
-                order = templates[p.new_copy_shape] = new_copy_order(
+                template = templates[shape] = new_copy_order(
                     event, facts, cl, symbol=p.symbol, side=side, volume=volume,
                     now_ns=now_ns, trace=trace,
                 )  # fmt: skip
+                order = template
+                if batches is not None:
+                    c = cuts[shape] = cut(template, event_id, NEW_COPY_FIELDS)
+                    if c is not None:
+                        batches.tag = c.tag
             else:
+                order = None
+            connector = follower_state.connector
+            if by_connector is not None and connector and p.spliceable:
+                c = cuts[shape]
+                if c is not None:
+                    # The order as bytes: the template's pieces around this link's fields.
+                    w = p.wire
+                    head = c.heads.get(volume)
+                    if head is None:
+                        head = c.heads[volume] = c.head(encoded)
+                    ids = c.ids.get(w.link_len)
+                    if ids is None:
+                        ids = c.ids[w.link_len] = c.id_prefix(w.link_len)
+                    chunks = by_connector.get(connector)
+                    if chunks is None:
+                        chunks = by_connector[connector] = []
+                    chunks.extend((head, ids, w.ident, c.middle, w.symbol, c.tail))
+                    continue
+            if order is None:
                 order = replace(
                     template, order_id=f"{event_id}:{p.link_id}", link_id=p.link_id,
                     follower=p.follower, symbol=p.symbol, volume=volume,
                 )  # fmt: skip
-            append((p.cl, CopyPlan(order, _EMPTY, daily_key)))
+            plan = CopyPlan(order, _EMPTY, daily_key)
+            append((p.cl, plan))
+            if by_connector is not None and connector:
+                batches.hold(connector, plan)  # type: ignore[union-attr]
         except Exception:
             # Whatever went wrong, the reference decides (and names an internal error).
             plan = _reference_plan(event, facts, p.cl, view, now_ns, trace)
             if plan is not None:
                 append((p.cl, plan))
+                _hold(batches, accounts, p.follower, plan)
     return plans
 
 
@@ -368,6 +436,7 @@ def _plan_follow_ups(
     view: MarketView,
     now_ns: int,
     trace: Trace,
+    batches: Batches | None,
 ) -> list[tuple[CompiledLink, CopyPlan]]:
     """Closes, modifications and pending changes: no stop in the view, so a link either sends
     the change, stays silent, or (a kind of change it does not copy) is told why."""
@@ -375,7 +444,10 @@ def _plan_follow_ups(
     modified = isinstance(event, PositionModified)
     pending_change = isinstance(event, PendingOrderModified | PendingOrderCancelled)
     event_id = event.event_id
+    accounts = view.accounts
     templates: dict[int, Any] = {}
+    cuts: dict[int, Cut | None] = {}
+    by_connector = None if batches is None else batches.chunks
     plans: list[tuple[CompiledLink, CopyPlan]] = []
     append = plans.append
     for p in programs:
@@ -388,14 +460,37 @@ def _plan_follow_ups(
             plan = _reference_plan(event, facts, p.cl, view, now_ns, trace)
             if plan is not None:
                 append((p.cl, plan))
+                _hold(batches, accounts, p.follower, plan)
             continue
         try:
-            template = templates.get(p.follow_up_shape)
+            shape = p.follow_up_shape
+            template = templates.get(shape)
             if template is None:
-                order = templates[p.follow_up_shape] = follow_up_order(
+                order = template = templates[shape] = follow_up_order(
                     event, p.cl, now_ns=now_ns, trace=trace
                 )
+                if batches is not None:
+                    c = cuts[shape] = cut(template, event_id, FOLLOW_UP_FIELDS)
+                    if c is not None:
+                        batches.tag = c.tag
             else:
+                order = None
+            connector = ""
+            if by_connector is not None:
+                state = accounts.get(p.follower)
+                connector = "" if state is None else state.connector
+                c = cuts[shape]
+                if connector and c is not None:
+                    w = p.wire
+                    ids = c.ids.get(w.link_len)
+                    if ids is None:
+                        ids = c.ids[w.link_len] = c.id_prefix(w.link_len)
+                    chunks = by_connector.get(connector)
+                    if chunks is None:
+                        chunks = by_connector[connector] = []
+                    chunks.extend((c.fixed_head, ids, w.ident, c.middle, w.symbol, c.tail))
+                    continue
+            if order is None:
                 order = replace(
                     template, order_id=f"{event_id}:{p.link_id}", link_id=p.link_id,
                     follower=p.follower, symbol=p.symbol,
@@ -404,8 +499,12 @@ def _plan_follow_ups(
             plan = _reference_plan(event, facts, p.cl, view, now_ns, trace)
             if plan is not None:
                 append((p.cl, plan))
+                _hold(batches, accounts, p.follower, plan)
             continue
-        append((p.cl, CopyPlan(order, _EMPTY)))
+        plan = CopyPlan(order, _EMPTY)
+        append((p.cl, plan))
+        if connector:
+            batches.hold(connector, plan)  # type: ignore[union-attr]
     return plans
 
 
@@ -416,21 +515,33 @@ def fan_out_publications(
     batch_suffix: str,
     now_ns: int,
     counted: dict[str, int] | None = None,
+    spliced: Batches | None = None,
 ) -> list[Publication]:
     """Every message of one fan-out, each encoded once: with ``accounts`` (batching by
     connector), one ``FollowerOrderBatch`` per connector named in a follower's account state
     and single orders for the others; every decision on its own subject. ``counted`` gets
-    the number of orders of each type (for the metrics, bumped once per fan-out)."""
+    the number of orders of each type (for the metrics, bumped once per fan-out).
+
+    With ``spliced`` (the ``batches`` the fan-out was planned with), the batches are those
+    the planner filled, and an order it did not place in one is a single order."""
     encode = codec.encode
     messages: list[Publication] = []
     batches: dict[str, list[FollowerOrder]] = {}
     every_order: list[FollowerOrder] = []
+    placed = None if spliced is None else spliced.placed
     for cl, plan in plans:
         order = plan.order
         if order is not None:
             every_order.append(order)
-            state = None if accounts is None else accounts.get(cl.link.follower)
-            if state is not None and state.connector:
+            if placed is not None:
+                state = None
+                if id(plan) in placed:
+                    order = None  # in its connector's batch already
+            else:
+                state = None if accounts is None else accounts.get(cl.link.follower)
+            if order is None:
+                pass
+            elif state is not None and state.connector:
                 orders = batches.get(state.connector)
                 if orders is None:
                     orders = batches[state.connector] = []
@@ -447,6 +558,11 @@ def fan_out_publications(
             master_event_id=event.event_id, ts_ns=now_ns, orders=orders,
         )  # fmt: skip
         messages.append((subjects.connector_orders(connector), encode(batch), batch_id))
+    if spliced is not None:
+        messages.extend(spliced.messages(
+            event.event_id, event.master, batch_suffix, now_ns,
+            {} if counted is None else counted,
+        ))  # fmt: skip
     if counted is not None and every_order:
         kinds = set(map(type, every_order))  # one kind per event, unless the rules change
         for kind in kinds:

@@ -24,7 +24,7 @@ import structlog
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType
 
 from engine.core.calendar import trading_day
-from engine.replicator import metrics
+from engine.replicator import metrics, splice
 from engine.replicator.config import ReplicatorConfig, owns_link
 from engine.replicator.facts import CompiledLink
 from engine.replicator.fanout import fan_out_publications, plan_fan_out
@@ -32,6 +32,7 @@ from engine.replicator.live import LiveView
 from engine.replicator.protection import has_equity_protection, track_equity
 from engine.replicator.rules import CopyPlan, daily_limit_reached, plan_event
 from engine.replicator.sanity import arrival_judged, check_master_event
+from engine.replicator.splice import Batches
 from engine.replicator.state import LinkState, link_state_decoder, link_state_encoder
 from engine.runtime.http import ProgressWatch
 from engine.runtime.jetstream import ensure_buckets, ensure_streams
@@ -282,6 +283,7 @@ class Replicator:
         # that fails the same way on every delivery, so it is said and the partition moves on.
         links: tuple[CompiledLink, ...] = ()
         plans: list[tuple[CompiledLink, CopyPlan]] = []
+        batches = Batches() if self.config.batch_by_connector and splice.AVAILABLE else None
         try:
             refusal = check_master_event(
                 event,
@@ -298,9 +300,10 @@ class Replicator:
                         event.trace, replicator_in_ns=t_in, replicator_out_ns=time.time_ns()
                     )
                     if self.config.planner == "reference":
+                        batches = None
                         plans = plan_event(event, links, view, now_ns, trace)
                     else:
-                        plans = plan_fan_out(event, fan_out, view, now_ns, trace)
+                        plans = plan_fan_out(event, fan_out, view, now_ns, trace, batches)
         except Exception as exc:
             log.exception("copy_rules_failed", event_id=event.event_id)
             await self._refuse(
@@ -319,7 +322,7 @@ class Replicator:
         metrics.STAGE_RULES.observe(t2 - t1)
         try:
             await self._count_daily_trades(event, plans, now_ns)
-            await self._publish_plans(event, plans, msg)
+            await self._publish_plans(event, plans, msg, batches)
         except _NEVER_STORABLE as exc:
             await self._fan_out_impossible(msg, event, exc)
             return
@@ -445,14 +448,19 @@ class Replicator:
         await msg.term()
 
     async def _publish_plans(
-        self, event: MasterEvent, plans: list[tuple[CompiledLink, CopyPlan]], msg: Any = None
+        self,
+        event: MasterEvent,
+        plans: list[tuple[CompiledLink, CopyPlan]],
+        msg: Any = None,
+        batches: Batches | None = None,
     ) -> None:
         """Store every order and decision: all sent at once, their acks awaited together,
-        each wait bounded (``publish_stored``)."""
+        each wait bounded (``publish_stored``). ``batches``: the connectors' batches the
+        planner filled (``fanout.plan_fan_out``)."""
         accounts = self.live.view.accounts if self.config.batch_by_connector else None
         published: dict[str, int] = {}
         messages = fan_out_publications(
-            event, plans, accounts, self._batch_suffix, time.time_ns(), published
+            event, plans, accounts, self._batch_suffix, time.time_ns(), published, batches
         )
         if not messages:
             return
