@@ -9,7 +9,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -583,6 +583,57 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+ENV_REPLICATOR_SHARD = "TRADECOPY_REPLICATOR_SHARD"
+ENV_REPLICATOR_SHARDS = "TRADECOPY_REPLICATOR_SHARDS"
+_MAX_SHARDS = 1024  # ReplicatorConfig.shards' bound
+
+
+def _shard_number(text: str, what: str) -> int:
+    if not text.isascii() or not text.isdigit():
+        raise ValueError(f"{what} must be a whole number, not {text!r}")
+    return int(text)
+
+
+def parse_shard(shard: str | None, shards: str | None, env: Mapping[str, str]) -> tuple[int, int]:
+    """The link shard ``(i, n)`` a replicator plans, from ``--shard`` / ``--shards`` or else
+    $TRADECOPY_REPLICATOR_SHARD / $TRADECOPY_REPLICATOR_SHARDS (neither: ``0/1``, every link).
+
+    ``i/n`` names both, and ``i`` must be below ``n``. A bare index ``i`` is a StatefulSet pod's
+    ordinal: ``n`` comes from ``--shards`` or the environment, and the pod plans shard
+    ``i % n``, so ``k·n`` pods run ``k`` instances of every shard. Without ``n`` a bare index
+    is ``i/1``. Raises ValueError saying what is wrong.
+    """
+    text = shard if shard is not None else env.get(ENV_REPLICATOR_SHARD)
+    count = shards if shards is not None else env.get(ENV_REPLICATOR_SHARDS)
+    if text is None:
+        if count is not None:
+            raise ValueError(f"a shard count ({count!r}) but no shard index: set --shard too")
+        return 0, 1
+    if not text:
+        # What a StatefulSet pod sees when its pod-index label is missing (before 1.28):
+        # taking that for shard 0 would leave the other shards without an instance.
+        raise ValueError(
+            f"the shard is empty (${ENV_REPLICATOR_SHARD} from the pod-index label needs"
+            " Kubernetes 1.28+); want i/n (e.g. 0/2) or an index with --shards"
+        )
+    index_text, slash, n_text = text.partition("/")
+    i = _shard_number(index_text, "the shard index")
+    n = None if count is None else _shard_number(count, "the number of shards")
+    if slash:
+        named = _shard_number(n_text, "the number of shards")
+        if n is not None and n != named:
+            raise ValueError(f"{text!r} names {named} shards, but the shard count is {n}")
+        n = named
+    if n is not None and not 1 <= n <= _MAX_SHARDS:
+        raise ValueError(f"the number of shards must be 1 to {_MAX_SHARDS}, not {n}")
+    if n is not None and not slash:
+        return i % n, n  # a pod ordinal
+    n = n or 1
+    if i >= n:
+        raise ValueError(f"shard {i} does not exist among {n} shards (want i/n with i < n)")
+    return i, n
+
+
 def _cmd_replicator_run(args: argparse.Namespace) -> int:
     from engine.replicator.config import ReplicatorConfig
     from engine.replicator.service import run_replicator
@@ -601,14 +652,11 @@ def _cmd_replicator_run(args: argparse.Namespace) -> int:
     }
     if args.instance:
         options["instance"] = args.instance
-    shard_text = args.shard or os.environ.get("TRADECOPY_REPLICATOR_SHARD", "0/1")
-    shard, _, shards = shard_text.partition("/")
     try:
-        options["shard"], options["shards"] = int(shard), int(shards or "1")
+        options["shard"], options["shards"] = parse_shard(args.shard, args.shards, os.environ)
         config = ReplicatorConfig(**options)
     except ValueError as exc:
-        print(f"--shard wants i/n with i < n (e.g. 0/2), not {shard_text!r}: {exc}",
-              file=sys.stderr)  # fmt: skip
+        print(f"--shard: {exc}", file=sys.stderr)
         return 2
     if args.replicas is not None:
         from engine.runtime.jetstream import ENV_REPLICAS, check_replicas
@@ -1185,7 +1233,12 @@ def _add_service_commands(commands: Any) -> None:
     run.add_argument(
         "--shard", default=None,
         help="link shard i/n this instance plans: links with crc32(link_id) %% n == i, through "
-        "consumers of their own (default: $TRADECOPY_REPLICATOR_SHARD or 0/1, every link)",
+        "consumers of their own; a bare index i (a pod ordinal) takes n from --shards and plans "
+        "i %% n (default: $TRADECOPY_REPLICATOR_SHARD or 0/1, every link)",
+    )  # fmt: skip
+    run.add_argument(
+        "--shards", default=None, metavar="N",
+        help="link shards in all, for a bare --shard index (default: $TRADECOPY_REPLICATOR_SHARDS)",
     )  # fmt: skip
     run.add_argument(
         "--planner", choices=("fan_out", "reference"), default="fan_out",

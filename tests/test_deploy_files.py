@@ -625,6 +625,115 @@ def _database_url_from_secret(container: dict) -> None:
     assert "--database-url" not in container["args"]  # never on a command line
 
 
+# ------------------------------------------------------------- Kubernetes: link shards
+
+K8S_SHARDED_DIR = DEPLOY / "kubernetes-sharded"
+POD_INDEX = "metadata.labels['apps.kubernetes.io/pod-index']"
+
+
+def _sharded_replicators() -> dict:
+    (statefulset,) = _load_yaml_docs(K8S_SHARDED_DIR / "replicator-statefulset.yaml")
+    return statefulset
+
+
+def test_the_sharded_overlay_replaces_the_replicator_deployment():
+    overlay = _load_yaml(K8S_SHARDED_DIR / "kustomization.yaml")
+    base = _load_yaml(K8S_DIR / "kustomization.yaml")
+    assert overlay["kind"] == "Kustomization" and overlay["namespace"] == base["namespace"]
+    # The base whole (kustomize refuses an overlay inside its base's folder), plus the shards.
+    assert overlay["resources"] == ["../kubernetes", "replicator-statefulset.yaml"]
+    assert (K8S_SHARDED_DIR / overlay["resources"][0]).resolve() == K8S_DIR.resolve()
+    patches = [entry["path"] for entry in overlay["patches"]]
+    files = {p.name for p in K8S_SHARDED_DIR.glob("*.yaml")} - {"kustomization.yaml"}
+    assert files == set(overlay["resources"][1:]) | set(patches)
+    assert overlay["images"] == base["images"]  # the base's tag never reaches the overlay's
+    (patch,) = [_load_yaml(K8S_SHARDED_DIR / path) for path in patches]
+    assert patch["$patch"] == "delete"
+    deployment = _k8s_get("Deployment", "tradecopy-replicator")
+    for key in ("apiVersion", "kind"):
+        assert patch[key] == deployment[key]
+    assert patch["metadata"] == {k: deployment["metadata"][k] for k in ("name", "namespace")}
+
+
+def test_the_sharded_replicators_run_the_deployments_container_with_a_shard_per_pod():
+    deployment = _k8s_get("Deployment", "tradecopy-replicator")
+    statefulset = _sharded_replicators()
+    assert statefulset["apiVersion"] == "apps/v1" and statefulset["kind"] == "StatefulSet"
+    assert statefulset["metadata"] == deployment["metadata"]
+    spec = statefulset["spec"]
+    assert spec["podManagementPolicy"] == "Parallel"
+    service = _k8s_get("Service", spec["serviceName"])
+    assert service["metadata"]["name"] == "tradecopy-replicator"
+    assert service["spec"]["clusterIP"] == "None"  # a StatefulSet's governing Service
+    pod = spec["template"]
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    assert spec["selector"] == deployment["spec"]["selector"]
+    # Labels, annotations (scraping), security context, volumes, spread: the Deployment's.
+    assert pod["metadata"] == deployment["spec"]["template"]["metadata"]
+    base_pod = deployment["spec"]["template"]["spec"]
+    assert {k: v for k, v in pod["spec"].items() if k != "containers"} == {
+        k: v for k, v in base_pod.items() if k != "containers"
+    }
+    (container,) = pod["spec"]["containers"]
+    (base_container,) = base_pod["containers"]
+    # Image, args, probes, ports, resources, security context, mounts: the Deployment's.
+    assert {k: v for k, v in container.items() if k != "env"} == {
+        k: v for k, v in base_container.items() if k != "env"
+    }
+    env = {e["name"]: e for e in container["env"]}
+    shard_env = {"TRADECOPY_REPLICATOR_SHARD", "TRADECOPY_REPLICATOR_SHARDS"}
+    # NATS URL, user, seed, CA and replicas as in the Deployment, and nothing else besides.
+    assert [e for e in container["env"] if e["name"] not in shard_env] == base_container["env"]
+    assert env["TRADECOPY_REPLICATOR_SHARD"]["valueFrom"] == {"fieldRef": {"fieldPath": POD_INDEX}}
+    shards = int(env["TRADECOPY_REPLICATOR_SHARDS"]["value"])
+    assert shards == spec["replicas"] == 2  # one pod per shard
+
+
+def test_every_shard_has_a_sharded_replicator_pod():
+    """Pod i gets its ordinal as the shard: the CLI plans ordinal % shards, and every shard of
+    the StatefulSet has as many pods as the others."""
+    from engine.cli import parse_shard
+
+    spec = _sharded_replicators()["spec"]
+    (container,) = spec["template"]["spec"]["containers"]
+    shards = next(
+        e["value"] for e in container["env"] if e["name"] == "TRADECOPY_REPLICATOR_SHARDS"
+    )
+    planned = [
+        parse_shard(None, None, {"TRADECOPY_REPLICATOR_SHARD": str(ordinal),
+                                 "TRADECOPY_REPLICATOR_SHARDS": shards})
+        for ordinal in range(spec["replicas"])
+    ]  # fmt: skip
+    n = int(shards)
+    assert spec["replicas"] % n == 0, "replicas must be a multiple of the shard count"
+    assert sorted(planned) == sorted((i, n) for i in range(n)) * (spec["replicas"] // n)
+
+
+def test_the_sharded_overlay_builds_with_kustomize():
+    """With kubectl on PATH: the overlay builds, without the Deployment, with the StatefulSet."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl not installed")
+    built = subprocess.run(
+        [kubectl, "kustomize", str(K8S_SHARDED_DIR)],
+        check=True, capture_output=True, text=True, timeout=60,
+    ).stdout  # fmt: skip
+    objects = [doc for doc in yaml.safe_load_all(built) if doc]
+    replicators = [o for o in objects if o["metadata"]["name"] == "tradecopy-replicator"]
+    assert sorted(o["kind"] for o in replicators) == ["Service", "StatefulSet"]
+    (statefulset,) = [o for o in replicators if o["kind"] == "StatefulSet"]
+    (container,) = statefulset["spec"]["template"]["spec"]["containers"]
+    assert (
+        container["image"]
+        == f"tradecopy:{_load_yaml(K8S_DIR / 'kustomization.yaml')['images'][0]['newTag']}"
+    )
+    # Everything else of the base is there.
+    base = {(o["kind"], o["metadata"]["name"]) for o in _k8s_objects()}
+    assert base - {(o["kind"], o["metadata"]["name"]) for o in objects} == {
+        ("Deployment", "tradecopy-replicator")
+    }
+
+
 def test_ledger_deployment():
     dep = _k8s_get("Deployment", "tradecopy-ledger")
     spec = dep["spec"]

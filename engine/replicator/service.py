@@ -208,6 +208,14 @@ class Replicator:
         try:
             info = await self.js.consumer_info(MASTER_EVENTS_STREAM, name)
         except nats.js.errors.NotFoundError:
+            start = await self._layout_floor(partition)
+            if start is not None:
+                # A new shard layout takes over where the old one's acknowledgements end: the
+                # stream's older events were copied already (a layout change replays at most
+                # the events between the old shards' floors, which the order ids dedup).
+                config.deliver_policy = DeliverPolicy.BY_START_SEQUENCE
+                config.opt_start_seq = start
+                log.info("replicator_consumer_takes_over", consumer=name, start_seq=start)
             try:
                 await self.js.add_consumer(MASTER_EVENTS_STREAM, config)
             except nats.js.errors.BadRequestError:
@@ -221,6 +229,25 @@ class Replicator:
             config.opt_start_seq = floor + 1
             await self.js.delete_consumer(MASTER_EVENTS_STREAM, name)
             await self.js.add_consumer(MASTER_EVENTS_STREAM, config)
+
+    async def _layout_floor(self, partition: int) -> int | None:
+        """Where a new consumer of ``partition`` starts when consumers of another shard layout
+        (another number of shards) read it already: after the lowest of their acknowledgement
+        floors. None when there are none: a new deployment copies the stream from its start,
+        and the shards of one layout all start there together."""
+        wanted = subjects.master_partition_filter(partition)
+        shards = self.config.shards
+        ours = {consumer_name(partition, i, shards) for i in range(shards)}
+        others = {consumer_name(partition)} if shards > 1 else set()
+        base = f"{consumer_name(partition)}-s"
+        floors = [
+            info.ack_floor.stream_seq if info.ack_floor else 0
+            for info in await self.js.consumers_info(MASTER_EVENTS_STREAM)
+            if info.config.filter_subject == wanted
+            and info.name not in ours
+            and (info.name in others or (info.name or "").startswith(base))
+        ]
+        return min(floors) + 1 if floors else None
 
     async def _subscribe(self, partition: int) -> None:
         # One callback task per subscription: a partition's events run one after another,
