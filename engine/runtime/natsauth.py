@@ -236,6 +236,9 @@ def replicator_permissions() -> Permissions:
         _kv(subjects.KV_LINK_STATE),
         *_stream_info_all(),
         *_durable_owner(MASTER_EVENTS_STREAM, "*"),
+        # A new shard layout starts after the old layout's acknowledgement floor: it lists
+        # the consumers of the master-event stream (read only).
+        _api("CONSUMER", "LIST", MASTER_EVENTS_STREAM),
     ]
     # The live view watches and reads every bucket (link state with compare-and-set).
     for bucket in KV_BUCKETS:
