@@ -22,7 +22,7 @@ import stripe
 from aiohttp import test_utils, web
 from stripe_peer import StripePeer
 
-from engine.billing import checkout, plan_changes, plans, store
+from engine.billing import checkout, enforcement, plan_changes, plans, store
 from engine.billing.fees import BillingPeriod, SubscriptionPlan, change_plan
 from engine.billing.gateway import StripeGateway
 from engine.billing.webhooks import process_stored_events, webhook_routes
@@ -235,6 +235,25 @@ async def test_the_allowance_carries_over_to_a_plan_that_sells_trades(shop: Shop
         "gold-ppt", "cs_x", 10,
     )  # fmt: skip
     assert list(sub["ppt_counted"]) == ["o1", "o2"]
+
+
+@pytest.mark.parametrize(("to_plan", "stopped_after"), [("gold-ppt", True), ("gold", False)])
+async def test_a_used_up_allowance_stop_follows_the_allowance(
+    shop: Shop, to_plan: str, stopped_after: bool
+) -> None:
+    """A's allowance was used up, so the follower's links stopped under A's name: moving to a
+    plan that sells trades keeps the stop (under B's name), to one that does not lifts it."""
+    async with shop.pool.acquire() as conn:
+        await store.subscribe(conn, follower="f1", plan_id="silver", started_ns=ANCHOR_NS)
+        assert await enforcement.allowance_used_up(conn, "f1", "silver")
+    request = await shop.request(to_plan=to_plan)
+    await plan_changes.apply_plan_changes(shop.pool, shop.gateway)
+    assert (await shop.change(request))["status"] == "applied"
+    async with shop.pool.acquire() as conn:
+        active = await store.enforcement_rows(conn, state="active")
+    assert [(r.subject, r.cause) for r in active] == (
+        [("f1", f"allowance:{to_plan}")] if stopped_after else []
+    )
 
 
 async def test_three_workers_at_once_change_stripe_once_and_the_row_once(shop: Shop) -> None:

@@ -24,8 +24,9 @@ times). A definitive refusal from Stripe fails the request with Stripe's code; n
 What carries over from A to B: the high-water mark and the settled performance and volume
 windows (they are the follower's account's history, and a new plan must never charge profit or
 volume already charged); ``started_ns`` and the Stripe subscription. The pay-per-trade
-allowance carries over only when B sells pay-per-trade too (trades bought are the follower's);
-otherwise it is cleared, as B has nothing to count it against.
+allowance carries over only when B sells pay-per-trade too (trades bought are the follower's),
+and so does a stop for an allowance used up (raised again under B's name); otherwise the
+allowance is cleared, as B has nothing to count it against, and its stop is lifted.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import msgspec
 import structlog
 from prometheus_client import Counter
 
-from engine.billing import store
+from engine.billing import enforcement, store
 from engine.billing.fees import BillingPeriod, PlanChange, SubscriptionPlan, change_plan
 from engine.billing.gateway import PaymentOutcome, StripeGateway
 from engine.billing.plans import PlanTerms, plan_terms
@@ -258,6 +259,18 @@ async def apply_change(
         change.anchor_ns, change.period_start_ns, change.period_end_ns,
         prepared.stripe_subscription,
     )  # fmt: skip
+    # A's used-up allowance stopped the follower's links under A's name: the stop follows the
+    # allowance to B, or ends with it when B sells no pay-per-trade.
+    provider = prepared.old.provider
+    if (
+        await enforcement.lift_cause(
+            conn, enforcement.allowance_cause(request.follower, request.from_plan, provider)
+        )
+        and keep_allowance
+    ):
+        await enforcement.raise_cause(
+            conn, enforcement.allowance_cause(request.follower, request.to_plan, provider)
+        )
     # The row's trigger fires on activation only: B's template is made due here.
     await conn.execute(
         "INSERT INTO billing_provisioning_due (follower, plan_id) VALUES ($1, $2)"
