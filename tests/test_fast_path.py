@@ -236,7 +236,9 @@ def test_a_spliced_fan_out_is_byte_for_byte_the_reference_fan_out(
         event, reference, view.accounts, "#s1of2", now_ns, expected_counts
     )
     batches = Batches()
-    fast = plan_fan_out(event, SymbolFanOut(links, event.symbol), view, now_ns, trace, batches)
+    # Every shape spliced, however few links share it (a fan-out does so from 32).
+    fan_out = SymbolFanOut(links, event.symbol, splice_min_links=data.draw(st.sampled_from([1, 3])))
+    fast = plan_fan_out(event, fan_out, view, now_ns, trace, batches)
     counts: dict[str, int] = {}
     got = fan_out_publications(event, fast, view.accounts, "#s1of2", now_ns, counts, batches)
 
@@ -258,7 +260,8 @@ def test_a_held_order_withdrawn_after_planning_leaves_its_batch() -> None:
         side=Side.BUY, volume=0.1, price=2000.0,
     )  # fmt: skip
     batches = Batches()
-    plans = plan_fan_out(opened, SymbolFanOut(links, SYMBOL), view, NOW, Trace(), batches)
+    fan_out = SymbolFanOut(links, SYMBOL, splice_min_links=1)
+    plans = plan_fan_out(opened, fan_out, view, NOW, Trace(), batches)
     assert [cl.link_id for cl, _ in plans] == ["l1"]  # the others are spliced
     counted: dict[str, int] = {}
     [(_, payload, batch_id)] = fan_out_publications(
@@ -272,6 +275,30 @@ def test_a_held_order_withdrawn_after_planning_leaves_its_batch() -> None:
     batch = codec.follower_order_batch_decoder.decode(payload)
     assert [o.link_id for o in batch.orders] == ["l0", "l2", "l3"]
     assert [o.volume for o in batch.orders] == [0.1, 0.3, 0.1]
+
+
+def test_a_shape_few_links_share_is_not_spliced() -> None:
+    """Cutting a template costs more than splicing a few orders saves: below the threshold a
+    batched fan-out keeps its orders as objects, in their batches' holes."""
+    links, view = _plain_world(40)  # one order shape: the links differ in sizing only
+    for cl in links:
+        state = view.accounts[cl.link.follower]
+        view.accounts[cl.link.follower] = msgspec.structs.replace(state, connector="conn")
+    opened = PositionOpened(
+        event_id="e1", master=MASTER, symbol=SYMBOL, ts_ns=NOW, position_id="p1",
+        side=Side.BUY, volume=0.1, price=2000.0,
+    )  # fmt: skip
+    small = SymbolFanOut(links[:8], SYMBOL)
+    assert not small.splices
+    large = SymbolFanOut(links, SYMBOL)
+    assert large.splices
+    for fan_out, objects in ((small, 8), (large, 0)):
+        batches = Batches()
+        plans = plan_fan_out(opened, fan_out, view, NOW, Trace(), batches)
+        assert len(plans) == objects
+        messages = fan_out_publications(opened, plans, view.accounts, "", NOW, {}, batches)
+        reference = plan_event(opened, fan_out.links, view, NOW, Trace())
+        assert messages == fan_out_publications(opened, reference, view.accounts, "", NOW)
 
 
 @pytest.mark.parametrize("n", [0, 1, 15, 16, 31, 32, 255, 256, 65535, 65536])

@@ -21,6 +21,7 @@ random links, events and views).
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -63,6 +64,9 @@ from schemas.orders import FollowerOrder, FollowerOrderBatch
 # Sizing modes the fast pass computes itself; the risk modes go through the reference.
 _FIXED, _MULTIPLIER, _BALANCE, _EQUITY, _FREE_MARGIN, _REFERENCE = range(6)
 _FULL = TradeMode.FULL
+#: Links of one order shape from which a batched fan-out splices their orders (cutting the
+#: template costs ≈ 14 µs, splicing saves ≈ 0.6 µs per order: even at ≈ 24 links).
+SPLICE_MIN_LINKS = 32
 
 
 class LinkProgram:
@@ -74,6 +78,8 @@ class LinkProgram:
         "copy_modifications",
         "copy_partial_closes",
         "copy_pending",
+        "cut_follow_up",
+        "cut_new",
         "factor",
         "follow_up_fast",
         "follow_up_shape",
@@ -87,7 +93,8 @@ class LinkProgram:
         "pending_fast",
         "sizing_kind",
         "spec_key",
-        "spliceable",
+        "splice_follow_up",
+        "splice_new",
         "symbol",
         "wire",
     )
@@ -126,8 +133,10 @@ class LinkProgram:
         self.copy_partial_closes = link.copy_partial_closes
         self.copy_modifications = link.copy_sl_tp and link.copy_sl_tp_modifications
         self.copy_pending = link.copy_pending
-        # A daily trade limit may withdraw the order after planning: it stays an object.
-        self.spliceable = link.daily_trade_limit is None
+        # Set by SymbolFanOut: whether orders of this link's shape are cut (``cut_*``), and
+        # whether this link's own orders are spliced into their batches (``splice_*``).
+        self.cut_new = self.cut_follow_up = False
+        self.splice_new = self.splice_follow_up = False
         self.wire = LinkBytes(self.link_id, self.follower, self.symbol)
 
 
@@ -158,9 +167,14 @@ def _sizing_kind(link: CopyLink) -> int:
 class SymbolFanOut:
     """Every link of one master, compiled for one of its symbols, in link order."""
 
-    __slots__ = ("links", "programs")
+    __slots__ = ("links", "programs", "splices")
 
-    def __init__(self, links: Sequence[CompiledLink], master_symbol: str) -> None:
+    def __init__(
+        self,
+        links: Sequence[CompiledLink],
+        master_symbol: str,
+        splice_min_links: int = SPLICE_MIN_LINKS,
+    ) -> None:
         self.links = tuple(links)
         self.programs = tuple(LinkProgram(cl, master_symbol) for cl in links)
         # Shapes numbered once here: hashing a shape per link and event would cost more
@@ -173,6 +187,19 @@ class SymbolFanOut:
             program.follow_up_shape = follow_up.setdefault(
                 (link.copy_sl_tp, link.reverse), len(follow_up)
             )
+        # Cutting a template costs about as much as splicing two dozen orders saves: a shape
+        # is spliced only when enough links share it. A daily trade limit may withdraw an order
+        # after planning: such a link's orders stay objects.
+        new_counts = Counter(p.new_copy_shape for p in self.programs)
+        follow_up_counts = Counter(p.follow_up_shape for p in self.programs)
+        for program in self.programs:
+            program.cut_new = new_counts[program.new_copy_shape] >= splice_min_links
+            program.cut_follow_up = follow_up_counts[program.follow_up_shape] >= splice_min_links
+            free = program.cl.link.daily_trade_limit is None
+            program.splice_new = free and program.cut_new
+            program.splice_follow_up = free and program.cut_follow_up
+        #: Whether a batched fan-out of these links is worth splicing at all.
+        self.splices = any(p.cut_new or p.cut_follow_up for p in self.programs)
 
 
 class FanOutCache:
@@ -359,15 +386,15 @@ def _plan_new_copies(
                     now_ns=now_ns, trace=trace,
                 )  # fmt: skip
                 order = template
-                if batches is not None:
+                if batches is not None and p.cut_new:
                     c = cuts[shape] = cut(template, event_id, NEW_COPY_FIELDS)
                     if c is not None:
                         batches.tag = c.tag
             else:
                 order = None
             connector = follower_state.connector
-            if by_connector is not None and connector and p.spliceable:
-                c = cuts[shape]
+            if by_connector is not None and connector and p.splice_new:
+                c = cuts.get(shape)
                 if c is not None:
                     # The order as bytes: the template's pieces around this link's fields.
                     w = p.wire
@@ -469,7 +496,7 @@ def _plan_follow_ups(
                 order = template = templates[shape] = follow_up_order(
                     event, p.cl, now_ns=now_ns, trace=trace
                 )
-                if batches is not None:
+                if batches is not None and p.cut_follow_up:
                     c = cuts[shape] = cut(template, event_id, FOLLOW_UP_FIELDS)
                     if c is not None:
                         batches.tag = c.tag
@@ -479,7 +506,7 @@ def _plan_follow_ups(
             if by_connector is not None:
                 state = accounts.get(p.follower)
                 connector = "" if state is None else state.connector
-                c = cuts[shape]
+                c = cuts.get(shape) if p.splice_follow_up else None
                 if connector and c is not None:
                     w = p.wire
                     ids = c.ids.get(w.link_len)

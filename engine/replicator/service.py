@@ -310,7 +310,7 @@ class Replicator:
         # that fails the same way on every delivery, so it is said and the partition moves on.
         links: tuple[CompiledLink, ...] = ()
         plans: list[tuple[CompiledLink, CopyPlan]] = []
-        batches = Batches() if self.config.batch_by_connector and splice.AVAILABLE else None
+        batches: Batches | None = None
         try:
             refusal = check_master_event(
                 event,
@@ -327,9 +327,14 @@ class Replicator:
                         event.trace, replicator_in_ns=t_in, replicator_out_ns=time.time_ns()
                     )
                     if self.config.planner == "reference":
-                        batches = None
                         plans = plan_event(event, links, view, now_ns, trace)
                     else:
+                        if (
+                            self.config.batch_by_connector
+                            and splice.AVAILABLE
+                            and fan_out.splices
+                        ):
+                            batches = Batches()  # a fan-out worth splicing
                         plans = plan_fan_out(event, fan_out, view, now_ns, trace, batches)
         except Exception as exc:
             log.exception("copy_rules_failed", event_id=event.event_id)
