@@ -329,11 +329,7 @@ class Replicator:
                     if self.config.planner == "reference":
                         plans = plan_event(event, links, view, now_ns, trace)
                     else:
-                        if (
-                            self.config.batch_by_connector
-                            and splice.AVAILABLE
-                            and fan_out.splices
-                        ):
+                        if self.config.batch_by_connector and splice.AVAILABLE and fan_out.splices:
                             batches = Batches()  # a fan-out worth splicing
                         plans = plan_fan_out(event, fan_out, view, now_ns, trace, batches)
         except Exception as exc:
