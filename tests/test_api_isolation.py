@@ -473,10 +473,16 @@ async def victim_snapshot(api: Api, victim: Holdings) -> Any:
     assert rows["api_accounts"] and rows["api_links"], "the victim owns nothing to protect"
     buckets = await ensure_buckets(api.js)
     rows["kv_link"] = (await buckets[subjects.KV_LINKS].get(victim.link)).value
+    # The victim's own deployment, read by its key: listing the bucket's keys (a watcher)
+    # can come back empty on a loaded machine, which would look like a deletion.
+    key = subjects.deployment_key(victim.version_id, "XAUUSD", "1h")
     try:
-        rows["kv_deployments"] = sorted(await buckets[subjects.KV_SIGNAL_DEPLOYMENTS].keys())
-    except nats.js.errors.NoKeysError:
-        rows["kv_deployments"] = []
+        entry = await buckets[subjects.KV_SIGNAL_DEPLOYMENTS].get(key)
+        rows["kv_deployment"] = (entry.revision, entry.value)
+    except nats.js.errors.KeyNotFoundError:
+        rows["kv_deployment"] = None
+    # A victim that deployed a strategy has something there to protect.
+    assert rows["kv_deployment"] is not None or victim.version_id.startswith("sv-0000"), key
     return rows
 
 
