@@ -369,6 +369,14 @@ async def test_the_outbox_retries_while_smtp_is_down_and_delivers_when_it_is_bac
             await box.token_for("w@example.com")
         finally:
             box.stop()
+
+        async def marked_sent() -> bool:
+            # The server has the message before the outbox's row says so: wait for the row.
+            return (await sql(api, "SELECT sent_at FROM api_email_outbox"))[0][
+                "sent_at"
+            ] is not None
+
+        await wait_until(marked_sent, "the outbox row marked sent")
         rows = await sql(api, "SELECT attempts, sent_at, sealed, last_error FROM api_email_outbox")
         assert rows[0]["sent_at"] is not None and rows[0]["attempts"] >= 3
         assert rows[0]["sealed"] is None and rows[0]["last_error"] is None
