@@ -494,7 +494,7 @@ def test_dockerfile():
     (install,) = installs
     # Every dependency at its locked version, the build backend included (-c alone does not
     # reach pip's isolated build environment).
-    assert "pip install -c /src/requirements.lock /src" in install
+    assert "pip install -c /src/requirements.lock '/src[pandas]'" in install  # strategies' frames
     assert "PIP_CONSTRAINT=/src/requirements.lock" in install
     assert "PIP_BUILD_CONSTRAINT=/src/requirements.lock" in install
     assert (ROOT / "requirements.lock").is_file()

@@ -221,5 +221,48 @@ async def test_a_strategy_sees_only_the_candles_it_was_given_and_no_environment(
     assert isinstance(outcome, SignalResult)
     count, env, cwd = outcome.signal.comment.split("|")
     assert count == "4"
-    assert env == "LC_ALL,PATH"  # nothing of the worker's environment (credentials) leaks
+    # Nothing of the worker's environment (credentials) leaks; numerical libraries on 1 thread.
+    assert env == "LC_ALL,MKL_NUM_THREADS,OMP_NUM_THREADS,OPENBLAS_NUM_THREADS,PATH"
     assert "tc-strategy-" in cwd
+
+
+PANDAS_SMA = """
+from engine.signals.strategy import Signal
+
+def strategy(candles, params):
+    frame = candles.frame()
+    fast = frame["close"].rolling(params["fast"]).mean()
+    slow = frame["close"].rolling(params["slow"]).mean()
+    crossed = fast.iloc[-2] <= slow.iloc[-2] and fast.iloc[-1] > slow.iloc[-1]
+    stamp = frame.index[-1].isoformat()
+    return Signal(action="buy" if crossed else "hold", comment=f"{len(frame)} {stamp}")
+"""
+
+
+async def test_an_uploaded_strategy_may_work_on_a_pandas_dataframe() -> None:
+    pytest.importorskip("pandas")  # the optional extra; the dev install has it
+    outcome = await run_strategy(_uploaded(PANDAS_SMA, fast=3, slow=8), _candles(), LIMITS)
+    assert isinstance(outcome, SignalResult), outcome
+    assert outcome.signal.action is SignalAction.BUY  # the data crosses on the last candle
+    assert outcome.signal.comment == "13 1970-01-01T00:13:00+00:00"
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        "candles.frame().to_csv('candles.csv')",
+        "pandas.read_csv('http://127.0.0.1:9/candles.csv')",
+        "numpy.save('candles.npy', numpy.zeros(3))",
+    ],
+)
+async def test_pandas_and_numpy_do_not_open_a_way_around_the_hook(call: str) -> None:
+    pytest.importorskip("pandas")
+    source = (
+        "import numpy, pandas\n"
+        "def strategy(candles, params):\n"
+        f"    {call}\n"
+        "    return {'action': 'buy'}\n"
+    )
+    outcome = await run_strategy(_uploaded(source), _candles(), LIMITS)
+    assert isinstance(outcome, StrategyFailure), outcome
+    assert outcome.kind is FailureKind.FORBIDDEN, outcome

@@ -68,6 +68,51 @@ def test_candles_read_like_a_dataframe_of_closed_candles() -> None:
     assert not hasattr(candles.close, "__setitem__")
 
 
+def test_candles_as_a_pandas_dataframe() -> None:
+    pd = pytest.importorskip("pandas")  # the optional extra; the dev install has it
+    candles = candles_of([1.0, 2.0, 3.0, 4.0])
+    frame = candles[:3].frame()
+    assert list(frame.columns) == ["open", "high", "low", "close", "ticks", "open_time"]
+    assert list(frame["close"]) == [1.0, 2.0, 3.0]  # the window, not the whole series
+    assert frame.index.name == "close_time" and str(frame.index.tz) == "UTC"
+    assert frame.index[-1] == pd.Timestamp(3 * MINUTE, unit="ns", tz="UTC")
+    assert frame["open_time"].iloc[0] == pd.Timestamp(0, unit="ns", tz="UTC")
+    frame.loc[frame.index[0], "close"] = 99.0  # a copy: the candles stay as they were
+    assert candles.close[0] == 1.0
+
+
+def _sma_cross_on_a_frame(candles: Candles) -> Signal:
+    """SMA crossover written the pandas way, to compare with the shipped strategy."""
+    close = candles.frame()["close"]
+    fast, slow = close.rolling(10).mean(), close.rolling(30).mean()
+    if len(close) < 31:
+        return HOLD
+    fast_before, slow_before, fast_now, slow_now = (
+        fast.iloc[-2],
+        slow.iloc[-2],
+        fast.iloc[-1],
+        slow.iloc[-1],
+    )
+    if fast_before <= slow_before and fast_now > slow_now:
+        return Signal(action=SignalAction.BUY)
+    if fast_before >= slow_before and fast_now < slow_now:
+        return Signal(action=SignalAction.SELL)
+    return HOLD
+
+
+def test_a_pandas_strategy_trades_the_shipped_bars_like_the_shipped_one(
+    shipped: dict[Timeframe, Candles],
+) -> None:
+    pytest.importorskip("pandas")
+    candles = shipped[Timeframe.M15]
+    ours = signals_over(candles, _sma_cross_on_a_frame)
+    reference = signals_over(candles, functools.partial(sma_cross, params=SmaCrossParams()))
+    assert len(reference) == 41
+    assert [(s.index, s.signal.action) for s in ours] == [
+        (s.index, s.signal.action) for s in reference
+    ]
+
+
 def test_sma_of_the_first_shipped_bars(shipped: dict[Timeframe, Candles]) -> None:
     close = shipped[Timeframe.M1].close
     # The file's first three closes: 5014.77, 5014.44, 5015.62.

@@ -121,7 +121,7 @@ async def run_strategy(
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             cwd=cwd,
-            env={"LC_ALL": "C.UTF-8", "PATH": "/usr/bin:/bin"},
+            env=_CHILD_ENV,
             start_new_session=True,
         )
         assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
@@ -233,6 +233,16 @@ def _kill_group(pid: int) -> None:
 
 # ------------------------------------------------------------------ the child side
 
+#: Nothing of the worker's environment; numerical libraries on one thread, so a run uses one
+#: core and its thread buffers stay inside the memory limit.
+_CHILD_ENV = {
+    "LC_ALL": "C.UTF-8",
+    "PATH": "/usr/bin:/bin",
+    "OMP_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+}
+
 _EXIT_FORBIDDEN = 3
 
 #: Audit events a strategy may not raise, as prefixes ("os.exec" covers ``os.execv`` too).
@@ -320,6 +330,7 @@ def _child_main(memory_bytes: int, cpu_s: int) -> None:
             sys.addaudithook(refuse)
         else:
             code = compile(request.source, "<strategy>", "exec")
+            _preload(request.source)
             sys.addaudithook(refuse)
             namespace: dict[str, Any] = {"__name__": "strategy", "__builtins__": __builtins__}
             exec(code, namespace)
@@ -347,6 +358,32 @@ def _child_main(memory_bytes: int, cpu_s: int) -> None:
         reply(_Failed(kind=FailureKind.CRASH, message=text[:1000]))
         return
     reply(_as_reply(result))
+
+
+#: Libraries a strategy may use whose import does what the hook refuses (numpy sets its
+#: threads' environment variables with ``os.putenv``): imported before the hook, when the
+#: strategy uses them and they are installed. What the strategy then calls is hooked as usual.
+_PRELOADED = ("numpy", "pandas")
+
+
+def _preload(source: str) -> None:
+    """Import the libraries of ``_PRELOADED`` the source imports, or pandas when it calls
+    ``.frame()``; one that is not installed is left to fail in the strategy's own import."""
+    import ast
+    import importlib
+    import importlib.util
+
+    wanted: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            wanted.update(alias.name.partition(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            wanted.add(node.module.partition(".")[0])
+        elif isinstance(node, ast.Attribute) and node.attr == "frame":
+            wanted.add("pandas")
+    for name in _PRELOADED:
+        if name in wanted and importlib.util.find_spec(name) is not None:
+            importlib.import_module(name)
 
 
 def _as_reply(result: Any) -> _Ok | _Failed:

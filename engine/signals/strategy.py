@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from typing import overload
+from typing import Any, overload
 
 import msgspec
 
@@ -120,6 +120,36 @@ class Candles:
 
     def __len__(self) -> int:
         return self._end
+
+    def frame(self) -> Any:
+        """These candles as a pandas ``DataFrame`` (pandas is the optional extra
+        ``tradecopy[pandas]``): columns ``open``, ``high``, ``low``, ``close``, ``ticks`` and
+        ``open_time``, indexed by ``close_time``, both UTC timestamps; oldest first.
+
+        A new frame on each call, so a strategy may change it freely.
+        """
+        try:
+            import pandas as pd
+        except ImportError as exc:
+            raise ImportError(
+                "Candles.frame() needs pandas: pip install 'tradecopy[pandas]'"
+            ) from exc
+        end = self._end
+        columns = self._columns
+        close_time = pd.DatetimeIndex(
+            pd.to_datetime(list(columns[5][:end]), unit="ns", utc=True), name="close_time"
+        )
+        return pd.DataFrame(
+            {
+                "open": list(columns[0][:end]),
+                "high": list(columns[1][:end]),
+                "low": list(columns[2][:end]),
+                "close": list(columns[3][:end]),
+                "ticks": list(columns[6][:end]),
+                "open_time": pd.to_datetime(list(columns[4][:end]), unit="ns", utc=True),
+            },
+            index=close_time,
+        )
 
     def __getitem__(self, index: slice) -> Candles:
         """Only prefixes (``[:n]``): a strategy never sees a candle after the last one."""
