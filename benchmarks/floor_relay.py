@@ -18,6 +18,7 @@ from typing import Any
 from nats.js.api import AckPolicy, ConsumerConfig
 
 from engine.runtime.eventloop import run_async
+from engine.runtime.memory import keep_heap
 from engine.runtime.natsconn import connect
 from schemas import codec, subjects
 from schemas.common import Side
@@ -75,6 +76,7 @@ async def relay(
 ) -> None:
     # Credentials from the environment: the replicator's, whose work this measures.
     nc = await connect(nats_url, "tradecopy-floor-relay")
+    keep_heap()  # the replicator's heap settings, so the two differ only in what they do
     js = nc.jetstream(publish_async_max_pending=65_536)
     if batches:
         targets = batch_payloads(master, followers, batches)

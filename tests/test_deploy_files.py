@@ -497,6 +497,9 @@ def test_dockerfile():
     assert "pip install -c /src/requirements.lock '/src[pandas]'" in install  # strategies' frames
     assert "PIP_CONSTRAINT=/src/requirements.lock" in install
     assert "PIP_BUILD_CONSTRAINT=/src/requirements.lock" in install
+    # The planner compiled in the image (a compiler for the install only), and checked.
+    assert "apt-get install -y --no-install-recommends gcc libc6-dev" in install
+    assert "assert f.COMPILED" in install and "apt-get purge -y --auto-remove gcc" in install
     assert (ROOT / "requirements.lock").is_file()
     assert not _dockerignore_excludes("requirements.lock")
     assert _dockerignore_excludes(".venv") and _dockerignore_excludes("engine/__pycache__")

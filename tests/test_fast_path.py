@@ -246,6 +246,50 @@ def test_a_spliced_fan_out_is_byte_for_byte_the_reference_fan_out(
     assert counts == expected_counts
 
 
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(plausible=st.booleans(), data=st.data())
+def test_a_fan_out_planned_again_reads_the_view_of_its_own_event(
+    plausible: bool, data: st.DataObject
+) -> None:
+    """A compiled fan-out keeps what it last read from each follower's spec and account state
+    while they are the same objects: planned on one view, then on another (new specs, new
+    states, other connectors), it gives exactly the reference's fan-out of the second."""
+    event = data.draw(plausible_events() if plausible else master_events(), "event")
+    assume(_valid(event, MasterEvent))
+    links, first = data.draw(crowded_market(plausible), "world")
+    second = MarketView(
+        accounts=dict(first.accounts), symbols=dict(first.symbols), fx_rates=first.fx_rates,
+        stops=first.stops, link_states=first.link_states,
+    )  # fmt: skip
+    connectors = st.sampled_from(["", "conn-a", "conn-b"])
+    for view, name in ((first, "first"), (second, "second")):
+        for account, state in list(view.accounts.items()):
+            view.accounts[account] = msgspec.structs.replace(
+                state, connector=data.draw(connectors, f"{name} connector of {account}"),
+                open_positions=data.draw(st.integers(0, 6), f"{name} positions of {account}"),
+            )  # fmt: skip
+    for key, spec in list(second.symbols.items()):
+        if data.draw(st.booleans(), f"new spec for {key}"):
+            step = data.draw(st.sampled_from([0.01, 0.1, 1.0]), f"step of {key}")
+            second.symbols[key] = msgspec.structs.replace(
+                spec, volume_step=step, volume_min=step,
+                volume_max=data.draw(st.sampled_from([0.5, 5.0, 1000.0]), f"max of {key}"),
+                trade_mode=data.draw(st.sampled_from([TradeMode.FULL, TradeMode.DISABLED])),
+            )  # fmt: skip
+    now_ns = event.ts_ns + 1_000_000
+    trace = Trace(terminal_ns=event.ts_ns, replicator_in_ns=now_ns)
+    fan_out = SymbolFanOut(links, event.symbol, splice_min_links=1)
+    plan_fan_out(event, fan_out, first, now_ns, trace, Batches())  # what it reads is kept
+
+    reference = plan_event(event, links, second, now_ns, trace)
+    expected = fan_out_publications(event, reference, second.accounts, "", now_ns, {})
+    batches = Batches()
+    fast = plan_fan_out(event, fan_out, second, now_ns, trace, batches)
+    assert fan_out_publications(event, fast, second.accounts, "", now_ns, {}, batches) == expected
+    unbatched = plan_fan_out(event, fan_out, second, now_ns, trace)
+    assert wire(unbatched) == wire(reference)
+
+
 def test_a_held_order_withdrawn_after_planning_leaves_its_batch() -> None:
     """A daily trade limit may take an order back between planning and publishing: the
     order leaves its connector's batch, the spliced orders around it stay, in link order."""

@@ -42,7 +42,7 @@ from engine.replicator.splice import (
 )
 from engine.runtime.publishing import Publication
 from schemas import codec, subjects
-from schemas.account import AccountState, TradeMode
+from schemas.account import AccountState, SymbolSpec, TradeMode
 from schemas.common import Trace
 from schemas.links import (
     BalanceRatio,
@@ -64,6 +64,10 @@ from schemas.orders import FollowerOrder, FollowerOrderBatch
 # Sizing modes the fast pass computes itself; the risk modes go through the reference.
 _FIXED, _MULTIPLIER, _BALANCE, _EQUITY, _FREE_MARGIN, _REFERENCE = range(6)
 _FULL = TradeMode.FULL
+#: Whether this module runs compiled (Cython, built at install time where a C compiler is
+#: there; ``setup.py``) or as Python source. Both plan exactly alike: ``tests/test_fast_path.py``
+#: runs its properties on both.
+COMPILED = not __file__.endswith(".py")
 #: Links of one order shape from which a batched fan-out splices their orders (cutting the
 #: template costs ≈ 14 µs, splicing saves ≈ 0.6 µs per order: even at ≈ 24 links).
 SPLICE_MIN_LINKS = 32
@@ -74,7 +78,9 @@ class LinkProgram:
     changes."""
 
     __slots__ = (
+        "cap",
         "cl",
+        "connector",
         "copy_modifications",
         "copy_partial_closes",
         "copy_pending",
@@ -92,10 +98,15 @@ class LinkProgram:
         "open_fast",
         "pending_fast",
         "sizing_kind",
+        "spec",
+        "spec_full",
         "spec_key",
         "splice_follow_up",
         "splice_new",
+        "state",
         "symbol",
+        "volume_min",
+        "volume_step",
         "wire",
     )
 
@@ -138,6 +149,29 @@ class LinkProgram:
         self.cut_new = self.cut_follow_up = False
         self.splice_new = self.splice_follow_up = False
         self.wire = LinkBytes(self.link_id, self.follower, self.symbol)
+        # What the last event read from the follower's spec and account state, kept while
+        # they are the same (frozen) objects: a spec changes rarely, a state now and then.
+        self.spec: SymbolSpec | None = None
+        self.spec_full = False
+        self.cap = self.volume_step = self.volume_min = 0.0
+        self.state: AccountState | None = None
+        self.connector = ""
+
+    def read_spec(self, spec: SymbolSpec) -> None:
+        """Keep what the fast pass reads from ``spec``: whether it trades fully, the most a
+        copy may be (the link's max lot when below the symbol's maximum), step and minimum."""
+        self.spec_full = spec.trade_mode is _FULL
+        link_cap = self.link_cap
+        self.cap = (
+            link_cap if link_cap is not None and link_cap < spec.volume_max else (spec.volume_max)
+        )
+        self.volume_step = spec.volume_step
+        self.volume_min = spec.volume_min
+        self.spec = spec  # last: a read that raised is read again
+
+    def read_state(self, state: AccountState) -> None:
+        self.connector = state.connector
+        self.state = state
 
 
 def _new_copy_shape(link: CopyLink) -> tuple[Any, ...]:
@@ -167,7 +201,7 @@ def _sizing_kind(link: CopyLink) -> int:
 class SymbolFanOut:
     """Every link of one master, compiled for one of its symbols, in link order."""
 
-    __slots__ = ("links", "programs", "splices")
+    __slots__ = ("follow_up_shapes", "links", "new_copy_shapes", "programs", "splices")
 
     def __init__(
         self,
@@ -187,6 +221,8 @@ class SymbolFanOut:
             program.follow_up_shape = follow_up.setdefault(
                 (link.copy_sl_tp, link.reverse), len(follow_up)
             )
+        self.new_copy_shapes = len(new_copy)
+        self.follow_up_shapes = len(follow_up)
         # Cutting a template costs about as much as splicing two dozen orders saves: a shape
         # is spliced only when enough links share it. A daily trade limit may withdraw an order
         # after planning: such a link's orders stay objects.
@@ -248,8 +284,12 @@ def plan_fan_out(
         # An emergency stop (even an inactive entry) is rare: let the reference judge it.
         return _reference(event, facts, programs, view, now_ns, trace, batches)
     if facts.is_new_copy:
-        return _plan_new_copies(event, facts, programs, view, now_ns, trace, batches)
-    return _plan_follow_ups(event, facts, programs, view, now_ns, trace, batches)
+        return _plan_new_copies(
+            event, facts, programs, fan_out.new_copy_shapes, view, now_ns, trace, batches
+        )
+    return _plan_follow_ups(
+        event, facts, programs, fan_out.follow_up_shapes, view, now_ns, trace, batches
+    )
 
 
 def _hold(
@@ -297,6 +337,7 @@ def _plan_new_copies(
     event: Any,
     facts: EventFacts,
     programs: Sequence[LinkProgram],
+    shapes: int,
     view: MarketView,
     now_ns: int,
     trace: Trace,
@@ -311,13 +352,23 @@ def _plan_new_copies(
     event_id = event.event_id
     master_state: AccountState | None = accounts.get(event.master)
     rates: dict[str, float | None] = {}
-    templates: dict[int, Any] = {}
-    cuts: dict[int, Cut | None] = {}
+    # Per order shape (numbered 0 … shapes - 1): the template order, and its cut.
+    templates: list[Any] = [None] * shapes
+    cuts: list[Cut | None] = [None] * shapes
     by_connector = None if batches is None else batches.chunks
     encode = codec.encode
     # Raw volume → (the step it was rounded to, the rounded volume, its msgpack).
     on_step: dict[float, tuple[float, float, bytes]] = {}
     encoded = b""
+    # The last connector's batch, and the last cut's memos for the last link id length and
+    # symbol: neighbouring links mostly share them, which saves a lookup each.
+    last_connector = ""
+    chunks: list[bytes] = []
+    last_cut = None
+    last_len = -1
+    last_symbol = None
+    prefixes: dict[Any, bytes] = {}
+    rest = b""
     plans: list[tuple[CompiledLink, CopyPlan]] = []
     append = plans.append
     floor = math.floor
@@ -328,47 +379,45 @@ def _plan_new_copies(
             if p.pending_fast if is_pending else p.open_fast:
                 follower_state = accounts.get(p.follower)
                 spec = symbols.get(p.spec_key)
-                if (
-                    follower_state is not None
-                    and spec is not None
-                    and spec.trade_mode is _FULL
-                    and (p.max_signal_age_ms is None or not age_ms > p.max_signal_age_ms)
-                    and (
-                        p.max_open_positions is None
-                        or is_pending
-                        or follower_state.open_positions < p.max_open_positions
-                    )
-                ):
-                    kind = p.sizing_kind
-                    if kind == _MULTIPLIER:
-                        volume = master_volume * p.factor
-                    elif kind == _FIXED:
-                        volume = p.factor
-                    else:
-                        volume = _ratio_volume(p, master_volume, master_state, follower_state,
-                                               view, rates)  # fmt: skip
-                    link_caps = p.link_cap is not None and p.link_cap < spec.volume_max
-                    # Not finite, capped, nothing, or below the minimum: the reference tells
-                    # the follower why (a skip or a reduction).
+                if follower_state is not None and spec is not None:
+                    if spec is not p.spec:
+                        p.read_spec(spec)
+                    if follower_state is not p.state:
+                        p.read_state(follower_state)
                     if (
-                        volume > 0.0
-                        and isfinite(volume)
-                        and not volume > (p.link_cap if link_caps else spec.volume_max)
+                        p.spec_full
+                        and (p.max_signal_age_ms is None or not age_ms > p.max_signal_age_ms)
+                        and (
+                            p.max_open_positions is None
+                            or is_pending
+                            or follower_state.open_positions < p.max_open_positions
+                        )
                     ):
-                        step = spec.volume_step
-                        rounding = on_step.get(volume)
-                        if rounding is None or rounding[0] != step:
-                            # Followers of one sizing share their raw volume: rounded once.
-                            rounded = round(
-                                floor(volume / step + STEP_EPSILON) * step, decimals(step)
-                            )
-                            rounding = on_step[volume] = (step, rounded, encode(rounded))
-                        volume = rounding[1]
-                        encoded = rounding[2]
-                        if not volume >= spec.volume_min:
+                        kind = p.sizing_kind
+                        if kind == _MULTIPLIER:
+                            volume = master_volume * p.factor
+                        elif kind == _FIXED:
+                            volume = p.factor
+                        else:
+                            volume = _ratio_volume(p, master_volume, master_state,
+                                                   follower_state, view, rates)  # fmt: skip
+                        # Not finite, capped, nothing, or below the minimum: the reference
+                        # tells the follower why (a skip or a reduction).
+                        if volume > 0.0 and isfinite(volume) and not volume > p.cap:
+                            step = p.volume_step
+                            rounding = on_step.get(volume)
+                            if rounding is None or rounding[0] != step:
+                                # Followers of one sizing share their raw volume: rounded once.
+                                rounded = round(
+                                    floor(volume / step + STEP_EPSILON) * step, decimals(step)
+                                )
+                                rounding = on_step[volume] = (step, rounded, encode(rounded))
+                            volume = rounding[1]
+                            encoded = rounding[2]
+                            if not volume >= p.volume_min:
+                                volume = -1.0
+                        else:
                             volume = -1.0
-                    else:
-                        volume = -1.0
             if volume < 0.0:
                 plan = _reference_plan(event, facts, p.cl, view, now_ns, trace)
                 if plan is not None:
@@ -376,7 +425,7 @@ def _plan_new_copies(
                     _hold(batches, accounts, p.follower, plan)
                 continue
             shape = p.new_copy_shape
-            template = templates.get(shape)
+            template = templates[shape]
             if template is None:
                 cl = p.cl
                 link = cl.link
@@ -392,22 +441,29 @@ def _plan_new_copies(
                         batches.tag = c.tag
             else:
                 order = None
-            connector = follower_state.connector
+            connector = p.connector
             if by_connector is not None and connector and p.splice_new:
-                c = cuts.get(shape)
+                c = cuts[shape]
                 if c is not None:
                     # The order as bytes: the template's pieces around this link's fields.
                     w = p.wire
-                    head = c.heads.get(volume)
-                    if head is None:
-                        head = c.heads[volume] = c.head(encoded)
-                    ids = c.ids.get(w.link_len)
-                    if ids is None:
-                        ids = c.ids[w.link_len] = c.id_prefix(w.link_len)
-                    chunks = by_connector.get(connector)
-                    if chunks is None:
-                        chunks = by_connector[connector] = []
-                    chunks.extend((head, ids, w.ident, c.middle, w.symbol, c.tail))
+                    if c is not last_cut:
+                        last_cut = c
+                        last_len = -1
+                        last_symbol = None
+                    if w.link_len != last_len:
+                        prefixes = c.prefixes_for(w.link_len)
+                        last_len = w.link_len
+                    prefix = prefixes.get(volume)
+                    if prefix is None:
+                        prefix = prefixes[volume] = c.prefix(w.link_len, encoded)
+                    if w.symbol is not last_symbol:
+                        rest = c.rest(w.symbol)
+                        last_symbol = w.symbol
+                    if connector != last_connector:
+                        chunks = _chunks_of(by_connector, connector)
+                        last_connector = connector
+                    chunks.extend((prefix, w.ident, rest))
                     continue
             if order is None:
                 order = replace(
@@ -425,6 +481,14 @@ def _plan_new_copies(
                 append((p.cl, plan))
                 _hold(batches, accounts, p.follower, plan)
     return plans
+
+
+def _chunks_of(by_connector: dict[str, list[bytes]], connector: str) -> list[bytes]:
+    """The connector's batch pieces (a new batch for its first order)."""
+    chunks = by_connector.get(connector)
+    if chunks is None:
+        chunks = by_connector[connector] = []
+    return chunks
 
 
 def _ratio_volume(
@@ -460,6 +524,7 @@ def _plan_follow_ups(
     event: MasterEvent,
     facts: EventFacts,
     programs: Sequence[LinkProgram],
+    shapes: int,
     view: MarketView,
     now_ns: int,
     trace: Trace,
@@ -472,9 +537,15 @@ def _plan_follow_ups(
     pending_change = isinstance(event, PendingOrderModified | PendingOrderCancelled)
     event_id = event.event_id
     accounts = view.accounts
-    templates: dict[int, Any] = {}
-    cuts: dict[int, Cut | None] = {}
+    templates: list[Any] = [None] * shapes
+    cuts: list[Cut | None] = [None] * shapes
     by_connector = None if batches is None else batches.chunks
+    last_connector = ""
+    chunks: list[bytes] = []
+    last_cut = None
+    last_len = -1
+    last_symbol = None
+    prefix = rest = b""
     plans: list[tuple[CompiledLink, CopyPlan]] = []
     append = plans.append
     for p in programs:
@@ -491,7 +562,7 @@ def _plan_follow_ups(
             continue
         try:
             shape = p.follow_up_shape
-            template = templates.get(shape)
+            template = templates[shape]
             if template is None:
                 order = template = templates[shape] = follow_up_order(
                     event, p.cl, now_ns=now_ns, trace=trace
@@ -505,17 +576,27 @@ def _plan_follow_ups(
             connector = ""
             if by_connector is not None:
                 state = accounts.get(p.follower)
-                connector = "" if state is None else state.connector
-                c = cuts.get(shape) if p.splice_follow_up else None
+                if state is not None:
+                    if state is not p.state:
+                        p.read_state(state)
+                    connector = p.connector
+                c = cuts[shape] if p.splice_follow_up else None
                 if connector and c is not None:
                     w = p.wire
-                    ids = c.ids.get(w.link_len)
-                    if ids is None:
-                        ids = c.ids[w.link_len] = c.id_prefix(w.link_len)
-                    chunks = by_connector.get(connector)
-                    if chunks is None:
-                        chunks = by_connector[connector] = []
-                    chunks.extend((c.fixed_head, ids, w.ident, c.middle, w.symbol, c.tail))
+                    if c is not last_cut:
+                        last_cut = c
+                        last_len = -1
+                        last_symbol = None
+                    if w.link_len != last_len:
+                        prefix = c.prefix(w.link_len)
+                        last_len = w.link_len
+                    if w.symbol is not last_symbol:
+                        rest = c.rest(w.symbol)
+                        last_symbol = w.symbol
+                    if connector != last_connector:
+                        chunks = _chunks_of(by_connector, connector)
+                        last_connector = connector
+                    chunks.extend((prefix, w.ident, rest))
                     continue
             if order is None:
                 order = replace(

@@ -24,7 +24,7 @@ import structlog
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType
 
 from engine.core.calendar import trading_day
-from engine.replicator import metrics, splice
+from engine.replicator import fanout, metrics, splice
 from engine.replicator.config import ReplicatorConfig, owns_link
 from engine.replicator.facts import CompiledLink
 from engine.replicator.fanout import fan_out_publications, plan_fan_out
@@ -36,6 +36,7 @@ from engine.replicator.splice import Batches
 from engine.replicator.state import LinkState, link_state_decoder, link_state_encoder
 from engine.runtime.http import ProgressWatch
 from engine.runtime.jetstream import ensure_buckets, ensure_streams
+from engine.runtime.memory import keep_heap
 from engine.runtime.natsconn import connect
 from engine.runtime.publishing import NotStored, Publication, publish_stored
 from schemas import codec, subjects
@@ -122,9 +123,12 @@ class Replicator:
             )
         self._tasks.append(asyncio.create_task(self._poll_lag()))
         tune_gc()
+        heap_kept = keep_heap()
         log.info(
             "replicator_started",
             instance=cfg.instance,
+            planner="compiled" if fanout.COMPILED else "python",
+            heap_kept=heap_kept,
             partitions=cfg.partitions,
             shard=f"{cfg.shard}/{cfg.shards}",
             links=len(self.live.links),

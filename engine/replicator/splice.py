@@ -80,21 +80,22 @@ _FOLLOWER_KEY = _encode("follower")
 
 
 class Cut:
-    """A template order's bytes cut at its per-link fields. A link's order is then six pieces:
-    ``head(volume)`` (all before the order id's bytes; new copies' volume is written before
-    the base fields), ``id_prefix(link_len)`` (the order id's header and ``<event id>:``), the
-    link's ``ident`` (its id, ending the order id, then ``link_id`` and ``follower`` keyed),
-    ``middle``, the link's ``symbol`` and ``tail``. Few pieces per order: joining a batch
-    costs per piece."""
+    """A template order's bytes cut at its per-link fields: ``head(volume)`` (all before the
+    order id's bytes; new copies' volume is written before the base fields),
+    ``id_prefix(link_len)`` (the order id's header and ``<event id>:``), the link's ``ident``
+    (its id, ending the order id, then ``link_id`` and ``follower`` keyed), ``middle``, the
+    link's ``symbol`` and ``tail``. A link's order is three pieces: ``prefix`` (the first two,
+    memoised per volume and link id length), the link's ``ident``, and ``rest`` (the last
+    three, memoised per symbol). Few pieces per order: joining a batch costs per piece."""
 
     __slots__ = (
         "_after_volume",
         "_first",
         "eid_colon",
         "fixed_head",
-        "heads",
-        "ids",
         "middle",
+        "prefixes",
+        "rests",
         "tag",
         "tail",
     )
@@ -106,9 +107,12 @@ class Cut:
         self.middle, self.tail = pieces[-2], pieces[-1]
         self.eid_colon = event_id.encode() + b":"
         self.tag = tag
-        #: Memos, per event: a fan-out has few distinct volumes and link id lengths.
-        self.heads: dict[float, bytes] = {}
-        self.ids: dict[int, bytes] = {}
+        #: Memos, per event: a fan-out has few distinct volumes, link id lengths and symbols.
+        #: ``prefixes[link_len][volume]``: ``head(volume) + id_prefix(link_len)``;
+        #: ``rests[symbol]``: ``middle + symbol + tail``. A spliced order is then three pieces:
+        #: its prefix, the link's ``ident`` and its rest.
+        self.prefixes: dict[int, dict[Any, bytes]] = {}
+        self.rests: dict[bytes, bytes] = {}
 
     def head(self, volume: bytes = b"") -> bytes:
         """Everything before the order id's bytes, with ``volume`` (msgpack) in place."""
@@ -118,6 +122,25 @@ class Cut:
         """The order id's msgpack header and its ``<event id>:``, for a link id of
         ``link_len`` bytes."""
         return str_header(len(self.eid_colon) + link_len) + self.eid_colon
+
+    def prefixes_for(self, link_len: int) -> dict[Any, bytes]:
+        """The memo of prefixes by volume (new copies) for link ids of ``link_len`` bytes."""
+        memo = self.prefixes.get(link_len)
+        if memo is None:
+            memo = self.prefixes[link_len] = {}
+        return memo
+
+    def prefix(self, link_len: int, volume: bytes = b"") -> bytes:
+        """All of an order before its link's ``ident``: ``head(volume)`` and the order id's
+        header and ``<event id>:``."""
+        return self.head(volume) + self.id_prefix(link_len)
+
+    def rest(self, symbol: bytes) -> bytes:
+        """All of an order after its link's ``ident``, for the (encoded) ``symbol``."""
+        rest = self.rests.get(symbol)
+        if rest is None:
+            rest = self.rests[symbol] = self.middle + symbol + self.tail
+        return rest
 
 
 def cut(template: Any, event_id: str, fields: tuple[str, ...]) -> Cut | None:
@@ -151,6 +174,11 @@ def cut(template: Any, event_id: str, fields: tuple[str, ...]) -> Cut | None:
     return result if spliced == _encode(template) else None
 
 
+#: Encoded symbols, one object per symbol: links of one symbol share it, so a fan-out finds
+#: the last symbol's rest again by identity.
+_SYMBOLS: dict[str, bytes] = {}
+
+
 class LinkBytes:
     """A link's fields as a spliced order carries them, encoded once per compiled link."""
 
@@ -160,11 +188,14 @@ class LinkBytes:
         raw = link_id.encode()
         self.link_len = len(raw)
         self.ident = raw + _LINK_KEY + _encode(link_id) + _FOLLOWER_KEY + _encode(follower)
-        self.symbol = _encode(symbol)
+        encoded = _SYMBOLS.get(symbol)
+        if encoded is None:
+            encoded = _SYMBOLS[symbol] = _encode(symbol)
+        self.symbol = encoded
 
 
-#: Pieces per spliced order.
-WIDTH = 6
+#: Pieces per spliced order: prefix, ident, rest.
+WIDTH = 3
 
 
 class Batches:
@@ -218,7 +249,9 @@ class Batches:
                 batch_id=batch_id, connector=connector, master=master,
                 master_event_id=event_id, ts_ns=now_ns, orders=[],
             ))  # fmt: skip
-            payload = b"".join((envelope[:-1], array_header(n), b"".join(chunks)))
+            parts = [envelope[:-1], array_header(n)]
+            parts += chunks  # one join: the payload's bytes are copied once
+            payload = b"".join(parts)
             messages.append((subjects.connector_orders(connector), payload, batch_id))
         if spliced_total:
             counted[self.tag] = counted.get(self.tag, 0) + spliced_total
