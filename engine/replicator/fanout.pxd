@@ -11,7 +11,7 @@ cdef class LinkProgram:
     cdef public bint cut_follow_up, cut_new, follow_up_fast, open_fast, pending_fast
     cdef public bint spec_full, splice_follow_up, splice_new
     cdef public double cap, factor, volume_min, volume_step
-    cdef public Py_ssize_t follow_up_shape, new_copy_shape, sizing_kind
+    cdef public Py_ssize_t follow_up_shape, new_copy_shape, sizing_group, sizing_kind
     cdef public str connector, follower, link_id, symbol
     cdef public tuple spec_key
     cdef public LinkBytes wire
@@ -23,9 +23,12 @@ cdef class LinkProgram:
     kind=Py_ssize_t, shape=Py_ssize_t, last_len=Py_ssize_t, is_pending=cython.bint,
     accounts=dict, symbols=dict, on_step=dict, by_connector=dict, templates=list, cuts=list,
     chunks=list, plans=list, encoded=bytes, prefixes=dict, prefix=bytes,
-    rest=bytes, last_symbol=bytes, connector=str, last_connector=str,
+    rest=bytes, last_symbol=bytes, connector=str, last_connector=str, group=Py_ssize_t,
+    roundings=list, group_prefixes=list, rounding=tuple, memo=tuple,
 )
-cpdef list _plan_new_copies(event, facts, programs, Py_ssize_t shapes, view, now_ns, trace, batches)
+cpdef list _plan_new_copies(
+    event, facts, programs, Py_ssize_t shapes, Py_ssize_t groups, view, now_ns, trace, batches
+)
 
 
 @cython.locals(

@@ -97,6 +97,7 @@ class LinkProgram:
         "new_copy_shape",
         "open_fast",
         "pending_fast",
+        "sizing_group",
         "sizing_kind",
         "spec",
         "spec_full",
@@ -132,6 +133,9 @@ class LinkProgram:
         self.link_cap = link.max_lot
         self.factor = 0.0
         self.sizing_kind = _sizing_kind(link)
+        #: Set by SymbolFanOut: links of one fixed lot or one multiplier size alike (-1: the
+        #: ratio modes, whose volume depends on the follower's account).
+        self.sizing_group = -1
         sizing = link.sizing
         if isinstance(sizing, FixedLot):
             self.factor = sizing.lots
@@ -201,7 +205,9 @@ def _sizing_kind(link: CopyLink) -> int:
 class SymbolFanOut:
     """Every link of one master, compiled for one of its symbols, in link order."""
 
-    __slots__ = ("follow_up_shapes", "links", "new_copy_shapes", "programs", "splices")
+    __slots__ = (
+        "follow_up_shapes", "links", "new_copy_shapes", "programs", "sizing_groups", "splices",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -222,6 +228,14 @@ class SymbolFanOut:
                 (link.copy_sl_tp, link.reverse), len(follow_up)
             )
         self.new_copy_shapes = len(new_copy)
+        # Links whose raw volume is the same for every event: rounded (and spliced) once per
+        # event and group, found by index instead of by volume.
+        groups: dict[tuple[int, float], int] = {}
+        for program in self.programs:
+            if program.sizing_kind in (_FIXED, _MULTIPLIER):
+                key = (program.sizing_kind, program.factor)
+                program.sizing_group = groups.setdefault(key, len(groups))
+        self.sizing_groups = len(groups)
         self.follow_up_shapes = len(follow_up)
         # Cutting a template costs about as much as splicing two dozen orders saves: a shape
         # is spliced only when enough links share it. A daily trade limit may withdraw an order
@@ -285,8 +299,9 @@ def plan_fan_out(
         return _reference(event, facts, programs, view, now_ns, trace, batches)
     if facts.is_new_copy:
         return _plan_new_copies(
-            event, facts, programs, fan_out.new_copy_shapes, view, now_ns, trace, batches
-        )
+            event, facts, programs, fan_out.new_copy_shapes, fan_out.sizing_groups, view,
+            now_ns, trace, batches,
+        )  # fmt: skip
     return _plan_follow_ups(
         event, facts, programs, fan_out.follow_up_shapes, view, now_ns, trace, batches
     )
@@ -338,6 +353,7 @@ def _plan_new_copies(
     facts: EventFacts,
     programs: Sequence[LinkProgram],
     shapes: int,
+    groups: int,
     view: MarketView,
     now_ns: int,
     trace: Trace,
@@ -357,8 +373,12 @@ def _plan_new_copies(
     cuts: list[Cut | None] = [None] * shapes
     by_connector = None if batches is None else batches.chunks
     encode = codec.encode
-    # Raw volume → (the step it was rounded to, the rounded volume, its msgpack).
+    # (The step it was rounded to, the rounded volume, its msgpack): by sizing group, and by
+    # raw volume for the ratio modes.
+    roundings: list[tuple[float, float, bytes] | None] = [None] * groups
     on_step: dict[float, tuple[float, float, bytes]] = {}
+    # By sizing group: (the cut, the link id length, the volume's msgpack, the prefix).
+    group_prefixes: list[tuple[Any, int, bytes, bytes] | None] = [None] * groups
     encoded = b""
     # The last connector's batch, and the last cut's memos for the last link id length and
     # symbol: neighbouring links mostly share them, which saves a lookup each.
@@ -405,13 +425,18 @@ def _plan_new_copies(
                         # tells the follower why (a skip or a reduction).
                         if volume > 0.0 and isfinite(volume) and not volume > p.cap:
                             step = p.volume_step
-                            rounding = on_step.get(volume)
+                            group = p.sizing_group
+                            rounding = roundings[group] if group >= 0 else on_step.get(volume)
                             if rounding is None or rounding[0] != step:
                                 # Followers of one sizing share their raw volume: rounded once.
                                 rounded = round(
                                     floor(volume / step + STEP_EPSILON) * step, decimals(step)
                                 )
-                                rounding = on_step[volume] = (step, rounded, encode(rounded))
+                                rounding = (step, rounded, encode(rounded))
+                                if group >= 0:
+                                    roundings[group] = rounding
+                                else:
+                                    on_step[volume] = rounding
                             volume = rounding[1]
                             encoded = rounding[2]
                             if not volume >= p.volume_min:
@@ -454,9 +479,21 @@ def _plan_new_copies(
                     if w.link_len != last_len:
                         prefixes = c.prefixes_for(w.link_len)
                         last_len = w.link_len
-                    prefix = prefixes.get(volume)
-                    if prefix is None:
-                        prefix = prefixes[volume] = c.prefix(w.link_len, encoded)
+                    group = p.sizing_group
+                    memo = group_prefixes[group] if group >= 0 else None
+                    if (
+                        memo is not None
+                        and memo[0] is c
+                        and memo[1] == last_len
+                        and (memo[2] is encoded)
+                    ):
+                        prefix = memo[3]
+                    else:
+                        prefix = prefixes.get(volume)
+                        if prefix is None:
+                            prefix = prefixes[volume] = c.prefix(w.link_len, encoded)
+                        if group >= 0:
+                            group_prefixes[group] = (c, last_len, encoded, prefix)
                     if w.symbol is not last_symbol:
                         rest = c.rest(w.symbol)
                         last_symbol = w.symbol
