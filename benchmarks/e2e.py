@@ -130,7 +130,7 @@ async def run(trades: int, gap_ms: float, sync: str = "default") -> dict[str, An
             await stack.apply_links([CopyLink(link_id="e2e", master="e2e-m", follower="e2e-f")])
             stack.spawn_replicators(instance="e2e")
             relay = subprocess.Popen(
-                [sys.executable, "-m", "benchmarks.floor_relay", "--nats-url", stack.url,
+                [sys.executable, "-P", "-m", "benchmarks.floor_relay", "--nats-url", stack.url,
                  "--master", FLOOR_MASTER, "--followers", FLOOR_FOLLOWER, "--durable",
                  "floor-e2e"],
                 env={**stack.child_env(stack.user(Role.REPLICATOR)), "PYTHONUNBUFFERED": "1"},

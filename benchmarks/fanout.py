@@ -285,7 +285,7 @@ async def run(
                 followers_file = Path(tmp) / f"followers-{mode}-{n}.txt"
                 followers_file.write_text("\n".join(followers), encoding="utf-8")
                 floor = subprocess.Popen(
-                    [sys.executable, "-m", "benchmarks.floor_relay", "--nats-url", stack.url,
+                    [sys.executable, "-P", "-m", "benchmarks.floor_relay", "--nats-url", stack.url,
                      "--master", floor_master, "--followers-file", str(followers_file),
                      "--durable", f"floor-{mode}-{n}",
                      "--batches", str(messages if batched else 0)],

@@ -233,7 +233,7 @@ def spawn_api(
     """Start ``tradecopy api run`` with this interpreter, on ``host:port``, without /metrics.
     ``env`` (default: ours) carries its NATS credentials; the database URL and the secrets go
     there too, never on the command line."""
-    args = [sys.executable, "-m", "engine.cli", "api", "run", "--host", host,
+    args = [sys.executable, "-P", "-m", "engine.cli", "api", "run", "--host", host,
             "--port", str(port), "--nats-url", nats_url, "--metrics-port", "-1",
             "--log-level", log_level]  # fmt: skip
     child_env = {**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"}

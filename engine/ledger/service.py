@@ -465,7 +465,7 @@ def spawn_ledger(
     """Start ``tradecopy ledger run`` with this interpreter. ``env`` (default: ours) carries
     its NATS credentials; the database URL (it may hold a password) goes there too, never on
     the command line."""
-    args = [sys.executable, "-m", "engine.cli", "ledger", "run", "--nats-url", nats_url,
+    args = [sys.executable, "-P", "-m", "engine.cli", "ledger", "run", "--nats-url", nats_url,
             "--instance", instance,
             "--metrics-port", str(metrics_port), "--log-level", log_level, *extra_args]  # fmt: skip
     child_env = {**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"}

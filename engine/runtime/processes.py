@@ -28,7 +28,9 @@ def spawn_replicator(
 
     ``env`` (default: ours) carries its NATS credentials (``TRADECOPY_NATS_SEED`` …): a seed
     never goes on the command line, where any local user could read it."""
-    args = [sys.executable, "-m", "engine.cli", "replicator", "run", "--nats-url", nats_url,
+    # -P: the installed package, never a source tree that happens to be the working directory
+    # (whose planner would be the uncompiled one).
+    args = [sys.executable, "-P", "-m", "engine.cli", "replicator", "run", "--nats-url", nats_url,
             "--instance", instance, "--metrics-port", str(metrics_port),
             "--log-level", log_level]  # fmt: skip
     if partitions is not None:
