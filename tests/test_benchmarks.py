@@ -117,6 +117,24 @@ def test_every_profiled_stage_runs(stage: str) -> None:
     assert done.stderr.startswith(f"{stage}: ")
 
 
+def test_scrape_measures_the_per_link_series_next_to_the_registry_alone() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.scrape", "--links", "1,30", "--scrapes", "4",
+         "--json"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert [(c["links"], c["series"]) for c in result["cases"]] == [(1, 4), (30, 120)]
+    small, large = result["cases"]
+    # Each link's four series are in the body: the 29 more links' lines make it longer.
+    assert large["body_bytes"] - small["body_bytes"] > 29 * 4 * 60
+    for case in result["cases"]:
+        assert 0 < case["p50_ms"] <= case["p99_ms"]
+        assert 0 < case["floor_p50_ms"] <= case["floor_p99_ms"]
+        assert case["children_scrape_p50_ms"] > 0
+
+
 def test_api_measures_the_read_next_to_a_bare_handler_and_sse() -> None:
     result = bench("api", "--seconds", "1", "--rps", "50", "--sse-samples", "5")
     assert list(result) == ["rps", "p50_ms", "p99_ms", "floor_p50_ms", "floor_p99_ms",

@@ -65,8 +65,11 @@ def _alerts() -> dict[str, dict[str, Any]]:
 
 
 def _exported() -> set[str]:
-    """Every series name the code registers (counters with their ``_total``)."""
-    return set(prometheus_client.REGISTRY._names_to_collectors)
+    """Every series name the code registers (counters with their ``_total``), and the
+    replicator's per-link series, exposed as text beside the registry."""
+    from engine.replicator.metrics import TEXT_SERIES
+
+    return set(prometheus_client.REGISTRY._names_to_collectors) | TEXT_SERIES
 
 
 def _panel_exprs() -> list[str]:

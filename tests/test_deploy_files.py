@@ -57,14 +57,14 @@ def _exported_series() -> set[str]:
     import connectors.journal
     import connectors.mt5.connector  # noqa: F401 - registers the MT5 terminal metrics
     import engine.ledger.metrics  # registers the ledger metrics
-    import engine.replicator.metrics  # noqa: F401 - registers the replicator metrics
+    import engine.replicator.metrics  # registers the replicator metrics
 
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count")}
     names: set[str] = set()
     for metric in prometheus_client.REGISTRY.collect():
         if metric.name.startswith("tradecopy_"):
             names |= {metric.name + s for s in suffixes.get(metric.type, ("",))}
-    return names
+    return names | engine.replicator.metrics.TEXT_SERIES
 
 
 KNOWN_SERIES = (

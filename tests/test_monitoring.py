@@ -526,25 +526,49 @@ async def test_up_serves_nats_on_the_port_it_is_given_over_the_config_and_says_s
     assert logins and f"export TRADECOPY_NATS_URL={url} " in logins[0]
 
 
-def test_each_known_link_has_its_decision_series_from_the_start_and_a_gone_one_none() -> None:
-    from prometheus_client import REGISTRY
+def _link_decisions(counters: Any) -> dict[tuple[str, str, str], float]:
+    """The counters' exposition, read by Prometheus' own parser."""
+    from prometheus_client.parser import text_string_to_metric_families
 
+    values = {}
+    for family in text_string_to_metric_families(counters.exposition().decode()):
+        assert (family.name, family.type) == ("tradecopy_replicator_link_decisions", "counter")
+        for sample in family.samples:
+            assert sample.name == "tradecopy_replicator_link_decisions_total"
+            labels = sample.labels
+            values[labels["link"], labels["follower"], labels["outcome"]] = sample.value
+    return values
+
+
+def test_each_known_link_has_its_decision_series_from_the_start_and_a_gone_one_none() -> None:
     from engine.replicator.metrics import LinkDecisionCounters
     from schemas.decisions import DecisionOutcome
 
-    def value(link: str, follower: str, outcome: str) -> float | None:
-        labels = {"link": link, "follower": follower, "outcome": outcome}
-        return REGISTRY.get_sample_value("tradecopy_replicator_link_decisions_total", labels)
-
     counters = LinkDecisionCounters()
+    assert counters.exposition() == b""
     counters.sync([("mon-a", "fa"), ("mon-b", "fb")])
-    assert all(value(link, f, o.value) == 0 for link, f in (("mon-a", "fa"), ("mon-b", "fb"))
-               for o in DecisionOutcome)  # fmt: skip
-    counters.of("mon-a", "fa")[DecisionOutcome.SKIPPED].inc()
-    assert value("mon-a", "fa", "skipped") == 1
+    assert _link_decisions(counters) == {
+        (link, f, o.value): 0 for link, f in (("mon-a", "fa"), ("mon-b", "fb"))
+        for o in DecisionOutcome
+    }  # fmt: skip
+    counters.count("mon-a", "fa", DecisionOutcome.SKIPPED)
+    counters.count("mon-a", "fa", DecisionOutcome.SKIPPED)
+    counters.count("mon-b", "fb", DecisionOutcome.PAUSED)
+    values = _link_decisions(counters)
+    assert values["mon-a", "fa", "skipped"] == 2 and values["mon-b", "fb", "paused"] == 1
+    assert sum(values.values()) == 3
     # A link deleted, another moved to a new follower: no series is left behind.
     counters.sync([("mon-a", "fa2")])
-    assert value("mon-b", "fb", "skipped") is None and value("mon-a", "fa", "skipped") is None
-    assert value("mon-a", "fa2", "skipped") == 0
+    assert _link_decisions(counters) == {("mon-a", "fa2", o.value): 0 for o in DecisionOutcome}
     counters.clear()
-    assert value("mon-a", "fa2", "paused") is None
+    assert counters.exposition() == b""
+
+
+def test_link_decision_series_escape_what_the_format_cannot_hold_raw() -> None:
+    from engine.replicator.metrics import LinkDecisionCounters
+    from schemas.decisions import DecisionOutcome
+
+    counters = LinkDecisionCounters()
+    odd = 'a"b\\c\nd'
+    counters.count(odd, 'f"1', DecisionOutcome.REDUCED)
+    assert _link_decisions(counters)[odd, 'f"1', "reduced"] == 1

@@ -77,6 +77,17 @@ def bad_messages_metric(reason: str) -> float:
     return metric("tradecopy_replicator_bad_messages_total", reason=reason)
 
 
+def link_series(replicator: Replicator) -> dict[tuple[str, str], float]:
+    """(link, outcome) → count, as the replicator's ``/metrics`` shows its per-link series."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        (sample.labels["link"], sample.labels["outcome"]): sample.value
+        for family in text_string_to_metric_families(replicator.link_metrics().decode())
+        for sample in family.samples
+    }
+
+
 def account(follower: str, **kwargs: Any) -> AccountState:
     fields: dict[str, Any] = {
         "account": follower,
@@ -490,11 +501,14 @@ async def test_link_changes_take_effect_without_restart(env: Env) -> None:
     await env.follower(CopyLink(link_id="l1", master="m1", follower="f1"))
     await env.put_account(account("f2"))
     await env.put_spec(spec("f2"))
-    replicator = await env.start()
+    replicator = await env.start(lag_poll_s=0.1)
     assert replicator.health()["links"] == 1
+    assert {link for link, _ in link_series(replicator)} == {"l1"}
 
     await env.put_link(CopyLink(link_id="l2", master="m1", follower="f2"))
     await env.wait(lambda: replicator.health()["links"] == 2, "the new link")
+    # Its decision series, at 0, by the next lag poll.
+    await env.wait(lambda: link_series(replicator).get(("l2", "skipped")) == 0, "l2's series")
     await env.publish(opened("ev-1", "m1", "p1", volume=1.0))
     assert (await env.order("ev-1:l2")).volume == 1.0
     await env.order("ev-1:l1")
@@ -509,6 +523,7 @@ async def test_link_changes_take_effect_without_restart(env: Env) -> None:
 
     await env.buckets[subjects.KV_LINKS].delete("l2")
     await env.wait(lambda: replicator.health()["links"] == 1, "the link deletion")
+    await env.wait(lambda: {k for k, _ in link_series(replicator)} == {"l1"}, "l2's series gone")
     await env.publish(opened("ev-3", "m1", "p3"))
     await env.order("ev-3:l1")
     await env.idle()
@@ -601,6 +616,8 @@ async def test_skipped_and_reduced_copies_publish_decisions_and_count_them(env: 
     assert (await env.order("ev-2:l1")).volume == 0.5
     assert decisions_metric("symbol_excluded", "skipped") == skipped_before + 1
     assert decisions_metric("max_lot", "reduced") == reduced_before + 1
+    series = link_series(env.replicators[0])
+    assert (series["l1", "skipped"], series["l1", "reduced"], series["l1", "paused"]) == (1, 1, 0)
 
 
 # --- 6. daily trade limit -------------------------------------------------------------------

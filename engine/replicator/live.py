@@ -43,6 +43,8 @@ class LiveView:
         #: after any link change.
         self.fan_outs = FanOutCache(lambda: self.links_by_master)
         self.link_revisions: dict[str, int] = {}
+        #: Bumped by every change to ``links``: what follows them can tell when to look again.
+        self.links_changes = 0
         self._watchers: list[Any] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._account_listeners: list[AccountListener] = []
@@ -121,6 +123,7 @@ class LiveView:
             self.links[key] = CompiledLink(link)
             self.link_revisions[key] = revision
         self._stale = True
+        self.links_changes += 1
         self.fan_outs.clear()
 
     @property

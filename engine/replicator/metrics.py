@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import typing
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -43,11 +42,6 @@ ORDERS_PUBLISHED = Counter(
 )
 DECISIONS = Counter(
     "tradecopy_replicator_decisions_total", "Copy decisions published", ["rule", "outcome"]
-)
-LINK_DECISIONS = Counter(
-    "tradecopy_replicator_link_decisions_total",
-    "Copy decisions published, per link: one series per link, follower and outcome",
-    ["link", "follower", "outcome"],
 )
 CONSUMER_LAG = Gauge(
     "tradecopy_replicator_consumer_lag",
@@ -98,47 +92,93 @@ DECISIONS_BY_RULE = {
 }
 
 
-class LinkDecisionCounters:
-    """The per-link decision counters, one child per outcome, made once per link.
+LINK_DECISIONS_NAME = "tradecopy_replicator_link_decisions_total"
+_LINK_DECISIONS_HEADER = (
+    f"# HELP {LINK_DECISIONS_NAME} Copy decisions published, per link: one series per link, "
+    f"follower and outcome\n# TYPE {LINK_DECISIONS_NAME} counter\n"
+).encode()
+#: Series this module exposes as text beside the registry (``LinkDecisionCounters``).
+TEXT_SERIES = frozenset({LINK_DECISIONS_NAME})
+_OUTCOMES = tuple(DecisionOutcome)
+_OUTCOME_INDEX = {outcome: i for i, outcome in enumerate(_OUTCOMES)}
 
-    The fan-out counts through these children (a dict lookup), never through ``labels()``
-    per event. ``sync`` makes every known link's series exist at 0 from the moment the link
-    is known, and removes the series of links that are gone, so the cardinality is the
-    number of live links × 4 outcomes.
+
+def _label_value(text: str) -> str:
+    """Escaped as the exposition format wants a label value."""
+    return text.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+class _LinkSeries:
+    __slots__ = ("counts", "follower", "link_id", "text")
+
+    def __init__(self, link_id: str, follower: str) -> None:
+        self.link_id = link_id
+        self.follower = follower
+        self.counts = [0] * len(_OUTCOMES)
+        self.text = b""
+        self.render()
+
+    def render(self) -> None:
+        labels = f'{{link="{_label_value(self.link_id)}",follower="{_label_value(self.follower)}"'
+        self.text = "".join(
+            f'{LINK_DECISIONS_NAME}{labels},outcome="{outcome.value}"}} {count}\n'
+            for outcome, count in zip(_OUTCOMES, self.counts, strict=True)
+        ).encode()
+
+
+class LinkDecisionCounters:
+    """The per-link decision counters (``tradecopy_replicator_link_decisions_total``), kept
+    as exposition text that ``/metrics`` appends to the registry's.
+
+    They are 4 series per link: 40,000 at 10,000 links. As ``prometheus_client`` children they
+    cost ≈ 35 µs each to make and rendered at ≈ 0.9 s per scrape, all of it on the event loop
+    that fans out. Here a link's four lines are rendered when the link becomes known and when
+    one of its counts moves (decisions are few); a scrape joins the blocks, and the joined
+    text is kept until the next change. Every known link has its series at 0 from the start,
+    and a gone link's go with it, so the cardinality is the number of live links × 4.
     """
 
-    __slots__ = ("_by_link",)
+    __slots__ = ("_by_link", "_text")
 
     def __init__(self) -> None:
-        self._by_link: dict[str, tuple[str, dict[DecisionOutcome, typing.Any]]] = {}
+        self._by_link: dict[str, _LinkSeries] = {}
+        self._text: bytes | None = None
 
-    def of(self, link_id: str, follower: str) -> dict[DecisionOutcome, typing.Any]:
-        known = self._by_link.get(link_id)
-        if known is None or known[0] != follower:
-            if known is not None:
-                self._remove(link_id, known[0])
-            children = {
-                o: LINK_DECISIONS.labels(link_id, follower, o.value) for o in DecisionOutcome
-            }
-            known = self._by_link[link_id] = (follower, children)
-        return known[1]
+    def count(self, link_id: str, follower: str, outcome: DecisionOutcome) -> None:
+        """One more decision of ``outcome`` on the link."""
+        series = self._series(link_id, follower)
+        series.counts[_OUTCOME_INDEX[outcome]] += 1
+        series.render()
+        self._text = None
 
     def sync(self, links: typing.Iterable[tuple[str, str]]) -> None:
-        """Exactly these (link id, follower) pairs have series."""
+        """Exactly these (link id, follower) pairs have series; a link that moved to another
+        follower starts again at 0."""
         wanted = dict(links)
-        for link_id in [k for k in self._by_link if k not in wanted]:
-            self._remove(link_id, self._by_link.pop(link_id)[0])
+        gone = [k for k in self._by_link if k not in wanted]
+        for link_id in gone:
+            del self._by_link[link_id]
         for link_id, follower in wanted.items():
-            self.of(link_id, follower)
+            self._series(link_id, follower)
+        if gone:
+            self._text = None
 
     def clear(self) -> None:
         self.sync(())
 
-    def _remove(self, link_id: str, follower: str) -> None:
-        for outcome in DecisionOutcome:
-            # Another instance in this process may have removed it first.
-            with contextlib.suppress(KeyError):
-                LINK_DECISIONS.remove(link_id, follower, outcome.value)
+    def exposition(self) -> bytes:
+        """The family in the text exposition format (nothing when no link is known)."""
+        if self._text is None:
+            blocks = [series.text for series in self._by_link.values()]
+            self._text = _LINK_DECISIONS_HEADER + b"".join(blocks) if blocks else b""
+        return self._text
+
+    def _series(self, link_id: str, follower: str) -> _LinkSeries:
+        series = self._by_link.get(link_id)
+        if series is None or series.follower != follower:
+            series = self._by_link[link_id] = _LinkSeries(link_id, follower)
+            self._text = None
+        return series
 
 
 STAGE_DECODE = STAGE_LATENCY.labels("decode")

@@ -96,6 +96,7 @@ class Replicator:
         self._partition_progress = {p: ProgressWatch() for p in range(config.partitions)}
         self._in_flight: dict[int, float] = {}
         self._link_decisions = metrics.LinkDecisionCounters()
+        self._links_synced = -1  # the live view's ``links_changes`` the series last matched
         # Two link shards may both batch for one connector: their batch ids must differ, or
         # JetStream's dedup would drop one shard's batch as the other's copy.
         self._batch_suffix = "" if config.shards == 1 else f"#s{config.shard}of{config.shards}"
@@ -513,10 +514,9 @@ class Replicator:
         for cl, plan in plans:
             if not plan.decisions:
                 continue
-            by_outcome = self._link_decisions.of(cl.link_id, cl.link.follower)
             for decision in plan.decisions:
                 metrics.DECISIONS_BY_RULE[decision.rule, decision.outcome].inc()
-                by_outcome[decision.outcome].inc()
+                self._link_decisions.count(cl.link_id, cl.link.follower, decision.outcome)
                 log.info(
                     "copy_decision",
                     link=cl.link_id,
@@ -669,7 +669,7 @@ class Replicator:
             )
             await self._store(cl.decision_subject, codec.encode(decision), decision.decision_id)
             metrics.DECISIONS_BY_RULE[trigger.rule, outcome].inc()
-            self._link_decisions.of(cl.link_id, cl.link.follower)[outcome].inc()
+            self._link_decisions.count(cl.link_id, cl.link.follower, outcome)
             log.warning(
                 "link_paused", link=cl.link_id, rule=trigger.rule.value, message=trigger.message
             )
@@ -698,9 +698,16 @@ class Replicator:
         await self._update_link_state(cl.link_id, sent)
 
     def _sync_link_metrics(self) -> None:
-        """Every known link's decision series at 0 from the start; gone links' removed."""
-        if self.live is not None:
-            self._link_decisions.sync((k, cl.link.follower) for k, cl in self.live.links.items())
+        """Every known link's decision series at 0 from the start; gone links' removed. Only
+        after the links changed: a pass over 10,000 links holds the event loop ≈ 3 ms."""
+        live = self.live
+        if live is not None and live.links_changes != self._links_synced:
+            self._link_decisions.sync((k, cl.link.follower) for k, cl in live.links.items())
+            self._links_synced = live.links_changes
+
+    def link_metrics(self) -> bytes:
+        """The per-link decision series, for ``/metrics``."""
+        return self._link_decisions.exposition()
 
     async def _poll_lag(self) -> None:
         """Each partition's backlog and progress, as the shared consumer sees it."""
@@ -775,7 +782,9 @@ async def run_replicator(config: ReplicatorConfig) -> None:
         return
     ops = None
     if config.metrics_port is not None:
-        ops = OpsServer(config.metrics_host, config.metrics_port, replicator.health)
+        ops = OpsServer(
+            config.metrics_host, config.metrics_port, replicator.health, replicator.link_metrics
+        )
         await ops.start()
         log.info("ops_listening", host=config.metrics_host, port=ops.port)
     try:

@@ -21,16 +21,26 @@ _log = structlog.get_logger(__name__)
 class OpsServer:
     """Serves ``GET /metrics`` (default Prometheus registry) and ``GET /healthz``.
 
+    ``exposition``, when given, returns more of ``/metrics`` already in the text format: for
+    a family too large to render on every scrape (the replicator's per-link series).
+
     ``health`` is called per request; the response is 200 when its ``"ok"`` entry
     is truthy and 503 otherwise, so load balancers and k8s probes need no parsing. A health
     that is not ok says why in ``"reason"`` (the services' checks do; a check that raises
     gets one here).
     """
 
-    def __init__(self, host: str, port: int, health: Callable[[], dict[str, object]]) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        health: Callable[[], dict[str, object]],
+        exposition: Callable[[], bytes] | None = None,
+    ) -> None:
         self._host = host
         self._port = port
         self._health = health
+        self._exposition = exposition
         self._runner: web.AppRunner | None = None
 
     @property
@@ -77,9 +87,12 @@ class OpsServer:
         await self.stop()
 
     async def _metrics(self, _: web.Request) -> web.Response:
+        body = prometheus_client.generate_latest(prometheus_client.REGISTRY)
+        if self._exposition is not None:
+            body += self._exposition()
         # Set the header directly: aiohttp rejects a charset inside content_type=.
         return web.Response(
-            body=prometheus_client.generate_latest(prometheus_client.REGISTRY),
+            body=body,
             headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST},
         )
 
