@@ -67,7 +67,7 @@ _FULL = TradeMode.FULL
 #: Whether this module runs compiled (Cython, built at install time where a C compiler is
 #: there; ``setup.py``) or as Python source. Both plan exactly alike: ``tests/test_fast_path.py``
 #: runs its properties on both.
-COMPILED = not __file__.endswith(".py")
+COMPILED = not __file__.endswith((".py", ".pyc"))  # (.pyc: an install without sources)
 #: Links of one order shape from which a batched fan-out splices their orders (cutting the
 #: template costs ≈ 14 µs, splicing saves ≈ 0.6 µs per order: even at ≈ 24 links).
 SPLICE_MIN_LINKS = 32
