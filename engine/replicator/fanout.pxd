@@ -17,6 +17,11 @@ cdef class LinkProgram:
     cdef public LinkBytes wire
 
 
+cdef class _Rounding:
+    cdef public double step, volume
+    cdef public bytes encoded
+
+
 @cython.locals(
     p=LinkProgram, c=Cut, last_cut=Cut, w=LinkBytes, volume=cython.double,
     age_ms=cython.double, master_volume=cython.double, step=cython.double,
@@ -24,7 +29,8 @@ cdef class LinkProgram:
     accounts=dict, symbols=dict, on_step=dict, by_connector=dict, templates=list, cuts=list,
     chunks=list, plans=list, encoded=bytes, prefixes=dict, prefix=bytes,
     rest=bytes, last_symbol=bytes, connector=str, last_connector=str, group=Py_ssize_t,
-    roundings=list, group_prefixes=list, rounding=tuple, memo=tuple,
+    roundings=list, group_prefixes=list, rounding=_Rounding, memo=tuple, inf=cython.double,
+    fixed=Py_ssize_t, multiplier=Py_ssize_t,
 )
 cpdef list _plan_new_copies(
     event, facts, programs, Py_ssize_t shapes, Py_ssize_t groups, view, now_ns, trace, batches

@@ -21,6 +21,7 @@ random links, events and views).
 from __future__ import annotations
 
 import math
+import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -115,9 +116,11 @@ class LinkProgram:
         link = cl.link
         self.cl = cl
         self.link_id = cl.link_id
-        self.follower = link.follower
-        self.symbol = cl.follower_symbol(master_symbol)
-        self.spec_key = (link.follower, self.symbol)
+        # Interned, as the live view interns its keys: a lookup then finds the very same
+        # strings and compares no characters (``LiveView``).
+        self.follower = sys.intern(link.follower)
+        self.symbol = sys.intern(cl.follower_symbol(master_symbol))
+        self.spec_key = (self.follower, self.symbol)
         # Gates that can speak on a new copy whatever the event: such a link always goes
         # through the reference (disabled, static filters, trading hours, link-state rules).
         simple = (
@@ -174,8 +177,20 @@ class LinkProgram:
         self.spec = spec  # last: a read that raised is read again
 
     def read_state(self, state: AccountState) -> None:
-        self.connector = state.connector
+        # Interned: neighbouring links compare their connectors by identity.
+        self.connector = sys.intern(state.connector)
         self.state = state
+
+
+class _Rounding:
+    """A raw volume rounded to a step: the step, the rounded volume and its msgpack."""
+
+    __slots__ = ("encoded", "step", "volume")
+
+    def __init__(self, step: float, volume: float, encoded: bytes) -> None:
+        self.step = step
+        self.volume = volume
+        self.encoded = encoded
 
 
 def _new_copy_shape(link: CopyLink) -> tuple[Any, ...]:
@@ -375,10 +390,11 @@ def _plan_new_copies(
     encode = codec.encode
     # (The step it was rounded to, the rounded volume, its msgpack): by sizing group, and by
     # raw volume for the ratio modes.
-    roundings: list[tuple[float, float, bytes] | None] = [None] * groups
-    on_step: dict[float, tuple[float, float, bytes]] = {}
-    # By sizing group: (the cut, the link id length, the volume's msgpack, the prefix).
-    group_prefixes: list[tuple[Any, int, bytes, bytes] | None] = [None] * groups
+    roundings: list[_Rounding | None] = [None] * groups
+    on_step: dict[float, _Rounding] = {}
+    # By sizing group: (the cut's prefixes for one link id length, the volume's msgpack, the
+    # prefix); both compared by identity.
+    group_prefixes: list[tuple[dict[Any, bytes], bytes, bytes] | None] = [None] * groups
     encoded = b""
     # The last connector's batch, and the last cut's memos for the last link id length and
     # symbol: neighbouring links mostly share them, which saves a lookup each.
@@ -392,7 +408,10 @@ def _plan_new_copies(
     plans: list[tuple[CompiledLink, CopyPlan]] = []
     append = plans.append
     floor = math.floor
-    isfinite = math.isfinite
+    # As locals the compiled build compares them in C, not as Python objects.
+    inf = math.inf
+    fixed = _FIXED
+    multiplier = _MULTIPLIER
     for p in programs:
         try:
             volume = -1.0
@@ -414,31 +433,32 @@ def _plan_new_copies(
                         )
                     ):
                         kind = p.sizing_kind
-                        if kind == _MULTIPLIER:
+                        if kind == multiplier:
                             volume = master_volume * p.factor
-                        elif kind == _FIXED:
+                        elif kind == fixed:
                             volume = p.factor
                         else:
                             volume = _ratio_volume(p, master_volume, master_state,
                                                    follower_state, view, rates)  # fmt: skip
                         # Not finite, capped, nothing, or below the minimum: the reference
                         # tells the follower why (a skip or a reduction).
-                        if volume > 0.0 and isfinite(volume) and not volume > p.cap:
+                        # (NaN fails the first test, so the second is ``isfinite``.)
+                        if volume > 0.0 and volume < inf and not volume > p.cap:
                             step = p.volume_step
                             group = p.sizing_group
                             rounding = roundings[group] if group >= 0 else on_step.get(volume)
-                            if rounding is None or rounding[0] != step:
+                            if rounding is None or rounding.step != step:
                                 # Followers of one sizing share their raw volume: rounded once.
                                 rounded = round(
                                     floor(volume / step + STEP_EPSILON) * step, decimals(step)
                                 )
-                                rounding = (step, rounded, encode(rounded))
+                                rounding = _Rounding(step, rounded, encode(rounded))
                                 if group >= 0:
                                     roundings[group] = rounding
                                 else:
                                     on_step[volume] = rounding
-                            volume = rounding[1]
-                            encoded = rounding[2]
+                            volume = rounding.volume
+                            encoded = rounding.encoded
                             if not volume >= p.volume_min:
                                 volume = -1.0
                         else:
@@ -481,19 +501,14 @@ def _plan_new_copies(
                         last_len = w.link_len
                     group = p.sizing_group
                     memo = group_prefixes[group] if group >= 0 else None
-                    if (
-                        memo is not None
-                        and memo[0] is c
-                        and memo[1] == last_len
-                        and (memo[2] is encoded)
-                    ):
-                        prefix = memo[3]
+                    if memo is not None and memo[0] is prefixes and memo[1] is encoded:
+                        prefix = memo[2]
                     else:
                         prefix = prefixes.get(volume)
                         if prefix is None:
                             prefix = prefixes[volume] = c.prefix(w.link_len, encoded)
                         if group >= 0:
-                            group_prefixes[group] = (c, last_len, encoded, prefix)
+                            group_prefixes[group] = (prefixes, encoded, prefix)
                     if w.symbol is not last_symbol:
                         rest = c.rest(w.symbol)
                         last_symbol = w.symbol

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -156,7 +157,9 @@ class LiveView:
         state = codec.account_state_decoder.decode(value)
         if state.account != key:
             raise ValueError(f"account state under key {key!r} is for {state.account!r}")
-        self.view.accounts[key] = state
+        # Keys interned, as the fan-out planner interns its links' (``fanout.LinkProgram``):
+        # its lookups then match by identity.
+        self.view.accounts[sys.intern(key)] = state
 
     def _apply_symbol(self, key: str, value: bytes | None, revision: int) -> None:
         account, _, token = key.partition(".")
@@ -167,7 +170,7 @@ class LiveView:
         spec = codec.symbol_spec_decoder.decode(value)
         if (spec.account, spec.symbol) != (account, symbol):
             raise ValueError(f"symbol spec under key {key!r} is for {spec.account}/{spec.symbol}")
-        self.view.symbols[(account, symbol)] = spec
+        self.view.symbols[(sys.intern(account), sys.intern(symbol))] = spec
 
     def _apply_fx(self, key: str, value: bytes | None, revision: int) -> None:
         if value is None:
